@@ -1,0 +1,40 @@
+"""Backbones behind one interface: encode slices, decode a prompt to 3 masks + 3 IoUs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import WeightsError
+from .base import Backbone, Decoded, Prompt, pick_device
+
+__all__ = ["BACKBONES", "Backbone", "Decoded", "Prompt", "load_backbone", "pick_device", "default_prompt_for"]
+
+BACKBONES = ("litemedsam", "sam-vit_b", "sam-vit_l", "sam-vit_h")
+_DEFAULT_PROMPTS = {"litemedsam": "cog-box", "sam-vit_b": "cog-point", "sam-vit_l": "cog-point", "sam-vit_h": "cog-point"}
+
+
+def default_prompt_for(name: str) -> str:
+    """The prompt type that works with a backbone (LiteMedSAM was trained with boxes only)."""
+    return _DEFAULT_PROMPTS.get(name, "cog-point")
+
+
+def load_backbone(
+    name: str = "litemedsam",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    *,
+    precision: str = "fp32",
+    random_init_seed: int | None = None,
+) -> Backbone:
+    """Build a backbone by name: ``litemedsam`` (bundled weights) or ``sam-vit_b|l|h`` (checkpoint)."""
+    if name == "litemedsam":
+        from .litemedsam import LiteMedSAM
+
+        return LiteMedSAM(checkpoint, device, precision=precision)
+    if name.startswith("sam-") and name in BACKBONES:
+        from .sam import SamBackbone
+
+        return SamBackbone(name[4:], checkpoint, device, precision=precision, random_init_seed=random_init_seed)
+    raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

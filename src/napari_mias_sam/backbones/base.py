@@ -1,0 +1,86 @@
+"""The small interface every backbone implements, and the prompt it decodes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["Prompt", "Backbone", "Decoded", "sha256_file", "pick_device"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt in model-frame pixel coordinates (x = column, y = row, 0..255).
+
+    ``kind`` is ``"point"`` (``point`` = (x, y), positive), ``"box"`` (``box`` = x0, y0, x1, y1)
+    or ``"boxes"`` (``boxes`` = (n, 4); each box is decoded and the masks are united).
+    """
+
+    kind: str
+    point: tuple[float, float] | None = None
+    box: tuple[float, float, float, float] | None = None
+    boxes: tuple[tuple[float, float, float, float], ...] | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in {"kind": self.kind, "point": self.point, "box": self.box, "boxes": self.boxes}.items() if v is not None}
+
+
+@dataclass
+class Decoded:
+    """Decoder output for one slice: 3 mask logit maps in the frame and 3 predicted IoUs."""
+
+    logits: np.ndarray  # (3, 256, 256) float32
+    iou: np.ndarray  # (3,) float32
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """Encode slices to 256 x 64 x 64 embeddings; decode one prompt to 3 masks + 3 IoUs."""
+
+    name: str
+    weights_sha256: str
+    default_prompt: str
+    point_prompts_work: bool
+    device: torch.device
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 256, 256) float in [0, 1] -> (N, 256, 64, 64) float32 on ``device``."""
+        ...
+
+    def decode(self, embedding: torch.Tensor, prompt: Prompt, mask_input: torch.Tensor | None = None) -> Decoded:
+        """One (256, 64, 64) embedding and one prompt -> :class:`Decoded`."""
+        ...
+
+    def describe(self) -> dict:
+        """Provenance recorded in banks and results (name, weights file and hash, architecture)."""
+        ...
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when present, else Apple MPS, else CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import MiasSamError
+
+        raise MiasSamError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto.")
+    return dev

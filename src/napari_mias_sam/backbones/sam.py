@@ -1,0 +1,119 @@
+"""Segment Anything (vit_b / vit_l / vit_h) from a user-supplied checkpoint file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import WeightsError
+from .base import pick_device, sha256_file
+from ._samlike import SamLikeBackbone
+
+__all__ = ["SamBackbone", "SAM_VARIANTS"]
+
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
+_OFFICIAL_NAMES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+
+
+def _cached_sha256(path: Path) -> str:
+    """SHA-256 of a large weights file, remembered per (path, size, mtime) in the user cache."""
+    from .._paths import cache_dir
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_dir() / "weights-sha256.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = sha256_file(path)
+    known[key] = digest
+    try:
+        from ..io import atomic_write_text
+
+        atomic_write_text(store, json.dumps(known, indent=1))
+    except OSError:
+        pass
+    return digest
+
+
+class SamBackbone(SamLikeBackbone):
+    """SAM image encoder (1024 x 1024 input) and decoder; point prompts as in the paper.
+
+    ``checkpoint=None`` is only allowed with ``random_init_seed`` set: it builds the architecture
+    with random weights (for structure tests and timing; the results mean nothing).
+    """
+
+    default_prompt = "cog-point"
+    point_prompts_work = True
+    input_size = 1024
+
+    def __init__(
+        self,
+        variant: str = "vit_b",
+        checkpoint: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        *,
+        precision: str = "fp32",
+        random_init_seed: int | None = None,
+    ) -> None:
+        from segment_anything import sam_model_registry
+
+        if variant not in SAM_VARIANTS:
+            raise WeightsError(f"unknown SAM variant {variant!r}; choose one of {', '.join(SAM_VARIANTS)}")
+        self.name = f"sam-{variant}"
+        self.variant = variant
+        if checkpoint is None and random_init_seed is None:
+            raise WeightsError(
+                f"SAM {variant} needs its weights file ({_OFFICIAL_NAMES[variant]}, from the segment-anything "
+                "release page). Download it where you have web access and pass --checkpoint PATH."
+            )
+        torch.manual_seed(random_init_seed or 0)
+        net = sam_model_registry[variant](checkpoint=None)
+        if checkpoint is not None:
+            path = Path(checkpoint).expanduser()
+            if not path.is_file():
+                raise WeightsError(
+                    f"SAM {variant} weights file not found: {path}. Download {_OFFICIAL_NAMES[variant]} from the "
+                    "segment-anything release page and pass its path with --checkpoint."
+                )
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise WeightsError(f"{path}: cannot read this checkpoint as plain tensors ({exc}).") from exc
+            try:
+                net.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise WeightsError(
+                    f"{path}: does not match the SAM {variant} architecture ({str(exc).splitlines()[0]}). "
+                    "Is it a checkpoint of another variant (vit_b / vit_l / vit_h)?"
+                ) from exc
+            self.weights_path: Path | None = path
+            self.weights_sha256 = _cached_sha256(path)
+        else:
+            self.weights_path = None
+            self.weights_sha256 = f"random-init-seed-{random_init_seed}"
+        super().__init__(net, pick_device(device), precision=precision)
+
+    def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
+        # The reference feeds 256 x 256 grey slices as 0-255 RGB to SAM's 1024 resize and normalisation.
+        x = frames[:, None].expand(-1, 3, -1, -1) * 255.0
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        mean = self.model.pixel_mean.to(x.device)
+        std = self.model.pixel_std.to(x.device)
+        return ((x - mean) / std).contiguous()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "architecture": f"Segment Anything {self.variant}",
+            "weights_file": self.weights_path.name if self.weights_path else None,
+            "weights_sha256": self.weights_sha256,
+            "input_size": self.input_size,
+        }

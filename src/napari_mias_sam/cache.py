@@ -1,0 +1,68 @@
+"""On-disk embedding cache keyed by content: the same slices through the same backbone weights
+are encoded once, whichever volume file, widget session or evaluation sweep asks again."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._paths import cache_dir
+
+__all__ = ["EmbeddingCache", "frames_key"]
+
+
+def frames_key(frames: torch.Tensor, backbone_info: dict, *, precision: str = "fp32") -> str:
+    """SHA-256 of the model-frame slices plus the backbone's identity and precision."""
+    h = hashlib.sha256()
+    h.update(str(backbone_info.get("name")).encode())
+    h.update(str(backbone_info.get("weights_sha256")).encode())
+    h.update(precision.encode())
+    arr = frames.detach().cpu().float().contiguous().numpy()
+    h.update(str(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings stored as float16 ``.npy`` files (plain arrays, never pickles) in a folder."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir() / "embeddings"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npy"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            p.unlink(missing_ok=True)  # damaged entry: forget it, it will be recomputed
+            return None
+        return torch.from_numpy(arr)
+
+    def put(self, key: str, embeddings: torch.Tensor) -> Path:
+        from .io import atomic_path
+
+        p = self.path(key)
+        with atomic_path(p) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, embeddings.detach().cpu().to(torch.float16).numpy(), allow_pickle=False)
+        return p
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*.npy"))
+
+    def clear(self) -> int:
+        n = 0
+        for f in self.root.glob("*.npy"):
+            f.unlink(missing_ok=True)
+            n += 1
+        return n

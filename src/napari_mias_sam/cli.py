@@ -1,0 +1,253 @@
+"""``mias-sam``: build-bank, segment, demo, info. Every command prints progress on stderr and
+exits non-zero with a one-line reason on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import MiasSamError
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = {
+    "build-bank": """examples:
+  mias-sam build-bank normals/ --out banks/brain                      # a folder of normal NIfTI volumes
+  mias-sam build-bank a.nii.gz b.nii.gz --out banks/brain --layout mean256
+  mias-sam build-bank BMAD/Brain_MRI --out banks/bmad-brain           # BMAD layout (train/good/*.png)
+  mias-sam build-bank ct/ --out banks/liver --preprocess ct-abdomen
+  mias-sam build-bank normals/ --out banks/sam --backbone sam-vit_b --checkpoint sam_vit_b_01ec64.pth""",
+    "segment": """examples:
+  mias-sam segment case.nii.gz --bank banks/brain --out results/
+  mias-sam segment case.nii.gz --bank banks/brain --out results/ --gt case_seg.nii.gz --json
+  mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
+outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv""",
+    "demo": """examples:
+  mias-sam demo                 # writes ./mias-sam-demo/
+  mias-sam demo --out /tmp/demo --json""",
+    "info": """examples:
+  mias-sam info banks/brain""",
+}
+
+
+def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> None:
+    from .backbones import BACKBONES
+
+    p.add_argument("--backbone", choices=BACKBONES, default=default,
+                   help="encoder/decoder (default: %(default)s)" if default else "encoder/decoder (default: the bank's)")
+    p.add_argument("--checkpoint", type=Path, help="weights file for SAM backbones (sam_vit_b_01ec64.pth, ...)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="encoder precision (bf16/fp16 only pay off on a GPU; default fp32)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .settings import PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="mias-sam", description="MIAS-SAM: threshold-free anomaly segmentation of 3D medical volumes.", formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build-bank", help="build a normal memory bank", epilog=EXAMPLES["build-bank"], formatter_class=fmt,
+                       description="Encode normal slices and index their 5x5 patch features with faiss.")
+    b.add_argument("normal", nargs="+", type=Path, help="normal NIfTI volumes, folders of them, or BMAD dataset folders")
+    b.add_argument("--out", required=True, type=Path, help="bank folder to write (index.faiss + manifest.json)")
+    b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default="mri", help="intensity preset (default mri)")
+    b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
+    b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
+    b.add_argument("--index", choices=("flat", "flat-fp16"), default="flat", help="faiss index (default exact flat L2)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
+    b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_backbone_args(b, default="litemedsam")
+
+    s = sub.add_parser("segment", help="segment anomalies in volumes", epilog=EXAMPLES["segment"], formatter_class=fmt,
+                       description="Run MIAS-SAM slice-wise on whole volumes and write NIfTI outputs.")
+    s.add_argument("volume", nargs="+", type=Path, help="NIfTI volume(s) to segment")
+    s.add_argument("--bank", required=True, type=Path, help="memory bank folder (from build-bank)")
+    s.add_argument("--out", required=True, type=Path, help="output folder")
+    s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
+    s.add_argument("--gamma", type=float, default=5.0, help="centre-of-gravity exponent (default 5)")
+    s.add_argument("--mask", type=int, choices=(1, 2, 3), default=3, help="which of SAM's 3 masks (default 3)")
+    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="prompt type (default: the backbone's: cog-point for SAM, cog-box for LiteMedSAM)")
+    s.add_argument("--k", type=int, default=1, help="nearest bank patches averaged per patch (default 1, as the reference)")
+    s.add_argument("--normalisation", choices=("calibrated", "reference"), default="calibrated",
+                   help="calibrated: from the bank's normal data (default); reference: min-max over the volume (paper)")
+    s.add_argument("--slice-decision", action="store_true", help="keep a slice's mask only if its image score exceeds every held-out normal slice's")
+    s.add_argument("--axis", default=None, help="slicing axis (default: the bank's)")
+    s.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_backbone_args(s, default=None)
+
+    d = sub.add_parser("demo", help="run the whole job on the bundled sample (CPU, offline)", epilog=EXAMPLES["demo"], formatter_class=fmt,
+                       description="Build a bank from the bundled normal volumes, segment the bundled test case with LiteMedSAM, print Dice and timings.")
+    d.add_argument("--out", type=Path, default=Path("mias-sam-demo"), help="output folder (default ./mias-sam-demo)")
+    d.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+    i = sub.add_parser("info", help="show what made a memory bank", epilog=EXAMPLES["info"], formatter_class=fmt)
+    i.add_argument("bank", type=Path)
+    i.add_argument("--json", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _out(obj: dict) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_build_bank(a: argparse.Namespace) -> int:
+    from ._progress import ConsoleProgress
+    from .backbones import load_backbone
+    from .errors import InputError
+    from .settings import PREPROCESS_PRESETS
+    from .workflows import build_bank_from_files
+
+    if a.out.exists() and not a.overwrite:
+        raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
+    for n in a.normal:
+        if a.out.resolve() == n.resolve():
+            raise InputError(f"{a.out}: the bank folder cannot be an input folder.")
+    t0 = time.perf_counter()
+    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision)
+    progress = ConsoleProgress()
+    bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
+                                 layout=a.layout, index_type=a.index, batch_size=a.batch_size, progress=progress)
+    path = bank.save(a.out, overwrite=a.overwrite)
+    summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
+    if a.json:
+        _out(summary)
+    else:
+        print(f"wrote {path}\n  {bank.summary()}\n  {summary['seconds']} s")
+    return 0
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from ._progress import ConsoleProgress
+    from .backbones import load_backbone
+    from .bank import check_compatible, load_bank
+    from .cache import EmbeddingCache
+    from .errors import InputError
+    from .evaluation import gt_metrics
+    from .io import load_labels, load_volume, nifti_stem
+    from .pipeline import segment_volume
+    from .settings import SegmentSettings
+    from .workflows import check_outputs, output_paths, write_outputs
+
+    if a.gt and len(a.gt) != len(a.volume):
+        raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
+    stems = [nifti_stem(v) for v in a.volume]
+    if len(set(stems)) != len(stems):
+        raise InputError("two input volumes share a file name; their outputs would collide. Segment them into different --out folders.")
+    inputs = list(a.volume) + list(a.gt or []) + [a.bank]
+    for stem in stems:  # check every output before any work, so a batch never stops half-written
+        check_outputs(output_paths(a.out, stem), inputs, overwrite=a.overwrite)
+    settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
+                               normalisation=a.normalisation, slice_decision=a.slice_decision)
+    bank = load_bank(a.bank)
+    name = a.backbone or bank.backbone["name"]
+    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision)
+    check_compatible(bank, bb.describe())
+    cache = None if a.no_cache else EmbeddingCache()
+    progress = ConsoleProgress()
+    reports = []
+    for n, vpath in enumerate(a.volume):
+        t0 = time.perf_counter()
+        vol = load_volume(vpath)
+        gt = load_labels(a.gt[n], like=vol) if a.gt else None
+        if not a.json:
+            print(f"[{n + 1}/{len(a.volume)}] {vpath}", file=sys.stderr)
+        res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
+        paths = write_outputs(res, a.out, overwrite=a.overwrite)
+        rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
+               "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
+               "seconds": round(time.perf_counter() - t0, 2)}
+        if gt is not None:
+            rep["metrics"] = gt_metrics(res, gt.data > 0)
+        reports.append(rep)
+        if not a.json:
+            print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+            if gt is not None:
+                m = rep["metrics"]
+                print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
+                      f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}")
+    if a.json:
+        _out(reports[0] if len(reports) == 1 else {"results": reports})
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ._progress import ConsoleProgress
+    from .demo import run_demo
+
+    rep = run_demo(a.out, device=a.device, batch_size=a.batch_size, progress=ConsoleProgress())
+    if a.json:
+        _out(rep)
+        return 0
+    print("MIAS-SAM demo: LiteMedSAM (bundled weights), CPU, bank from the bundled normal volumes")
+    print(f"  bank: {rep['bank']['patches']:,} patches from {rep['bank']['slices']} normal slices -> {rep['bank']['path']}")
+    print(f"  settings: prompt {rep['settings']['prompt']}, gamma {rep['settings']['gamma']}, mask {rep['settings']['mask_index']}, "
+          f"normalisation {rep['settings']['normalisation']}")
+    print("  per-slice Dice (lesion slices): " + ", ".join(f"{k}: {v:.2f}" for k, v in rep["per_slice_dice"].items()))
+    print(f"  slice Dice (paper definition): {_fmt(rep['slice_dice'])}   "
+          f"0.5-threshold baseline: {_fmt(rep['baseline_threshold_0.5_slice_dice'])}")
+    print(f"  volume Dice: {_fmt(rep['volume_dice'])}")
+    c = rep["cog_inside_lesion"]
+    print(f"  prompt centre inside the lesion on {c['hits']}/{c['lesion_slices']} lesion slices")
+    print("  timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()) + f"; total {rep['total_s']}")
+    print(f"  outputs: {rep['outputs']['mask']}\n           {rep['outputs']['anomaly']}\n           {rep['outputs']['points']}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .bank import load_bank
+
+    bank = load_bank(a.bank)
+    if a.json:
+        m = dict(bank.manifest)
+        cal = dict(m.get("calibration", {}))
+        m["calibration"] = {k: v for k, v in cal.items() if k != "per_k"} | {"per_k": {k: {"low": v["low"], "high": v["high"]} for k, v in cal.get("per_k", {}).items()}}
+        _out(m)
+    else:
+        print(f"{a.bank}\n  {bank.summary()}\n  created {bank.manifest.get('created')} with napari-mias-sam {bank.manifest.get('package_version')}")
+    return 0
+
+
+COMMANDS = {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_demo, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return 2
+    try:
+        if getattr(a, "batch_size", 1) < 1:
+            raise MiasSamError("--batch-size must be at least 1")
+        return COMMANDS[a.command](a)
+    except (MiasSamError, ValueError) as exc:
+        print(f"mias-sam {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mias-sam {a.command}: interrupted; no partial outputs were kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""segment_volume(): volume -> slices -> embeddings (cached) -> patch distances -> anomaly maps
+-> prompts -> 3 masks per slice -> volumes on the input's voxel grid.
+
+Progress is reported through a callback ``progress(stage, done, total)`` and cancellation through
+``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
+is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .anomaly import image_scores, maps_from_scores, normalise_maps
+from .backbones import default_prompt_for
+from .backbones.base import Prompt
+from .bank import MemoryBank, check_compatible
+from .cache import EmbeddingCache, frames_key
+from .errors import Cancelled
+from .io import Volume
+from .patches import patch_features
+from .preprocess import Frame, from_frame, resolve_axis
+from .prompts import make_prompt
+from .settings import Preprocessing, SegmentSettings, to_dict
+from .sources import volume_frames
+
+__all__ = [
+    "EncodedVolume",
+    "SegmentationResult",
+    "encode_volume",
+    "encode_frames",
+    "score_volume",
+    "decode_all",
+    "redecode_slice",
+    "segment_volume",
+    "preprocessing_from_bank",
+]
+
+ProgressFn = Callable[[str, int, int], None]
+CancelFn = Callable[[], bool]
+
+
+def _check(cancelled: CancelFn | None) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled("cancelled by the user")
+
+
+def preprocessing_from_bank(bank: MemoryBank) -> Preprocessing:
+    """The intensity preprocessing the bank was built with (runs must use the same)."""
+    p = dict(bank.preprocessing)
+    if p.get("mode") not in ("mri", "ct", "minmax"):
+        return Preprocessing(mode="minmax", scope="slice")
+    return Preprocessing(
+        mode=p["mode"],
+        percentiles=tuple(p.get("percentiles", (0.5, 99.5))),
+        window=tuple(p.get("window", (-200.0, 250.0))),
+        scope=p.get("scope", "volume"),
+    )
+
+
+@dataclass
+class EncodedVolume:
+    """A volume's slices in the model frame and their embeddings (float16, on the CPU)."""
+
+    embeddings: torch.Tensor  # (N, 256, 64, 64) float16
+    frames: torch.Tensor  # (N, 256, 256) float32 in [0, 1]
+    foreground: np.ndarray  # (N,) bool: slice holds anatomy
+    axis: int
+    frame: Frame
+    key: str
+    from_cache: bool = False
+
+
+def encode_frames(
+    frames: torch.Tensor,
+    backbone,
+    *,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+    stage: str = "encode slices",
+) -> torch.Tensor:
+    """Encode (N, 256, 256) frames in batches -> (N, 256, 64, 64) float16 on the CPU."""
+    out = []
+    n = len(frames)
+    for b0 in range(0, n, batch_size):
+        _check(cancelled)
+        emb = backbone.encode(frames[b0 : b0 + batch_size])
+        out.append(emb.to(torch.float16).cpu())
+        if progress:
+            progress(stage, min(n, b0 + batch_size), n)
+    return torch.cat(out) if out else torch.zeros((0, 256, 64, 64), dtype=torch.float16)
+
+
+def encode_volume(
+    volume: Volume,
+    backbone,
+    prep: Preprocessing,
+    *,
+    axis: int | str = "axial",
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> EncodedVolume:
+    """Preprocess, slice and encode a volume; reuse cached embeddings of identical slices."""
+    ax = resolve_axis(axis, volume.affine)
+    frames, fg = volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"))
+    h, w = [s for i, s in enumerate(volume.shape) if i != ax]
+    key = frames_key(frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
+    emb = cache.get(key) if cache is not None else None
+    hit = emb is not None and tuple(emb.shape[:1]) == (len(frames),)
+    if not hit:
+        emb = encode_frames(frames, backbone, batch_size=batch_size, progress=progress, cancelled=cancelled)
+        if cache is not None:
+            cache.put(key, emb)
+    elif progress:
+        progress("encode slices (cached)", len(frames), len(frames))
+    return EncodedVolume(embeddings=emb, frames=frames, foreground=fg, axis=ax, frame=Frame(h, w), key=key, from_cache=hit)
+
+
+def score_volume(
+    embeddings: torch.Tensor,
+    bank: MemoryBank,
+    *,
+    k: int = 1,
+    sigma: float = 4.0,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256)."""
+    n = len(embeddings)
+    scores = np.zeros((n, 32, 32), dtype=np.float32)
+    for b0 in range(0, n, batch_size):
+        _check(cancelled)
+        feats = patch_features(embeddings[b0 : b0 + batch_size].float(), bank.layout)
+        scores[b0 : b0 + batch_size] = bank.patch_scores(feats, k)
+        if progress:
+            progress("nearest-neighbour search", min(n, b0 + batch_size), n)
+    return scores, maps_from_scores(scores, sigma=sigma)
+
+
+@dataclass
+class SegmentationResult:
+    """Everything a run produced, in the model frame and mapped back to the input's voxel grid."""
+
+    volume: Volume
+    encoded: EncodedVolume
+    settings: SegmentSettings  # prompt resolved to a concrete type
+    bank_info: dict
+    backbone_info: dict
+    preprocessing: dict
+    scores: np.ndarray  # (N, 32, 32) patch scores
+    raw_maps: np.ndarray  # (N, 256, 256) unnormalised
+    maps: np.ndarray  # (N, 256, 256) normalised (what prompts read)
+    image_scores: np.ndarray  # (N,)
+    decision: np.ndarray  # (N,) bool: slice judged anomalous (all True without a slice decision)
+    decision_threshold: float | None
+    prompts: list[Prompt | None]
+    logits: np.ndarray  # (N, 3, 256, 256) float16 mask logits (0 where no prompt)
+    ious: np.ndarray  # (N, 3) predicted IoU (NaN where no prompt)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def axis(self) -> int:
+        return self.encoded.axis
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.prompts)
+
+    def _to_volume(self, per_slice: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(per_slice, 0, self.axis))
+
+    def slice_mask(self, s: int, mask_index: int | None = None) -> np.ndarray:
+        """Boolean mask of slice ``s`` on the slice's own pixel grid (empty if not kept)."""
+        m = (mask_index or self.settings.mask_index) - 1
+        fr = self.encoded.frame
+        if self.prompts[s] is None or not self.decision[s]:
+            return np.zeros((fr.height, fr.width), dtype=bool)
+        return from_frame(self.logits[s : s + 1, m].astype(np.float32), fr)[0] > 0
+
+    def mask_volume(self, mask_index: int | None = None) -> np.ndarray:
+        """uint8 mask on the input grid (1 = anomaly) using the chosen mask of each slice."""
+        masks = np.stack([self.slice_mask(s, mask_index) for s in range(self.n_slices)])
+        return self._to_volume(masks.astype(np.uint8))
+
+    def anomaly_volume(self) -> np.ndarray:
+        """float32 normalised anomaly map on the input grid."""
+        return self._to_volume(from_frame(self.maps, self.encoded.frame).astype(np.float32))
+
+    def cog_voxel(self, s: int) -> tuple[float, float, float] | None:
+        """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k)."""
+        p = self.prompts[s]
+        if p is None:
+            return None
+        if p.kind == "point":
+            x, y = p.point  # type: ignore[misc]
+        else:
+            boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
+            x = float(np.mean([(b[0] + b[2]) / 2 for b in boxes]))  # type: ignore[index]
+            y = float(np.mean([(b[1] + b[3]) / 2 for b in boxes]))  # type: ignore[index]
+        r, c = self.encoded.frame.to_slice(y, x)
+        rest = [a for a in range(3) if a != self.axis]
+        ijk = [0.0, 0.0, 0.0]
+        ijk[self.axis] = float(s)
+        ijk[rest[0]], ijk[rest[1]] = r, c
+        return (ijk[0], ijk[1], ijk[2])
+
+    def points_rows(self) -> list[dict]:
+        """One row per slice: slice, CoG voxel indices i, j, k, image score, predicted IoU, ..."""
+        m = self.settings.mask_index - 1
+        rows = []
+        for s in range(self.n_slices):
+            ijk = self.cog_voxel(s)
+            p = self.prompts[s]
+            rows.append(
+                {
+                    "slice": s,
+                    "i": "" if ijk is None else round(ijk[0], 2),
+                    "j": "" if ijk is None else round(ijk[1], 2),
+                    "k": "" if ijk is None else round(ijk[2], 2),
+                    "image_score": round(float(self.image_scores[s]), 6),
+                    "predicted_iou": "" if p is None else round(float(self.ious[s, m]), 4),
+                    "anomalous": int(bool(self.decision[s])) if p is not None else 0,
+                    "prompt": "none" if p is None else p.kind,
+                }
+            )
+        return rows
+
+    def metadata(self) -> dict:
+        """Every setting that made this result (stored in layer metadata and JSON output)."""
+        return {
+            "settings": to_dict(self.settings),
+            "backbone": self.backbone_info,
+            "bank": self.bank_info,
+            "preprocessing": self.preprocessing,
+            "slice_axis": self.axis,
+            "decision_threshold": self.decision_threshold,
+            "source": str(self.volume.path) if self.volume.path else None,
+        }
+
+
+def _slice_prompt(amap: np.ndarray, settings: SegmentSettings) -> Prompt | None:
+    return make_prompt(amap, settings.prompt or "cog-point", gamma=settings.gamma, threshold=settings.threshold)
+
+
+def decode_one(backbone, embedding: torch.Tensor, prompt: Prompt | None, amap: np.ndarray | None = None, *, use_map_as_mask: bool = False):
+    """Decode one slice; returns (logits (3, 256, 256) float16, iou (3,)) or zeros/NaN without a prompt."""
+    if prompt is None:
+        return np.zeros((3, 256, 256), np.float16), np.full(3, np.nan, np.float32)
+    mask_input = None
+    if use_map_as_mask and amap is not None:
+        import torch.nn.functional as F
+
+        mask_input = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(256, 256), mode="bilinear")[0, 0]
+    out = backbone.decode(embedding.float(), prompt, mask_input=mask_input)
+    return out.logits.astype(np.float16), out.iou
+
+
+def decode_all(
+    encoded: EncodedVolume,
+    maps: np.ndarray,
+    backbone,
+    settings: SegmentSettings,
+    *,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> tuple[list[Prompt | None], np.ndarray, np.ndarray]:
+    """Prompt and decode every slice with anatomy; empty slices get no prompt and no mask."""
+    n = len(maps)
+    prompts: list[Prompt | None] = [None] * n
+    logits = np.zeros((n, 3, 256, 256), np.float16)
+    ious = np.full((n, 3), np.nan, np.float32)
+    use_map = bool(settings.extras.get("map_as_mask_input", False))
+    for s in range(n):
+        _check(cancelled)
+        if encoded.foreground[s]:
+            prompts[s] = _slice_prompt(maps[s], settings)
+            logits[s], ious[s] = decode_one(backbone, encoded.embeddings[s], prompts[s], maps[s], use_map_as_mask=use_map)
+        if progress:
+            progress("prompt and decode", s + 1, n)
+    return prompts, logits, ious
+
+
+def redecode_slice(
+    result: SegmentationResult,
+    backbone,
+    s: int,
+    *,
+    settings: SegmentSettings | None = None,
+    point: tuple[float, float] | None = None,
+) -> None:
+    """Recompute slice ``s`` in place after a settings change or a moved CoG point.
+
+    ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
+    with a box prompt type the box is re-centred on it with the same size).
+    """
+    if settings is not None:
+        result.settings = settings
+    st = result.settings
+    if not result.encoded.foreground[s]:
+        return
+    prompt = _slice_prompt(result.maps[s], st)
+    if point is not None:
+        if prompt is not None and prompt.kind == "box":
+            x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
+            hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
+            prompt = Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
+        else:
+            prompt = Prompt("point", point=(float(point[0]), float(point[1])))
+    result.prompts[s] = prompt
+    use_map = bool(st.extras.get("map_as_mask_input", False))
+    result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+
+
+def segment_volume(
+    volume: Volume,
+    bank: MemoryBank,
+    backbone,
+    settings: SegmentSettings | None = None,
+    *,
+    axis: int | str | None = None,
+    cache: EmbeddingCache | None = None,
+    encoded: EncodedVolume | None = None,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> SegmentationResult:
+    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring)."""
+    settings = settings or SegmentSettings()
+    if settings.prompt is None:
+        settings = settings.replace(prompt=default_prompt_for(backbone.name))
+    info = backbone.describe()
+    check_compatible(bank, info)
+    prep = preprocessing_from_bank(bank)
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if encoded is None:
+        encoded = encode_volume(
+            volume, backbone, prep, axis=axis if axis is not None else bank.slice_axis, cache=cache,
+            batch_size=batch_size, progress=progress, cancelled=cancelled,
+        )
+    t["encode_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores, raw = score_volume(encoded.embeddings, bank, k=settings.k, sigma=settings.sigma, progress=progress, cancelled=cancelled)
+    t["knn_and_map_s"] = time.perf_counter() - t1
+    fg = encoded.foreground
+    calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
+    maps = normalise_maps(raw, settings.normalisation, calibration, valid=fg)
+    maps[~fg] = 0.0
+    img = image_scores(scores)
+    decision = fg.copy()
+    threshold = None
+    if settings.slice_decision:
+        threshold = slice_decision_threshold(bank, settings.k)
+        decision &= img > threshold
+    t2 = time.perf_counter()
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, progress=progress, cancelled=cancelled)
+    t["prompt_and_decode_s"] = time.perf_counter() - t2
+    return SegmentationResult(
+        volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
+        preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
+        decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
+    )
+
+
+def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:
+    """Image-score threshold from held-out NORMAL slices only (default: their maximum)."""
+    per_k = bank.manifest.get("calibration", {}).get("per_k", {})
+    key = str(k) if str(k) in per_k else "1"
+    scores = per_k.get(key, {}).get("slice_scores", [])
+    if not scores:
+        raise ValueError("the bank holds no calibration slice scores; the slice decision needs them")
+    return float(np.percentile(scores, quantile))
+
+
+def _bank_info(bank: MemoryBank) -> dict:
+    return {
+        "path": str(bank.path) if bank.path else None,
+        "patch_layout": bank.layout,
+        "patches": bank.ntotal,
+        "index": bank.manifest.get("index", {}).get("type"),
+        "created": bank.manifest.get("created"),
+    }

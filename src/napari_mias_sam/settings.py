@@ -1,0 +1,112 @@
+"""Every setting of a run in frozen dataclasses that travel with the results."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "PREPROCESS_PRESETS",
+    "PROMPT_TYPES",
+    "PATCH_LAYOUTS",
+    "NORMALISATIONS",
+    "Preprocessing",
+    "SegmentSettings",
+    "to_dict",
+]
+
+PromptType = Literal["cog-point", "cog-box", "max-point", "threshold-box"]
+PROMPT_TYPES: tuple[str, ...] = ("cog-point", "cog-box", "max-point", "threshold-box")
+PatchLayout = Literal["paper1024", "mean256"]
+PATCH_LAYOUTS: tuple[str, ...] = ("paper1024", "mean256")
+Normalisation = Literal["calibrated", "reference"]
+NORMALISATIONS: tuple[str, ...] = ("calibrated", "reference")
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw voxel values become the [0, 1] image the encoder sees.
+
+    ``mode``: ``"mri"`` clips to percentiles of the foreground (voxels above the volume minimum),
+    ``"ct"`` clips to a Hounsfield window, ``"minmax"`` rescales the raw range.
+    ``scope``: ``"volume"`` computes the statistics once per volume (default), ``"slice"`` per
+    slice (what BMAD's PNGs did when they were saved).
+    """
+
+    mode: Literal["mri", "ct", "minmax"] = "mri"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] = (-200.0, 250.0)
+    scope: Literal["volume", "slice"] = "volume"
+
+    def describe(self) -> str:
+        if self.mode == "mri":
+            return f"mri: foreground percentiles {self.percentiles[0]}-{self.percentiles[1]} per {self.scope}"
+        if self.mode == "ct":
+            return f"ct: window [{self.window[0]:g}, {self.window[1]:g}] HU"
+        return f"minmax per {self.scope}"
+
+
+# Named presets offered by the CLI and the widget.
+PREPROCESS_PRESETS: dict[str, Preprocessing] = {
+    "mri": Preprocessing(mode="mri"),
+    "ct-abdomen": Preprocessing(mode="ct", window=(-200.0, 250.0)),
+    "ct-liver": Preprocessing(mode="ct", window=(-100.0, 200.0)),
+    "ct-brain": Preprocessing(mode="ct", window=(0.0, 80.0)),
+    "minmax": Preprocessing(mode="minmax"),
+    "minmax-slice": Preprocessing(mode="minmax", scope="slice"),
+}
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Settings of one segmentation run (the bank fixes backbone, layout and preprocessing).
+
+    ``prompt=None`` means the backbone's default (``cog-point`` for SAM, ``cog-box`` for
+    LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask).
+    """
+
+    gamma: float = 5.0
+    mask_index: int = 3
+    prompt: str | None = None
+    k: int = 1
+    sigma: float = 4.0
+    normalisation: str = "calibrated"
+    threshold: float = 0.5  # used by the threshold-box ablation only
+    slice_decision: bool = False
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not (self.gamma > 0 and self.gamma < 1e3):
+            raise ValueError(f"gamma must be a positive number, got {self.gamma!r}")
+        if self.mask_index not in (1, 2, 3):
+            raise ValueError(f"mask index must be 1, 2 or 3, got {self.mask_index!r}")
+        if self.prompt is not None and self.prompt not in PROMPT_TYPES:
+            raise ValueError(f"prompt must be one of {', '.join(PROMPT_TYPES)}, got {self.prompt!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k!r}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {self.normalisation!r}"
+            )
+
+    def replace(self, **changes: Any) -> "SegmentSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a settings dataclass (tuples become lists)."""
+    return json_ready(dataclasses.asdict(obj))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
