@@ -1,0 +1,155 @@
+"""Evaluation: BMAD readers on generated trees, the evaluation loop, the slice decision's
+independence from test labels, and the written report."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from fake_backbone import FakeBackbone
+from napari_mias_sam.bmad import find_test_layout, read_bmad_test
+from napari_mias_sam.errors import InputError
+from napari_mias_sam.evaluate import Ablations, evaluate, units_from_slices, units_from_volumes
+from napari_mias_sam.report import write_report
+from napari_mias_sam.settings import Preprocessing
+from napari_mias_sam.workflows import build_bank_from_files
+from napari_mias_sam.cli import main
+
+YY, XX = np.mgrid[:48, :56]
+
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+
+
+def _bmad_tree(root, layout="bmad"):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = (rng.random((40, 40)) * 200).astype(np.uint8)
+        if layout == "bmad":
+            _png(root / "test" / "good" / "img" / f"g{i}.png", img)
+        else:
+            _png(root / "test" / "test" / "good" / f"g{i}.png", img)
+    for i in range(2):
+        img = (rng.random((40, 40)) * 200).astype(np.uint8)
+        mask = np.zeros((40, 40), np.uint8)
+        mask[10:20, 5 + i : 15 + i] = 128 if i else 255  # multi-level masks: binarised with > 0
+        if layout == "bmad":
+            _png(root / "test" / "Ungood" / "img" / f"u{i}.png", img)
+            _png(root / "test" / "Ungood" / "anomaly_mask" / f"u{i}.png", mask)
+        else:
+            _png(root / "test" / "test" / "Ungood" / f"u{i}.png", img)
+            _png(root / "test" / "test_labels" / "Ungood" / f"u{i}.png", mask)
+
+
+@pytest.mark.parametrize("layout", ["bmad", "reference"])
+def test_bmad_reader_both_layouts(tmp_path, layout):
+    _bmad_tree(tmp_path, layout)
+    ss = read_bmad_test(tmp_path)
+    assert ss.labels.tolist() == [0, 0, 0, 1, 1]
+    assert [n.split("/")[0] for n in ss.names] == ["good"] * 3 + ["Ungood"] * 2
+    assert all(im.dtype == np.float32 and 0 <= im.min() and im.max() <= 1 for im in ss.images)
+    assert not any(m.any() for m in ss.masks[:3])
+    assert ss.masks[3].sum() == 100 and ss.masks[4].sum() == 100  # 255 and 128 both count
+
+
+def test_bmad_reader_errors(tmp_path):
+    with pytest.raises(InputError, match="not a BMAD dataset"):
+        find_test_layout(tmp_path)
+    _bmad_tree(tmp_path)
+    (tmp_path / "test" / "Ungood" / "anomaly_mask" / "u1.png").unlink()
+    with pytest.raises(InputError, match="without a mask"):
+        read_bmad_test(tmp_path)
+
+
+def _vol(seed: int, lesion: bool):
+    r = np.random.default_rng(seed)
+    base = np.zeros((48, 56, 6), np.float32)
+    base[((YY - 24) / 20) ** 2 + ((XX - 28) / 24) ** 2 < 1] = 100
+    base += r.normal(0, 3, base.shape).astype(np.float32)
+    gt = np.zeros(base.shape, np.uint8)
+    if lesion:
+        m = (YY - 20) ** 2 + (XX - 30) ** 2 < 25
+        for z in (2, 3):
+            base[..., z][m] = 220
+            gt[..., z][m] = 1
+    return base, gt
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    aff = np.diag([1.0, 1.0, 3.0, 1.0])
+    normals = []
+    for i in range(3):
+        b, _ = _vol(i, False)
+        nib.save(nib.Nifti1Image(b, aff), d / f"n{i}.nii.gz")
+        normals.append(d / f"n{i}.nii.gz")
+    imgs, gts = [], []
+    for i in range(2):
+        b, g = _vol(10 + i, True)
+        nib.save(nib.Nifti1Image(b, aff), d / f"t{i}.nii.gz")
+        nib.save(nib.Nifti1Image(g, aff), d / f"t{i}_seg.nii.gz")
+        imgs.append(d / f"t{i}.nii.gz")
+        gts.append(d / f"t{i}_seg.nii.gz")
+    bb = FakeBackbone()
+    bank = build_bank_from_files(normals, bb, preprocessing=Preprocessing())
+    bank.save(d / "bank")
+    return d, bb, bank, imgs, gts
+
+
+SMALL = Ablations(prompts=("cog-point", "max-point"), gammas=(1.0, 5.0), ks=(1, 2), normalisations=("calibrated", "reference"))
+
+
+def test_evaluate_rows_and_report(volumes, tmp_path):
+    d, bb, bank, imgs, gts = volumes
+    res = evaluate(units_from_volumes(imgs, gts, bank), [bank], bb, ablations=SMALL)
+    groups = [r["ablation"] for r in res["rows"]]
+    assert groups.count("mask") == 3 and groups.count("prompt") == 2 and groups.count("gamma") == 2
+    default = res["rows"][0]
+    same = [r for r in res["rows"] if r["ablation"] == "mask" and r["value"] == "3"][0]
+    assert default["slice_dice"] == same["slice_dice"]  # the same decode pass, the same number
+    assert len(default["volume_dice_per_subject"]) == 2
+    assert res["data"] == {"units": ["t0", "t1"], "slices": 12, "anomalous_slices": 4, "volumes": 2}
+    det = res["detection"][0]
+    assert 0.0 <= det["p_auroc"] <= 1.0 and 0.0 <= det["image_auroc"] <= 1.0
+    paths = write_report(res, tmp_path / "out")
+    assert set(paths) >= {"csv", "markdown", "json", "gamma_sweep", "ablations"}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["ablation"] == "default"
+    assert (tmp_path / "out" / "results.md").read_text().count("| gamma |") == 2
+
+
+def test_slice_decision_never_reads_test_labels(volumes):
+    """Replacing the ground truth with nonsense changes Dice, never which slices are kept."""
+    d, bb, bank, imgs, gts = volumes
+    units = units_from_volumes(imgs, gts, bank)
+    res_true = evaluate(units, [bank], bb, ablations=SMALL)
+    rng = np.random.default_rng(1)
+    for u in units:
+        u.gt = rng.random(u.gt.shape) > 0.5
+        u.labels = 1 - u.labels
+    res_fake = evaluate(units, [bank], bb, ablations=SMALL)
+    for a, b in zip(res_true["rows"], res_fake["rows"]):
+        assert a["decision_threshold"] == b["decision_threshold"]
+        assert a["slices_kept_with_decision"] == b["slices_kept_with_decision"]
+    assert res_true["rows"][0]["slice_dice"] != res_fake["rows"][0]["slice_dice"]
+
+
+def test_units_from_slices_groups_by_size():
+    imgs = [np.zeros((8, 8), np.float32), np.ones((8, 10), np.float32) * 0.5, np.zeros((8, 8), np.float32)]
+    imgs[0][2:4, 2:4] = 1.0
+    masks = [np.zeros(i.shape, bool) for i in imgs]
+    units = units_from_slices(imgs, masks, np.array([0, 1, 0]))
+    assert sorted(len(u.frames) for u in units) == [1, 2]
+    assert [u.foreground.tolist() for u in units if len(u.frames) == 2][0] == [True, False]
+
+
+def test_evaluate_cli_bad_input(capsys, tmp_path):
+    rc = main(["evaluate", "--bank", str(tmp_path / "nobank"), "--images", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr()
+    assert rc == 2 and "error:" in err.err and err.out == ""
