@@ -23,6 +23,7 @@ import torch
 
 from .anomaly import Calibration, maps_from_scores
 from .errors import BankMismatchError, Cancelled, InputError
+from .knn import torch_knn
 from .patches import GRID, feature_dim, patch_features
 from .settings import PATCH_LAYOUTS
 
@@ -192,7 +193,7 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise InputError(f"{mf}: is not valid JSON ({exc}); the bank is damaged, rebuild it.") from exc
-    if manifest.get("format") != BANK_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
         raise InputError(f"{mf}: not a napari-mias-sam bank manifest.")
     if int(manifest.get("format_version", 0)) > BANK_FORMAT_VERSION:
         raise InputError(f"{path}: bank format {manifest.get('format_version')} is newer than this version of napari-mias-sam; upgrade it.")
@@ -204,7 +205,14 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
         index = faiss.read_index(str(idx_file), flags)
     except Exception as exc:
         raise InputError(f"{idx_file}: cannot read the faiss index ({exc}); the bank is damaged, rebuild it.") from exc
-    if index.d != int(manifest["feature_dim"]) or index.ntotal != int(manifest["index"]["ntotal"]):
+    missing = [k for k in ("backbone", "preprocessing", "patch_layout", "feature_dim") if k not in manifest]
+    try:
+        want_d, want_n = int(manifest["feature_dim"]), int(manifest["index"]["ntotal"])
+    except (KeyError, TypeError, ValueError):
+        missing.append("index.ntotal")
+    if missing:
+        raise InputError(f"{mf}: lacks or garbles {', '.join(missing)}; the bank is damaged, rebuild it.")
+    if index.d != want_d or index.ntotal != want_n:
         raise InputError(
             f"{path}: index ({index.ntotal} x {index.d}) does not match its manifest "
             f"({manifest['index']['ntotal']} x {manifest['feature_dim']}); rebuild the bank."
@@ -337,9 +345,8 @@ def _calibrate(index, calib_feats, ranges, sizes, *, sigma: float, progress: Pro
             lo, hi = ranges[gi][0] + s0 * GRID * GRID, ranges[gi][0] + s1 * GRID * GRID
             if hi - lo >= index.ntotal:
                 continue
-        params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorRange(lo, hi)))
-        dist, _ = index.search(np.ascontiguousarray(feats, dtype=np.float32), kmax, params=params)
-        per_slice.append(np.maximum(dist, 0).T.reshape(kmax, GRID, GRID))
+        dist = torch_knn(feats, index, kmax, exclude=(lo, hi))
+        per_slice.append(dist.T.reshape(kmax, GRID, GRID))
         if progress:
             progress("calibrate on held-out normal slices", n + 1, len(calib_feats))
     if not per_slice:

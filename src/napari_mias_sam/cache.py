@@ -43,7 +43,7 @@ class EmbeddingCache:
             return None
         try:
             arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # EOFError: an empty (zero-byte) file
             p.unlink(missing_ok=True)  # damaged entry: forget it, it will be recomputed
             return None
         return torch.from_numpy(arr)

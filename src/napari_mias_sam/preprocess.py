@@ -41,13 +41,13 @@ def normalise_intensities(data: np.ndarray, prep: Preprocessing, *, source: str 
     arr = np.asarray(data, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise InputError(f"{source}: contains NaN or infinite values; replace them before preprocessing.")
+    if np.ptp(arr) == 0:
+        raise InputError(f"{source}: every voxel has the same value ({float(arr.flat[0]):g}); nothing to segment.")
     if prep.mode == "ct":
         lo, hi = prep.window
         if not hi > lo:
             raise InputError(f"CT window must have lower < upper, got {prep.window}")
         return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-    if np.ptp(arr) == 0:
-        raise InputError(f"{source}: every voxel has the same value ({float(arr.flat[0]):g}); nothing to segment.")
     if prep.scope == "slice" and arr.ndim == 3:
         return np.stack([_normalise_one(s, prep) for s in arr]).astype(np.float32)
     return _normalise_one(arr, prep)

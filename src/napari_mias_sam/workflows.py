@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from .bank import MemoryBank, build_bank
 from .errors import InputError
-from .io import atomic_write_text, is_nifti, save_nifti
+from .io import atomic_path, is_nifti, save_nifti
 from .pipeline import ProgressFn, CancelFn, SegmentationResult
 from .preprocess import resolve_axis
 from .settings import Preprocessing, to_dict
@@ -78,16 +79,11 @@ def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, ste
     writer.writerows(rows)
     mask = result.mask_volume()
     amap = result.anomaly_volume()
-    written: list[Path] = []
-    try:
-        save_nifti(paths["mask"], mask, result.volume, dtype="uint8", intent="label")
-        written.append(paths["mask"])
-        save_nifti(paths["anomaly"], amap, result.volume, dtype="float32")
-        written.append(paths["anomaly"])
-        atomic_write_text(paths["points"], buf.getvalue())
-    except BaseException:
-        # A run's outputs are a set: never leave half of them behind.
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+    # A run's outputs are a set: all three are written to temporary files first and only then
+    # renamed into place, so a failure never leaves half of them (nor loses earlier ones).
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
+        save_nifti(tmp["mask"], mask, result.volume, dtype="uint8", intent="label")
+        save_nifti(tmp["anomaly"], amap, result.volume, dtype="float32")
+        tmp["points"].write_text(buf.getvalue(), encoding="utf-8")
     return paths

@@ -63,8 +63,6 @@ class SamBackbone(SamLikeBackbone):
         precision: str = "fp32",
         random_init_seed: int | None = None,
     ) -> None:
-        from segment_anything import sam_model_registry
-
         if variant not in SAM_VARIANTS:
             raise WeightsError(f"unknown SAM variant {variant!r}; choose one of {', '.join(SAM_VARIANTS)}")
         self.name = f"sam-{variant}"
@@ -74,15 +72,19 @@ class SamBackbone(SamLikeBackbone):
                 f"SAM {variant} needs its weights file ({_OFFICIAL_NAMES[variant]}, from the segment-anything "
                 "release page). Download it where you have web access and pass --checkpoint PATH."
             )
-        torch.manual_seed(random_init_seed or 0)
-        net = sam_model_registry[variant](checkpoint=None)
         if checkpoint is not None:
             path = Path(checkpoint).expanduser()
-            if not path.is_file():
+            if not path.is_file():  # before building the model: a typo should not cost seconds
                 raise WeightsError(
                     f"SAM {variant} weights file not found: {path}. Download {_OFFICIAL_NAMES[variant]} from the "
                     "segment-anything release page and pass its path with --checkpoint."
                 )
+        from segment_anything import sam_model_registry  # slow import: after the cheap checks
+
+        with torch.random.fork_rng(devices=[]):  # seed the random init without resetting the caller's RNG
+            torch.manual_seed(random_init_seed or 0)
+            net = sam_model_registry[variant](checkpoint=None)
+        if checkpoint is not None:
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:
