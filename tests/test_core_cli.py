@@ -126,9 +126,12 @@ def one_line_error(capsys, command: str) -> str:
     cap = capsys.readouterr()
     assert cap.out == ""
     lines = cap.err.strip().splitlines()
-    assert len(lines) == 1, cap.err
-    assert lines[0].startswith(f"mias-sam {command}: error: ")
-    return lines[0]
+    # Informational lines (e.g. build-bank's memory estimate) may come first; the reason is one
+    # line, the last, and the only one that says "error".
+    errors = [ln for ln in lines if "error" in ln]
+    assert len(errors) == 1 and lines[-1] == errors[0], cap.err
+    assert lines[-1].startswith(f"mias-sam {command}: error: ")
+    return lines[-1]
 
 
 def _bad_volume(kind: str, folder):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,7 +24,8 @@ import torch
 
 from .anomaly import Calibration, maps_from_scores
 from .errors import BankMismatchError, Cancelled, InputError
-from .knn import torch_knn
+from .knn import TorchSearcher, torch_knn
+from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
 from .patches import GRID, feature_dim, patch_features
 from .settings import PATCH_LAYOUTS
 
@@ -35,13 +37,24 @@ __all__ = [
     "build_bank",
     "load_bank",
     "check_compatible",
+    "INDEX_TYPES",
+    "estimate_bank_memory",
 ]
 
 BANK_FORMAT = "napari-mias-sam memory bank"
 BANK_FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
-INDEX_TYPES = ("flat", "flat-fp16")
+#: faiss index types: exact flat L2 in fp32 / fp16 / 8-bit scalar quantisation, and inverted
+#: files (IVF: a coarse k-means partition; a search visits ``nprobe`` of ``nlist`` cells).
+INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "ivf", "ivf-fp16")
+_FACTORY = {"flat": "Flat", "flat-fp16": "SQfp16", "flat-sq8": "SQ8", "ivf": "IVF{nlist},Flat", "ivf-fp16": "IVF{nlist},SQfp16"}
+_BYTES_PER_DIM = {"flat": 4, "flat-fp16": 2, "flat-sq8": 1, "ivf": 4, "ivf-fp16": 2}
+#: Vectors buffered at the start of a build to train SQ8 / IVF indexes (1 GiB at 1,024-d fp32).
+TRAIN_MAX = 262_144
+#: A coreset is selected within chunks of at most this many patches of one source (256 slices):
+#: bounds the memory (1 GiB at 1,024-d) and the quadratic cost of greedy selection.
+CORESET_CHUNK = 262_144
 CALIBRATION_KS = (1, 2, 3, 4, 5)
 
 ProgressFn = Callable[[str, int, int], None]
@@ -59,12 +72,133 @@ class SliceGroup:
     load: Callable[[], tuple[torch.Tensor, int]]  # -> (frames (N, 256, 256), skipped empty slices)
 
 
+def _check_index_type(index_type: str) -> None:
+    if index_type not in INDEX_TYPES:
+        raise InputError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+
+
 def _new_index(d: int, index_type: str) -> faiss.Index:
+    """A flat index that needs no training (``flat`` and ``flat-fp16``)."""
+    _check_index_type(index_type)
     if index_type == "flat":
         return faiss.IndexFlatL2(d)
     if index_type == "flat-fp16":
         return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-    raise InputError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    raise InputError(f"index type {index_type!r} must be trained first")
+
+
+def ivf_nlist(expected: int, n_train: int) -> int:
+    """IVF cells for a bank of about ``expected`` vectors: 4 sqrt(N) (faiss's guideline), at most
+    one cell per 39 training vectors (fewer leaves k-means cells empty)."""
+    return int(max(1, min(round(4 * math.sqrt(max(expected, 1))), n_train // 39)))
+
+
+def ivf_default_nprobe(nlist: int) -> int:
+    """Cells visited per query by default: 1/8 of them, at least 8 and at most 256."""
+    return int(min(nlist, max(8, min(256, math.ceil(nlist / 8)))))
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set ``nprobe`` on an IVF index (CPU or GPU, plain or wrapped); no-op for flat indexes."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+        return
+    gpu_params = getattr(faiss, "GpuParameterSpace", None)
+    if gpu_params is not None:
+        try:  # a GPU IVF index (or replicas of one)
+            gpu_params().set_index_parameter(index, "nprobe", int(nprobe))
+        except Exception:
+            pass  # not an IVF index: nothing to set
+
+
+def _trained_index(d: int, index_type: str, data: np.ndarray, expected: int) -> tuple[faiss.Index, dict]:
+    """A new SQ8 / IVF index trained on ``data`` (at most :data:`TRAIN_MAX` rows of it, evenly
+    spread), and what the manifest records about it."""
+    if len(data) > TRAIN_MAX:
+        data = data[np.linspace(0, len(data) - 1, TRAIN_MAX).round().astype(np.int64)]
+    info: dict = {"trained_on": int(len(data))}
+    desc = _FACTORY[index_type]
+    if index_type.startswith("ivf"):
+        nlist = ivf_nlist(expected, len(data))
+        desc = desc.format(nlist=nlist)
+        info.update(nlist=nlist, nprobe=ivf_default_nprobe(nlist))
+    index = faiss.index_factory(d, desc, faiss.METRIC_L2)
+    index.train(np.ascontiguousarray(data, dtype=np.float32))
+    if "nprobe" in info:
+        set_nprobe(index, info["nprobe"])
+    return index, info
+
+
+class _IndexSink:
+    """Receives a build's patch vectors in order (ids are assigned in that order). Index types
+    that need training buffer the first vectors (up to :data:`TRAIN_MAX`), train on them, then
+    stream like the flat ones."""
+
+    def __init__(self, d: int, index_type: str, expected: int) -> None:
+        _check_index_type(index_type)
+        self.d, self.index_type, self.expected = d, index_type, max(int(expected), 1)
+        self.info: dict = {}
+        self.index: faiss.Index | None = _new_index(d, index_type) if index_type in ("flat", "flat-fp16") else None
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.d)
+        self.count += len(x)
+        if self.index is not None:
+            self.index.add(x)
+            return
+        self._buffer.append(x)
+        self._buffered += len(x)
+        if self._buffered >= min(TRAIN_MAX, self.expected):
+            self._train()
+
+    def _train(self) -> None:
+        data = np.concatenate(self._buffer)
+        self._buffer, self._buffered = [], 0
+        self.index, self.info = _trained_index(self.d, self.index_type, data, self.expected)
+        self.index.add(data)
+
+    def finish(self) -> faiss.Index | None:
+        if self.index is None and self._buffered:
+            self._train()
+        return self.index
+
+
+def estimate_bank_memory(n_patches: int, layout: str = "paper1024", index_type: str = "flat", *, coreset_ratio: float | None = None) -> dict:
+    """Bytes a bank of ``n_patches`` encoded patches needs (after a coreset with ``coreset_ratio``).
+
+    ``index``: the index in memory (= its file size, to a few kB) when searching on the CPU;
+    ``build_peak``: the index plus what a build holds besides it (one coreset chunk of fp32
+    features, or the IVF / SQ8 training buffer); ``gpu_search``: device memory of the torch GPU
+    search (an fp16 copy for the distance product plus an fp32 copy for the exact re-rank).
+    """
+    _check_index_type(index_type)
+    d = feature_dim(layout)
+    n = int(n_patches if coreset_ratio is None else math.ceil(n_patches * coreset_ratio))
+    per = d * _BYTES_PER_DIM[index_type]
+    extra = 0
+    nlist = None
+    if index_type.startswith("ivf"):
+        nlist = ivf_nlist(n, min(n, TRAIN_MAX))
+        extra = n * 8 + nlist * d * 4  # inverted-list ids (int64) + centroids
+    index_bytes = n * per + extra
+    buffers = []
+    if coreset_ratio is not None:
+        buffers.append(min(n_patches, CORESET_CHUNK) * d * 4)
+    if index_type in ("flat-sq8", "ivf", "ivf-fp16"):
+        buffers.append(min(n, TRAIN_MAX) * d * 4)
+    return {
+        "patches": n,
+        "feature_dim": d,
+        "index_type": index_type,
+        "nlist": nlist,
+        "index_bytes": int(index_bytes),
+        "build_peak_bytes": int(index_bytes + max(buffers, default=0)),
+        "gpu_search_bytes": int(n * d * (2 + 4) + n * 4),
+    }
 
 
 class MemoryBank:
@@ -75,6 +209,9 @@ class MemoryBank:
         self.manifest = manifest
         self.path = path
         self._gpu_index: faiss.Index | None = None
+        self._torch: TorchSearcher | None = None
+        if self.nprobe is not None:
+            set_nprobe(index, self.nprobe)
 
     # -- what it is -----------------------------------------------------------------------
     @property
@@ -92,6 +229,30 @@ class MemoryBank:
     @property
     def backbone(self) -> dict:
         return self.manifest["backbone"]
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF cells visited per query (from the manifest; None for flat indexes)."""
+        n = self.manifest.get("index", {}).get("nprobe")
+        return None if n is None else int(n)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self.nprobe is None:
+            raise ValueError("nprobe applies to IVF banks only")
+        self.manifest["index"]["nprobe"] = int(value)
+        for idx in (self.index, self._gpu_index):
+            if idx is not None:
+                set_nprobe(idx, int(value))
+
+    @property
+    def search_backend(self) -> str:
+        """Where searches run: ``faiss-gpu``, ``torch-<device>`` or ``faiss-cpu``."""
+        if self._gpu_index is not None:
+            return "faiss-gpu"
+        if self._torch is not None:
+            return f"torch-{self._torch.device}"
+        return "faiss-cpu"
 
     @property
     def preprocessing(self) -> dict:
@@ -119,7 +280,11 @@ class MemoryBank:
             f"{self.ntotal:,} patches from {self.manifest['counts']['slices']} slices of "
             f"{len(self.manifest.get('sources', []))} sources; backbone {b['name']} "
             f"(weights sha256 {str(b['weights_sha256'])[:12]}), layout {self.layout} ({self.dim}-d), "
-            f"index {self.manifest['index']['type']}, axis {self.slice_axis}, "
+            f"index {self.manifest['index']['type']}"
+            + (f" (nlist {self.manifest['index']['nlist']}, nprobe {self.nprobe})" if self.nprobe is not None else "")
+            + (f", coreset {self.manifest['coreset']['ratio']:g} of {self.manifest['coreset']['encoded_patches']:,} patches"
+               if self.manifest.get("coreset") else "")
+            + f", axis {self.slice_axis}, "
             f"preprocessing {self.manifest['preprocessing'].get('mode')}; calibration on "
             f"{cal.get('n_slices', 0)} held-out slices"
         )
@@ -133,6 +298,8 @@ class MemoryBank:
         if self.ntotal == 0:
             raise BankMismatchError("the memory bank is empty; build it from normal slices first")
         k = min(k, self.ntotal)
+        if self._torch is not None and params is None:
+            return self._torch.search(x, k)
         index = self._gpu_index or self.index
         dist, _ = index.search(x, k, params=params) if params is not None else index.search(x, k)
         return np.maximum(dist, 0.0)
@@ -144,14 +311,29 @@ class MemoryBank:
         d = self.search(f.reshape(-1, f.shape[-1]), k)
         return d.mean(axis=1).reshape(n, GRID, GRID).astype(np.float32)
 
-    def use_gpu(self) -> bool:
-        """Move the index to the GPU(s) when faiss was built with GPU support and sees one."""
-        if self._gpu_index is not None:
+    def use_gpu(self, device: torch.device | str | None = None) -> bool:
+        """Search on a GPU from now on: faiss's GPU index when faiss was built with GPU support
+        and sees one; else, when torch has CUDA, :class:`~napari_mias_sam.knn.TorchSearcher`
+        (the bank copied to ``device``, fp16 distance product with an exact fp32 re-rank; it
+        searches IVF banks exhaustively, i.e. exactly). Returns False (CPU search) otherwise."""
+        if self._gpu_index is not None or self._torch is not None:
             return True
         if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
+            if self.nprobe is not None:
+                set_nprobe(self._gpu_index, self.nprobe)
             return True
+        if torch.cuda.is_available():
+            dev = torch.device(device if device is not None else "cuda")
+            if dev.type == "cuda":
+                self._torch = TorchSearcher(self.index, device=dev)
+                return True
         return False
+
+    def use_cpu(self) -> None:
+        """Drop any GPU copy of the bank (searches go back to faiss on the CPU)."""
+        self._gpu_index = None
+        self._torch = None
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -257,26 +439,40 @@ def build_bank(
     calibration_slices: int = 48,
     sigma: float = 4.0,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> MemoryBank:
     """Encode every normal slice, add its patches to a faiss index (streaming, batch by batch),
     then calibrate: held-out normal slices are scored against the bank *without their own
-    group* (faiss ID selector), giving the normal scale used by ``calibrated`` normalisation.
+    group*, giving the normal scale used by ``calibrated`` normalisation.
 
-    ``embed`` replaces ``backbone.encode`` (e.g. a cached encoder). Raises :class:`Cancelled`.
+    ``index_type``: one of :data:`INDEX_TYPES` (SQ8 and IVF indexes are trained on the first
+    :data:`TRAIN_MAX` patches). ``coreset_ratio`` (0 < r <= 1): keep only a greedy k-center
+    coreset of that fraction of each source's patches (:mod:`napari_mias_sam.coreset`, chunks of
+    :data:`CORESET_CHUNK` patches, on the backbone's device); ``None`` keeps every patch (the
+    paper). ``embed`` replaces ``backbone.encode`` (e.g. a cached encoder). Raises
+    :class:`Cancelled`.
     """
     if layout not in PATCH_LAYOUTS:
         raise InputError(f"unknown patch layout {layout!r}; choose one of {', '.join(PATCH_LAYOUTS)}")
+    _check_index_type(index_type)
+    if coreset_ratio is not None and not 0.0 < coreset_ratio <= 1.0:
+        raise InputError(f"coreset ratio must be in (0, 1], got {coreset_ratio!r}")
     groups = list(groups)
     if not groups:
         raise InputError("no normal sources were given; the bank would be empty.")
     encode = embed or backbone.encode
     d = feature_dim(layout)
-    index = _new_index(d, index_type)
+    per_slice = GRID * GRID
+    expected = sum(g.n for g in groups) * per_slice
+    sink = _IndexSink(d, index_type, expected if coreset_ratio is None else math.ceil(expected * coreset_ratio))
+    device = getattr(backbone, "device", None)
+    n_coreset_chunks = 0
     shares = _calibration_shares([g.n for g in groups], calibration_slices)
     calib_feats: list[tuple[int, int, np.ndarray]] = []  # (group, slice, features)
     ranges: list[tuple[int, int]] = []
+    offsets: list[np.ndarray] = []  # per group: bank id of each slice's first patch, relative to the group's start
     sizes: list[int] = []
     sources: list[dict] = []
     total = sum(g.n for g in groups)
@@ -285,7 +481,22 @@ def build_bank(
         frames, skipped = g.load()
         n = len(frames)
         picks = set(np.linspace(0, n - 1, min(shares[gi], n)).round().astype(int).tolist()) if n else set()
-        start = index.ntotal
+        start = sink.count
+        kept = np.zeros(n, dtype=np.int64)  # patches of each slice that went into the bank
+        pending: list[np.ndarray] = []  # (b, 1024, d) blocks awaiting coreset selection
+        first = 0  # slice index of pending[0][0]
+
+        def select_pending() -> None:
+            nonlocal first, n_coreset_chunks
+            block = np.concatenate(pending).reshape(-1, d)
+            m = len(block) // per_slice
+            idx = np.sort(coreset_indices(block, coreset_ratio, device=device, seed=n_coreset_chunks, cancelled=cancelled))
+            sink.add(block[idx])
+            kept[first : first + m] = np.bincount(idx // per_slice, minlength=m)
+            pending.clear()
+            first += m
+            n_coreset_chunks += 1
+
         for b0 in range(0, n, batch_size):
             if cancelled is not None and cancelled():
                 raise Cancelled("bank build cancelled")
@@ -294,21 +505,35 @@ def build_bank(
             for j in range(len(batch)):
                 if b0 + j in picks:
                     calib_feats.append((gi, b0 + j, feats[j].copy()))
-            flat = feats.reshape(-1, d)
-            if not index.is_trained:
-                index.train(flat)
-            index.add(flat)
+            if coreset_ratio is None:
+                sink.add(feats)
+                kept[b0 : b0 + len(batch)] = per_slice
+            else:
+                pending.append(feats)
+                if (b0 + len(batch) - first) * per_slice >= CORESET_CHUNK:
+                    select_pending()
             done += len(batch)
             if progress:
                 progress("encode normal slices", done, total)
+        if pending:
+            if progress:
+                progress(f"coreset of {g.name}", 0, 1)
+            select_pending()
         done += skipped
-        ranges.append((start, index.ntotal))
+        ranges.append((start, sink.count))
+        offsets.append(np.concatenate([[0], np.cumsum(kept)]))
         sizes.append(n)
-        sources.append({"name": g.name, "slices": n, "skipped_empty": skipped})
-    if index.ntotal == 0:
+        sources.append({"name": g.name, "slices": n, "skipped_empty": skipped, "patches": int(sink.count - start)})
+    index = sink.finish()
+    if index is None or index.ntotal == 0:
         raise InputError("no normal slices with anatomy were found (all were empty or constant); the bank would be empty.")
 
-    calibration = _calibrate(index, calib_feats, ranges, sizes, sigma=sigma, progress=progress)
+    searcher = None
+    if device is not None and torch.device(device).type == "cuda":
+        searcher = TorchSearcher(index, device=device)  # calibrate (and later search) on the GPU
+    calibration = _calibrate(index, calib_feats, ranges, sizes, offsets=offsets, searcher=searcher, sigma=sigma, progress=progress)
+    index_info = {"type": index_type, "metric": "squared_l2", "ntotal": int(index.ntotal), "file": INDEX_FILE, **sink.info}
+    encoded_patches = sum(sizes) * per_slice
     manifest = {
         "format": BANK_FORMAT,
         "format_version": BANK_FORMAT_VERSION,
@@ -320,15 +545,26 @@ def build_bank(
         "patch_layout": layout,
         "feature_dim": d,
         "patch": {"grid": GRID, "size": 5, "stride": 2, "padding": 2},
-        "index": {"type": index_type, "metric": "squared_l2", "ntotal": int(index.ntotal), "file": INDEX_FILE},
+        "index": index_info,
         "counts": {"slices": sum(sizes), "patches": int(index.ntotal), "skipped_empty_slices": sum(x["skipped_empty"] for x in sources)},
         "sources": sources,
         "calibration": calibration,
     }
-    return MemoryBank(index, manifest)
+    if coreset_ratio is not None:
+        manifest["coreset"] = {
+            "method": "approximate greedy k-center (PatchCore), per source, in chunks",
+            "ratio": float(coreset_ratio),
+            "project_dim": DEFAULT_PROJECT_DIM,
+            "chunk_patches": CORESET_CHUNK,
+            "encoded_patches": int(encoded_patches),
+        }
+    bank = MemoryBank(index, manifest)
+    bank._torch = searcher
+    return bank
 
 
-def _calibrate(index, calib_feats, ranges, sizes, *, sigma: float, progress: ProgressFn | None) -> dict:
+def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: TorchSearcher | None = None,
+               sigma: float, progress: ProgressFn | None) -> dict:
     """Leave-one-group-out normal statistics for k = 1..5 (see :class:`Calibration`)."""
     if not calib_feats:
         return {"method": "none", "n_slices": 0, "per_k": {}}
@@ -342,10 +578,24 @@ def _calibrate(index, calib_feats, ranges, sizes, *, sigma: float, progress: Pro
             n_g = sizes[gi]
             margin = max(1, n_g // 10)
             s0, s1 = max(0, si - margin), min(n_g, si + margin + 1)
-            lo, hi = ranges[gi][0] + s0 * GRID * GRID, ranges[gi][0] + s1 * GRID * GRID
+            off = offsets[gi] if offsets is not None else np.arange(n_g + 1) * GRID * GRID
+            lo, hi = ranges[gi][0] + int(off[s0]), ranges[gi][0] + int(off[s1])
             if hi - lo >= index.ntotal:
                 continue
-        dist = torch_knn(feats, index, kmax, exclude=(lo, hi))
+        if index.ntotal - (hi - lo) < kmax:
+            continue  # too few patches left outside the held-out range (a tiny coreset)
+        if searcher is not None:
+            dist = searcher.search(feats, kmax, exclude=(lo, hi))
+        elif faiss.try_extract_index_ivf(index) is not None:
+            # IVF: its own (approximate) search, as queries will get; it honours ID selectors cheaply
+            ivf = faiss.extract_index_ivf(index)
+            params = faiss.SearchParametersIVF(sel=faiss.IDSelectorNot(faiss.IDSelectorRange(lo, hi)), nprobe=int(ivf.nprobe))
+            dist, ids = index.search(np.ascontiguousarray(feats, dtype=np.float32), kmax, params=params)
+            if (ids < 0).any():  # the visited cells held too few patches of other sources: search exactly
+                dist = torch_knn(feats, index, kmax, exclude=(lo, hi))
+            dist = np.maximum(dist, 0.0)
+        else:
+            dist = torch_knn(feats, index, kmax, exclude=(lo, hi))
         per_slice.append(dist.T.reshape(kmax, GRID, GRID))
         if progress:
             progress("calibrate on held-out normal slices", n + 1, len(calib_feats))

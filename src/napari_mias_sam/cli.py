@@ -28,8 +28,18 @@ outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32
     "demo": """examples:
   mias-sam demo                 # writes ./mias-sam-demo/
   mias-sam demo --out /tmp/demo --json""",
+    "evaluate": """examples:
+  mias-sam evaluate --bank banks/brain --images test/*_flair.nii.gz --gts test/*_seg.nii.gz --out eval/
+  mias-sam evaluate --bank banks/bmad-brain --bmad BMAD/Brain_MRI --out eval-brain/ --json
+  mias-sam evaluate --bank banks/b1024 --bank banks/b256 --images ... --gts ... --out eval/ --gammas 1,3,5""",
     "info": """examples:
   mias-sam info banks/brain""",
+    "benchmark": """examples:
+  mias-sam benchmark                                   # CPU (or the GPU when present), default bank sizes
+  mias-sam benchmark --json > bench.json
+  mias-sam benchmark --device cuda --precision bf16 --sizes 10k,768k,7.68M
+  mias-sam benchmark --sizes 7.68M --knn-index flat-sq8   # a 7.68 M-patch bank that fits in 16 GB
+  mias-sam benchmark --accuracy                        # Dice cost of index types / coresets on the bundled sample""",
 }
 
 
@@ -46,6 +56,7 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bank import INDEX_TYPES
     from .settings import PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -60,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default="mri", help="intensity preset (default mri)")
     b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
     b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
-    b.add_argument("--index", choices=("flat", "flat-fp16"), default="flat", help="faiss index (default exact flat L2)")
+    b.add_argument("--index", choices=INDEX_TYPES, default="flat",
+                   help="faiss index: flat (exact, default); flat-fp16 / flat-sq8 (every vector searched, stored in 2 / 1 "
+                        "bytes per value); ivf / ivf-fp16 (inverted file: approximate, faster on large banks)")
+    b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
+                   help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_backbone_args(b, default="litemedsam")
@@ -91,6 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=4)
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
+    e = sub.add_parser("evaluate", help="paper metrics, 3D metrics and ablations over a test set", epilog=EXAMPLES["evaluate"],
+                       formatter_class=fmt, description="Slice Dice (paper), volume Dice, P-AUROC, AUPRO@0.3, image AUROC and ablation tables.")
+    e.add_argument("--bank", action="append", required=True, type=Path, help="memory bank (repeat to compare banks, e.g. layouts)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bmad", type=Path, help="BMAD dataset folder (test/{good,Ungood}/{img,anomaly_mask})")
+    src.add_argument("--images", nargs="+", type=Path, help="test NIfTI volumes")
+    e.add_argument("--gts", nargs="+", type=Path, help="ground truths, one per --images volume, same order")
+    e.add_argument("--split", default="test", help="BMAD split to read: test (default) or valid")
+    e.add_argument("--out", required=True, type=Path, help="folder for results.csv/.md/.json and plots")
+    e.add_argument("--gammas", default="1,2,3,5,8", help="gamma sweep (default 1,2,3,5,8)")
+    e.add_argument("--ks", default="1,3,5", help="k values (default 1,3,5)")
+    e.add_argument("--prompts", default="cog-point,cog-box,max-point,threshold-box", help="prompt types to compare")
+    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's)")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _add_backbone_args(e, default=None)
+
+    k = sub.add_parser("benchmark", help="per-stage times and peak memory on a 240x240x155 volume", epilog=EXAMPLES["benchmark"],
+                       formatter_class=fmt, description="Time load, preprocess, encode, kNN (bank sizes of random vectors), map, "
+                       "prompt, decode and write for a synthetic 240x240x155 volume; print machine, date and peak memory.")
+    k.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
+    k.add_argument("--sizes", default="10k,100k,1M,7.68M", help="bank sizes in patches, comma-separated (k/M suffixes; default %(default)s)")
+    k.add_argument("--encode-slices", type=int, default=None, help="slices to encode (default 8 on a CPU, all on a GPU; the rest is extrapolated)")
+    k.add_argument("--decode-slices", type=int, default=None, help="slices to decode (default 8 on a CPU, all on a GPU)")
+    k.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch layout (default paper1024, the paper's)")
+    k.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder precision (default fp32)")
+    k.add_argument("--knn-index", choices=INDEX_TYPES, default="flat", help="CPU index type for the kNN stage (default flat)")
+    k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
+    k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
+    k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio on the bundled sample")
+    k.add_argument("--sample-dir", type=Path, default=None, help="sample volumes for --accuracy (default: the bundled sample)")
+    k.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
     i = sub.add_parser("info", help="show what made a memory bank", epilog=EXAMPLES["info"], formatter_class=fmt)
     i.add_argument("bank", type=Path)
     i.add_argument("--json", action="store_true")
@@ -119,17 +167,107 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
     for n in a.normal:
         if a.out.resolve() == n.resolve():
             raise InputError(f"{a.out}: the bank folder cannot be an input folder.")
+    if a.out.exists() and not (a.out / "manifest.json").is_file():  # refuse before the work, not after
+        raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
+    if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
+        raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
+    _print_memory_estimate(a)
     t0 = time.perf_counter()
     bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision)
     progress = ConsoleProgress()
     bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
-                                 layout=a.layout, index_type=a.index, batch_size=a.batch_size, progress=progress)
+                                 layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                 progress=progress)
     path = bank.save(a.out, overwrite=a.overwrite)
     summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
     if a.json:
         _out(summary)
     else:
         print(f"wrote {path}\n  {bank.summary()}\n  {summary['seconds']} s")
+    return 0
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _print_memory_estimate(a: argparse.Namespace) -> None:
+    """Before a build: how much memory the bank will take (stderr), and a warning if it will not fit."""
+    from .bank import estimate_bank_memory
+    from .benchmark import _ram_bytes
+    from .patches import GRID
+    from .settings import PREPROCESS_PRESETS
+    from .sources import normal_groups
+
+    groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess], a.axis)
+    n_slices = sum(g.n for g in groups)
+    est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
+    total, avail = _ram_bytes()
+    print(f"memory estimate: up to {n_slices:,} slices -> {est['patches']:,} patches x {est['feature_dim']}-d, "
+          f"index {a.index}: {_gb(est['index_bytes'])} (build peak {_gb(est['build_peak_bytes'])}"
+          + (f"; this machine has {_gb(avail)} available of {_gb(total)})" if avail else ")"), file=sys.stderr)
+    if avail and est["build_peak_bytes"] > avail:
+        print(f"WARNING: the bank would not fit in the available memory ({_gb(avail)}): use --index flat-sq8 or ivf-fp16, "
+              "--layout mean256, or --coreset 0.1 (see docs/performance.md)", file=sys.stderr)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    mult = {"k": 1_000, "m": 1_000_000}
+    out = []
+    for tok in text.split(","):
+        t = tok.strip().lower()
+        if not t:
+            continue
+        try:
+            out.append(int(round(float(t[:-1]) * mult[t[-1]])) if t[-1] in mult else int(t))
+        except (ValueError, IndexError) as exc:
+            raise MiasSamError(f"--sizes: expected numbers like 10000, 100k or 7.68M, got {tok!r}") from exc
+        if out[-1] < 1:
+            raise MiasSamError(f"--sizes: bank sizes must be positive, got {tok!r}")
+    if not out:
+        raise MiasSamError("--sizes: empty list")
+    return tuple(out)
+
+
+def cmd_benchmark(a: argparse.Namespace) -> int:
+    from ._progress import ConsoleProgress
+    from .benchmark import bank_accuracy, format_report, run_benchmark
+
+    for name in ("encode_slices", "decode_slices", "knn_queries"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise MiasSamError(f"--{name.replace('_', '-')} must be at least 1")
+    progress = ConsoleProgress(enabled=not a.json)
+    if a.accuracy:
+        from ._paths import sample_data_dir
+        from .demo import sample_files
+        from .errors import InputError
+
+        folder = a.sample_dir or sample_data_dir()
+        files = sample_files(folder)
+        cases = [(c, c.with_name(c.name.replace(".nii.gz", "_seg.nii.gz"))) for c in sorted(folder.glob("case_*.nii.gz"))
+                 if not c.name.endswith("_seg.nii.gz")]
+        cases = [c for c in cases if c[1].is_file()]
+        if not cases:
+            raise InputError(f"{folder}: no case_*.nii.gz with a case_*_seg.nii.gz ground truth")
+        rep = bank_accuracy(files["normals"], cases, layout=a.layout, progress=progress)
+        if a.json:
+            _out(rep)
+        else:
+            print(f"Bank options on {len(cases)} sample case(s), bank from {len(files['normals'])} normal volumes ({rep['machine']['date_utc']})")
+            print("  option                          patches  nprobe  mean slice Dice  Dice points vs exact  mask Dice vs exact (per case)")
+            for r in rep["results"]:
+                opt = ", ".join(f"{k}={v}" for k, v in r["option"].items())
+                md = ", ".join(f"{c.get('mask_dice_vs_exact', 1.0):.3f}" for c in r["cases"].values())
+                print(f"  {opt:<30} {r['patches']:>8,}  {str(r['nprobe'] or ''):>6}  {r['mean_slice_dice']:>15.4f}  "
+                      f"{r['dice_points_vs_exact']:>20.2f}  {md}")
+        return 0
+    rep = run_benchmark(device=a.device, sizes=_sizes(a.sizes), encode_slices=a.encode_slices, decode_slices=a.decode_slices,
+                        layout=a.layout, precision=a.precision, knn_index=a.knn_index, knn_queries=a.knn_queries,
+                        quick=a.quick, progress=progress)
+    if a.json:
+        _out(rep)
+    else:
+        print(format_report(rep))
     return 0
 
 
@@ -153,6 +291,12 @@ def cmd_segment(a: argparse.Namespace) -> int:
     inputs = list(a.volume) + list(a.gt or []) + [a.bank]
     for stem in stems:  # check every output before any work, so a batch never stops half-written
         check_outputs(output_paths(a.out, stem), inputs, overwrite=a.overwrite)
+    if len(a.volume) > 1:  # likewise every input: a bad later file must not stop the batch half-way
+        for n, vpath in enumerate(a.volume):
+            vol = load_volume(vpath)
+            if a.gt:
+                load_labels(a.gt[n], like=vol)
+        del vol
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
     bank = load_bank(a.bank)
@@ -228,7 +372,55 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_demo, "info": cmd_info}
+def _csv_list(text: str, cast, what: str) -> tuple:
+    try:
+        vals = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise MiasSamError(f"--{what}: expected a comma-separated list, got {text!r}") from exc
+    if not vals:
+        raise MiasSamError(f"--{what}: empty list")
+    return vals
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from ._progress import ConsoleProgress
+    from .backbones import load_backbone
+    from .bank import load_bank
+    from .bmad import read_bmad_test
+    from .cache import EmbeddingCache
+    from .errors import InputError
+    from .evaluate import Ablations, evaluate, units_from_slices, units_from_volumes
+    from .report import markdown_tables, write_report
+    from .settings import PROMPT_TYPES, SegmentSettings
+
+    if a.images and not a.gts:
+        raise InputError("--images needs --gts (one ground truth per volume).")
+    prompts = _csv_list(a.prompts, str, "prompts")
+    for p in prompts:
+        if p not in PROMPT_TYPES:
+            raise InputError(f"--prompts: unknown prompt type {p!r}; choose from {', '.join(PROMPT_TYPES)}")
+    abl = Ablations(prompts=prompts, gammas=_csv_list(a.gammas, float, "gammas"), ks=_csv_list(a.ks, int, "ks"))
+    banks = [load_bank(b) for b in a.bank]
+    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision)
+    progress = ConsoleProgress()
+    if a.bmad:
+        ss = read_bmad_test(a.bmad, a.split)
+        units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name)
+    else:
+        units = units_from_volumes(a.images, a.gts, banks[0])
+    res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
+                   cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
+    res["outputs"] = write_report(res, a.out)
+    if a.json:
+        _out(res)
+    else:
+        print(markdown_tables(res))
+        print("wrote " + ", ".join(res["outputs"].values()))
+    return 0
+
+
+COMMANDS = {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "info": cmd_info,
+            "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

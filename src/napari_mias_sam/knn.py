@@ -1,8 +1,15 @@
 """Exact k-nearest-neighbour search by chunked matrix multiplication (torch).
 
 Used where faiss is not the right tool: leave-one-source-out calibration (faiss's ID-selector
-search skips its BLAS path), and GPUs without faiss-gpu. Bank vectors are read from the faiss
-index chunk by chunk, so the bank is never copied whole.
+search skips its BLAS path), and GPUs without faiss-gpu (:class:`TorchSearcher` holds the bank on
+the device). Bank vectors are read from the faiss index chunk by chunk, so the bank is never
+copied whole into host memory.
+
+Low precision (``dtype=torch.float16`` / ``bfloat16``): the distance matrix comes from a
+low-precision matrix product, each bank chunk's ``k + rerank`` best candidates per query are
+re-scored in fp32, and the k best of those are kept. The result is exact unless a true neighbour
+ranks below ``k + rerank`` in the low-precision order (its rounding error would have to exceed
+the gap to ``rerank`` closer candidates).
 """
 
 from __future__ import annotations
@@ -11,12 +18,67 @@ import faiss
 import numpy as np
 import torch
 
-__all__ = ["index_vectors", "torch_knn"]
+__all__ = ["index_vectors", "torch_knn", "TorchSearcher", "RERANK"]
+
+#: Extra low-precision candidates per query and bank chunk that get an exact fp32 re-score.
+RERANK = 4
 
 
 def index_vectors(index: faiss.Index, start: int, stop: int) -> np.ndarray:
-    """Vectors ``start:stop`` of a flat faiss index (decoded for scalar-quantised ones)."""
-    return index.reconstruct_n(start, stop - start)
+    """Vectors ``start:stop`` of a faiss index (decoded for scalar-quantised ones; IVF indexes
+    get a direct map on first use)."""
+    try:
+        return index.reconstruct_n(start, stop - start)
+    except RuntimeError:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None:
+            raise
+        ivf.make_direct_map()
+        return index.reconstruct_n(start, stop - start)
+
+
+def _chunk_best(
+    q: torch.Tensor,
+    qn: torch.Tensor,
+    xb: torch.Tensor,
+    xn: torch.Tensor,
+    k: int,
+    dtype: torch.dtype,
+    *,
+    xb_low: torch.Tensor | None = None,
+    excl: tuple[int, int] | None = None,
+    rerank: int = RERANK,
+) -> torch.Tensor:
+    """(Q, <= k) smallest squared L2 distances of fp32 queries ``q`` to one bank chunk.
+
+    ``xb`` (C, D): the chunk's vectors as they are to be scored exactly (fp32, or a
+    low-precision copy that is cast to fp32 for the candidates only); ``xn``: their squared
+    norms (fp32). ``xb_low``: the chunk already in ``dtype``. ``excl``: chunk-local ids
+    ``lo:hi`` left out.
+    """
+    c = xb.shape[0]
+    n_ok = c - (excl[1] - excl[0] if excl else 0)
+    if dtype == torch.float32:
+        d = torch.addmm(xn[None], q, xb.float().T, beta=1.0, alpha=-2.0).add_(qn[:, None])
+        if excl:
+            d[:, excl[0] : excl[1]] = float("inf")
+        return d.topk(min(k, n_ok), dim=1, largest=False).values
+    xl = xb_low if xb_low is not None else xb.to(dtype)
+    # ||x||^2 - 2 q.x ranks a query's candidates (||q||^2 is common to them)
+    approx = torch.addmm(xn.to(dtype)[None], q.to(dtype), xl.T, beta=1.0, alpha=-2.0)
+    if excl:
+        approx[:, excl[0] : excl[1]] = float("inf")
+    kc = min(k + rerank, n_ok)
+    cand = approx.topk(kc, dim=1, largest=False).indices  # (Q, kc)
+    exact = ((q[:, None, :] - xb[cand].float()) ** 2).sum(-1)  # fp32 re-score of the winners
+    return exact.topk(min(k, kc), dim=1, largest=False).values
+
+
+def _merge(best: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
+    if best is None:
+        return new
+    both = torch.cat([best, new], 1)
+    return both.topk(min(k, both.shape[1]), dim=1, largest=False).values
 
 
 @torch.inference_mode()
@@ -33,33 +95,133 @@ def torch_knn(
     """Squared L2 distances (M, k) of ``queries`` to their k nearest vectors in ``index``.
 
     ``exclude=(lo, hi)`` leaves bank ids lo..hi-1 out (a source's own slices). With
-    ``dtype=torch.float16/bfloat16`` the matmul runs in low precision and the k winners of each
+    ``dtype=torch.float16/bfloat16`` the matmul runs in low precision and the winners of each
     chunk are re-ranked in fp32 exactly.
     """
     dev = torch.device(device)
     q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
-    qn = (q * q).sum(1, keepdim=True)
+    qn = (q * q).sum(1)
     n = index.ntotal
     k_eff = min(k, n - (exclude[1] - exclude[0] if exclude else 0))
     if k_eff < 1:
         raise ValueError("no bank vectors left to search")
-    best_d = torch.full((len(q), k_eff), float("inf"), device=dev)
+    best = None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         if exclude and exclude[0] <= s and e <= exclude[1]:
             continue
         xb = torch.from_numpy(index_vectors(index, s, e)).to(dev)
-        if dtype == torch.float32:
-            d = qn - 2.0 * (q @ xb.T) + (xb * xb).sum(1)[None]
-        else:
-            approx = qn.to(dtype) - 2.0 * (q.to(dtype) @ xb.to(dtype).T) + (xb * xb).sum(1)[None].to(dtype)
-            cand = approx.float().topk(min(k_eff + 4, e - s), dim=1, largest=False).indices
-            exact = ((q[:, None, :] - xb[cand]) ** 2).sum(-1)  # fp32 re-rank of the winners
-            d = torch.full((len(q), e - s), float("inf"), device=dev).scatter_(1, cand, exact)
+        excl = None
         if exclude and exclude[0] < e and exclude[1] > s:
-            lo, hi = max(exclude[0], s) - s, min(exclude[1], e) - s
-            d[:, lo:hi] = float("inf")
-        kk = min(k_eff, d.shape[1])
-        cd = d.topk(kk, dim=1, largest=False).values
-        best_d = torch.cat([best_d, cd], 1).topk(k_eff, dim=1, largest=False).values
-    return best_d.clamp_min_(0).cpu().numpy()
+            excl = (max(exclude[0], s) - s, min(exclude[1], e) - s)
+        best = _merge(best, _chunk_best(q, qn, xb, (xb * xb).sum(1), k_eff, dtype, excl=excl), k_eff)
+    assert best is not None
+    return best.clamp_min_(0).cpu().numpy()
+
+
+class TorchSearcher:
+    """A memory bank held on a torch device (a GPU without faiss-gpu), searched exactly.
+
+    ``source``: the bank vectors (N, D) as a tensor/array, a faiss index (read ``read_chunk``
+    vectors at a time, so host memory stays small), or an iterable of (n_i, D) blocks. They are stored once in
+    ``dtype`` (fp16 by default: half the memory, tensor-core speed) for the distance product;
+    the exact fp32 re-score of the best candidates reads an fp32 copy when ``keep_fp32``
+    (default ``None``: when it fits in free device memory with room to spare), otherwise the
+    low-precision copy cast to fp32 (results are then exact for the bank rounded to fp16, i.e.
+    those of a ``flat-fp16`` bank).
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        device: torch.device | str = "cuda",
+        dtype: torch.dtype = torch.float16,
+        keep_fp32: bool | None = None,
+        chunk: int = 1 << 20,
+        query_block: int = 8192,
+        read_chunk: int = 1 << 18,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.query_block = int(query_block)
+        self._keep = keep_fp32
+        self._low: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
+        self._f32: list[torch.Tensor] | None = None if dtype == torch.float32 or keep_fp32 is False else []
+        if isinstance(source, faiss.Index):
+            n = int(source.ntotal)
+            parts = (torch.from_numpy(index_vectors(source, s, min(n, s + read_chunk))) for s in range(0, n, read_chunk))
+        elif isinstance(source, (torch.Tensor, np.ndarray)):
+            x = torch.as_tensor(source)
+            parts = (x[s : s + read_chunk] for s in range(0, len(x), read_chunk))
+        else:
+            parts = iter(source)  # an iterable of (n_i, D) blocks, e.g. generated on the device
+        self.ntotal, self.d = 0, 0
+        buf: list[torch.Tensor] = []
+        have = 0
+        for part in parts:
+            part = torch.as_tensor(part)
+            self.ntotal += len(part)
+            self.d = int(part.shape[1])
+            buf.append(part.to(self.device, dtype=torch.float32))
+            have += len(part)
+            if have >= chunk:
+                self._append(torch.cat(buf))
+                buf, have = [], 0
+        if buf:
+            self._append(torch.cat(buf))
+        if self._f32 is not None and len(self._f32) < len(self._low):
+            self._f32 = None  # fp32 copies ran out of room part-way: re-score from the low copy
+
+    def _append(self, x: torch.Tensor) -> None:
+        norms = (x * x).sum(1)
+        if self.dtype == torch.float16 and float(norms.max()) > 3.0e4:
+            self.dtype = torch.bfloat16  # fp16 would overflow on distances this large
+            self._low = [t.to(torch.bfloat16) for t in self._low]
+        low = x.to(self.dtype)
+        self._low.append(low)
+        if self._f32 is None:
+            # the re-score reads the stored (rounded) vectors: norms must be theirs
+            self._norms.append(norms if self.dtype == torch.float32 else (low.float() ** 2).sum(1))
+            return
+        self._norms.append(norms)
+        if self._keep is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if free < x.numel() * 4 * 3:  # keep room for the search's own buffers
+                self._f32 = None
+                self._norms = [(t.float() ** 2).sum(1) for t in self._low]
+                return
+        self._f32.append(x)
+
+    @property
+    def exact_fp32(self) -> bool:
+        """True when re-scoring reads fp32 copies of the bank vectors (exact for the fp32 bank)."""
+        return self._f32 is not None or self.dtype == torch.float32
+
+    def nbytes(self) -> int:
+        tensors = self._low + self._norms + (self._f32 or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
+        """Squared L2 distances (M, k) to the k nearest bank vectors (as :func:`torch_knn`)."""
+        q_all = torch.as_tensor(queries).to(self.device, dtype=torch.float32)
+        k_eff = min(k, self.ntotal - (exclude[1] - exclude[0] if exclude else 0))
+        if k_eff < 1:
+            raise ValueError("no bank vectors left to search")
+        out = []
+        for b0 in range(0, len(q_all), self.query_block):
+            q = q_all[b0 : b0 + self.query_block]
+            qn = (q * q).sum(1)
+            best = None
+            s = 0
+            for i, low in enumerate(self._low):
+                e = s + len(low)
+                if not (exclude and exclude[0] <= s and e <= exclude[1]):
+                    excl = (max(exclude[0], s) - s, min(exclude[1], e) - s) if exclude and exclude[0] < e and exclude[1] > s else None
+                    full = self._f32[i] if self._f32 is not None else low
+                    best = _merge(best, _chunk_best(q, qn, full, self._norms[i], k_eff, self.dtype, xb_low=low, excl=excl), k_eff)
+                s = e
+            out.append(best.clamp_min_(0))
+        return torch.cat(out).cpu().numpy()

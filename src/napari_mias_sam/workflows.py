@@ -30,6 +30,7 @@ def build_bank_from_files(
     layout: str = "paper1024",
     index_type: str = "flat",
     batch_size: int = 4,
+    coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> MemoryBank:
@@ -39,7 +40,7 @@ def build_bank_from_files(
     axis_name = axis if isinstance(axis, str) and not axis.isdigit() else AXIS_NAMES[resolve_axis(axis)]
     return build_bank(
         groups, backbone, layout=layout, preprocessing=prep, slice_axis=axis_name, index_type=index_type,
-        batch_size=batch_size, progress=progress, cancelled=cancelled,
+        batch_size=batch_size, coreset_ratio=coreset_ratio, progress=progress, cancelled=cancelled,
     )
 
 
