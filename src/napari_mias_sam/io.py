@@ -75,7 +75,8 @@ def nifti_stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def _read_nifti(path: Path) -> nib.Nifti1Image:
+def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Open and fully read a NIfTI file; return the image and its data as float32."""
     if not path.exists():
         raise InputError(f"{path}: no such file. Check the path and try again.")
     if path.is_dir():
@@ -86,8 +87,8 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"{path}: not a NIfTI-1/NIfTI-2 image ({type(img).__name__}).")
-        # Force the read now, so truncated or corrupt data fails here with the file's name.
-        img.get_fdata(dtype=np.float32, caching="unchanged")
+        # Read the data now, so truncated or corrupt files fail here with the file's name.
+        data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
     except InputError:
         raise
     except Exception as exc:  # nibabel raises many types for damaged files
@@ -95,7 +96,7 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
             f"{path}: cannot read this NIfTI file ({type(exc).__name__}: {exc}). "
             "It may be truncated or corrupt; re-export or re-download it."
         ) from exc
-    return img
+    return img, data
 
 
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
@@ -120,8 +121,8 @@ def load_volume(path: str | os.PathLike, *, allow_nan: bool = False) -> Volume:
     3D, and (unless ``allow_nan``) for volumes containing NaN or infinite values.
     """
     path = Path(path)
-    img = _read_nifti(path)
-    data = _as_3d(np.asarray(img.get_fdata(dtype=np.float32)), path)
+    img, data = _read_nifti(path)
+    data = _as_3d(data, path)
     bad = ~np.isfinite(data)
     if bad.any() and not allow_nan:
         raise InputError(
@@ -134,7 +135,7 @@ def load_volume(path: str | os.PathLike, *, allow_nan: bool = False) -> Volume:
 def load_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
     """Read a label/ground-truth NIfTI as an integer array; check its grid against ``like``."""
     path = Path(path)
-    img = _read_nifti(path)
+    img, _ = _read_nifti(path)
     raw = _as_3d(np.asarray(img.dataobj), path)
     if np.issubdtype(raw.dtype, np.floating):
         if not np.isfinite(raw).all():
