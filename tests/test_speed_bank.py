@@ -145,9 +145,11 @@ def test_torch_searcher_exact_with_exclusion(dtype):
     index.add(x)
     np.testing.assert_allclose(torch_knn(q, index, 2, exclude=(1200, 2500), chunk=1000, dtype=dtype), brute(q, x[keep], 2),
                                rtol=1e-4, atol=1e-3)
-    # from a faiss index, without an fp32 copy: exact for the fp16-rounded vectors
+    # from a faiss index, without an fp32 copy: exact for the vectors as stored (centred on the
+    # first block's mean, rounded to fp16)
     s16 = TorchSearcher(index, device="cpu", dtype=torch.float16, keep_fp32=False, chunk=1024)
-    x16 = x.astype(np.float16).astype(np.float32)
+    mu = torch.from_numpy(x).mean(0).numpy()
+    x16 = (x - mu).astype(np.float16).astype(np.float32) + mu
     assert not s16.exact_fp32
     np.testing.assert_allclose(s16.search(q, 1), brute(q, x16, 1), rtol=1e-4, atol=1e-3)
 
@@ -208,3 +210,31 @@ def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
     assert seen and all(0 <= lo < hi <= bank.ntotal and hi - lo < bank.ntotal for lo, hi in seen)
     # exclusions cover whole kept slices: lo/hi fall on offsets of the kept-patch layout
     assert all(lo != hi for lo, hi in seen)
+
+
+def test_score_volume_through_the_torch_searcher_equals_faiss():
+    """The GPU search path, run on the CPU: the pipeline's scores are the faiss ones (fp16 product
+    with fp32 re-rank, features made on the search device)."""
+    from napari_mias_sam.pipeline import score_volume
+
+    bb = CoreFakeBackbone()
+    frames = frames_from_seed(6, seed=8)
+    bank = build_bank([group("a", frames[:3]), group("b", frames[3:])], bb, layout="paper1024", preprocessing=PREP,
+                      calibration_slices=2)
+    emb = bb.encode(frames_from_seed(3, seed=9)).to(torch.float16)
+    faiss_scores, _ = score_volume(emb, bank, k=2)
+    bank._torch = TorchSearcher(bank.index, device="cpu", dtype=torch.float16, chunk=2048, query_block=700)
+    assert bank.search_device == torch.device("cpu") and bank.search_backend == "torch-cpu"
+    scores, maps = score_volume(emb, bank, k=2)
+    # exact float64 reference: faiss's fp32 norm expansion is off by ~1e-4 here, the torch
+    # re-score (direct differences) by far less
+    from napari_mias_sam.patches import patch_features
+
+    q = patch_features(emb.float(), "paper1024").reshape(-1, 1024).numpy()
+    x = index_vectors(bank.index, 0, bank.ntotal).astype(np.float64)
+    q64 = q.astype(np.float64)
+    d = (q64**2).sum(1)[:, None] + (x**2).sum(1)[None] - 2.0 * q64 @ x.T  # float64: exact to ~1e-12 here
+    ref = np.sort(d, axis=1)[:, :2].mean(1).reshape(3, 32, 32)
+    np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(faiss_scores, ref, rtol=1e-3, atol=1e-3)
+    assert maps.shape == (3, 256, 256)

@@ -99,3 +99,13 @@ def test_build_bank_prints_memory_estimate_and_checks_coreset(tmp_path, fake_bac
     b = load_bank(tmp_path / "b2")
     assert b.manifest["coreset"]["ratio"] == 0.5 and b.manifest["index"]["type"] == "flat-sq8"
     assert b.ntotal <= 2_048
+
+
+def test_the_gpu_knn_code_path_runs_on_the_cpu(fake_backbone):
+    """The torch search stage (what a GPU runs) on the CPU: every slice's queries, measured."""
+    rep = bm.run_benchmark(device="cpu", sizes=(3_000,), quick=True, knn_backend="torch")
+    (k,) = rep["knn"]
+    assert k["index"].startswith("torch") and k["status"] == "measured" and k["exact_fp32_rerank"]
+    assert k["query_slices"] == rep["slices"]["with_anatomy"] and k["volume_s"] == k["search_s"]
+    with pytest.raises(ValueError, match="knn_backend"):
+        bm.run_benchmark(device="cpu", sizes=(3_000,), quick=True, knn_backend="annoy")

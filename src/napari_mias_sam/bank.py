@@ -52,9 +52,11 @@ _FACTORY = {"flat": "Flat", "flat-fp16": "SQfp16", "flat-sq8": "SQ8", "ivf": "IV
 _BYTES_PER_DIM = {"flat": 4, "flat-fp16": 2, "flat-sq8": 1, "ivf": 4, "ivf-fp16": 2}
 #: Vectors buffered at the start of a build to train SQ8 / IVF indexes (1 GiB at 1,024-d fp32).
 TRAIN_MAX = 262_144
-#: A coreset is selected within chunks of at most this many patches of one source (256 slices):
-#: bounds the memory (1 GiB at 1,024-d) and the quadratic cost of greedy selection.
+#: A coreset is selected within chunks of at most this many patches of one source (256 slices
+#: on a GPU, 32 on a CPU): bounds the memory (1 GiB at 1,024-d) and the cost of greedy
+#: selection, which grows with chunk size x kept patches (one pass over the chunk per pick).
 CORESET_CHUNK = 262_144
+CORESET_CHUNK_CPU = 32_768
 CALIBRATION_KS = (1, 2, 3, 4, 5)
 
 ProgressFn = Callable[[str, int, int], None]
@@ -246,6 +248,11 @@ class MemoryBank:
                 set_nprobe(idx, int(value))
 
     @property
+    def search_device(self) -> torch.device:
+        """Where query features are best computed: the torch GPU search's device, else the CPU."""
+        return self._torch.device if self._torch is not None else torch.device("cpu")
+
+    @property
     def search_backend(self) -> str:
         """Where searches run: ``faiss-gpu``, ``torch-<device>`` or ``faiss-cpu``."""
         if self._gpu_index is not None:
@@ -290,15 +297,20 @@ class MemoryBank:
         )
 
     # -- searching ------------------------------------------------------------------------
-    def search(self, features: np.ndarray, k: int = 1, *, params: faiss.SearchParameters | None = None) -> np.ndarray:
+    def search(self, features: np.ndarray | torch.Tensor, k: int = 1, *, params: faiss.SearchParameters | None = None) -> np.ndarray:
         """Squared L2 distances (M, k) of each feature row to its k nearest bank patches."""
-        x = np.ascontiguousarray(features, dtype=np.float32)
+        on_torch = self._torch is not None and params is None
+        if on_torch and isinstance(features, torch.Tensor):
+            x = features  # the torch (GPU) search takes device tensors as they are
+        else:
+            f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
+            x = np.ascontiguousarray(f, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"features must be (M, {self.dim}), got {x.shape}")
+            raise ValueError(f"features must be (M, {self.dim}), got {tuple(x.shape)}")
         if self.ntotal == 0:
             raise BankMismatchError("the memory bank is empty; build it from normal slices first")
         k = min(k, self.ntotal)
-        if self._torch is not None and params is None:
+        if on_torch:
             return self._torch.search(x, k)
         index = self._gpu_index or self.index
         dist, _ = index.search(x, k, params=params) if params is not None else index.search(x, k)
@@ -306,9 +318,8 @@ class MemoryBank:
 
     def patch_scores(self, features: torch.Tensor | np.ndarray, k: int = 1) -> np.ndarray:
         """(N, 1024, D) patch features -> (N, 32, 32) scores: mean squared L2 to the k nearest."""
-        f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
-        n = f.shape[0]
-        d = self.search(f.reshape(-1, f.shape[-1]), k)
+        n = features.shape[0]
+        d = self.search(features.reshape(-1, features.shape[-1]), k)
         return d.mean(axis=1).reshape(n, GRID, GRID).astype(np.float32)
 
     def use_gpu(self, device: torch.device | str | None = None) -> bool:
@@ -450,7 +461,8 @@ def build_bank(
     ``index_type``: one of :data:`INDEX_TYPES` (SQ8 and IVF indexes are trained on the first
     :data:`TRAIN_MAX` patches). ``coreset_ratio`` (0 < r <= 1): keep only a greedy k-center
     coreset of that fraction of each source's patches (:mod:`napari_mias_sam.coreset`, chunks of
-    :data:`CORESET_CHUNK` patches, on the backbone's device); ``None`` keeps every patch (the
+    :data:`CORESET_CHUNK` patches on a GPU, :data:`CORESET_CHUNK_CPU` on a CPU, on the
+    backbone's device); ``None`` keeps every patch (the
     paper). ``embed`` replaces ``backbone.encode`` (e.g. a cached encoder). Raises
     :class:`Cancelled`.
     """
@@ -468,6 +480,8 @@ def build_bank(
     expected = sum(g.n for g in groups) * per_slice
     sink = _IndexSink(d, index_type, expected if coreset_ratio is None else math.ceil(expected * coreset_ratio))
     device = getattr(backbone, "device", None)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    chunk_patches = CORESET_CHUNK if on_gpu else CORESET_CHUNK_CPU
     n_coreset_chunks = 0
     shares = _calibration_shares([g.n for g in groups], calibration_slices)
     calib_feats: list[tuple[int, int, np.ndarray]] = []  # (group, slice, features)
@@ -510,7 +524,7 @@ def build_bank(
                 kept[b0 : b0 + len(batch)] = per_slice
             else:
                 pending.append(feats)
-                if (b0 + len(batch) - first) * per_slice >= CORESET_CHUNK:
+                if (b0 + len(batch) - first) * per_slice >= chunk_patches:
                     select_pending()
             done += len(batch)
             if progress:
@@ -529,7 +543,7 @@ def build_bank(
         raise InputError("no normal slices with anatomy were found (all were empty or constant); the bank would be empty.")
 
     searcher = None
-    if device is not None and torch.device(device).type == "cuda":
+    if on_gpu:
         searcher = TorchSearcher(index, device=device)  # calibrate (and later search) on the GPU
     calibration = _calibrate(index, calib_feats, ranges, sizes, offsets=offsets, searcher=searcher, sigma=sigma, progress=progress)
     index_info = {"type": index_type, "metric": "squared_l2", "ntotal": int(index.ntotal), "file": INDEX_FILE, **sink.info}
@@ -555,7 +569,7 @@ def build_bank(
             "method": "approximate greedy k-center (PatchCore), per source, in chunks",
             "ratio": float(coreset_ratio),
             "project_dim": DEFAULT_PROJECT_DIM,
-            "chunk_patches": CORESET_CHUNK,
+            "chunk_patches": chunk_patches,
             "encoded_patches": int(encoded_patches),
         }
     bank = MemoryBank(index, manifest)

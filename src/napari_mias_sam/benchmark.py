@@ -180,6 +180,7 @@ def run_benchmark(
     precision: str = "fp32",
     knn_index: str = "flat",
     knn_queries: int | None = None,
+    knn_backend: str = "auto",
     memory_fraction: float = 0.5,
     quick: bool = False,
     backbone=None,
@@ -189,7 +190,9 @@ def run_benchmark(
 
     ``encode_slices``/``decode_slices``: slices timed (default: 8 on a CPU, every slice with
     anatomy on a GPU). ``knn_index``: the CPU index type for the kNN stage (GPU: the torch
-    search, plus faiss-gpu where installed). ``knn_queries``: on a CPU, time this many query
+    search, plus faiss-gpu where installed). ``knn_backend``: ``auto`` (faiss on a CPU, the torch
+    search on a GPU), ``faiss`` or ``torch`` (the GPU code path, also runnable on a CPU: how the
+    tests check it). ``knn_queries``: on a CPU, time this many query
     patches (fewer than a slice's 1,024: for slow index types at large sizes) instead of whole
     slices. Banks whose CPU index would take more than ``memory_fraction`` of the available
     memory are scaled from the largest measured one.
@@ -271,11 +274,14 @@ def run_benchmark(
         _, avail = _ram_bytes()
         budget = (avail or 8 * 2**30) * memory_fraction
         measured_cpu: list[dict] = []
+        if knn_backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"knn_backend must be auto, faiss or torch, got {knn_backend!r}")
+        use_torch = knn_backend == "torch" or (knn_backend == "auto" and on_gpu)
         for si, size in enumerate(sizes):
             say(f"kNN bank {size:,}", si, len(sizes))
-            row: dict = {"bank_patches": int(size), "memory": estimate_bank_memory(size, layout, knn_index if not on_gpu else "flat")}
-            if on_gpu:
-                row.update(_gpu_knn(size, d, feats, n_fg, dev, clock, TorchSearcher))
+            row: dict = {"bank_patches": int(size), "memory": estimate_bank_memory(size, layout, "flat" if use_torch else knn_index)}
+            if use_torch:
+                row.update(_torch_knn(size, d, feats, n_fg, dev, clock, TorchSearcher))
             elif size * _bytes_per_vector(knn_index, d) > budget:
                 base = measured_cpu[-1] if measured_cpu else None
                 row["index"] = knn_index
@@ -385,11 +391,12 @@ def _cpu_knn(size: int, d: int, feats: torch.Tensor, n_fg: int, index_type: str,
             "peak_rss_mb": rec["peak_rss_mb"]}
 
 
-def _gpu_knn(size: int, d: int, feats: torch.Tensor, n_fg: int, dev: torch.device, clock: _Clock, TorchSearcher) -> dict:
+def _torch_knn(size: int, d: int, feats: torch.Tensor, n_fg: int, dev: torch.device, clock: _Clock, TorchSearcher) -> dict:
+    """The torch search (the GPU path) over every slice's queries; faiss-gpu too where installed."""
     out: dict = {"index": "torch (fp16 product, fp32 re-rank)"}
     t0 = time.perf_counter()
     s = TorchSearcher(_random_blocks(size, d, device=dev, seed=size % 1000), device=dev)
-    torch.cuda.synchronize(dev)
+    clock._sync()
     out["build_s"] = round(time.perf_counter() - t0, 3)
     out["exact_fp32_rerank"] = s.exact_fp32
     q = feats.reshape(-1, d).to(dev)
@@ -401,6 +408,8 @@ def _gpu_knn(size: int, d: int, feats: torch.Tensor, n_fg: int, dev: torch.devic
                volume_s=rec["seconds"], status="measured", cuda_peak_mb=rec.get("cuda_peak_mb"),
                device_bank_mb=round(s.nbytes() / 2**20, 1))
     del s
+    if dev.type != "cuda":
+        return out
     torch.cuda.empty_cache()
     import faiss
 

@@ -5,11 +5,12 @@ search skips its BLAS path), and GPUs without faiss-gpu (:class:`TorchSearcher` 
 the device). Bank vectors are read from the faiss index chunk by chunk, so the bank is never
 copied whole into host memory.
 
-Low precision (``dtype=torch.float16`` / ``bfloat16``): the distance matrix comes from a
-low-precision matrix product, each bank chunk's ``k + rerank`` best candidates per query are
-re-scored in fp32, and the k best of those are kept. The result is exact unless a true neighbour
-ranks below ``k + rerank`` in the low-precision order (its rounding error would have to exceed
-the gap to ``rerank`` closer candidates).
+Low precision (``dtype=torch.float16`` / ``bfloat16``): queries and bank vectors are first
+centred on one common vector (the mean of the first bank chunk: distances do not change, but the
+values that get rounded become much smaller, so the rounding errors do too), the distance matrix
+comes from a low-precision matrix product, each bank chunk's ``k + rerank`` best candidates per
+query are re-scored in fp32, and the k best of those are kept. The result is exact unless a true
+neighbour ranks below ``k + rerank`` in the low-precision order.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 __all__ = ["index_vectors", "torch_knn", "TorchSearcher", "RERANK"]
 
 #: Extra low-precision candidates per query and bank chunk that get an exact fp32 re-score.
-RERANK = 4
+RERANK = 16
 
 
 def index_vectors(index: faiss.Index, start: int, stop: int) -> np.ndarray:
@@ -37,6 +38,25 @@ def index_vectors(index: faiss.Index, start: int, stop: int) -> np.ndarray:
         return index.reconstruct_n(start, stop - start)
 
 
+_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _low_precision_scores(q_low: torch.Tensor, x_low: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    """fp32 ``||x||^2 - 2 q.x`` from low-precision ``q_low``, ``x_low``: the product runs in
+    low precision (tensor cores on a GPU) but is written in fp32, so large values lose nothing
+    to a 16-bit output. Where torch has no such kernel (the CPU), the same rounded inputs are
+    multiplied in fp32."""
+    dev = q_low.device.type
+    if _OUT_DTYPE_OK.get(dev, True):
+        try:
+            prod = torch.mm(q_low, x_low.T, out_dtype=torch.float32)
+            _OUT_DTYPE_OK[dev] = True
+            return prod.mul_(-2.0).add_(xn[None])
+        except (TypeError, NotImplementedError, RuntimeError):
+            _OUT_DTYPE_OK[dev] = False
+    return torch.addmm(xn[None], q_low.float(), x_low.float().T, beta=1.0, alpha=-2.0)
+
+
 def _chunk_best(
     q: torch.Tensor,
     qn: torch.Tensor,
@@ -45,16 +65,17 @@ def _chunk_best(
     k: int,
     dtype: torch.dtype,
     *,
-    xb_low: torch.Tensor | None = None,
+    low: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     excl: tuple[int, int] | None = None,
     rerank: int = RERANK,
 ) -> torch.Tensor:
-    """(Q, <= k) smallest squared L2 distances of fp32 queries ``q`` to one bank chunk.
+    """(Q, <= k) smallest squared L2 distances of fp32 queries ``q`` to one bank chunk ``xb``.
 
-    ``xb`` (C, D): the chunk's vectors as they are to be scored exactly (fp32, or a
-    low-precision copy that is cast to fp32 for the candidates only); ``xn``: their squared
-    norms (fp32). ``xb_low``: the chunk already in ``dtype``. ``excl``: chunk-local ids
-    ``lo:hi`` left out.
+    ``xb`` (C, D): the chunk as it is scored exactly (fp32; or a low-precision copy, cast to fp32
+    for the candidates only); ``xn``, ``qn``: squared norms of ``xb`` and ``q`` (fp32 path).
+    ``low``: ``(q_low, x_low, xn_low)``, the queries and chunk as ranked in low precision
+    (centred, in ``dtype``) and the chunk's squared norms in that frame; default: centred on the
+    chunk's mean here. ``excl``: chunk-local ids ``lo:hi`` left out.
     """
     c = xb.shape[0]
     n_ok = c - (excl[1] - excl[0] if excl else 0)
@@ -63,9 +84,12 @@ def _chunk_best(
         if excl:
             d[:, excl[0] : excl[1]] = float("inf")
         return d.topk(min(k, n_ok), dim=1, largest=False).values
-    xl = xb_low if xb_low is not None else xb.to(dtype)
-    # ||x||^2 - 2 q.x ranks a query's candidates (||q||^2 is common to them)
-    approx = torch.addmm(xn.to(dtype)[None], q.to(dtype), xl.T, beta=1.0, alpha=-2.0)
+    if low is None:
+        mu = xb.float().mean(0)
+        xc = xb.float() - mu
+        low = ((q - mu).to(dtype), xc.to(dtype), (xc * xc).sum(1))
+    q_low, x_low, xn_low = low
+    approx = _low_precision_scores(q_low, x_low, xn_low)  # ranks a query's candidates (||q||^2 is common)
     if excl:
         approx[:, excl[0] : excl[1]] = float("inf")
     kc = min(k + rerank, n_ok)
@@ -123,12 +147,13 @@ class TorchSearcher:
     """A memory bank held on a torch device (a GPU without faiss-gpu), searched exactly.
 
     ``source``: the bank vectors (N, D) as a tensor/array, a faiss index (read ``read_chunk``
-    vectors at a time, so host memory stays small), or an iterable of (n_i, D) blocks. They are stored once in
-    ``dtype`` (fp16 by default: half the memory, tensor-core speed) for the distance product;
-    the exact fp32 re-score of the best candidates reads an fp32 copy when ``keep_fp32``
-    (default ``None``: when it fits in free device memory with room to spare), otherwise the
-    low-precision copy cast to fp32 (results are then exact for the bank rounded to fp16, i.e.
-    those of a ``flat-fp16`` bank).
+    vectors at a time, so host memory stays small), or an iterable of (n_i, D) blocks. They are
+    stored once, centred (see the module docstring), in ``dtype`` (fp16 by default: half the
+    memory, tensor-core speed) for the distance product; the exact fp32 re-score of the best
+    candidates reads an fp32 copy when ``keep_fp32`` (default ``None``: when it fits in free
+    device memory with room to spare), otherwise the low-precision copy (results are then exact
+    for the bank as stored: centred and rounded to fp16, which loses less than a ``flat-fp16``
+    bank).
     """
 
     def __init__(
@@ -138,17 +163,19 @@ class TorchSearcher:
         device: torch.device | str = "cuda",
         dtype: torch.dtype = torch.float16,
         keep_fp32: bool | None = None,
-        chunk: int = 1 << 20,
-        query_block: int = 8192,
+        chunk: int = 1 << 17,
+        query_block: int = 4096,
         read_chunk: int = 1 << 18,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.query_block = int(query_block)
         self._keep = keep_fp32
-        self._low: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []
+        self._low: list[torch.Tensor] = []  # centred vectors in dtype
+        self._lnorms: list[torch.Tensor] = []  # their squared norms (fp32), for the ranking
         self._f32: list[torch.Tensor] | None = None if dtype == torch.float32 or keep_fp32 is False else []
+        self._norms: list[torch.Tensor] = []  # squared norms of the fp32 vectors (fp32 dtype only)
+        self.mean: torch.Tensor | None = None
         if isinstance(source, faiss.Index):
             n = int(source.ntotal)
             parts = (torch.from_numpy(index_vectors(source, s, min(n, s + read_chunk))) for s in range(0, n, read_chunk))
@@ -161,10 +188,12 @@ class TorchSearcher:
         buf: list[torch.Tensor] = []
         have = 0
         for part in parts:
-            part = torch.as_tensor(part)
+            part = torch.as_tensor(part).to(self.device, dtype=torch.float32)
+            if self.mean is None:
+                self.mean = part.mean(0) if self.dtype != torch.float32 else torch.zeros(part.shape[1], device=self.device)
             self.ntotal += len(part)
             self.d = int(part.shape[1])
-            buf.append(part.to(self.device, dtype=torch.float32))
+            buf.append(part)
             have += len(part)
             if have >= chunk:
                 self._append(torch.cat(buf))
@@ -172,27 +201,28 @@ class TorchSearcher:
         if buf:
             self._append(torch.cat(buf))
         if self._f32 is not None and len(self._f32) < len(self._low):
-            self._f32 = None  # fp32 copies ran out of room part-way: re-score from the low copy
+            self._f32 = None  # fp32 copies ran out of room part-way: re-score from the low copies
 
     def _append(self, x: torch.Tensor) -> None:
-        norms = (x * x).sum(1)
-        if self.dtype == torch.float16 and float(norms.max()) > 3.0e4:
-            self.dtype = torch.bfloat16  # fp16 would overflow on distances this large
-            self._low = [t.to(torch.bfloat16) for t in self._low]
-        low = x.to(self.dtype)
-        self._low.append(low)
-        if self._f32 is None:
-            # the re-score reads the stored (rounded) vectors: norms must be theirs
-            self._norms.append(norms if self.dtype == torch.float32 else (low.float() ** 2).sum(1))
+        if self.dtype == torch.float32:
+            self._low.append(x)
+            self._norms.append((x * x).sum(1))
+            self._lnorms.append(self._norms[-1])
             return
-        self._norms.append(norms)
-        if self._keep is None and self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if free < x.numel() * 4 * 3:  # keep room for the search's own buffers
-                self._f32 = None
-                self._norms = [(t.float() ** 2).sum(1) for t in self._low]
-                return
-        self._f32.append(x)
+        xc = x - self.mean
+        lnorms = (xc * xc).sum(1)
+        if self.dtype == torch.float16 and float(lnorms.max()) > 3.0e4:
+            self.dtype = torch.bfloat16  # fp16 would overflow on values this large
+            self._low = [t.to(torch.bfloat16) for t in self._low]
+        self._low.append(xc.to(self.dtype))
+        self._lnorms.append(lnorms)
+        if self._f32 is not None:
+            if self._keep is None and self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                if free < x.numel() * 4 * 3:  # keep room for the search's own buffers
+                    self._f32 = None
+                    return
+            self._f32.append(x)
 
     @property
     def exact_fp32(self) -> bool:
@@ -200,7 +230,7 @@ class TorchSearcher:
         return self._f32 is not None or self.dtype == torch.float32
 
     def nbytes(self) -> int:
-        tensors = self._low + self._norms + (self._f32 or [])
+        tensors = self._low + self._lnorms + (self._f32 or [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
@@ -210,9 +240,13 @@ class TorchSearcher:
         k_eff = min(k, self.ntotal - (exclude[1] - exclude[0] if exclude else 0))
         if k_eff < 1:
             raise ValueError("no bank vectors left to search")
+        low_prec = self.dtype != torch.float32
         out = []
         for b0 in range(0, len(q_all), self.query_block):
             q = q_all[b0 : b0 + self.query_block]
+            qc = q - self.mean if low_prec else q
+            q_low = qc.to(self.dtype)
+            q_exact = q if (self._f32 is not None or not low_prec) else qc  # the frame of what is re-scored
             qn = (q * q).sum(1)
             best = None
             s = 0
@@ -220,8 +254,13 @@ class TorchSearcher:
                 e = s + len(low)
                 if not (exclude and exclude[0] <= s and e <= exclude[1]):
                     excl = (max(exclude[0], s) - s, min(exclude[1], e) - s) if exclude and exclude[0] < e and exclude[1] > s else None
-                    full = self._f32[i] if self._f32 is not None else low
-                    best = _merge(best, _chunk_best(q, qn, full, self._norms[i], k_eff, self.dtype, xb_low=low, excl=excl), k_eff)
+                    if low_prec:
+                        full = self._f32[i] if self._f32 is not None else low
+                        cd = _chunk_best(q_exact, qn, full, self._lnorms[i], k_eff, self.dtype,
+                                         low=(q_low, low, self._lnorms[i]), excl=excl)
+                    else:
+                        cd = _chunk_best(q, qn, low, self._norms[i], k_eff, self.dtype, excl=excl)
+                    best = _merge(best, cd, k_eff)
                 s = e
             out.append(best.clamp_min_(0))
         return torch.cat(out).cpu().numpy()

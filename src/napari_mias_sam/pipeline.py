@@ -138,9 +138,10 @@ def score_volume(
     """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256)."""
     n = len(embeddings)
     scores = np.zeros((n, 32, 32), dtype=np.float32)
+    dev = getattr(bank, "search_device", torch.device("cpu"))  # the GPU when the bank is searched there
     for b0 in range(0, n, batch_size):
         _check(cancelled)
-        feats = patch_features(embeddings[b0 : b0 + batch_size].float(), bank.layout)
+        feats = patch_features(embeddings[b0 : b0 + batch_size].to(dev).float(), bank.layout)
         scores[b0 : b0 + batch_size] = bank.patch_scores(feats, k)
         if progress:
             progress("nearest-neighbour search", min(n, b0 + batch_size), n)
