@@ -267,8 +267,8 @@ def lesion_allowed_region(mask: np.ndarray, image: np.ndarray, depth_mm: float) 
     return deep & tissue
 
 
-def lesion_volume(subject: Subject, rng: np.random.Generator, lesions: list[dict], margin_vox: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lesion_volume(subject: Subject, rng: np.random.Generator, lesions: list[dict], margin_vox: int,
+                  placed: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Insert the given lesions at 1 mm, then finish; returns (image, labels uint8, affine).
 
     Each lesion dict holds ``centre_mm`` (world, or None for a random place), ``radii_mm``,
@@ -276,6 +276,7 @@ def lesion_volume(subject: Subject, rng: np.random.Generator, lesions: list[dict
     ``irregularity`` (:func:`synthetic.make_lesion_mask`), ``texture``, ``halo_mm`` and
     ``halo_amplitude`` (:func:`synthetic.insert_lesion`). Labels are
     the 1 mm masks merged like the image: a thick voxel is lesion when at least half of it is.
+    ``placed``: if given, each lesion's centre in world mm is appended to it.
     """
     image = subject.image.copy()
     labels = np.zeros(image.shape, dtype=np.float32)
@@ -290,6 +291,8 @@ def lesion_volume(subject: Subject, rng: np.random.Generator, lesions: list[dict
             centre = synthetic.random_lesion_centre(allowed, radii, rng)
         else:
             centre = tuple(world_to_index(subject.affine, np.array([spec["centre_mm"]], dtype=float))[0])
+        if placed is not None:
+            placed.append(tuple((subject.affine @ np.r_[np.asarray(centre, dtype=float), 1.0])[:3]))
         irregularity = spec.get("irregularity", 0.6)
         mask = synthetic.make_lesion_mask(image.shape, centre, radii, rng, irregularity=irregularity) & subject.mask
         image = synthetic.insert_lesion(

@@ -257,3 +257,21 @@ def test_segment_volume_reuses_cached_embeddings(world, tmp_path):
     other = CountingBackbone(CoreFakeBackbone(sha="other"))
     encode_volume(vol, other, PREPROCESS_PRESETS["mri"], cache=cache)
     assert other.encode_calls >= 1
+
+
+def test_second_bank_from_the_cache_skips_the_encoder_and_matches(world, tmp_path):
+    """build-bank --cache: a bank of another layout from the same volumes reads the cached
+    embeddings (no encode call) and equals a build from them; a cached re-build is identical."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    bb = CountingBackbone(CoreFakeBackbone())
+    prep = PREPROCESS_PRESETS["mri"]
+    first = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="paper1024", cache=cache)
+    calls = bb.encode_calls
+    assert calls > 0 and len(list((tmp_path / "cache").glob("*.npy"))) == calls
+    second = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="mean256", cache=cache)
+    again = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="paper1024", cache=cache)
+    assert bb.encode_calls == calls  # both from the cache
+    assert second.layout == "mean256" and second.ntotal == first.ntotal
+    from napari_mias_sam.knn import index_vectors
+
+    np.testing.assert_array_equal(index_vectors(again.index, 0, again.ntotal), index_vectors(first.index, 0, first.ntotal))

@@ -122,6 +122,11 @@ def test_evaluate_rows_and_report(volumes, tmp_path):
     assert set(paths) >= {"csv", "markdown", "json", "gamma_sweep", "ablations"}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["ablation"] == "default"
     assert (tmp_path / "out" / "results.md").read_text().count("| gamma |") == 2
+    cmp = res["default_vs_baseline"]  # the paired comparison uses the same numbers as the tables
+    assert cmp["mean_a"] == pytest.approx(default["slice_dice"]) and cmp["n"] == 4 and cmp["groups"] == 2
+    assert cmp["mean_b"] == pytest.approx(det["baseline_threshold_0.5"]["slice_dice"])
+    assert cmp["ci95"][0] <= cmp["difference"] <= cmp["ci95"][1]
+    assert "Default vs the 0.5-threshold baseline" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_slice_decision_never_reads_test_labels(volumes):
@@ -153,3 +158,29 @@ def test_evaluate_cli_bad_input(capsys, tmp_path):
     rc = main(["evaluate", "--bank", str(tmp_path / "nobank"), "--images", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr()
     assert rc == 2 and "error:" in err.err and err.out == ""
+
+
+def test_one_search_per_bank_gives_every_k_the_pipeline_scores(volumes):
+    """The sweep searches each bank once with the largest k; every k's scores equal the
+    pipeline's own (score_volume with that k)."""
+    from napari_mias_sam.evaluate import EvalContext, _scores
+    from napari_mias_sam.pipeline import score_volume
+    from napari_mias_sam.settings import SegmentSettings
+
+    d, bb, bank, imgs, gts = volumes
+    units = units_from_volumes(imgs, gts, bank)
+    for u in units:
+        u.embeddings = bb.encode(u.frames)
+    calls = []
+    search = bank.search
+    bank.search = lambda x, k=1, **kw: calls.append(k) or search(x, k, **kw)
+    try:
+        ctx = EvalContext(units, [bank], bb, SegmentSettings(), k_max=3)
+        got = {k: _scores(ctx, 0, k) for k in (1, 2, 3)}
+    finally:
+        del bank.search
+    assert calls and set(calls) == {3} and len(calls) == sum(-(-len(u.frames) // 8) for u in units)
+    for k, per_unit in got.items():
+        for u, s in zip(units, per_unit):
+            # equal up to faiss's fp32 rounding (its search kernels differ with k)
+            np.testing.assert_allclose(s, score_volume(u.embeddings, bank, k=k)[0], rtol=1e-4, atol=1e-4)

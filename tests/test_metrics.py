@@ -446,3 +446,22 @@ def test_aupro_validation():
         M.aupro(maps[None], gts[None])
     with pytest.raises(ValueError, match="NaN"):
         M.aupro(np.where(gts, np.nan, maps), gts)
+
+
+def test_paired_bootstrap():
+    from napari_mias_sam.metrics import paired_bootstrap
+
+    a = np.array([0.5, 0.6, 0.7, 0.8])
+    r = paired_bootstrap(a, a - 0.1, groups=[0, 0, 1, 1])
+    assert r["difference"] == pytest.approx(0.1) and r["ci95"] == pytest.approx([0.1, 0.1])
+    assert r["ci95_groups"] == pytest.approx([0.1, 0.1]) and r["groups"] == 2
+    assert (r["a_wins"], r["a_loses"], r["n"]) == (4, 0, 4)
+    rng = np.random.default_rng(3)
+    x, y = rng.random(200), rng.random(200)
+    r = paired_bootstrap(x, y, n_resamples=4000, seed=1)
+    assert r["ci95"][0] < r["difference"] < r["ci95"][1]
+    se = np.std(x - y, ddof=1) / np.sqrt(200)  # the interval matches the normal approximation
+    assert r["ci95"][1] - r["ci95"][0] == pytest.approx(2 * 1.96 * se, rel=0.1)
+    assert paired_bootstrap(x, y, seed=1) == paired_bootstrap(x, y, seed=1)
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0])

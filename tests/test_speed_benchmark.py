@@ -109,3 +109,66 @@ def test_the_gpu_knn_code_path_runs_on_the_cpu(fake_backbone):
     assert k["query_slices"] == rep["slices"]["with_anatomy"] and k["volume_s"] == k["search_s"]
     with pytest.raises(ValueError, match="knn_backend"):
         bm.run_benchmark(device="cpu", sizes=(3_000,), quick=True, knn_backend="annoy")
+
+
+def test_accuracy_files_reads_both_layouts(tmp_path):
+    """benchmark --accuracy: the benchmark's train/test layout and the sample's, paired by name."""
+    from napari_mias_sam.benchmark import accuracy_files
+    from napari_mias_sam.errors import InputError
+
+    bench = tmp_path / "bench"
+    for rel in ("train/normal_01.nii.gz", "train/normal_02.nii.gz", "test/images/case_01.nii.gz", "test/labels/case_01.nii.gz"):
+        (bench / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bench / rel).write_bytes(b"")
+    normals, cases = accuracy_files(bench)
+    assert [p.name for p in normals] == ["normal_01.nii.gz", "normal_02.nii.gz"]
+    assert cases == [(bench / "test/images/case_01.nii.gz", bench / "test/labels/case_01.nii.gz")]
+    (bench / "test/images/case_02.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="without a ground truth"):
+        accuracy_files(bench)
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    for name in ("normal_01.nii.gz", "case_01.nii.gz", "case_01_seg.nii.gz", "case_02.nii.gz"):
+        (sample / name).write_bytes(b"")
+    normals, cases = accuracy_files(sample)
+    assert [c[0].name for c in cases] == ["case_01.nii.gz"]  # case_02 has no ground truth
+    with pytest.raises(InputError, match="needs normal volumes"):
+        accuracy_files(tmp_path / "empty")
+
+
+def test_bank_accuracy_pools_slice_dice_like_the_paper(tmp_path):
+    """benchmark --accuracy: the exact row equals a direct run; slice Dice is pooled over every
+    anomalous slice of every case; other options are compared with the exact bank."""
+    import nibabel as nib
+
+    from core_fixtures import anatomy_volume
+    from napari_mias_sam.bank import build_bank
+    from napari_mias_sam.evaluation import gt_metrics
+    from napari_mias_sam.io import load_volume
+    from napari_mias_sam.pipeline import segment_volume
+    from napari_mias_sam.settings import PREPROCESS_PRESETS, to_dict
+    from napari_mias_sam.sources import volume_groups
+
+    normals = [write_nifti(tmp_path / f"n{i}.nii.gz", anatomy_volume((48, 48, 3), seed=i) * 300) for i in (1, 2)]
+    cases = []
+    for i, slices in ((3, [0, 1]), (4, [2])):
+        img = anatomy_volume((48, 48, 3), seed=i, blob={"centre": (30, 18), "radius": 6, "value": 1.0, "slices": slices}) * 300
+        gt = np.zeros(img.shape, np.uint8)
+        yy, xx = np.indices(img.shape[:2])
+        gt[..., slices] = (((yy - 30) ** 2 + (xx - 18) ** 2) <= 36)[..., None]
+        cases.append((write_nifti(tmp_path / f"c{i}.nii.gz", img), write_nifti(tmp_path / f"c{i}_seg.nii.gz", gt)))
+    fake = CoreFakeBackbone()
+    opts = ({"index_type": "flat"}, {"index_type": "flat-sq8"}, {"index_type": "flat", "coreset_ratio": 0.5})
+    rep = bm.bank_accuracy(normals, cases, options=opts, backbone=fake, layout="mean256")
+    exact, sq8, core = rep["results"]
+    assert exact["dice_points_vs_exact"] == 0 and exact["patches"] == 6 * 1024 and core["patches"] <= 3 * 1024 + 2
+    prep = PREPROCESS_PRESETS["mri"]
+    bank = build_bank(volume_groups(normals, prep), fake, layout="mean256", preprocessing=to_dict(prep))
+    per_slice = []
+    for img, gt in cases:
+        m = gt_metrics(segment_volume(load_volume(img), bank, fake), np.asarray(nib.load(gt).dataobj) > 0)
+        per_slice += list(m["per_slice_dice"].values())
+    assert len(per_slice) == 3 and exact["mean_slice_dice"] == pytest.approx(float(np.mean(per_slice)))
+    for r in (sq8, core):
+        assert r["dice_points_vs_exact"] == pytest.approx(100 * (r["mean_slice_dice"] - exact["mean_slice_dice"]), abs=0.01)
+        assert all(0.0 <= c["nn_recall_vs_exact"] <= 1.0 for c in r["cases"].values())

@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["BENCH_SHAPE", "DEFAULT_SIZES", "machine_info", "synthetic_volume", "run_benchmark", "format_report", "bank_accuracy"]
+__all__ = ["BENCH_SHAPE", "DEFAULT_SIZES", "machine_info", "synthetic_volume", "run_benchmark", "format_report", "accuracy_files",
+           "bank_accuracy"]
 
 BENCH_SHAPE = (240, 240, 155)
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 7_680_000)
@@ -492,6 +493,31 @@ def format_report(rep: dict) -> str:
 
 
 # -- the Dice cost of bank options -----------------------------------------------------------
+def accuracy_files(folder: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Normal volumes and (image, ground truth) pairs of a data folder: the benchmark's layout
+    (``train/*.nii.gz``, ``test/images/X``, ``test/labels/X``) or the bundled sample's
+    (``normal_*.nii.gz``, ``case_*.nii.gz`` with ``case_*_seg.nii.gz``)."""
+    from .errors import InputError
+
+    folder = Path(folder)
+    if (folder / "train").is_dir() and (folder / "test" / "images").is_dir():
+        normals = sorted((folder / "train").glob("*.nii*"))
+        images = sorted((folder / "test" / "images").glob("*.nii*"))
+        cases = [(i, folder / "test" / "labels" / i.name) for i in images]
+        missing = [str(g) for _, g in cases if not g.is_file()]
+        if missing:
+            raise InputError(f"{folder}: test images without a ground truth in test/labels/: {', '.join(missing[:3])}")
+    else:
+        normals = sorted(folder.glob("normal_*.nii.gz"))
+        cases = [(c, c.with_name(c.name.replace(".nii.gz", "_seg.nii.gz"))) for c in sorted(folder.glob("case_*.nii.gz"))
+                 if not c.name.endswith("_seg.nii.gz")]
+        cases = [c for c in cases if c[1].is_file()]
+    if not normals or not cases:
+        raise InputError(f"{folder}: needs normal volumes and test cases with ground truth "
+                         "(train/ + test/images/ + test/labels/, or normal_*.nii.gz + case_*.nii.gz + case_*_seg.nii.gz)")
+    return normals, cases
+
+
 def bank_accuracy(
     normals: list[Path],
     cases: list[tuple[Path, Path]],
@@ -499,6 +525,7 @@ def bank_accuracy(
     options: tuple[dict, ...] | None = None,
     backbone=None,
     layout: str = "paper1024",
+    cache=None,
     progress: ProgressFn | None = None,
 ) -> dict:
     """Segment ``cases`` (image, ground truth) with banks built from ``normals`` using each bank
@@ -506,7 +533,8 @@ def bank_accuracy(
     volume Dice against the ground truth, Dice between the option's masks and the exact bank's,
     the largest anomaly-map difference, and the recall of the exact nearest neighbour (k=1).
 
-    Every volume is encoded once (the options share the embeddings).
+    Every volume is encoded once (the options share the embeddings); with ``cache`` (an
+    :class:`~napari_mias_sam.cache.EmbeddingCache`) embeddings also come from and go to it.
     """
     from .backbones import load_backbone
     from .bank import build_bank
@@ -531,10 +559,16 @@ def bank_accuracy(
     prep = PREPROCESS_PRESETS["mri"]
     memo: dict[bytes, torch.Tensor] = {}
 
+    encode = bb.encode
+    if cache is not None:
+        from .cache import cached_encoder
+
+        encode = cached_encoder(bb, cache)
+
     def embed(frames: torch.Tensor) -> torch.Tensor:  # encode each distinct batch once across options
         key = frames.numpy().tobytes()
         if key not in memo:
-            memo[key] = bb.encode(frames)
+            memo[key] = encode(frames)
         return memo[key]
 
     vols = [(load_volume(i), load_labels(g, like=load_volume(i)).data > 0, Path(i).name) for i, g in cases]
@@ -549,12 +583,12 @@ def bank_accuracy(
                           embed=embed, **opt)
         build_s = time.perf_counter() - t0
         if encoded is None:
-            encoded = [encode_volume(v, bb, preprocessing_from_bank(bank), axis=2) for v, _, _ in vols]
+            encoded = [encode_volume(v, bb, preprocessing_from_bank(bank), axis=2, cache=cache) for v, _, _ in vols]
         row = {"option": dict(opt), "patches": bank.ntotal, "nprobe": bank.nprobe, "build_s": round(build_s, 2), "cases": {}}
         for (v, gt, name), enc in zip(vols, encoded):
             res = segment_volume(v, bank, bb, encoded=enc)
             m = gt_metrics(res, gt)
-            c = {"slice_dice": m["slice_dice"], "volume_dice": m["volume_dice"]}
+            c = {"slice_dice": m["slice_dice"], "volume_dice": m["volume_dice"], "per_slice_dice": list(m["per_slice_dice"].values())}
             if oi == 0:
                 exact[name] = res
             else:
@@ -563,7 +597,10 @@ def bank_accuracy(
                 c["max_map_diff_vs_exact"] = float(np.abs(res.maps - ref.maps).max())  # type: ignore[attr-defined]
                 c["nn_recall_vs_exact"] = float(np.mean(np.isclose(res.scores, ref.scores, rtol=1e-4, atol=1e-6)))  # type: ignore[attr-defined]
             row["cases"][name] = c
-        row["mean_slice_dice"] = float(np.nanmean([c["slice_dice"] for c in row["cases"].values()]))
+        # the paper's slice Dice over the whole test set: the mean over every anomalous slice
+        pooled = [v for c in row["cases"].values() for v in c.pop("per_slice_dice")]
+        row["mean_slice_dice"] = float(np.mean(pooled)) if pooled else float("nan")
+        row["mean_volume_dice"] = float(np.mean([c["volume_dice"] for c in row["cases"].values()]))
         results.append(row)
     base = results[0]["mean_slice_dice"]
     for r in results:

@@ -12,7 +12,7 @@ import torch
 
 from ._paths import cache_dir
 
-__all__ = ["EmbeddingCache", "frames_key"]
+__all__ = ["EmbeddingCache", "frames_key", "cached_encoder"]
 
 
 def frames_key(frames: torch.Tensor, backbone_info: dict, *, precision: str = "fp32") -> str:
@@ -66,3 +66,21 @@ class EmbeddingCache:
             f.unlink(missing_ok=True)
             n += 1
         return n
+
+
+def cached_encoder(backbone, cache: EmbeddingCache):
+    """``backbone.encode`` through ``cache``, one entry per batch of frames. Embeddings always come
+    back as the cache stores them (float16 values as float32), so a first and a repeated run give
+    identical results."""
+    info = backbone.describe()
+    precision = getattr(backbone, "precision", "fp32")
+
+    def encode(frames: torch.Tensor) -> torch.Tensor:
+        key = frames_key(frames, info, precision=precision)
+        emb = cache.get(key)
+        if emb is None or len(emb) != len(frames):
+            emb = backbone.encode(frames).detach().cpu().to(torch.float16)
+            cache.put(key, emb)
+        return emb.float()
+
+    return encode

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bytes per value); ivf / ivf-fp16 (inverted file: approximate, faster on large banks)")
     b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
                    help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
+    b.add_argument("--cache", action="store_true",
+                   help="read/store slice embeddings in the embedding cache (float16, about 2 MB per slice): another bank "
+                        "from the same volumes (layout, index, coreset) then skips the encoder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_backbone_args(b, default="litemedsam")
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
     k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
     k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio on the bundled sample")
-    k.add_argument("--sample-dir", type=Path, default=None, help="sample volumes for --accuracy (default: the bundled sample)")
+    k.add_argument("--sample-dir", type=Path, default=None, help="data for --accuracy: the bundled sample's layout or the benchmark's (train/, test/images/, test/labels/); default: the bundled sample")
     k.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     i = sub.add_parser("info", help="show what made a memory bank", epilog=EXAMPLES["info"], formatter_class=fmt)
@@ -158,6 +161,7 @@ def _out(obj: dict) -> None:
 def cmd_build_bank(a: argparse.Namespace) -> int:
     from ._progress import ConsoleProgress
     from .backbones import load_backbone
+    from .cache import EmbeddingCache
     from .errors import InputError
     from .settings import PREPROCESS_PRESETS
     from .workflows import build_bank_from_files
@@ -177,7 +181,7 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
     progress = ConsoleProgress()
     bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
                                  layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                 progress=progress)
+                                 progress=progress, cache=EmbeddingCache() if a.cache else None)
     path = bank.save(a.out, overwrite=a.overwrite)
     summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
     if a.json:
@@ -239,21 +243,17 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
     progress = ConsoleProgress(enabled=not a.json)
     if a.accuracy:
         from ._paths import sample_data_dir
-        from .demo import sample_files
-        from .errors import InputError
+        from .backbones import load_backbone
+        from .benchmark import accuracy_files
+        from .cache import EmbeddingCache
 
-        folder = a.sample_dir or sample_data_dir()
-        files = sample_files(folder)
-        cases = [(c, c.with_name(c.name.replace(".nii.gz", "_seg.nii.gz"))) for c in sorted(folder.glob("case_*.nii.gz"))
-                 if not c.name.endswith("_seg.nii.gz")]
-        cases = [c for c in cases if c[1].is_file()]
-        if not cases:
-            raise InputError(f"{folder}: no case_*.nii.gz with a case_*_seg.nii.gz ground truth")
-        rep = bank_accuracy(files["normals"], cases, layout=a.layout, progress=progress)
+        normals, cases = accuracy_files(a.sample_dir or sample_data_dir())
+        bb = load_backbone("litemedsam", device=a.device, precision=a.precision)
+        rep = bank_accuracy(normals, cases, layout=a.layout, backbone=bb, cache=EmbeddingCache(), progress=progress)
         if a.json:
             _out(rep)
         else:
-            print(f"Bank options on {len(cases)} sample case(s), bank from {len(files['normals'])} normal volumes ({rep['machine']['date_utc']})")
+            print(f"Bank options on {len(cases)} case(s), bank from {len(normals)} normal volumes ({rep['machine']['date_utc']})")
             print("  option                          patches  nprobe  mean slice Dice  Dice points vs exact  mask Dice vs exact (per case)")
             for r in rep["results"]:
                 opt = ", ".join(f"{k}={v}" for k, v in r["option"].items())

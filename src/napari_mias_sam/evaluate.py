@@ -21,8 +21,9 @@ from .bank import MemoryBank, check_compatible
 from .cache import EmbeddingCache
 from .errors import InputError
 from .io import load_labels, load_volume
-from .metrics import aupro, image_auroc, paper_slice_dice, pixel_auroc, volume_dice
-from .pipeline import EncodedVolume, decode_all, encode_frames, preprocessing_from_bank, score_volume, slice_decision_threshold
+from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
+from .patches import GRID, patch_features
+from .pipeline import EncodedVolume, decode_all, encode_frames, preprocessing_from_bank, slice_decision_threshold
 from .preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from .settings import SegmentSettings
 from .sources import volume_frames
@@ -101,7 +102,8 @@ class EvalContext:
     backbone: object
     base: SegmentSettings
     progress: ProgressFn | None = None
-    scores: dict = field(default_factory=dict)  # (bank, k) -> list of (N, 32, 32)
+    k_max: int = 1  # the largest k of the sweep: one search per bank
+    scores: dict = field(default_factory=dict)  # (bank, k) -> list of (N, 32, 32); (bank, "dist") -> distances
     maps: dict = field(default_factory=dict)  # (bank, k, norm) -> list of (N, 256, 256)
     passes: dict = field(default_factory=dict)  # (bank, k, norm, prompt, gamma) -> _Pass
 
@@ -124,9 +126,31 @@ def _encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None,
             progress("encode test slices", done, total)
 
 
+def _neighbour_distances(ctx: EvalContext, b: int, batch_size: int = 8) -> list[np.ndarray]:
+    """Per unit, (N, 1024, k_max) sorted squared distances to the bank: one search per bank
+    serves every k of the sweep (the k nearest are the first k of the k_max nearest)."""
+    if (b, "dist") not in ctx.scores:
+        bank = ctx.banks[b]
+        dev = getattr(bank, "search_device", torch.device("cpu"))
+        out = []
+        for u in ctx.units:
+            parts = []
+            for b0 in range(0, len(u.embeddings), batch_size):
+                feats = patch_features(u.embeddings[b0 : b0 + batch_size].to(dev).float(), bank.layout)
+                n = feats.shape[0]
+                parts.append(bank.search(feats.reshape(-1, feats.shape[-1]), ctx.k_max).reshape(n, GRID * GRID, -1))
+            out.append(np.concatenate(parts))
+            if ctx.progress:
+                ctx.progress(f"nearest-neighbour search ({_bank_name(bank)})", len(out), len(ctx.units))
+        ctx.scores[(b, "dist")] = out
+    return ctx.scores[(b, "dist")]
+
+
 def _scores(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
+    """Per unit, (N, 32, 32) patch scores: mean squared distance to the k nearest bank patches."""
     if (b, k) not in ctx.scores:
-        ctx.scores[(b, k)] = [score_volume(u.embeddings, ctx.banks[b], k=k, sigma=ctx.base.sigma)[0] for u in ctx.units]
+        ctx.scores[(b, k)] = [d[:, :, :k].mean(axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
+                              for d in _neighbour_distances(ctx, b)]
     return ctx.scores[(b, k)]
 
 
@@ -174,9 +198,11 @@ def _masks(u: TestUnit, logits: np.ndarray, mask_index: int, keep: np.ndarray) -
     return m
 
 
-def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int, k: int) -> dict:
+def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int, k: int, per_slice: list | None = None) -> dict:
+    """Slice and volume Dice of one decode pass, with and without the slice decision.
+    ``per_slice``: if given, receives (unit index, slice Dice) of every anomalous slice."""
     thr = slice_decision_threshold(ctx.banks[b], k)
-    preds, preds_dec, gts, labels, vd, vd_dec = [], [], [], [], [], []
+    preds, preds_dec, gts, labels, vd, vd_dec, owner = [], [], [], [], [], [], []
     for u, lg, pr, sc in zip(ctx.units, pas.logits, pas.prompts, _scores(ctx, b, k)):
         has_prompt = np.array([p is not None for p in pr])
         keep = u.foreground & has_prompt
@@ -186,12 +212,16 @@ def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int,
         preds_dec.extend(m_dec)
         gts.extend(u.gt)
         labels.extend(u.labels)
+        owner.extend([len(vd_dec) if u.is_volume else -1] * len(m))
         if u.is_volume:
             vd.append(volume_dice(m, u.gt))
             vd_dec.append(volume_dice(m_dec, u.gt))
     lab = np.asarray(labels)
+    sd = paper_slice_dice(preds, gts, labels=lab)
+    if per_slice is not None:
+        per_slice.extend((owner[i], v) for i, v in sd["per_slice"].items())
     return {
-        "slice_dice": paper_slice_dice(preds, gts, labels=lab)["mean"],
+        "slice_dice": sd["mean"],
         "slice_dice_with_decision": paper_slice_dice(preds_dec, gts, labels=lab)["mean"],
         "volume_dice": float(np.mean(vd)) if vd else None,
         "volume_dice_with_decision": float(np.mean(vd_dec)) if vd_dec else None,
@@ -219,20 +249,25 @@ def _detection_metrics(ctx: EvalContext, b: int, k: int) -> dict:
     return out
 
 
-def _baseline(ctx: EvalContext, b: int, k: int, threshold: float = 0.5) -> dict:
-    """The thresholding baseline: reference-normalised map > 0.5, no SAM."""
+def _baseline(ctx: EvalContext, b: int, k: int, threshold: float = 0.5, per_slice: list | None = None) -> dict:
+    """The thresholding baseline: reference-normalised map > 0.5, no SAM. ``per_slice``: as in
+    :func:`_segmentation_metrics`."""
     maps = _maps(ctx, b, k, "reference")
-    preds, gts, labels, vd = [], [], [], []
+    preds, gts, labels, vd, owner = [], [], [], [], []
     for u, m in zip(ctx.units, maps):
         p = from_frame(m, u.frame) > threshold
         p[~u.foreground] = False
         preds.extend(p)
         gts.extend(u.gt)
         labels.extend(u.labels)
+        owner.extend([len(vd) if u.is_volume else -1] * len(p))
         if u.is_volume:
             vd.append(volume_dice(p, u.gt))
+    sd = paper_slice_dice(preds, gts, labels=np.asarray(labels))
+    if per_slice is not None:
+        per_slice.extend((owner[i], v) for i, v in sd["per_slice"].items())
     return {
-        "slice_dice": paper_slice_dice(preds, gts, labels=np.asarray(labels))["mean"],
+        "slice_dice": sd["mean"],
         "volume_dice": float(np.mean(vd)) if vd else None,
     }
 
@@ -263,7 +298,7 @@ def evaluate(
     t0 = time.perf_counter()
     _encode_units(units, backbone, cache, progress, batch_size)
     t_enc = time.perf_counter() - t0
-    ctx = EvalContext(units, banks, backbone, base, progress)
+    ctx = EvalContext(units, banks, backbone, base, progress, k_max=max((base.k, *abl.ks)))
     rows: list[dict] = []
 
     def add(group: str, value, b: int, k: int, norm: str, prompt: str, gamma: float, mask: int) -> None:
@@ -288,6 +323,16 @@ def evaluate(
     for b in range(len(banks)):
         add("bank", f"{_bank_name(banks[b])} ({banks[b].layout})", b, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index)
 
+    # The default against the 0.5-threshold baseline, slice by slice (paired bootstrap intervals)
+    mine, theirs = [], []
+    _segmentation_metrics(ctx, _decode_pass(ctx, 0, d.k, d.normalisation, d.prompt, d.gamma), d.mask_index, 0, d.k, per_slice=mine)
+    _baseline(ctx, 0, d.k, per_slice=theirs)
+    comparison = None
+    if mine:
+        comparison = paired_bootstrap([v for _, v in mine], [v for _, v in theirs],
+                                      groups=[o for o, _ in mine] if all(o >= 0 for o, _ in mine) else None)
+        comparison["bank"] = _bank_name(banks[0])
+
     detection = []
     for b in range(len(banks)):
         for k in sorted({d.k, *abl.ks}):
@@ -299,6 +344,7 @@ def evaluate(
     return {
         "rows": rows,
         "detection": detection,
+        "default_vs_baseline": comparison,
         "data": {
             "units": [u.name for u in units],
             "slices": n_slices,

@@ -6,8 +6,7 @@ unfused batch norms, layout copies, one kernel per element-wise op. Two paths cl
 ``onnx``
     The encoder (its conv + batch-norm pairs folded first) is exported once to ONNX, verified
     against the PyTorch model, cached in the user cache folder keyed by the weights' SHA-256,
-    and run with ONNX Runtime (optional dependencies ``onnxruntime`` and ``onnx``: install
-    ``napari-mias-sam[fast]``). It measured about 2x faster than eager PyTorch on the 2-core
+    and run with ONNX Runtime (dependencies ``onnxruntime`` and ``onnx``). It measured about 2x faster than eager PyTorch on the 2-core
     test machines (see docs/performance.md) with embeddings equal within 1e-5.
 ``torch``
     The fallback when ONNX Runtime is missing or the export fails: the same folded model in
@@ -249,7 +248,7 @@ def cpu_encoder(
     reason = ""
     if mode in ("auto", "onnx"):
         if not onnx_available():
-            reason = "onnxruntime/onnx not installed (pip install 'napari-mias-sam[fast]')"
+            reason = "onnxruntime/onnx not installed (pip install onnxruntime onnx)"
         else:
             path = onnx_cache_path(name, weights_sha256, input_size)
 

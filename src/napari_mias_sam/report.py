@@ -38,6 +38,15 @@ def markdown_tables(res: dict) -> str:
     for r in res["rows"]:
         out.append(f"| {r['ablation']} | {r['value']} | {_pct(r['slice_dice'])} | {_pct(r['slice_dice_with_decision'])} | "
                    f"{_pct(r['volume_dice'])} | {_pct(r['volume_dice_with_decision'])} |")
+    cmp = res.get("default_vs_baseline")
+    if cmp:
+        line = (f"\n**Default vs the 0.5-threshold baseline** ({cmp['bank']}, {cmp['n']} anomalous slices): slice Dice "
+                f"{_pct(cmp['mean_a'])} vs {_pct(cmp['mean_b'])}, difference {100 * cmp['difference']:+.2f} points, "
+                f"95 % bootstrap interval [{100 * cmp['ci95'][0]:+.2f}, {100 * cmp['ci95'][1]:+.2f}] over slices")
+        if "ci95_groups" in cmp:
+            line += f", [{100 * cmp['ci95_groups'][0]:+.2f}, {100 * cmp['ci95_groups'][1]:+.2f}] over {cmp['groups']} subjects"
+        line += f"; the default is better on {cmp['a_wins']} slices and worse on {cmp['a_loses']} (by more than 0.01)."
+        out.append(line)
     ds = res["default_settings"]
     out.append(f"\nDefault: prompt {ds['prompt']}, gamma {ds['gamma']:g}, mask {ds['mask']}, k {ds['k']}, "
                f"normalisation {ds['normalisation']}. Slice Dice follows the paper (mean over anomalous slices). "

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .bank import MemoryBank, build_bank
+from .cache import EmbeddingCache, cached_encoder
 from .errors import InputError
 from .io import atomic_path, is_nifti, save_nifti
 from .pipeline import ProgressFn, CancelFn, SegmentationResult
@@ -33,14 +34,19 @@ def build_bank_from_files(
     coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> MemoryBank:
-    """Build a memory bank from NIfTI volumes/folders or BMAD-style PNG slice folders."""
+    """Build a memory bank from NIfTI volumes/folders or BMAD-style PNG slice folders.
+
+    ``cache``: read and store the slices' embeddings there, so that another bank from the same
+    volumes (another layout, index type or coreset) skips the encoder."""
     groups, kind = normal_groups(list(inputs), preprocessing, axis)
     prep = PNG_PREPROCESSING if kind == "png" else to_dict(preprocessing)
     axis_name = axis if isinstance(axis, str) and not axis.isdigit() else AXIS_NAMES[resolve_axis(axis)]
     return build_bank(
         groups, backbone, layout=layout, preprocessing=prep, slice_axis=axis_name, index_type=index_type,
         batch_size=batch_size, coreset_ratio=coreset_ratio, progress=progress, cancelled=cancelled,
+        embed=cached_encoder(backbone, cache) if cache is not None else None,
     )
 
 
