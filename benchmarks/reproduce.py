@@ -19,7 +19,7 @@ written, the embedding cache included):
    search of the 1,024-d layout would take minutes);
 5. ``results.md``: the tables, with the machine, the date, the commands and each step's time.
 
-Runs on a CPU in about 20-30 minutes on 2 cores (see ``docs/results.md`` for measured times).
+Took 38 minutes on a 2-core CPU (``docs/results.md`` lists each step's measured time).
 """
 
 from __future__ import annotations

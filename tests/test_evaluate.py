@@ -127,6 +127,10 @@ def test_evaluate_rows_and_report(volumes, tmp_path):
     assert cmp["mean_b"] == pytest.approx(det["baseline_threshold_0.5"]["slice_dice"])
     assert cmp["ci95"][0] <= cmp["difference"] <= cmp["ci95"][1]
     assert "Default vs the 0.5-threshold baseline" in (tmp_path / "out" / "results.md").read_text()
+    per = cmp["per_subject"]
+    assert [s["subject"] for s in per] == ["t0", "t1"] and sum(s["anomalous_slices"] for s in per) == 4
+    w = [s["anomalous_slices"] for s in per]
+    assert np.average([s["slice_dice"] for s in per], weights=w) == pytest.approx(cmp["mean_a"])
 
 
 def test_slice_decision_never_reads_test_labels(volumes):

@@ -332,6 +332,13 @@ def evaluate(
         comparison = paired_bootstrap([v for _, v in mine], [v for _, v in theirs],
                                       groups=[o for o, _ in mine] if all(o >= 0 for o, _ in mine) else None)
         comparison["bank"] = _bank_name(banks[0])
+        vol_units = [u for u in units if u.is_volume]
+        if vol_units and all(o >= 0 for o, _ in mine):
+            comparison["per_subject"] = [
+                {"subject": u.name, "anomalous_slices": int(sum(o == i for o, _ in mine)),
+                 "slice_dice": _mean_of(mine, i), "baseline_slice_dice": _mean_of(theirs, i)}
+                for i, u in enumerate(vol_units)
+            ]
 
     detection = []
     for b in range(len(banks)):
@@ -356,6 +363,11 @@ def evaluate(
         "default_settings": {"prompt": d.prompt, "gamma": d.gamma, "mask": d.mask_index, "k": d.k, "normalisation": d.normalisation},
         "timings_s": {"encode": round(t_enc, 1), "total": round(time.perf_counter() - t0, 1), "decode_passes": len(ctx.passes)},
     }
+
+
+def _mean_of(pairs: list[tuple[int, float]], owner: int) -> float | None:
+    vals = [v for o, v in pairs if o == owner]
+    return float(np.mean(vals)) if vals else None
 
 
 def _bank_name(bank: MemoryBank) -> str:

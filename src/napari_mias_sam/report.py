@@ -47,6 +47,11 @@ def markdown_tables(res: dict) -> str:
             line += f", [{100 * cmp['ci95_groups'][0]:+.2f}, {100 * cmp['ci95_groups'][1]:+.2f}] over {cmp['groups']} subjects"
         line += f"; the default is better on {cmp['a_wins']} slices and worse on {cmp['a_loses']} (by more than 0.01)."
         out.append(line)
+        if cmp.get("per_subject"):
+            out.append("\n| subject | anomalous slices | slice Dice, default | slice Dice, 0.5-threshold baseline |")
+            out.append("|---|---|---|---|")
+            for s in cmp["per_subject"]:
+                out.append(f"| {s['subject']} | {s['anomalous_slices']} | {_pct(s['slice_dice'])} | {_pct(s['baseline_slice_dice'])} |")
     ds = res["default_settings"]
     out.append(f"\nDefault: prompt {ds['prompt']}, gamma {ds['gamma']:g}, mask {ds['mask']}, k {ds['k']}, "
                f"normalisation {ds['normalisation']}. Slice Dice follows the paper (mean over anomalous slices). "
