@@ -1,6 +1,6 @@
 """Reproduce the benchmark tables of ``docs/results.md`` from scratch, in one command.
 
-Run from the repository root, with the package installed (``pip install -e ".[test]"``) and the
+Run from the repository root, with the package installed (``pip install -e ".[eval]"``) and the
 benchmark's data sources present (``nilearn``, Debian ``mricron-data``)::
 
     python benchmarks/reproduce.py --out bench

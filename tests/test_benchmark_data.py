@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not COLIN.is_file(), reason="needs Debian's mric
 
 
 def generate(out: Path, *args: str) -> dict:
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], check=True, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True)
+    assert r.returncode == 0, f"the generator failed:\n{r.stderr[-2000:]}"
     return json.loads((out / "benchmark.json").read_text())
 
 
