@@ -22,8 +22,8 @@ from .cache import EmbeddingCache
 from .errors import InputError
 from .io import load_labels, load_volume
 from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
-from .patches import GRID, patch_features
-from .pipeline import EncodedVolume, decode_all, encode_frames, preprocessing_from_bank, slice_decision_threshold
+from .patches import GRID
+from .pipeline import EncodedVolume, decode_all, encode_frames, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
 from .preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from .settings import SegmentSettings
 from .sources import volume_frames
@@ -126,20 +126,14 @@ def _encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None,
             progress("encode test slices", done, total)
 
 
-def _neighbour_distances(ctx: EvalContext, b: int, batch_size: int = 8) -> list[np.ndarray]:
+def _neighbour_distances(ctx: EvalContext, b: int) -> list[np.ndarray]:
     """Per unit, (N, 1024, k_max) sorted squared distances to the bank: one search per bank
     serves every k of the sweep (the k nearest are the first k of the k_max nearest)."""
     if (b, "dist") not in ctx.scores:
         bank = ctx.banks[b]
-        dev = getattr(bank, "search_device", torch.device("cpu"))
         out = []
         for u in ctx.units:
-            parts = []
-            for b0 in range(0, len(u.embeddings), batch_size):
-                feats = patch_features(u.embeddings[b0 : b0 + batch_size].to(dev).float(), bank.layout)
-                n = feats.shape[0]
-                parts.append(bank.search(feats.reshape(-1, feats.shape[-1]), ctx.k_max).reshape(n, GRID * GRID, -1))
-            out.append(np.concatenate(parts))
+            out.append(neighbour_distances(u.embeddings, bank, k=ctx.k_max))
             if ctx.progress:
                 ctx.progress(f"nearest-neighbour search ({_bank_name(bank)})", len(out), len(ctx.units))
         ctx.scores[(b, "dist")] = out

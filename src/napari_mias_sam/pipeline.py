@@ -22,7 +22,7 @@ from .bank import MemoryBank, check_compatible
 from .cache import EmbeddingCache, frames_key
 from .errors import Cancelled
 from .io import Volume
-from .patches import patch_features
+from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
 from .prompts import make_prompt
 from .settings import Preprocessing, SegmentSettings, to_dict
@@ -136,16 +136,33 @@ def score_volume(
     cancelled: CancelFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256)."""
+    d = neighbour_distances(embeddings, bank, k=k, batch_size=batch_size, progress=progress, cancelled=cancelled)
+    scores = d.mean(axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
+    return scores, maps_from_scores(scores, sigma=sigma)
+
+
+def neighbour_distances(
+    embeddings: torch.Tensor,
+    bank: MemoryBank,
+    *,
+    k: int = 1,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> np.ndarray:
+    """(N, 1024, k) sorted squared L2 distances of each slice's patches to their k nearest bank
+    patches; a patch's score is the mean of its row (the first j columns serve any k = j)."""
     n = len(embeddings)
-    scores = np.zeros((n, 32, 32), dtype=np.float32)
+    out = np.zeros((n, GRID * GRID, min(k, bank.ntotal)), dtype=np.float32)
     dev = getattr(bank, "search_device", torch.device("cpu"))  # the GPU when the bank is searched there
     for b0 in range(0, n, batch_size):
         _check(cancelled)
         feats = patch_features(embeddings[b0 : b0 + batch_size].to(dev).float(), bank.layout)
-        scores[b0 : b0 + batch_size] = bank.patch_scores(feats, k)
+        m = feats.shape[0]
+        out[b0 : b0 + m] = bank.search(feats.reshape(-1, feats.shape[-1]), k).reshape(m, GRID * GRID, -1)
         if progress:
             progress("nearest-neighbour search", min(n, b0 + batch_size), n)
-    return scores, maps_from_scores(scores, sigma=sigma)
+    return out
 
 
 @dataclass
