@@ -89,7 +89,8 @@ def _plots(res: dict, out: Path) -> list[Path]:
         for ax, g in zip(axes[0], groups):
             sel = [r for r in rows if r["ablation"] == g]
             ax.bar(range(len(sel)), [100 * (r["slice_dice"] or 0) for r in sel])
-            ax.set_xticks(range(len(sel)), [r["value"][:14] for r in sel], rotation=30, ha="right", fontsize=7)
+            names = [r["bank"] if g == "bank" else r["value"] for r in sel]  # a bank's value repeats its layout
+            ax.set_xticks(range(len(sel)), [n[:14] for n in names], rotation=30, ha="right", fontsize=7)
             ax.set_title(g)
             ax.set_ylabel("slice Dice (%)")
         fig.tight_layout()
