@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--knn-index", choices=INDEX_TYPES, default="flat", help="CPU index type for the kNN stage (default flat)")
     k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
     k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
-    k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio on the bundled sample")
+    k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio against the exact bank (data: --sample-dir)")
     k.add_argument("--sample-dir", type=Path, default=None, help="data for --accuracy: the bundled sample's layout or the benchmark's (train/, test/images/, test/labels/); default: the bundled sample")
     k.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
