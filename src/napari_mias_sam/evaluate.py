@@ -295,15 +295,16 @@ def evaluate(
     ctx = EvalContext(units, banks, backbone, base, progress, k_max=max((base.k, *abl.ks)))
     rows: list[dict] = []
 
-    def add(group: str, value, b: int, k: int, norm: str, prompt: str, gamma: float, mask: int) -> None:
+    def add(group: str, value, b: int, k: int, norm: str, prompt: str, gamma: float, mask: int, per_slice: list | None = None) -> None:
         pas = _decode_pass(ctx, b, k, norm, prompt, gamma)
         row = {"ablation": group, "value": str(value), "bank": _bank_name(banks[b]), "layout": banks[b].layout,
                "k": k, "normalisation": norm, "prompt": prompt, "gamma": gamma, "mask": mask}
-        row.update(_segmentation_metrics(ctx, pas, mask, b, k))
+        row.update(_segmentation_metrics(ctx, pas, mask, b, k, per_slice=per_slice))
         rows.append(row)
 
     d = base
-    add("default", "default", 0, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index)
+    mine, theirs = [], []  # (subject, slice Dice) of the default and of the baseline, for the paired comparison
+    add("default", "default", 0, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index, per_slice=mine)
     for m in abl.masks:
         add("mask", m, 0, d.k, d.normalisation, d.prompt, d.gamma, m)
     for p in abl.prompts:
@@ -317,30 +318,28 @@ def evaluate(
     for b in range(len(banks)):
         add("bank", f"{_bank_name(banks[b])} ({banks[b].layout})", b, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index)
 
-    # The default against the 0.5-threshold baseline, slice by slice (paired bootstrap intervals)
-    mine, theirs = [], []
-    _segmentation_metrics(ctx, _decode_pass(ctx, 0, d.k, d.normalisation, d.prompt, d.gamma), d.mask_index, 0, d.k, per_slice=mine)
-    _baseline(ctx, 0, d.k, per_slice=theirs)
-    comparison = None
-    if mine:
-        comparison = paired_bootstrap([v for _, v in mine], [v for _, v in theirs],
-                                      groups=[o for o, _ in mine] if all(o >= 0 for o, _ in mine) else None)
-        comparison["bank"] = _bank_name(banks[0])
-        vol_units = [u for u in units if u.is_volume]
-        if vol_units and all(o >= 0 for o, _ in mine):
-            comparison["per_subject"] = [
-                {"subject": u.name, "anomalous_slices": int(sum(o == i for o, _ in mine)),
-                 "slice_dice": _mean_of(mine, i), "baseline_slice_dice": _mean_of(theirs, i)}
-                for i, u in enumerate(vol_units)
-            ]
-
     detection = []
     for b in range(len(banks)):
         for k in sorted({d.k, *abl.ks}):
             det = {"bank": _bank_name(banks[b]), "layout": banks[b].layout, "k": k}
             det.update(_detection_metrics(ctx, b, k))
-            det["baseline_threshold_0.5"] = _baseline(ctx, b, k)
+            det["baseline_threshold_0.5"] = _baseline(ctx, b, k, per_slice=theirs if (b, k) == (0, d.k) else None)
             detection.append(det)
+
+    # The default against the 0.5-threshold baseline, slice by slice (paired bootstrap intervals)
+    comparison = None
+    if mine:
+        by_subject = all(o >= 0 for o, _ in mine)  # volumes: each slice belongs to a subject
+        comparison = paired_bootstrap([v for _, v in mine], [v for _, v in theirs],
+                                      groups=[o for o, _ in mine] if by_subject else None)
+        comparison["bank"] = _bank_name(banks[0])
+        if by_subject:
+            comparison["per_subject"] = [
+                {"subject": u.name, "anomalous_slices": int(sum(o == i for o, _ in mine)),
+                 "slice_dice": _mean_of(mine, i), "baseline_slice_dice": _mean_of(theirs, i)}
+                for i, u in enumerate(u for u in units if u.is_volume)
+            ]
+
     n_slices = sum(len(u.frames) for u in units)
     return {
         "rows": rows,
