@@ -23,7 +23,7 @@ from .errors import InputError
 from .io import load_labels, load_volume
 from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
 from .patches import GRID
-from .pipeline import EncodedVolume, decode_all, encode_frames, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
+from .pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
 from .preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from .settings import SegmentSettings
 from .sources import volume_frames
@@ -109,18 +109,10 @@ class EvalContext:
 
 
 def _encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None, progress: ProgressFn | None, batch_size: int) -> None:
-    from .cache import frames_key
-
     total = sum(len(u.frames) for u in units)
     done = 0
     for u in units:
-        key = frames_key(u.frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
-        emb = cache.get(key) if cache is not None else None
-        if emb is None or len(emb) != len(u.frames):
-            emb = encode_frames(u.frames, backbone, batch_size=batch_size)
-            if cache is not None:
-                cache.put(key, emb)
-        u.embeddings = emb
+        u.embeddings = cached_encode(u.frames, backbone, cache, batch_size=batch_size)[0]
         done += len(u.frames)
         if progress:
             progress("encode test slices", done, total)

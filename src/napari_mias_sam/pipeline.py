@@ -33,6 +33,8 @@ __all__ = [
     "SegmentationResult",
     "encode_volume",
     "encode_frames",
+    "cached_encode",
+    "neighbour_distances",
     "score_volume",
     "decode_all",
     "redecode_slice",
@@ -98,6 +100,27 @@ def encode_frames(
     return torch.cat(out) if out else torch.zeros((0, 256, 64, 64), dtype=torch.float16)
 
 
+def cached_encode(
+    frames: torch.Tensor,
+    backbone,
+    cache: EmbeddingCache | None,
+    *,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> tuple[torch.Tensor, str, bool]:
+    """Embeddings of ``frames``: from ``cache`` when it holds them (keyed by content, backbone
+    weights and precision), else encoded and stored there. Returns (embeddings, key, from cache)."""
+    key = frames_key(frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
+    emb = cache.get(key) if cache is not None else None
+    hit = emb is not None and len(emb) == len(frames)
+    if not hit:
+        emb = encode_frames(frames, backbone, batch_size=batch_size, progress=progress, cancelled=cancelled)
+        if cache is not None:
+            cache.put(key, emb)
+    return emb, key, hit
+
+
 def encode_volume(
     volume: Volume,
     backbone,
@@ -113,14 +136,8 @@ def encode_volume(
     ax = resolve_axis(axis, volume.affine)
     frames, fg = volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"))
     h, w = [s for i, s in enumerate(volume.shape) if i != ax]
-    key = frames_key(frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
-    emb = cache.get(key) if cache is not None else None
-    hit = emb is not None and tuple(emb.shape[:1]) == (len(frames),)
-    if not hit:
-        emb = encode_frames(frames, backbone, batch_size=batch_size, progress=progress, cancelled=cancelled)
-        if cache is not None:
-            cache.put(key, emb)
-    elif progress:
+    emb, key, hit = cached_encode(frames, backbone, cache, batch_size=batch_size, progress=progress, cancelled=cancelled)
+    if hit and progress:
         progress("encode slices (cached)", len(frames), len(frames))
     return EncodedVolume(embeddings=emb, frames=frames, foreground=fg, axis=ax, frame=Frame(h, w), key=key, from_cache=hit)
 
