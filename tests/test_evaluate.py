@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
-from fake_backbone import FakeBackbone
+from eval_fixtures import write_eval_set
 from napari_mias_sam.bmad import find_test_layout, read_bmad_test
 from napari_mias_sam.errors import InputError
 from napari_mias_sam.evaluate import Ablations, evaluate, units_from_slices, units_from_volumes
 from napari_mias_sam.report import write_report
-from napari_mias_sam.settings import Preprocessing
-from napari_mias_sam.workflows import build_bank_from_files
 from napari_mias_sam.cli import main
-
-YY, XX = np.mgrid[:48, :56]
 
 
 def _png(path, arr):
@@ -67,38 +62,10 @@ def test_bmad_reader_errors(tmp_path):
         read_bmad_test(tmp_path)
 
 
-def _vol(seed: int, lesion: bool):
-    r = np.random.default_rng(seed)
-    base = np.zeros((48, 56, 6), np.float32)
-    base[((YY - 24) / 20) ** 2 + ((XX - 28) / 24) ** 2 < 1] = 100
-    base += r.normal(0, 3, base.shape).astype(np.float32)
-    gt = np.zeros(base.shape, np.uint8)
-    if lesion:
-        m = (YY - 20) ** 2 + (XX - 30) ** 2 < 25
-        for z in (2, 3):
-            base[..., z][m] = 220
-            gt[..., z][m] = 1
-    return base, gt
-
-
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    aff = np.diag([1.0, 1.0, 3.0, 1.0])
-    normals = []
-    for i in range(3):
-        b, _ = _vol(i, False)
-        nib.save(nib.Nifti1Image(b, aff), d / f"n{i}.nii.gz")
-        normals.append(d / f"n{i}.nii.gz")
-    imgs, gts = [], []
-    for i in range(2):
-        b, g = _vol(10 + i, True)
-        nib.save(nib.Nifti1Image(b, aff), d / f"t{i}.nii.gz")
-        nib.save(nib.Nifti1Image(g, aff), d / f"t{i}_seg.nii.gz")
-        imgs.append(d / f"t{i}.nii.gz")
-        gts.append(d / f"t{i}_seg.nii.gz")
-    bb = FakeBackbone()
-    bank = build_bank_from_files(normals, bb, preprocessing=Preprocessing())
+    bb, bank, imgs, gts = write_eval_set(d)
     bank.save(d / "bank")
     return d, bb, bank, imgs, gts
 
