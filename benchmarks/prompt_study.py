@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_mias_sam.backbones import load_backbone
     from napari_mias_sam.bank import check_compatible, load_bank
     from napari_mias_sam.cache import EmbeddingCache
+    from napari_mias_sam.errors import MiasSamError
     from napari_mias_sam.evaluate import units_from_volumes
+    from napari_mias_sam.io import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bank", type=Path, required=True, help="the memory bank (e.g. the benchmark's paper1024)")
@@ -227,16 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     parser.add_argument("--json", type=Path, help="also write the rows and per-slice Dice here")
     a = parser.parse_args(argv)
+    if a.json and a.json.exists():
+        parser.error(f"--json {a.json} exists; name a new file (nothing is written over)")
     t0 = time.perf_counter()
-    bank = load_bank(a.bank)
-    bb = load_backbone(bank.backbone["name"], None, a.device)
-    check_compatible(bank, bb.describe())
-    units = units_from_volumes(a.images, a.gts, bank)
+    try:
+        bank = load_bank(a.bank)
+        bb = load_backbone(bank.backbone["name"], None, a.device)
+        check_compatible(bank, bb.describe())
+        units = units_from_volumes(a.images, a.gts, bank)
+    except MiasSamError as e:  # a missing bank or weights, a mismatched backbone, a bad or unpaired volume
+        print(f"prompt_study: {e}", file=sys.stderr)
+        return 2
     res = study(units, bank, bb, cache=None if a.no_cache else EmbeddingCache())
     print(markdown(res))
     print(f"\n{len(units)} volumes, {time.perf_counter() - t0:.0f} s")
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        atomic_write_text(a.json, json.dumps(res, indent=1))
     return 0
 
 

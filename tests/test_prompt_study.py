@@ -82,3 +82,15 @@ def test_study_boxes():
     one[5, 9] = 1.0
     assert mod.quantile_box(one) == (9.0, 5.0, 9.0, 5.0)
     assert mod.moment_box(np.zeros((8, 8))) is None and mod.quantile_box(np.zeros((8, 8))) is None
+
+
+def test_study_command_refuses_bad_input(tmp_path, capsys):
+    mod = _load_study()
+    img = tmp_path / "a.nii.gz"
+    assert mod.main(["--bank", str(tmp_path / "nobank"), "--images", str(img), "--gts", str(img)]) == 2
+    assert "not a memory bank folder" in capsys.readouterr().err
+    out = tmp_path / "study.json"
+    out.write_text("mine")
+    with pytest.raises(SystemExit):
+        mod.main(["--bank", str(tmp_path), "--images", str(img), "--gts", str(img), "--json", str(out)])
+    assert out.read_text() == "mine" and "exists" in capsys.readouterr().err
