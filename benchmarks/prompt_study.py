@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from napari_mias_sam import prompts as P
 from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.evaluate import EvalContext, TestUnit, _encode_units, _maps
+from napari_mias_sam.evaluate import EvalContext, TestUnit, _baseline, _encode_units, _maps
 from napari_mias_sam.metrics import dice, paired_bootstrap
 from napari_mias_sam.pipeline import decode_one
 from napari_mias_sam.preprocess import from_frame, to_frame
@@ -114,18 +114,19 @@ def z_smoothed(maps: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return out
 
 
-def slice_dices(unit: TestUnit, calibrated: np.ndarray, reference: np.ndarray, backbone,
+def slice_dices(unit: TestUnit, calibrated: np.ndarray, backbone,
                 gamma: float = 5.0) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
-    """Per variant, the Dice of each anomalous slice of one unit (0 where a variant gives no mask),
-    and per slice the default box's width and height over the ground truth's bounding box's."""
-    out: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
+    """Per SAM variant (every variant but the baseline), the Dice of each anomalous slice of one
+    unit (0 where a variant gives no mask), and per slice the default box's width and height over
+    the ground truth's bounding box's."""
+    out: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS[1:]}
     ratios: list[tuple[float, float]] = []
     zmaps = z_smoothed(calibrated, unit.foreground)
     for s in np.flatnonzero(unit.labels):
         gt = unit.gt[s]
 
         def on_grid(frame_logits: np.ndarray) -> np.ndarray:
-            """Frame logits (or a map minus its level) -> the slice's mask, as ``evaluate`` does."""
+            """Frame logits -> the slice's mask, as ``evaluate`` does."""
             return from_frame(frame_logits[None].astype(np.float32), unit.frame)[0] > 0
 
         def decode(prompt: Prompt | None) -> np.ndarray:
@@ -134,9 +135,8 @@ def slice_dices(unit: TestUnit, calibrated: np.ndarray, reference: np.ndarray, b
         def box(b: Box | None) -> Prompt | None:
             return None if b is None else Prompt("box", box=b)
 
-        out["baseline"].append(dice(on_grid(reference[s] - 0.5) & bool(unit.foreground[s]), gt))
         if not unit.foreground[s]:
-            for name, _, _ in VARIANTS[1:]:
+            for name in out:
                 out[name].append(0.0)
             continue
         m = calibrated[s]
@@ -168,16 +168,17 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None) -> dict:
     """Every variant's slice Dice and its paired comparison with the baseline."""
     _encode_units(units, backbone, cache, None, 4)
     ctx = EvalContext(units, [bank], backbone, SegmentSettings(prompt="cog-box"), None, k_max=1)
-    calibrated, reference = _maps(ctx, 0, 1, "calibrated"), _maps(ctx, 0, 1, "reference")
+    baseline: list[tuple[int, float]] = []  # (subject, Dice) per anomalous slice, in unit and slice order
+    _baseline(ctx, 0, 1, per_slice=baseline)
     per: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
+    per["baseline"] = [v for _, v in baseline]
+    subject = [o for o, _ in baseline]
     ratios: list[tuple[float, float]] = []
-    subject: list[int] = []
-    for i, (u, cal, ref) in enumerate(zip(units, calibrated, reference)):
-        d, r = slice_dices(u, cal, ref, backbone)
+    for u, cal in zip(units, _maps(ctx, 0, 1, "calibrated")):
+        d, r = slice_dices(u, cal, backbone)
         ratios.extend(r)
-        for name in per:
-            per[name].extend(d[name])
-        subject.extend([i] * int(u.labels.sum()))
+        for name, values in d.items():
+            per[name].extend(values)
     if not subject:
         raise SystemExit("prompt_study: no anomalous slice in the test data (the ground truths are empty)")
     rows = []
