@@ -57,6 +57,7 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     from .bank import INDEX_TYPES
+    from .reference_io import ENCODINGS
     from .settings import PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_backbone_args(b, default="litemedsam")
+    b.add_argument("--encoding", choices=ENCODINGS, default="standard",
+                   help="how slices reach a SAM encoder: standard (float resize, float16 embeddings; default) or reference "
+                        "(the paper's code exactly: 8-bit slice resized with PIL, float32 embeddings; SAM backbones only). "
+                        "Recorded in the bank; runs with the bank use it")
 
     s = sub.add_parser("segment", help="segment anomalies in volumes", epilog=EXAMPLES["segment"], formatter_class=fmt,
                        description="Run MIAS-SAM slice-wise on whole volumes and write NIfTI outputs.")
@@ -177,7 +182,7 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
         raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
     _print_memory_estimate(a)
     t0 = time.perf_counter()
-    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision)
+    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision, encoding=a.encoding)
     progress = ConsoleProgress()
     bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
                                  layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
@@ -391,6 +396,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .errors import InputError
     from .evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
     from .evaluation.report import markdown_tables, write_report
+    from .reference_io import encoding_of
     from .settings import PROMPT_TYPES, SegmentSettings
 
     if a.images and not a.gts:
@@ -401,11 +407,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise InputError(f"--prompts: unknown prompt type {p!r}; choose from {', '.join(PROMPT_TYPES)}")
     abl = Ablations(prompts=prompts, gammas=_csv_list(a.gammas, float, "gammas"), ks=_csv_list(a.ks, int, "ks"))
     banks = [load_bank(b) for b in a.bank]
-    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision)
+    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision,
+                       encoding=encoding_of(banks[0].backbone))
     progress = ConsoleProgress()
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)
-        units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name)
+        units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name, encoding=encoding_of(banks[0].backbone))
     else:
         units = units_from_volumes(a.images, a.gts, banks[0])
     res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
