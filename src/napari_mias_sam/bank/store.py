@@ -427,8 +427,8 @@ def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: di
     if encoding_of(b) != encoding_of(backbone_info):
         raise BankMismatchError(
             f"{where} was built with the '{encoding_of(b)}' encoding but the selected backbone uses "
-            f"'{encoding_of(backbone_info)}'; embeddings of the two encodings are not comparable: use --encoding "
-            f"{encoding_of(b)} (the bank's) or rebuild the bank."
+            f"'{encoding_of(backbone_info)}'; embeddings of the two encodings are not comparable: run with the bank's "
+            f"encoding ('{encoding_of(b)}') or rebuild the bank with '{encoding_of(backbone_info)}'."
         )
     if preprocessing is not None and preprocessing.get("mode") != bank.preprocessing.get("mode"):
         raise BankMismatchError(
