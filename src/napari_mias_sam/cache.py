@@ -32,7 +32,7 @@ def frames_key(frames: torch.Tensor, backbone_info: dict, *, precision: str = "f
 
 class EmbeddingCache:
     """Embeddings stored as ``.npy`` files (plain arrays, never pickles) in a folder: float16, or
-    float32 when they come in as float32 (the ``reference`` encoding keeps them exact)."""
+    float32 for the ``reference`` encoding (which keeps them exact)."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root) if root is not None else cache_dir() / "embeddings"
@@ -52,14 +52,13 @@ class EmbeddingCache:
             return None
         return torch.from_numpy(arr)
 
-    def put(self, key: str, embeddings: torch.Tensor) -> Path:
+    def put(self, key: str, embeddings: torch.Tensor, *, dtype: torch.dtype = torch.float16) -> Path:
         from .io import atomic_path
 
         p = self.path(key)
         with atomic_path(p) as tmp:
             with open(tmp, "wb") as fh:
-                keep = torch.float32 if embeddings.dtype == torch.float32 else torch.float16
-                np.save(fh, embeddings.detach().cpu().to(keep).numpy(), allow_pickle=False)
+                np.save(fh, embeddings.detach().cpu().to(dtype).numpy(), allow_pickle=False)
         return p
 
     def size_bytes(self) -> int:
@@ -86,7 +85,7 @@ def cached_encoder(backbone, cache: EmbeddingCache):
         emb = cache.get(key)
         if emb is None or len(emb) != len(frames):
             emb = backbone.encode(frames).detach().cpu().to(dtype)
-            cache.put(key, emb)
+            cache.put(key, emb, dtype=dtype)
         return emb.float()
 
     return encode

@@ -121,7 +121,7 @@ def cached_encode(
     if not hit:
         emb = encode_frames(frames, backbone, batch_size=batch_size, progress=progress, cancelled=cancelled)
         if cache is not None:
-            cache.put(key, emb)
+            cache.put(key, emb, dtype=embedding_dtype(backbone))
     return emb, key, hit
 
 
