@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         for encoding in ("reference", "standard") if a.standard_too else ("reference",):
             name = bank.backbone["name"] if bank is not None else "sam-vit_b"
             bb = load_backbone(name, ckpt, a.device, encoding=encoding)
-            bk = build_bank_from_files([bmad], bb, preprocessing=Preprocessing()) if a.sample else bank
-            runs[encoding] = segment_pngs(files, bk, bb, PAPER)
+            bk = build_bank_from_files([bmad], bb, preprocessing=Preprocessing(), batch_size=1) if a.sample else bank
+            runs[encoding] = segment_pngs(files, bk, bb, PAPER, batch_size=1)  # one slice at a time: ViT-B at 1024 is memory-hungry
             bb_ref = bb if encoding == "reference" else bb_ref
+            del bb, bk  # the standard model is not needed again (memory)
             print(f"{encoding}: product done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         res = runs["reference"]
         points = [p.point if p is not None else None for p in res.prompts]

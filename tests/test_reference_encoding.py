@@ -72,9 +72,9 @@ def agreement(tmp_path_factory):
 
     # the product, paper mode: reference encoding, paper1024, k 1, reference normalisation, CoG point, mask 3
     bb = load_backbone("sam-vit_b", ckpt, "cpu", encoding="reference")
-    bank = build_bank_from_files([root / "bmad"], bb, preprocessing=Preprocessing(), layout="paper1024")
+    bank = build_bank_from_files([root / "bmad"], bb, preprocessing=Preprocessing(), layout="paper1024", batch_size=1)
     settings = SegmentSettings(prompt="cog-point", gamma=5.0, mask_index=3, k=1, normalisation="reference")
-    res = segment_pngs(files, bank, bb, settings)
+    res = segment_pngs(files, bank, bb, settings, batch_size=1)  # ViT-B at 1024: one slice at a time (memory)
     out = write_png_outputs(res, files, root / "out")
 
     # the reference pipeline, independently: segment-anything's SamPredictor on the uint8 RGB slice

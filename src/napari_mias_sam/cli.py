@@ -338,13 +338,17 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bank_and_backbone(a: argparse.Namespace):
-    """The bank of ``--bank`` and the backbone it was built with (its encoding), checked compatible."""
+def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False):
+    """The bank of ``--bank`` and the backbone it was built with (its encoding), checked compatible
+    (``png``: the bank must be one of PNG slices; checked before the backbone loads)."""
     from .backbones import load_backbone
     from .bank import check_compatible, load_bank
+    from .png_segment import check_png_bank
     from .reference_io import encoding_of
 
     bank = load_bank(a.bank)
+    if png:
+        check_png_bank(bank)
     name = a.backbone or bank.backbone["name"]
     bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision, encoding=encoding_of(bank.backbone))
     check_compatible(bank, bb.describe())
@@ -369,7 +373,7 @@ def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
     t0 = time.perf_counter()
-    bank, bb = _bank_and_backbone(a)
+    bank, bb = _bank_and_backbone(a, png=True)
     if not a.json:
         print(f"{len(pngs)} PNG slices", file=sys.stderr)
     res = segment_pngs(pngs, bank, bb, settings, cache=None if a.no_cache else EmbeddingCache(),

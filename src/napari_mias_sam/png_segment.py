@@ -27,7 +27,7 @@ from .reference_io import encoding_of
 from .settings import SegmentSettings
 from .file_steps import check_outputs
 
-__all__ = ["PROMPTS_CSV", "png_inputs", "check_png_out_dir", "read_png_call", "png_output_paths", "segment_pngs", "prompt_rows", "write_png_outputs"]
+__all__ = ["PROMPTS_CSV", "png_inputs", "check_png_out_dir", "check_png_bank", "read_png_call", "png_output_paths", "segment_pngs", "prompt_rows", "write_png_outputs"]
 
 #: The one prompts table a PNG call writes into its output folder.
 PROMPTS_CSV = "prompts.csv"
@@ -105,7 +105,8 @@ def png_output_paths(out_dir: str | os.PathLike, pngs: list[Path]) -> dict[str, 
     return paths
 
 
-def _check_png_bank(bank: MemoryBank) -> None:
+def check_png_bank(bank: MemoryBank) -> None:
+    """Refuse a bank built from NIfTI volumes: PNG grey levels are not its intensities."""
     mode = bank.preprocessing.get("mode")
     if mode != "png":
         raise BankMismatchError(
@@ -126,7 +127,7 @@ def segment_pngs(
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
     """Segment the PNG slices of one call together (a stack of slices along axis 0)."""
-    _check_png_bank(bank)
+    check_png_bank(bank)
     check_compatible(bank, backbone.describe())
     stack = read_png_call(pngs)
     n, h, w = stack.shape
