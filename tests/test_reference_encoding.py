@@ -55,7 +55,7 @@ def agreement(tmp_path_factory):
     from napari_mias_sam.backbones import load_backbone
     from napari_mias_sam.png_segment import segment_pngs, write_png_outputs
     from napari_mias_sam.settings import Preprocessing, SegmentSettings
-    from napari_mias_sam.workflows import build_bank_from_files
+    from napari_mias_sam.file_steps import build_bank_from_files
 
     root = tmp_path_factory.mktemp("reference")
     with torch.random.fork_rng(devices=[]):
