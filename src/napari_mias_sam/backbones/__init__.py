@@ -9,15 +9,40 @@ import torch
 from ..errors import WeightsError
 from .base import Backbone, Decoded, Prompt, pick_device
 
-__all__ = ["BACKBONES", "Backbone", "Decoded", "Prompt", "load_backbone", "pick_device", "default_prompt_for"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "Decoded",
+    "Prompt",
+    "load_backbone",
+    "pick_device",
+    "default_prompt_for",
+    "point_prompts_work_for",
+    "iou_tracks_quality_for",
+]
 
 BACKBONES = ("litemedsam", "sam-vit_b", "sam-vit_l", "sam-vit_h")
 _DEFAULT_PROMPTS = {"litemedsam": "cog-box", "sam-vit_b": "cog-point", "sam-vit_l": "cog-point", "sam-vit_h": "cog-point"}
+#: Backbones whose decoder was trained with box prompts only (point prompts give near-empty masks)
+#: and whose IoU head does not track mask quality (it reads about the same for empty, leaking and
+#: good masks): what the viewer says about them before any weights are loaded.
+_BOX_ONLY = frozenset({"litemedsam"})
+_IOU_UNINFORMATIVE = frozenset({"litemedsam"})
 
 
 def default_prompt_for(name: str) -> str:
     """The prompt type that works with a backbone (LiteMedSAM was trained with boxes only)."""
     return _DEFAULT_PROMPTS.get(name, "cog-point")
+
+
+def point_prompts_work_for(name: str) -> bool:
+    """False for a backbone trained with box prompts only (LiteMedSAM)."""
+    return name not in _BOX_ONLY
+
+
+def iou_tracks_quality_for(name: str) -> bool:
+    """False where the decoder's predicted IoU says nothing about the mask's quality (LiteMedSAM)."""
+    return name not in _IOU_UNINFORMATIVE
 
 
 def load_backbone(
