@@ -58,8 +58,16 @@ def choose(widget, label: str, text: str) -> None:
 
 
 def section(widget, title: str):
-    (sec,) = [s for s in widget.sections.values() if s.text() == title]
+    """The collapsible section whose title starts with ``title`` (a folded bank section adds a summary)."""
+    (sec,) = [s for s in widget.sections.values() if s.text().startswith(title)]
     return sec
+
+
+def click_section(qtbot, widget, title: str) -> None:
+    """Click a section's title bar (found by its visible text) to fold or unfold it."""
+    button = section(widget, title).toggleButton()
+    assert button.text().startswith(title) and button.isVisible()
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
 def _box_centres(boxes) -> np.ndarray:
@@ -133,7 +141,7 @@ def test_prompt_boxes_follow_gamma_and_moved_points_survive_a_rerun(shown, qtbot
     kinds = dict(zip(boxes.features["slice"], boxes.features["kind"]))
     assert kinds[s] == "moved" and sorted(kinds.values()).count("moved") == 1
     np.testing.assert_allclose(_box_centres(boxes)[list(boxes.features["slice"]).index(s)], data[row], atol=0.6)
-    assert "1 moved point)" in widget.counts_info.value
+    assert "; 1 moved point" in widget.counts_info.value
 
     # A rerun (the real button) keeps the moved point and reuses the anomaly maps (no kNN search).
     searches = []
@@ -227,7 +235,8 @@ def test_messages_stay_in_the_dock(viewer_widget, qtbot, sample_bank):
 def test_dock_fits_1080p_with_the_qa_in_view(shown, qtbot, sample_subset):
     viewer, widget, image, gt = shown
     qtbot.wait(200)
-    assert not section(widget, "Memory bank").isExpanded()  # folded once a bank is in use
+    assert not section(widget, "Memory bank").isExpanded()  # folded once a bank is in use, with a summary
+    assert section(widget, "Memory bank").text().startswith("Memory bank: 6,144 patches, litemedsam")
     for title in ("Model", "Run", "Compare with ground truth"):
         assert section(widget, title).isExpanded()
     # Scrolled to the top, the profile and "Next most anomalous slice" are in view, uncut.
@@ -239,7 +248,7 @@ def test_dock_fits_1080p_with_the_qa_in_view(shown, qtbot, sample_subset):
         top = w.mapTo(view, w.rect().topLeft()).y()
         assert 0 <= top and top + w.height() <= view.height(), (type(w).__name__, top, w.height(), view.height())
     # Sections fold and unfold from their title.
-    click(qtbot, widget, "Memory bank")
+    click_section(qtbot, widget, "Memory bank")
     assert section(widget, "Memory bank").isExpanded()
     qtbot.wait(200)  # laid out for the first time (it was folded before the dock was shown)
     # The normal volumes are listed by name.

@@ -49,7 +49,7 @@ def _wrapping(label: Label) -> None:
 
 def _section(title: str, *widgets) -> tuple[QCollapsible, Container]:
     """A collapsible section (click its title to fold it) holding a magicgui container."""
-    box = QCollapsible(title)
+    box = QCollapsible(title, expandedIcon="▼", collapsedIcon="▶")
     box.setDuration(0)
     box.content().layout().setContentsMargins(0, 0, 0, 0)
     cont = Container(widgets=list(widgets))
@@ -152,13 +152,15 @@ class MiasSamWidget(BankMixin, QWidget):
                      self.bank_path, Container(widgets=[self.load_btn, self.save_btn], layout="horizontal", labels=False),
                      self.bank_info),
             _section("Run", self.image, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
-                     self.normalisation, self.k, self.slice_decision, self.batch_size,
-                     Container(widgets=[self.run_btn, self.cancel_btn], layout="horizontal", labels=False),
-                     self.reset_points_btn, self.progress, self.status, self.counts_info),
+                     self.normalisation, Container(widgets=[self.k, self.batch_size], layout="horizontal"),
+                     self.slice_decision,
+                     Container(widgets=[self.run_btn, self.cancel_btn, self.reset_points_btn], layout="horizontal",
+                               labels=False),
+                     self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, self.show_errors, self.dice_info),
         ]
         self._containers = [c for _, c in boxes]
-        self.sections = {box.text(): box for box, _ in boxes}
+        self.sections = {box.text(): box for box, _ in boxes}  # by title (a folded bank section adds its summary)
         inner = QWidget()
         lay = QVBoxLayout(inner)
         lay.setContentsMargins(2, 2, 2, 2)
@@ -342,11 +344,14 @@ class MiasSamWidget(BankMixin, QWidget):
 
     def _show_live_info(self) -> None:
         state = f"live updates: {self._live_state}" if self._live_state else ""
-        self.counts_info.value = "\n".join(t for t in (self._counts, state) if t)
+        self.counts_info.value = ". ".join(t for t in (self._counts, state) if t)
 
-    def fold_bank_section(self) -> None:
-        """Fold the memory-bank section (a bank is in use: make room for the QA)."""
-        self.sections["Memory bank"].collapse(animate=False)
+    def fold_bank_section(self, summary: str = "") -> None:
+        """Fold the memory-bank section (a bank is in use: make room for the QA); its title keeps
+        a one-line summary of the bank."""
+        sec = self.sections["Memory bank"]
+        sec.setText("Memory bank" + (f": {summary}" if summary else ""))
+        sec.collapse(animate=False)
 
     def _busy(self, busy: bool) -> None:
         for b in (self.build_btn, self.load_btn, self.save_btn, self.run_btn):

@@ -25,7 +25,8 @@ class BankMixin:
         self.bank = bank
         where = f"\nfolder: {bank.path}" if bank.path else "\nnot saved yet"
         self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}"
-        self.fold_bank_section()
+        saved = Path(bank.path).name if bank.path else "not saved"
+        self.fold_bank_section(f"{bank.ntotal:,} patches, {bank.backbone.get('name')} ({saved})")
 
     def use_sample_normals(self) -> None:
         normals = sorted(sample_data_dir().glob("normal_*.nii.gz"))

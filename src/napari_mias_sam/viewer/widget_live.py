@@ -330,7 +330,9 @@ class LiveController:
             text += f"; the slice decision dropped {c['dropped']}"
         if c["anatomy"] > c["prompted"]:
             text += f"; {c['anatomy'] - c['prompted']} slices had no anomaly response"
-        return text + f" ({c['slices']} slices, {plural(len(self.session.overrides), 'moved point')})"
+        if self.session.overrides:
+            text += f"; {plural(len(self.session.overrides), 'moved point')}"
+        return text
 
     # -- points ---------------------------------------------------------------------------------
     def _set_point(self, s: int, p) -> None:
