@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if live is None:
         raise SystemExit("the run failed: " + widget.message.text())
     first_cached = live.session.result.encoded.from_cache
+    print("  pipeline stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in live.session.result.timings.items()))
     print(f"first run: {times['first run']:.1f} s ({'embeddings from the cache' if first_cached else 'encoder ran'}); "
           f"{widget.status.value}")
 
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     times["rerun, maps reused"] = _wait(app, lambda: widget.job.done, what="rerun")
     live = widget.live
     print(f"rerun: {times['rerun, maps reused']:.1f} s (maps reused: {live.session.result.maps_reused}); {widget.status.value}")
+    print("  pipeline stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in live.session.result.timings.items()))
     _wait(app, lambda: not live.busy)
     live.jump_to(s)
 

@@ -47,6 +47,13 @@ def _wrapping(label: Label) -> None:
     label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
 
 
+def _row(*widgets, labels: bool = False) -> Container:
+    """Controls side by side, flush with the rows above and below."""
+    row = Container(widgets=list(widgets), layout="horizontal", labels=labels)
+    row.native.layout().setContentsMargins(0, 0, 0, 0)
+    return row
+
+
 def _section(title: str, *widgets) -> tuple[QCollapsible, Container]:
     """A collapsible section (click its title to fold it) holding a magicgui container."""
     box = QCollapsible(title, expandedIcon="▼", collapsedIcon="▶")
@@ -148,14 +155,11 @@ class MiasSamWidget(BankMixin, QWidget):
             _section("Model", self.backbone_choice, self.checkpoint, self.device),
             _section("Memory bank", self.normal_files, self.normals_info, self.normal_folder, self.preprocess,
                      self.layout_choice,
-                     Container(widgets=[self.sample_normals_btn, self.build_btn], layout="horizontal", labels=False),
-                     self.bank_path, Container(widgets=[self.load_btn, self.save_btn], layout="horizontal", labels=False),
+                     _row(self.sample_normals_btn, self.build_btn), self.bank_path, _row(self.load_btn, self.save_btn),
                      self.bank_info),
             _section("Run", self.image, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
-                     self.normalisation, Container(widgets=[self.k, self.batch_size], layout="horizontal"),
-                     self.slice_decision,
-                     Container(widgets=[self.run_btn, self.cancel_btn, self.reset_points_btn], layout="horizontal",
-                               labels=False),
+                     self.normalisation, _row(self.k, self.batch_size, labels=True), self.slice_decision,
+                     _row(self.run_btn, self.cancel_btn, self.reset_points_btn),
                      self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, self.show_errors, self.dice_info),
         ]
@@ -344,7 +348,7 @@ class MiasSamWidget(BankMixin, QWidget):
 
     def _show_live_info(self) -> None:
         state = f"live updates: {self._live_state}" if self._live_state else ""
-        self.counts_info.value = ". ".join(t for t in (self._counts, state) if t)
+        self.counts_info.value = "; ".join(t for t in (self._counts, state) if t)
 
     def fold_bank_section(self, summary: str = "") -> None:
         """Fold the memory-bank section (a bank is in use: make room for the QA); its title keeps
