@@ -1,0 +1,214 @@
+"""Labelled datasets as bank sources and test cases: the lesion-free slices of BraTS / LiTS cases
+for a memory bank, one modality of a case with its paired ground truth, LiTS's liver ROI.
+
+The bank's manifest records where every slice came from (``sources``: path and slice indices)
+and how they were chosen (``dataset``: layout, modality, margin, ROI, subjects), so a test set
+can be checked against it (:func:`check_disjoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bank import MemoryBank, SliceGroup, build_bank
+from .datasets import (
+    Case,
+    DatasetKind,
+    LesionLabels,
+    canonical_modality,
+    check_case,
+    dataset_kind,
+    find_cases,
+    normal_slices,
+    parse_lesion_labels,
+    select_cases,
+)
+from .errors import InputError
+from .io import Volume, load_labels, load_volume
+from .preprocess import resolve_axis
+from .settings import PREPROCESS_PRESETS, Preprocessing, to_dict
+from .sources import volume_frames
+
+__all__ = [
+    "CaseData",
+    "ROIS",
+    "load_case",
+    "apply_roi",
+    "dataset_groups",
+    "prepare_dataset",
+    "build_bank_from_dataset",
+    "bank_subjects",
+    "check_disjoint",
+    "lesion_for",
+]
+
+ROIS = ("liver",)
+
+
+@dataclass
+class CaseData:
+    """One modality of a case, its label volume (or None) and the dataset's lesion labels."""
+
+    case: Case
+    modality: str
+    image: Volume
+    labels: Volume | None
+    roi: str | None = None
+
+
+def apply_roi(image: Volume, labels: Volume, roi: str, kind: DatasetKind) -> Volume:
+    """``image`` with every voxel outside the ROI labels set below the intensity range (it then
+    normalises to 0 and slices without the ROI count as empty), as BMAD's Liver CT masks to the
+    liver. The ROI comes from the labels, as in BMAD: say so when reporting."""
+    if roi not in kind.rois:
+        raise InputError(f"--roi {roi}: the {kind.title} layout has no such region (it has: {', '.join(kind.rois) or 'none'}).")
+    inside = np.isin(labels.data, np.asarray(kind.rois[roi]))
+    if not inside.any():
+        raise InputError(f"{labels.path}: holds no {roi} labels ({','.join(map(str, kind.rois[roi]))}); "
+                         f"--roi {roi} would leave nothing of {image.path}.")
+    fill = min(float(image.data.min()), -1024.0)
+    data = np.where(inside, image.data, np.float32(fill)).astype(np.float32)
+    return Volume(data=data, affine=image.affine, header=image.header, path=image.path, meta={**image.meta, "roi": roi})
+
+
+def load_case(case: Case, modality: str | None = None, *, roi: str | None = None, need_labels: bool = False) -> CaseData:
+    """Read one modality of ``case`` (default: the layout's) with its labels on the same grid."""
+    mod = canonical_modality(modality or case.info.default_modality)
+    path = case.image(mod)
+    check_case(case, [mod])
+    if case.seg is None and (need_labels or roi):
+        raise InputError(f"{case.folder}: case {case.subject} has no segmentation file; "
+                         + ("--roi needs it." if roi else "its lesion-free slices cannot be found without it."))
+    image = load_volume(path)
+    labels = load_labels(case.seg, like=image) if case.seg is not None else None
+    if roi:
+        image = apply_roi(image, labels, roi, case.info)
+    return CaseData(case, mod, image, labels, roi)
+
+
+def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = "axial",
+                   margin: int = 2, roi: str | None = None) -> list[SliceGroup]:
+    """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
+    ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
+    groups = []
+    for case in cases:
+        path = case.image(modality)
+        import nibabel as nib
+
+        shape = nib.load(str(path)).shape
+        ax_guess = resolve_axis(axis) if not isinstance(axis, str) or axis.isdigit() else resolve_axis(axis, nib.load(str(path)).affine)
+
+        def load(case: Case = case) -> tuple[torch.Tensor, int, list[int], dict]:
+            cd = load_case(case, modality, roi=roi, need_labels=True)
+            ax = resolve_axis(axis, cd.image.affine)
+            frames, fg = volume_frames(cd.image.data, prep, ax, source=str(cd.image.path))
+            normal = normal_slices(cd.labels.data, ax, margin=margin, normal=case.info.normal)
+            keep = np.flatnonzero(normal & fg)
+            lesion = normal_slices(cd.labels.data, ax, margin=0, normal=case.info.normal)
+            extra = {"path": str(cd.image.path), "labels": str(case.seg), "subject": case.subject,
+                     "skipped_empty": int((normal & ~fg).sum()), "lesion_slices": int((~lesion).sum()),
+                     "margin_slices": int((lesion & ~normal).sum())}
+            return frames[torch.from_numpy(keep)], len(fg) - len(keep), keep.tolist(), extra
+
+        groups.append(SliceGroup(name=path.name, n=int(shape[ax_guess]), load=load, path=str(path)))
+    return groups
+
+
+def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, subjects=None, exclude=None,
+                    roi: str | None = None) -> tuple[list[Case], DatasetKind, str]:
+    """The cases of ``root`` chosen by the subject lists, their layout and the canonical modality;
+    every case is checked (files present, one grid) before any work."""
+    cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
+    kind = dataset_kind(cases)
+    mod = canonical_modality(modality or kind.default_modality)
+    if roi is not None and roi not in kind.rois:
+        raise InputError(f"--roi {roi}: {root} is a {kind.title} dataset, which has no {roi} labels.")
+    for c in cases:
+        check_case(c, [mod])
+        if c.seg is None:
+            raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; a bank from lesion-free slices "
+                             "needs the labels (leave the case out with --exclude-subjects).")
+    return cases, kind, mod
+
+
+def build_bank_from_dataset(
+    root: str | os.PathLike,
+    backbone,
+    *,
+    modality: str | None = None,
+    margin: int = 2,
+    subjects: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    roi: str | None = None,
+    preprocess: str | None = None,
+    axis: int | str = "axial",
+    layout: str = "paper1024",
+    index_type: str = "flat",
+    batch_size: int = 4,
+    coreset_ratio: float | None = None,
+    progress=None,
+    cancelled=None,
+    embed=None,
+) -> MemoryBank:
+    """A memory bank from the lesion-free slices of a labelled dataset (BraTS, LiTS).
+
+    ``preprocess``: a :data:`~napari_mias_sam.settings.PREPROCESS_PRESETS` name (default: the
+    layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
+    records the layout, root, modality, margin, ROI and subjects."""
+    if margin < 0:
+        raise InputError(f"--margin must be 0 or more, got {margin}")
+    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi)
+    preset = preprocess or kind.preprocess
+    if preset not in PREPROCESS_PRESETS:
+        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
+    prep = PREPROCESS_PRESETS[preset]
+    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi)
+    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
+    bank = build_bank(groups, backbone, layout=layout, preprocessing=to_dict(prep), slice_axis=axis_name,
+                      index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
+                      progress=progress, cancelled=cancelled, embed=embed)
+    bank.manifest["dataset"] = {
+        "layout": kind.name,
+        "root": str(Path(root).resolve()),
+        "modality": mod,
+        "margin": int(margin),
+        "normal_labels": list(kind.normal),
+        "roi": roi,
+        "roi_labels": list(kind.rois[roi]) if roi else None,
+        "preprocess": preset,
+        "subjects": [c.subject for c in cases],
+        "subjects_file": str(subjects) if subjects else None,
+        "exclude_subjects_file": str(exclude) if exclude else None,
+    }
+    return bank
+
+
+def bank_subjects(bank: MemoryBank) -> set[str]:
+    """Subjects whose slices are in the bank (from a dataset bank's manifest)."""
+    ds = bank.manifest.get("dataset") or {}
+    return set(ds.get("subjects") or [])
+
+
+def check_disjoint(bank: MemoryBank, cases: list[Case]) -> None:
+    """Refuse test cases whose subject or image file went into the bank."""
+    in_bank = bank_subjects(bank)
+    paths = {str(Path(s["path"]).resolve()) for s in bank.manifest.get("sources", []) if s.get("path")}
+    for c in cases:
+        files = {str(Path(p).resolve()) for p in c.images.values()}
+        if c.subject in in_bank or files & paths:
+            raise InputError(f"subject {c.subject} is both in the bank {bank.path or ''} and in the test set; "
+                             "keep test subjects out of the bank (build-bank --exclude-subjects FILE) or leave it out "
+                             "of the test list.")
+
+
+def lesion_for(case: Case | None, override: str | None = None) -> LesionLabels:
+    """The lesion labels to score ``case`` with: ``override`` (text such as ``"1,2,4"`` or
+    ``"nonzero"``, from ``--lesion-labels`` or the widget) when given, else the layout's."""
+    if override is not None and str(override).strip() != "":
+        return parse_lesion_labels(override)
+    return case.info.lesion if case is not None else None
