@@ -52,8 +52,9 @@ def modalities(image: np.ndarray) -> dict[str, np.ndarray]:
 def brats_labels(seg: np.ndarray, enhancing: int = 4) -> np.ndarray:
     """0/1 lesion -> BraTS sub-regions: oedema 2 (the rim), necrotic core 1, enhancing ``enhancing``."""
     les = seg > 0
-    core = ndimage.binary_erosion(les, iterations=2)
-    inner = ndimage.binary_erosion(core, iterations=2)
+    plane = np.ones((3, 3, 1), bool)  # in-plane: the sample's slices are 4 mm thick
+    core = ndimage.binary_erosion(les, plane, iterations=3)
+    inner = ndimage.binary_erosion(core, plane, iterations=3)
     out = np.where(les, 2, 0)
     out = np.where(core, enhancing, out)
     out = np.where(inner, 1, out)

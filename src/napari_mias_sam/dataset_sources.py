@@ -21,9 +21,12 @@ from .datasets import (
     DatasetKind,
     LesionLabels,
     canonical_modality,
+    case_for_file,
     check_case,
     dataset_kind,
     find_cases,
+    lesion_description,
+    lesion_mask,
     normal_slices,
     parse_lesion_labels,
     select_cases,
@@ -45,6 +48,9 @@ __all__ = [
     "bank_subjects",
     "check_disjoint",
     "lesion_for",
+    "SegmentInput",
+    "segment_inputs",
+    "units_from_dataset",
 ]
 
 ROIS = ("liver",)
@@ -212,3 +218,113 @@ def lesion_for(case: Case | None, override: str | None = None) -> LesionLabels:
     if override is not None and str(override).strip() != "":
         return parse_lesion_labels(override)
     return case.info.lesion if case is not None else None
+
+
+@dataclass
+class SegmentInput:
+    """One volume to segment: the image file, its ground truth (paired from a case folder or a
+    LiTS pair, or given), the lesion labels to score it with and the ROI the bank asks for."""
+
+    image: Path
+    gt: Path | None = None
+    case: Case | None = None
+    lesion: LesionLabels = None
+    lesion_source: str = "default: any non-zero label"
+    roi: str | None = None
+
+    def load(self) -> tuple[Volume, Volume | None]:
+        """The image (masked to the ROI when the bank was built that way) and its label volume."""
+        image = load_volume(self.image)
+        labels = load_labels(self.gt, like=image) if self.gt is not None else None
+        if self.roi:
+            image = apply_roi(image, labels, self.roi, self.case.info)
+        return image, labels
+
+
+def _case_modality(case: Case, modality: str | None, dataset: dict) -> str:
+    if modality:
+        return canonical_modality(modality)
+    if dataset.get("modality"):
+        return dataset["modality"]
+    if len(case.images) == 1:
+        return next(iter(case.images))
+    raise InputError(f"{case.folder}: the bank does not record a modality (it was not built from a dataset): "
+                     f"choose one of {', '.join(sorted(case.images))} with --modality.")
+
+
+def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, *, modality: str | None = None,
+                   lesion_labels: str | None = None) -> list[SegmentInput]:
+    """Resolve ``segment``'s inputs: NIfTI files, BraTS case folders (the bank's modality, or
+    ``modality``) and LiTS files, each paired with its segmentation unless ``gts`` are given."""
+    dataset = manifest.get("dataset") or {}
+    roi = dataset.get("roi")
+    out = []
+    for n, v in enumerate(volumes):
+        v = Path(v)
+        gt = Path(gts[n]) if gts else None
+        if v.is_dir():
+            cases = find_cases(v)
+            if len(cases) != 1:
+                raise InputError(f"{v}: holds {len(cases)} cases; give one case folder per volume, or evaluate the "
+                                 "whole dataset with 'mias-sam evaluate --dataset'.")
+            case = cases[0]
+            mod = _case_modality(case, modality, dataset)
+            image = case.image(mod)
+            check_case(case, [mod], seg=gt is None)
+        else:
+            case, image = case_for_file(v), v
+            if modality and case is not None:
+                raise InputError(f"{v}: --modality applies to case folders; give the folder {case.folder} or drop --modality.")
+        if gt is None and case is not None:
+            gt = case.seg
+        if roi:
+            if case is None or roi not in case.info.rois:
+                raise InputError(f"{v}: the bank was built with --roi {roi} ({dataset.get('layout')}); give a "
+                                 f"{dataset.get('layout')} case so the {roi} can be masked the same way.")
+            if gt is None:
+                raise InputError(f"{v}: the bank was built with --roi {roi}, which needs this volume's labels; "
+                                 "its segmentation file is missing.")
+        if lesion_labels is not None and str(lesion_labels).strip():
+            source = f"--lesion-labels {lesion_labels}"
+        elif case is not None:
+            source = f"{case.info.title} default"
+        else:
+            source = "default: any non-zero label"
+        out.append(SegmentInput(image=image, gt=gt, case=case, lesion=lesion_for(case, lesion_labels),
+                                lesion_source=source, roi=roi if roi and case is not None else None))
+    return out
+
+
+def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subjects=None, exclude=None,
+                       modality: str | None = None, lesion_labels: str | None = None) -> tuple[list, dict]:
+    """Evaluation units (:class:`~napari_mias_sam.evaluate.TestUnit`) for the cases of a dataset
+    root, scored with the layout's lesion labels (or ``lesion_labels``), preprocessed and masked
+    (ROI) as the first bank was. Refuses test subjects that are in a bank. Returns the units and
+    a description of the test set for the report."""
+    from .evaluate import unit_from_volume
+
+    cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
+    for bank in banks:
+        check_disjoint(bank, cases)
+    kind = dataset_kind(cases)
+    ds = banks[0].manifest.get("dataset") or {}
+    mod = canonical_modality(modality or ds.get("modality") or kind.default_modality)
+    roi = ds.get("roi") if ds.get("roi") in kind.rois else None
+    if ds.get("roi") and roi is None:
+        raise InputError(f"{root}: the bank was built with --roi {ds['roi']} ({ds.get('layout')}) but this is a {kind.title} dataset.")
+    for c in cases:  # every file checked before the first is read
+        check_case(c, [mod])
+        if c.seg is None:
+            raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; evaluation needs the ground truth "
+                             "(leave the case out with --exclude-subjects).")
+    units, counted = [], set()
+    lesion = lesion_for(cases[0], lesion_labels)
+    for c in cases:
+        cd = load_case(c, mod, roi=roi, need_labels=True)
+        lesion = lesion_for(c, lesion_labels)
+        counted.update(int(v) for v in np.unique(cd.labels.data[lesion_mask(cd.labels.data, lesion)]))
+        units.append(unit_from_volume(cd.image, lesion_mask(cd.labels.data, lesion), banks[0], name=c.subject))
+    source = f"--lesion-labels {lesion_labels}" if lesion_labels else f"{kind.title} default"
+    info = {"root": str(root), "layout": kind.name, "modality": mod, "roi": roi, "subjects": [c.subject for c in cases],
+            "lesion_labels": {**lesion_description(lesion, source=source), "counted": sorted(counted)}}
+    return units, info

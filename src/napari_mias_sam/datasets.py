@@ -45,6 +45,7 @@ __all__ = [
     "read_case_folder",
     "lits_cases",
     "find_cases",
+    "looks_like_dataset",
     "case_for_file",
     "check_case",
     "read_subject_list",
@@ -275,6 +276,27 @@ def find_cases(root: str | os.PathLike) -> list[Case]:
     return cases
 
 
+def _named_like_a_case(folder: Path) -> bool:
+    try:
+        return any(_BRATS_FILE.match(p.name) or _LITS_VOLUME.match(p.name) for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return False
+
+
+def looks_like_dataset(path: str | os.PathLike) -> bool:
+    """Is ``path`` a BraTS case folder, a LiTS folder, or a root of such folders (by file names
+    only, one level down)? Plain folders of NIfTI volumes are not."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if _named_like_a_case(p):
+        return True
+    try:
+        return any(_named_like_a_case(d) for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        return False
+
+
 def case_for_file(path: str | os.PathLike) -> Case | None:
     """The dataset case a NIfTI file belongs to (BraTS case folder, LiTS pair), if any."""
     path = Path(path)
@@ -305,22 +327,30 @@ def _header_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def check_case(case: Case, modalities: list[str] | None = None, *, seg: bool = True, atol: float = 1e-3) -> None:
-    """Check, from the headers only, that the case's images (``modalities``, default all) and its
-    segmentation share one voxel grid; a one-line :class:`InputError` naming the odd file."""
-    files = [case.image(m) for m in modalities] if modalities else list(case.images.values())
-    ref, ref_shape, ref_aff = files[0], *_header_grid(files[0])
-    if len(ref_shape) != 3:
-        raise InputError(f"{ref}: has shape {ref_shape}, expected a 3D volume.")
-    others = files[1:] + ([case.seg] if seg and case.seg is not None else [])
-    for f in others:
-        shape, aff = _header_grid(f)
+    """Check, from the headers only, that the ``modalities`` asked for exist and that every image
+    of the case and its segmentation share one voxel grid. The odd file (the one off the grid most
+    files share) is named in a one-line :class:`InputError`."""
+    for m in modalities or []:
+        case.image(m)
+    files = list(case.images.values()) + ([case.seg] if seg and case.seg is not None else [])
+    grids = [_header_grid(f) for f in files]
+    for f, (shape, _) in zip(files, grids):
+        if len(shape) != 3:
+            raise InputError(f"{f}: has shape {shape}, expected a 3D volume.")
+
+    def same(a, b) -> bool:
+        return a[0] == b[0] and np.allclose(a[1], b[1], atol=atol)
+
+    ref = max(grids, key=lambda g: sum(same(g, h) for h in grids))
+    ref_file = files[grids.index(ref)]
+    for f, g in zip(files, grids):
         what = "segmentation" if f == case.seg else "image"
-        if shape != ref_shape:
-            raise InputError(f"{f}: {what} of shape {shape} differs from {ref.name} {ref_shape}; "
+        if g[0] != ref[0]:
+            raise InputError(f"{f}: {what} of shape {g[0]} differs from {ref_file.name} {ref[0]}; "
                              "every file of a case must be on one voxel grid (resample it first).")
-        if not np.allclose(aff, ref_aff, atol=atol):
-            raise InputError(f"{f}: {what} affine differs from {ref.name} (max difference "
-                             f"{np.abs(aff - ref_aff).max():.4g} mm); every file of a case must share one grid.")
+        if not np.allclose(g[1], ref[1], atol=atol):
+            raise InputError(f"{f}: {what} affine differs from {ref_file.name} (max difference "
+                             f"{np.abs(g[1] - ref[1]).max():.4g} mm); every file of a case must share one grid.")
 
 
 # -- subjects ----------------------------------------------------------------------------------
