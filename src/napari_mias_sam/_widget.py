@@ -26,6 +26,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QGroupBox, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 from ._widget_bank import BankMixin, _path_or_none
+from ._widget_dataset import DatasetMixin
 from ._widget_live import LiveController, is_output_layer
 from ._widget_profile import ProfilePlot
 from ._widget_threads import Failed, Job, avoid_triton_llvm_crash
@@ -54,7 +55,7 @@ def _section(title: str, *widgets) -> tuple[QGroupBox, Container]:
     return box, cont
 
 
-class MiasSamWidget(BankMixin, QWidget):
+class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
     """Dock widget of napari-mias-sam (Plugins > MIAS-SAM, or Layers > Segment > MIAS-SAM)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -87,6 +88,7 @@ class MiasSamWidget(BankMixin, QWidget):
         self.load_btn = PushButton(text="Load bank")
         self.save_btn = PushButton(text="Save bank")
         self.bank_info = Label(value="no memory bank loaded")
+        dataset_controls = self._make_dataset_controls()
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
         self.prompt = ComboBox(choices=PROMPT_TYPES, value=default_prompt_for("litemedsam"), label="prompt")
@@ -106,6 +108,7 @@ class MiasSamWidget(BankMixin, QWidget):
         self.status = Label(value="")
         # -- compare ----------------------------------------------------------------------------
         self.gt = ComboBox(choices=self._labels_choices, nullable=True, value=None, label="ground truth")
+        compare_controls = self._make_compare_controls()
         self.show_errors = CheckBox(value=False, text="show false positives / negatives")
         self.dice_info = Label(value="Dice: choose a ground-truth Labels layer")
         self.profile = ProfilePlot()
@@ -117,13 +120,13 @@ class MiasSamWidget(BankMixin, QWidget):
             _section("Model", self.backbone_choice, self.checkpoint, self.device),
             _section("Memory bank", self.normal_files, self.normal_folder, self.preprocess, self.layout_choice,
                      Container(widgets=[self.sample_normals_btn, self.build_btn], layout="horizontal", labels=False),
-                     self.bank_path, Container(widgets=[self.load_btn, self.save_btn], layout="horizontal", labels=False),
+                     *dataset_controls, self.bank_path, Container(widgets=[self.load_btn, self.save_btn], layout="horizontal", labels=False),
                      self.bank_info),
-            _section("Run", self.image, self.prompt, self.gamma, self.mask, self.iou_info, self.normalisation, self.k,
+            _section("Run", self.image, self.ct_window, self.prompt, self.gamma, self.mask, self.iou_info, self.normalisation, self.k,
                      self.slice_decision, self.batch_size,
                      Container(widgets=[self.run_btn, self.cancel_btn], layout="horizontal", labels=False),
                      self.reset_points_btn, self.progress, self.status),
-            _section("Compare with ground truth", self.gt, self.show_errors, self.dice_info),
+            _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
         ]
         self._containers = [c for _, c in boxes]
         inner = QWidget()
@@ -163,6 +166,7 @@ class MiasSamWidget(BankMixin, QWidget):
         for w in (self.gamma, self.mask, self.prompt, self.normalisation, self.k, self.slice_decision):
             w.changed.connect(lambda *_: self._settings_timer.start())
         self.prompt.changed.connect(self._prompt_hint)
+        self.gt.changed.connect(self._on_gt_selected)
         self.gt.changed.connect(self._on_compare_changed)
         self.show_errors.changed.connect(self._on_compare_changed)
         self.profile.slice_clicked.connect(self._jump)
@@ -233,7 +237,7 @@ class MiasSamWidget(BankMixin, QWidget):
             self.status.value = "LiteMedSAM was trained with box prompts: point prompts give near-empty masks."
 
     def _busy(self, busy: bool) -> None:
-        for b in (self.build_btn, self.load_btn, self.save_btn, self.run_btn):
+        for b in (self.build_btn, self.build_ds_btn, self.load_btn, self.save_btn, self.run_btn):
             b.enabled = not busy
         self.cancel_btn.enabled = busy
 
