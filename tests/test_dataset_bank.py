@@ -77,6 +77,15 @@ def test_lits_bank_with_the_liver_roi(roots):
     cd = load_case(find_cases(roots["lits"])[2], roi="liver")
     outside = ~np.isin(cd.labels.data, (1, 2))
     assert cd.image.data[outside].max() <= -1024 and cd.image.meta["roi"] == "liver"
+    # a volume opened elsewhere (the widget's layer) is masked the same way for this bank
+    from napari_mias_sam.dataset_sources import roi_for_bank
+    from napari_mias_sam.io import Volume, load_volume
+
+    vol = load_volume(roots["lits"] / "volume-2.nii")
+    np.testing.assert_array_equal(roi_for_bank(vol, bank.manifest).data, cd.image.data)
+    assert roi_for_bank(vol, {"dataset": {"roi": None}}) is vol
+    with pytest.raises(InputError, match="built with --roi liver"):
+        roi_for_bank(Volume(vol.data, vol.affine), bank.manifest)
 
 
 def test_dataset_bank_refusals(roots, tmp_path):

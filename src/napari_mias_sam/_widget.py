@@ -306,8 +306,10 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
         bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
 
         def job(progress, cancelled):
+            from .dataset_sources import roi_for_bank
+
             bb = self._get_backbone(key, progress)
-            res = segment_volume(volume, bank, bb, settings, cache=cache, batch_size=batch, progress=progress, cancelled=cancelled)
+            res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
             # napari's Points/Labels layers import pandas and scipy.linalg on first use: do it here,

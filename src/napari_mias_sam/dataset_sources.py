@@ -51,6 +51,7 @@ __all__ = [
     "SegmentInput",
     "segment_inputs",
     "units_from_dataset",
+    "roi_for_bank",
 ]
 
 ROIS = ("liver",)
@@ -328,3 +329,17 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
     info = {"root": str(root), "layout": kind.name, "modality": mod, "roi": roi, "subjects": [c.subject for c in cases],
             "lesion_labels": {**lesion_description(lesion, source=source), "counted": sorted(counted)}}
     return units, info
+
+
+def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
+    """``volume`` masked the way the bank's slices were (``--roi``), from the labels of the dataset
+    case the volume's file belongs to; unchanged when the bank has no ROI."""
+    roi = (manifest.get("dataset") or {}).get("roi")
+    if not roi:
+        return volume
+    case = case_for_file(volume.path) if volume.path is not None else None
+    if case is None or roi not in case.info.rois or case.seg is None:
+        raise InputError(f"the bank was built with --roi {roi}: open a {(manifest.get('dataset') or {}).get('layout')} "
+                         f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
+                         "masked the same way.")
+    return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)
