@@ -121,6 +121,7 @@ def test_evaluate_a_dataset(world, tmp_path, capsys):
     ds = res["data"]["dataset"]
     assert ds["subjects"] == ["BraTS2021_00001"] and ds["modality"] == "flair" and ds["lesion_labels"]["counted"] == [1, 2, 4]
     assert res["data"]["units"] == ["BraTS2021_00001"] and (out / "results.json").is_file()
+    assert "1 test subjects; lesion = any non-zero label" in (out / "results.md").read_text()
     # LiTS: the liver ROI of the bank applies to the test volumes too; lesion = 2
     rc = main(["evaluate", "--bank", str(world["base"] / "bank-lits"), "--dataset", str(world["lits"]), "--subjects",
                str(world["base"] / "lits-test.txt"), "--out", str(tmp_path / "el"), "--json", "--gammas", "5", "--ks", "1",
