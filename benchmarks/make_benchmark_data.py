@@ -2,7 +2,7 @@
 synthetic lesions, from two real healthy brains.
 
 Run from the repository root (nothing is downloaded; needs ``nilearn`` and the Debian package
-``mricron-data``, as ``sample_data/make_sample_data.py`` does)::
+``mricron-data``, as ``tools/make_sample_data.py`` does)::
 
     python benchmarks/make_benchmark_data.py --out bench/data
 
@@ -22,7 +22,7 @@ Outputs (under ``--out``): ``train/normal_XX.nii.gz``, ``test/images/case_XX.nii
 ``test/labels/case_XX.nii.gz`` (0/1, same name as its image) and ``benchmark.json`` (seed,
 subjects, every lesion's size, contrast, centre in world mm, voxel count and slices). Geometry,
 in-plane point-spread function, 4 mm slice merge and noise are those of the bundled sample
-(``sample_data/make_sample_data.py``, whose functions this script reuses); affines keep the true
+(``tools/make_sample_data.py``, whose functions this script reuses); affines keep the true
 MNI world position of every voxel. One seed (``--seed``) makes every output reproducible.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sample_data"))
+sys.path.insert(0, str(ROOT / "tools"))
 import make_sample_data as msd  # noqa: E402  (the sample's sources, geometry and writers)
 
 SEED = 20251123

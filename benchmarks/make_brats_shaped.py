@@ -2,7 +2,7 @@
 commands on BraTS-sized volumes (the real BraTS data cannot be bundled or downloaded here).
 
 Run from the repository root (needs ``nilearn`` and Debian's ``mricron-data``, as
-``sample_data/make_sample_data.py`` does)::
+``tools/make_sample_data.py`` does)::
 
     python benchmarks/make_brats_shaped.py --out /tmp/brats-shaped --cases 3
     mias-sam build-bank /tmp/brats-shaped --modality flair --margin 2 --out /tmp/brats-bank
@@ -10,7 +10,7 @@ Run from the repository root (needs ``nilearn`` and Debian's ``mricron-data``, a
 Each case folder ``BraTS2021_NNNNN/`` holds ``BraTS2021_NNNNN_{flair,t1,t1ce,t2,seg}.nii.gz`` on
 BraTS's grid (240 x 240 x 155 voxels of 1 mm, int16 images, uint8 labels 0/1/2/4). Subjects
 alternate between the MNI152 2009a template (nilearn) and Colin27 (``ch2bet``), each made a new
-pseudo-subject by :func:`napari_mias_sam.synthetic.pseudo_subject` (affine jitter, elastic warp,
+pseudo-subject by :func:`tools/synthetic.py pseudo_subject` (affine jitter, elastic warp,
 bias field, intensity curve, noise). One synthetic glioma-sized lesion per case (radii 14-22 mm):
 oedema (2) around a core (1 necrosis, 4 enhancing rim), bright on FLAIR and T2, a dark core with
 an enhancing rim on T1ce. The four "sequences" are intensity curves of the same T1 anatomy: they
@@ -28,10 +28,9 @@ import numpy as np
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sample_data"))
+sys.path.insert(0, str(ROOT / "tools"))
 import make_sample_data as msd  # noqa: E402  (the sample's anatomy sources)
-
-from napari_mias_sam import synthetic  # noqa: E402
+import synthetic  # noqa: E402  (pseudo-subjects and lesions)
 
 SHAPE = (240, 240, 155)
 SEED = 20261130

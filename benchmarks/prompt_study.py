@@ -30,8 +30,8 @@ from scipy import ndimage
 
 from napari_mias_sam import prompts as P
 from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.evaluate import EvalContext, TestUnit, _baseline, _encode_units, _maps
-from napari_mias_sam.metrics import dice, paired_bootstrap
+from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, _baseline, _encode_units, _maps
+from napari_mias_sam.evaluation.metrics import dice, paired_bootstrap
 from napari_mias_sam.pipeline import decode_one
 from napari_mias_sam.preprocess import from_frame, to_frame
 from napari_mias_sam.settings import SegmentSettings
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_mias_sam.bank import check_compatible, load_bank
     from napari_mias_sam.cache import EmbeddingCache
     from napari_mias_sam.errors import MiasSamError
-    from napari_mias_sam.evaluate import units_from_volumes
+    from napari_mias_sam.evaluation.sweep import units_from_volumes
     from napari_mias_sam.io import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from qtpy.QtWidgets import QApplication
 
-    from napari_mias_sam._paths import cache_dir
+    from napari_mias_sam.paths import cache_dir
     from napari_mias_sam.demo import sample_files
 
     files = sample_files(a.sample)

@@ -1,4 +1,4 @@
-"""Shared fixtures of the napari plugin tests (``tests/test_napari_*.py``).
+"""Shared fixtures of the napari plugin tests (``tests/viewer/``) and of the tests at large.
 
 The heavy pieces are session-scoped and built once: the LiteMedSAM backbone, a small memory bank
 and a small test case cut from the bundled sample (a few slices at full in-plane size, with their
@@ -19,7 +19,7 @@ import pytest
 def pytest_configure(config):
     # Import triton (torch probes for it when torchvision is imported) before any test opens an
     # OpenGL canvas: with Mesa's llvmpipe, importing it afterwards crashes the process (see
-    # napari_mias_sam._widget.avoid_triton_llvm_crash, tested in a subprocess).
+    # napari_mias_sam.viewer.widget.avoid_triton_llvm_crash, tested in a subprocess).
     try:
         import triton  # noqa: F401
     except Exception:
@@ -132,7 +132,7 @@ def sample_subset(tmp_path_factory) -> dict:
 def sample_bank(sample_subset, lite_backbone, mias_cache_dir):
     """A memory bank of the 6 normal slices of ``sample_subset`` (LiteMedSAM, MRI preset)."""
     from napari_mias_sam.settings import PREPROCESS_PRESETS
-    from napari_mias_sam.workflows import build_bank_from_files
+    from napari_mias_sam.file_steps import build_bank_from_files
 
     return build_bank_from_files(sample_subset["normals"], lite_backbone, preprocessing=PREPROCESS_PRESETS["mri"])
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the core tests (tests/test_core_*.py): a deterministic fake backbone,
+"""Shared helpers of the core tests (tests/test_*.py, tests/bank/, tests/backbones/...): a deterministic fake backbone,
 synthetic 'anatomy' volumes, NIfTI writers, file fingerprints, and the real LiteMedSAM backbone
 loaded once per test session."""
 

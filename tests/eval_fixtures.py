@@ -1,5 +1,5 @@
-"""A small volume test set shared by the evaluation tests (tests/test_evaluate.py and
-tests/test_prompt_study.py): three normal volumes made into a bank with the fake backbone, and two
+"""A small volume test set shared by the evaluation tests (tests/evaluation/test_sweep.py and
+tests/scripts/test_prompt_study.py): three normal volumes made into a bank with the fake backbone, and two
 test volumes with a bright disc lesion on slices 2 and 3 and their ground truths."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 from fake_backbone import FakeBackbone
 from napari_mias_sam.settings import Preprocessing
-from napari_mias_sam.workflows import build_bank_from_files
+from napari_mias_sam.file_steps import build_bank_from_files
 
 YY, XX = np.mgrid[:48, :56]
 

@@ -16,7 +16,7 @@ import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import snapshot
 from dataset_fixtures import brats2021_root, brats2023_root, brats_case, lits_root, write
 from napari_mias_sam.cli import main
-from test_core_cli import fake_loader, one_line_error
+from test_cli import fake_loader, one_line_error
 
 
 @pytest.fixture(autouse=True)

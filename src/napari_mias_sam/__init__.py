@@ -12,7 +12,7 @@ from .bank import MemoryBank, build_bank, load_bank
 from .io import Volume, load_labels, load_volume, save_nifti
 from .pipeline import SegmentationResult, segment_volume
 from .settings import PREPROCESS_PRESETS, Preprocessing, SegmentSettings
-from .workflows import build_bank_from_files, write_outputs
+from .file_steps import build_bank_from_files, write_outputs
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._paths import cache_dir
+from .paths import cache_dir
 
 __all__ = ["EmbeddingCache", "frames_key", "cached_encoder"]
 

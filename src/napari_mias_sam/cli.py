@@ -192,12 +192,12 @@ def _out(obj: dict) -> None:
 
 
 def cmd_build_bank(a: argparse.Namespace) -> int:
-    from ._progress import ConsoleProgress
+    from .progress import ConsoleProgress
     from .backbones import load_backbone
     from .cache import EmbeddingCache
     from .errors import InputError
     from .settings import PREPROCESS_PRESETS
-    from .workflows import build_bank_from_files
+    from .file_steps import build_bank_from_files
 
     if a.out.exists() and not a.overwrite:
         raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
@@ -261,10 +261,10 @@ def _dataset_input(a: argparse.Namespace) -> Path | None:
 def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -> None:
     """Before a build: how much memory the bank will take (stderr), and a warning if it will not fit."""
     from .bank import estimate_bank_memory
-    from .benchmark import _ram_bytes
+    from .evaluation.benchmark import _ram_bytes
     from .patches import GRID
     from .settings import PREPROCESS_PRESETS
-    from .sources import normal_groups
+    from .model_inputs import normal_groups
 
     if dataset is not None:
         from .dataset_sources import dataset_groups, prepare_dataset
@@ -305,17 +305,17 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def cmd_benchmark(a: argparse.Namespace) -> int:
-    from ._progress import ConsoleProgress
-    from .benchmark import bank_accuracy, format_report, run_benchmark
+    from .progress import ConsoleProgress
+    from .evaluation.benchmark import bank_accuracy, format_report, run_benchmark
 
     for name in ("encode_slices", "decode_slices", "knn_queries"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise MiasSamError(f"--{name.replace('_', '-')} must be at least 1")
     progress = ConsoleProgress(enabled=not a.json)
     if a.accuracy:
-        from ._paths import sample_data_dir
+        from .paths import sample_data_dir
         from .backbones import load_backbone
-        from .benchmark import accuracy_files
+        from .evaluation.benchmark import accuracy_files
         from .cache import EmbeddingCache
 
         normals, cases = accuracy_files(a.sample_dir or sample_data_dir())
@@ -343,18 +343,18 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
-    from ._progress import ConsoleProgress
+    from .progress import ConsoleProgress
     from .backbones import load_backbone
     from .bank import check_compatible, load_bank
     from .cache import EmbeddingCache
     from .errors import InputError
     from .dataset_sources import segment_inputs
     from .datasets import lesion_description, lesion_mask
-    from .evaluation import gt_metrics
+    from .evaluation.scoring import gt_metrics
     from .io import nifti_stem
     from .pipeline import segment_volume
     from .settings import SegmentSettings
-    from .workflows import check_outputs, output_paths, write_outputs
+    from .file_steps import check_outputs, output_paths, write_outputs
 
     if a.gt and len(a.gt) != len(a.volume):
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
@@ -413,7 +413,7 @@ def _fmt(v: float | None) -> str:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from ._progress import ConsoleProgress
+    from .progress import ConsoleProgress
     from .demo import run_demo
 
     rep = run_demo(a.out, device=a.device, batch_size=a.batch_size, progress=ConsoleProgress())
@@ -469,14 +469,14 @@ def _csv_list(text: str, cast, what: str) -> tuple:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from ._progress import ConsoleProgress
+    from .progress import ConsoleProgress
     from .backbones import load_backbone
     from .bank import load_bank
-    from .bmad import read_bmad_test
+    from .evaluation.bmad import read_bmad_test
     from .cache import EmbeddingCache
     from .errors import InputError
-    from .evaluate import Ablations, evaluate, units_from_slices, units_from_volumes
-    from .report import markdown_tables, write_report
+    from .evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
+    from .evaluation.report import markdown_tables, write_report
     from .settings import PROMPT_TYPES, SegmentSettings
 
     if a.images and not a.gts:

@@ -35,7 +35,7 @@ from .errors import InputError
 from .io import Volume, load_labels, load_volume
 from .preprocess import resolve_axis
 from .settings import PREPROCESS_PRESETS, Preprocessing, to_dict
-from .sources import volume_frames
+from .model_inputs import volume_frames
 
 __all__ = [
     "CaseData",
@@ -298,11 +298,11 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
 
 def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subjects=None, exclude=None,
                        modality: str | None = None, lesion_labels: str | None = None) -> tuple[list, dict]:
-    """Evaluation units (:class:`~napari_mias_sam.evaluate.TestUnit`) for the cases of a dataset
+    """Evaluation units (:class:`~napari_mias_sam.evaluation.sweep.TestUnit`) for the cases of a dataset
     root, scored with the layout's lesion labels (or ``lesion_labels``), preprocessed and masked
     (ROI) as the first bank was. Refuses test subjects that are in a bank. Returns the units and
     a description of the test set for the report."""
-    from .evaluate import unit_from_volume
+    from .evaluation.sweep import unit_from_volume
 
     cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
     for bank in banks:

@@ -13,14 +13,14 @@ import numpy as np
 from .anomaly import normalise_maps
 from .backbones import load_backbone
 from .errors import InputError
-from .evaluation import cog_hits, threshold_baseline_masks
+from .evaluation.scoring import cog_hits, threshold_baseline_masks
 from .io import load_labels, load_volume
-from .metrics import slice_dice, volume_dice
+from .evaluation.metrics import slice_dice, volume_dice
 from .pipeline import segment_volume
 from .preprocess import from_frame
 from .settings import PREPROCESS_PRESETS, SegmentSettings
-from .workflows import build_bank_from_files, write_outputs
-from ._paths import sample_data_dir
+from .file_steps import build_bank_from_files, write_outputs
+from .paths import sample_data_dir
 
 __all__ = ["DEMO_MARKER", "sample_files", "run_demo"]
 

@@ -26,7 +26,7 @@ from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
 from .prompts import make_prompt
 from .settings import Preprocessing, SegmentSettings, to_dict
-from .sources import volume_frames
+from .model_inputs import volume_frames
 
 __all__ = [
     "EncodedVolume",

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import WeightsError
 from .base import pick_device, sha256_file
-from ._samlike import SamLikeBackbone
+from .sam_family import SamLikeBackbone
 
 __all__ = ["LiteMedSAM"]
 
@@ -27,7 +27,7 @@ class LiteMedSAM(SamLikeBackbone):
     The model was trained with box prompts only, so its default prompt here is ``cog-box``;
     point prompts run but give near-empty masks (measured; see docs).
 
-    ``fast`` picks the CPU encoder (:mod:`napari_mias_sam.fast_encoder`): ``"auto"`` (default:
+    ``fast`` picks the CPU encoder (:mod:`napari_mias_sam.backbones.fast_cpu`): ``"auto"`` (default:
     ONNX Runtime when installed, else folded PyTorch), ``"onnx"``, ``"torch"`` or ``"off"``
     (eager PyTorch); ``True``/``False`` mean ``"auto"``/``"off"``. ``None`` reads the
     ``MIAS_SAM_FAST_ENCODER`` environment variable (default ``auto``). Every fast path gives the
@@ -47,7 +47,7 @@ class LiteMedSAM(SamLikeBackbone):
         precision: str = "fp32",
         fast: bool | str | None = None,
     ) -> None:
-        from ..fast_encoder import FAST_MODES
+        from .fast_cpu import FAST_MODES
 
         if fast is None:
             fast = os.environ.get("MIAS_SAM_FAST_ENCODER", "auto").strip().lower() or "auto"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import WeightsError
 from .base import pick_device, sha256_file
-from ._samlike import SamLikeBackbone
+from .sam_family import SamLikeBackbone
 
 __all__ = ["SamBackbone", "SAM_VARIANTS"]
 
@@ -21,7 +21,7 @@ _OFFICIAL_NAMES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.p
 
 def _cached_sha256(path: Path) -> str:
     """SHA-256 of a large weights file, remembered per (path, size, mtime) in the user cache."""
-    from .._paths import cache_dir
+    from ..paths import cache_dir
 
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"

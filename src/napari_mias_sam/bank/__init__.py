@@ -1,0 +1,31 @@
+"""The normal memory bank: faiss index types, the bank folder (store, save, load), building and
+calibration, and the exact torch kNN and coreset selection that building uses.
+
+``from napari_mias_sam.bank import MemoryBank, build_bank, load_bank`` is the public entry."""
+
+from __future__ import annotations
+
+from .build import CALIBRATION_KS, build_bank
+from .store import (
+    BANK_FORMAT,
+    BANK_FORMAT_VERSION,
+    INDEX_TYPES,
+    MemoryBank,
+    SliceGroup,
+    check_compatible,
+    estimate_bank_memory,
+    load_bank,
+)
+
+__all__ = [
+    "BANK_FORMAT",
+    "BANK_FORMAT_VERSION",
+    "CALIBRATION_KS",
+    "INDEX_TYPES",
+    "MemoryBank",
+    "SliceGroup",
+    "build_bank",
+    "check_compatible",
+    "estimate_bank_memory",
+    "load_bank",
+]

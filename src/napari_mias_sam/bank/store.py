@@ -1,0 +1,428 @@
+"""The normal memory bank: patch features of normal slices in a faiss index, with provenance.
+
+A bank is a folder holding ``index.faiss`` (faiss's own binary format, which cannot run code)
+and ``manifest.json`` (what made it: backbone and weights hash, preprocessing, slice axis, patch
+layout, counts, and the normal-score calibration). Saves are atomic; loading checks the files
+against the manifest, and :func:`check_compatible` refuses a bank made with another backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+import torch
+
+from ..anomaly import Calibration
+from ..errors import BankMismatchError, InputError
+from .knn import TorchSearcher
+from ..patches import GRID, feature_dim
+
+__all__ = [
+    "BANK_FORMAT",
+    "BANK_FORMAT_VERSION",
+    "SliceGroup",
+    "MemoryBank",
+    "load_bank",
+    "check_compatible",
+    "INDEX_TYPES",
+    "estimate_bank_memory",
+]
+
+BANK_FORMAT = "napari-mias-sam memory bank"
+BANK_FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+MANIFEST_FILE = "manifest.json"
+#: faiss index types: exact flat L2 in fp32 / fp16 / 8-bit scalar quantisation, and inverted
+#: files (IVF: a coarse k-means partition; a search visits ``nprobe`` of ``nlist`` cells).
+INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "ivf", "ivf-fp16")
+_FACTORY = {"flat": "Flat", "flat-fp16": "SQfp16", "flat-sq8": "SQ8", "ivf": "IVF{nlist},Flat", "ivf-fp16": "IVF{nlist},SQfp16"}
+_BYTES_PER_DIM = {"flat": 4, "flat-fp16": 2, "flat-sq8": 1, "ivf": 4, "ivf-fp16": 2}
+#: Vectors buffered at the start of a build to train SQ8 / IVF indexes (1 GiB at 1,024-d fp32).
+TRAIN_MAX = 262_144
+#: A coreset is selected within chunks of at most this many patches of one source (256 slices
+#: on a GPU, 32 on a CPU): bounds the memory (1 GiB at 1,024-d) and the cost of greedy
+#: selection, which grows with chunk size x kept patches (one pass over the chunk per pick).
+CORESET_CHUNK = 262_144
+CORESET_CHUNK_CPU = 32_768
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class SliceGroup:
+    """Normal slices from one source (a volume, or a block of a slice folder). ``load()`` returns
+    them in the 256 x 256 model frame with intensities in [0, 1] and is called once, when the
+    group's turn comes (so a large build never holds every slice). ``n`` is the expected count.
+    Slices of one group are never used to calibrate each other (they are near-duplicates)."""
+
+    name: str
+    n: int
+    #: -> (frames (N, 256, 256), skipped slices[, slice indices in the source[, extra manifest entries]])
+    load: Callable[[], tuple]
+    path: str | None = None  # the source file or folder, recorded in the manifest
+
+
+def _check_index_type(index_type: str) -> None:
+    if index_type not in INDEX_TYPES:
+        raise InputError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+
+
+def _new_index(d: int, index_type: str) -> faiss.Index:
+    """A flat index that needs no training (``flat`` and ``flat-fp16``)."""
+    _check_index_type(index_type)
+    if index_type == "flat":
+        return faiss.IndexFlatL2(d)
+    if index_type == "flat-fp16":
+        return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    raise InputError(f"index type {index_type!r} must be trained first")
+
+
+def ivf_nlist(expected: int, n_train: int) -> int:
+    """IVF cells for a bank of about ``expected`` vectors: 4 sqrt(N) (faiss's guideline), at most
+    one cell per 39 training vectors (fewer leaves k-means cells empty)."""
+    return int(max(1, min(round(4 * math.sqrt(max(expected, 1))), n_train // 39)))
+
+
+def ivf_default_nprobe(nlist: int) -> int:
+    """Cells visited per query by default: 1/8 of them, at least 8 and at most 256."""
+    return int(min(nlist, max(8, min(256, math.ceil(nlist / 8)))))
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set ``nprobe`` on an IVF index (CPU or GPU, plain or wrapped); no-op for flat indexes."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+        return
+    gpu_params = getattr(faiss, "GpuParameterSpace", None)
+    if gpu_params is not None:
+        try:  # a GPU IVF index (or replicas of one)
+            gpu_params().set_index_parameter(index, "nprobe", int(nprobe))
+        except Exception:
+            pass  # not an IVF index: nothing to set
+
+
+def _trained_index(d: int, index_type: str, data: np.ndarray, expected: int) -> tuple[faiss.Index, dict]:
+    """A new SQ8 / IVF index trained on ``data`` (at most :data:`TRAIN_MAX` rows of it, evenly
+    spread), and what the manifest records about it."""
+    if len(data) > TRAIN_MAX:
+        data = data[np.linspace(0, len(data) - 1, TRAIN_MAX).round().astype(np.int64)]
+    info: dict = {"trained_on": int(len(data))}
+    desc = _FACTORY[index_type]
+    if index_type.startswith("ivf"):
+        nlist = ivf_nlist(expected, len(data))
+        desc = desc.format(nlist=nlist)
+        info.update(nlist=nlist, nprobe=ivf_default_nprobe(nlist))
+    index = faiss.index_factory(d, desc, faiss.METRIC_L2)
+    index.train(np.ascontiguousarray(data, dtype=np.float32))
+    if "nprobe" in info:
+        set_nprobe(index, info["nprobe"])
+    return index, info
+
+
+class _IndexSink:
+    """Receives a build's patch vectors in order (ids are assigned in that order). Index types
+    that need training buffer the first vectors (up to :data:`TRAIN_MAX`), train on them, then
+    stream like the flat ones."""
+
+    def __init__(self, d: int, index_type: str, expected: int) -> None:
+        _check_index_type(index_type)
+        self.d, self.index_type, self.expected = d, index_type, max(int(expected), 1)
+        self.info: dict = {}
+        self.index: faiss.Index | None = _new_index(d, index_type) if index_type in ("flat", "flat-fp16") else None
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.d)
+        self.count += len(x)
+        if self.index is not None:
+            self.index.add(x)
+            return
+        self._buffer.append(x)
+        self._buffered += len(x)
+        if self._buffered >= min(TRAIN_MAX, self.expected):
+            self._train()
+
+    def _train(self) -> None:
+        data = np.concatenate(self._buffer)
+        self._buffer, self._buffered = [], 0
+        self.index, self.info = _trained_index(self.d, self.index_type, data, self.expected)
+        self.index.add(data)
+
+    def finish(self) -> faiss.Index | None:
+        if self.index is None and self._buffered:
+            self._train()
+        return self.index
+
+
+def estimate_bank_memory(n_patches: int, layout: str = "paper1024", index_type: str = "flat", *, coreset_ratio: float | None = None) -> dict:
+    """Bytes a bank of ``n_patches`` encoded patches needs (after a coreset with ``coreset_ratio``).
+
+    ``index``: the index in memory (= its file size, to a few kB) when searching on the CPU;
+    ``build_peak``: the index plus what a build holds besides it (one coreset chunk of fp32
+    features, or the IVF / SQ8 training buffer); ``gpu_search``: device memory of the torch GPU
+    search (an fp16 copy for the distance product plus an fp32 copy for the exact re-rank).
+    """
+    _check_index_type(index_type)
+    d = feature_dim(layout)
+    n = int(n_patches if coreset_ratio is None else math.ceil(n_patches * coreset_ratio))
+    per = d * _BYTES_PER_DIM[index_type]
+    extra = 0
+    nlist = None
+    if index_type.startswith("ivf"):
+        nlist = ivf_nlist(n, min(n, TRAIN_MAX))
+        extra = n * 8 + nlist * d * 4  # inverted-list ids (int64) + centroids
+    index_bytes = n * per + extra
+    buffers = []
+    if coreset_ratio is not None:
+        buffers.append(min(n_patches, CORESET_CHUNK) * d * 4)
+    if index_type in ("flat-sq8", "ivf", "ivf-fp16"):
+        buffers.append(min(n, TRAIN_MAX) * d * 4)
+    return {
+        "patches": n,
+        "feature_dim": d,
+        "index_type": index_type,
+        "nlist": nlist,
+        "index_bytes": int(index_bytes),
+        "build_peak_bytes": int(index_bytes + max(buffers, default=0)),
+        "gpu_search_bytes": int(n * d * (2 + 4) + n * 4),
+    }
+
+
+class MemoryBank:
+    """Patch features of normal slices behind a faiss index, and the manifest that describes them."""
+
+    def __init__(self, index: faiss.Index, manifest: dict, path: Path | None = None) -> None:
+        self.index = index
+        self.manifest = manifest
+        self.path = path
+        self._gpu_index: faiss.Index | None = None
+        self._torch: TorchSearcher | None = None
+        if self.nprobe is not None:
+            set_nprobe(index, self.nprobe)
+
+    # -- what it is -----------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        return self.manifest["patch_layout"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["feature_dim"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def backbone(self) -> dict:
+        return self.manifest["backbone"]
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF cells visited per query (from the manifest; None for flat indexes)."""
+        n = self.manifest.get("index", {}).get("nprobe")
+        return None if n is None else int(n)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self.nprobe is None:
+            raise ValueError("nprobe applies to IVF banks only")
+        self.manifest["index"]["nprobe"] = int(value)
+        for idx in (self.index, self._gpu_index):
+            if idx is not None:
+                set_nprobe(idx, int(value))
+
+    @property
+    def search_device(self) -> torch.device:
+        """Where query features are best computed: the torch GPU search's device, else the CPU."""
+        return self._torch.device if self._torch is not None else torch.device("cpu")
+
+    @property
+    def search_backend(self) -> str:
+        """Where searches run: ``faiss-gpu``, ``torch-<device>`` or ``faiss-cpu``."""
+        if self._gpu_index is not None:
+            return "faiss-gpu"
+        if self._torch is not None:
+            return f"torch-{self._torch.device}"
+        return "faiss-cpu"
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.manifest["preprocessing"]
+
+    @property
+    def slice_axis(self) -> str:
+        return str(self.manifest.get("slice_axis", "axial"))
+
+    def calibration(self, k: int = 1) -> Calibration:
+        cal = self.manifest.get("calibration") or {}
+        per_k = cal.get("per_k", {})
+        if not per_k:
+            raise BankMismatchError(
+                f"{self.path or 'bank'}: holds no calibration statistics (it needs normal slices from at "
+                "least one source); use --normalisation reference or rebuild the bank."
+            )
+        key = str(k) if str(k) in per_k else str(max(int(x) for x in per_k if int(x) <= max(k, 1)))
+        return Calibration(low=float(per_k[key]["low"]), high=float(per_k[key]["high"]))
+
+    def summary(self) -> str:
+        b = self.backbone
+        cal = self.manifest.get("calibration", {})
+        return (
+            f"{self.ntotal:,} patches from {self.manifest['counts']['slices']} slices of "
+            f"{len(self.manifest.get('sources', []))} sources; backbone {b['name']} "
+            f"(weights sha256 {str(b['weights_sha256'])[:12]}), layout {self.layout} ({self.dim}-d), "
+            f"index {self.manifest['index']['type']}"
+            + (f" (nlist {self.manifest['index']['nlist']}, nprobe {self.nprobe})" if self.nprobe is not None else "")
+            + (f", coreset {self.manifest['coreset']['ratio']:g} of {self.manifest['coreset']['encoded_patches']:,} patches"
+               if self.manifest.get("coreset") else "")
+            + f", axis {self.slice_axis}, "
+            f"preprocessing {self.manifest['preprocessing'].get('mode')}; calibration on "
+            f"{cal.get('n_slices', 0)} held-out slices"
+        )
+
+    # -- searching ------------------------------------------------------------------------
+    def search(self, features: np.ndarray | torch.Tensor, k: int = 1, *, params: faiss.SearchParameters | None = None) -> np.ndarray:
+        """Squared L2 distances (M, k) of each feature row to its k nearest bank patches."""
+        on_torch = self._torch is not None and params is None
+        if on_torch and isinstance(features, torch.Tensor):
+            x = features  # the torch (GPU) search takes device tensors as they are
+        else:
+            f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
+            x = np.ascontiguousarray(f, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"features must be (M, {self.dim}), got {tuple(x.shape)}")
+        if self.ntotal == 0:
+            raise BankMismatchError("the memory bank is empty; build it from normal slices first")
+        k = min(k, self.ntotal)
+        if on_torch:
+            return self._torch.search(x, k)
+        index = self._gpu_index or self.index
+        dist, _ = index.search(x, k, params=params) if params is not None else index.search(x, k)
+        return np.maximum(dist, 0.0)
+
+    def patch_scores(self, features: torch.Tensor | np.ndarray, k: int = 1) -> np.ndarray:
+        """(N, 1024, D) patch features -> (N, 32, 32) scores: mean squared L2 to the k nearest."""
+        n = features.shape[0]
+        d = self.search(features.reshape(-1, features.shape[-1]), k)
+        return d.mean(axis=1).reshape(n, GRID, GRID).astype(np.float32)
+
+    def use_gpu(self, device: torch.device | str | None = None) -> bool:
+        """Search on a GPU from now on: faiss's GPU index when faiss was built with GPU support
+        and sees one; else, when torch has CUDA, :class:`~napari_mias_sam.bank.knn.TorchSearcher`
+        (the bank copied to ``device``, fp16 distance product with an exact fp32 re-rank; it
+        searches IVF banks exhaustively, i.e. exactly). Returns False (CPU search) otherwise."""
+        if self._gpu_index is not None or self._torch is not None:
+            return True
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
+            if self.nprobe is not None:
+                set_nprobe(self._gpu_index, self.nprobe)
+            return True
+        if torch.cuda.is_available():
+            dev = torch.device(device if device is not None else "cuda")
+            if dev.type == "cuda":
+                self._torch = TorchSearcher(self.index, device=dev)
+                return True
+        return False
+
+    def use_cpu(self) -> None:
+        """Drop any GPU copy of the bank (searches go back to faiss on the CPU)."""
+        self._gpu_index = None
+        self._torch = None
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the bank folder atomically (a temporary folder renamed into place)."""
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise InputError(f"{target}: already exists; choose another folder or pass --overwrite.")
+        if target.exists() and not (target / MANIFEST_FILE).is_file():
+            raise InputError(f"{target}: exists and is not a memory bank folder; refusing to replace it.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+        try:
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            manifest = dict(self.manifest)
+            manifest["index"] = dict(manifest["index"], file=INDEX_FILE, ntotal=self.ntotal)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = target
+        return target
+
+
+def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
+    """Open a bank folder; check its manifest and index agree. ``mmap`` maps large indexes."""
+    path = Path(path)
+    mf = path / MANIFEST_FILE
+    if not path.is_dir() or not mf.is_file():
+        raise InputError(f"{path}: not a memory bank folder (no {MANIFEST_FILE}). Build one with 'mias-sam build-bank'.")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{mf}: is not valid JSON ({exc}); the bank is damaged, rebuild it.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
+        raise InputError(f"{mf}: not a napari-mias-sam bank manifest.")
+    if int(manifest.get("format_version", 0)) > BANK_FORMAT_VERSION:
+        raise InputError(f"{path}: bank format {manifest.get('format_version')} is newer than this version of napari-mias-sam; upgrade it.")
+    idx_file = path / manifest.get("index", {}).get("file", INDEX_FILE)
+    if not idx_file.is_file():
+        raise InputError(f"{idx_file}: missing; the bank folder is incomplete, rebuild it.")
+    try:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(idx_file), flags)
+    except Exception as exc:
+        raise InputError(f"{idx_file}: cannot read the faiss index ({exc}); the bank is damaged, rebuild it.") from exc
+    missing = [k for k in ("backbone", "preprocessing", "patch_layout", "feature_dim") if k not in manifest]
+    try:
+        want_d, want_n = int(manifest["feature_dim"]), int(manifest["index"]["ntotal"])
+    except (KeyError, TypeError, ValueError):
+        missing.append("index.ntotal")
+    if missing:
+        raise InputError(f"{mf}: lacks or garbles {', '.join(missing)}; the bank is damaged, rebuild it.")
+    if index.d != want_d or index.ntotal != want_n:
+        raise InputError(
+            f"{path}: index ({index.ntotal} x {index.d}) does not match its manifest "
+            f"({manifest['index']['ntotal']} x {manifest['feature_dim']}); rebuild the bank."
+        )
+    return MemoryBank(index, manifest, path)
+
+
+def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: dict | None = None) -> None:
+    """Refuse a bank made with another backbone or weights (its embedding space is different)."""
+    b = bank.backbone
+    where = bank.path or "the memory bank"
+    if b.get("name") != backbone_info.get("name") or b.get("weights_sha256") != backbone_info.get("weights_sha256"):
+        raise BankMismatchError(
+            f"{where} was built with backbone {b.get('name')} (weights sha256 {str(b.get('weights_sha256'))[:12]}), "
+            f"but the selected backbone is {backbone_info.get('name')} (weights sha256 "
+            f"{str(backbone_info.get('weights_sha256'))[:12]}). Embeddings of different backbones or weights are not "
+            f"comparable: select {b.get('name')} with the same weights, or rebuild the bank with the selected backbone."
+        )
+    if preprocessing is not None and preprocessing.get("mode") != bank.preprocessing.get("mode"):
+        raise BankMismatchError(
+            f"{where} was built with '{bank.preprocessing.get('mode')}' preprocessing but this run uses "
+            f"'{preprocessing.get('mode')}'; use the bank's preprocessing or rebuild the bank."
+        )

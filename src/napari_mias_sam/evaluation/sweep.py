@@ -1,0 +1,366 @@
+"""Evaluation over many subjects or slices: the paper's metrics, 3D metrics and ablations.
+
+Each test slice is encoded once (embedding cache); the kNN runs once per (bank, k); a decode
+pass runs once per (bank, k, normalisation, prompt, gamma); the three masks of one pass give
+the mask ablation for free. Ablations vary one factor at a time around the default.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..anomaly import image_scores, maps_from_scores
+from ..backbones import default_prompt_for
+from ..bank import MemoryBank, check_compatible
+from ..cache import EmbeddingCache
+from ..datasets import LesionLabels, lesion_mask
+from ..errors import InputError
+from ..io import Volume, load_labels, load_volume
+from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
+from ..patches import GRID
+from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
+from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
+from ..settings import SegmentSettings
+from ..model_inputs import volume_frames
+
+__all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "evaluate"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class TestUnit:
+    """Test slices of one subject (a volume) or one group of same-size 2D slices."""
+
+    name: str
+    frames: torch.Tensor  # (N, 256, 256)
+    foreground: np.ndarray  # (N,) bool
+    frame: Frame
+    gt: np.ndarray  # (N, H, W) bool, slices first
+    labels: np.ndarray  # (N,) 1 = anomalous slice
+    is_volume: bool
+    embeddings: torch.Tensor | None = None
+
+
+def unit_from_volume(vol: Volume, gt: np.ndarray, bank: MemoryBank, axis: int | str | None = None, *, name: str | None = None) -> TestUnit:
+    """One unit from an image volume and its binary ground truth (file order), preprocessed as the bank was."""
+    ax = resolve_axis(axis if axis is not None else bank.slice_axis, vol.affine)
+    frames, fg = volume_frames(vol.data, preprocessing_from_bank(bank), ax, source=str(vol.path or vol.name))
+    g = volume_slices(np.asarray(gt, dtype=bool), ax)
+    h, w = g.shape[1:]
+    return TestUnit(name or vol.name, frames, fg, Frame(h, w), np.ascontiguousarray(g), g.reshape(len(g), -1).any(1).astype(int), True)
+
+
+def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, axis: int | str | None = None, *,
+                       lesion: LesionLabels = None) -> list[TestUnit]:
+    """One unit per (image, ground truth) NIfTI pair; ``lesion``: the label values that count
+    as the anomaly (None: any non-zero)."""
+    if len(images) != len(gts):
+        raise InputError(f"--images and --gts must pair up: got {len(images)} images and {len(gts)} ground truths.")
+    units = []
+    for img_p, gt_p in zip(images, gts):
+        vol = load_volume(img_p)
+        gt = load_labels(gt_p, like=vol)
+        units.append(unit_from_volume(vol, lesion_mask(gt.data, lesion), bank, axis))
+    return units
+
+
+def units_from_slices(images: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, name: str = "slices") -> list[TestUnit]:
+    """Units from 2D slices (BMAD), grouped by slice size."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(im.shape, []).append(i)
+    units = []
+    for (h, w), idx in by_shape.items():
+        stack = np.stack([images[i] for i in idx]).astype(np.float32)
+        gt = np.stack([masks[i] for i in idx]).astype(bool)
+        units.append(TestUnit(f"{name}[{h}x{w}]", to_frame(stack), foreground_slices(stack), Frame(h, w), gt, np.asarray(labels)[idx], False))
+    return units
+
+
+@dataclass
+class Ablations:
+    """Which one-factor-at-a-time ablations to run (the default row is always run)."""
+
+    prompts: tuple[str, ...] = ("cog-point", "cog-box", "max-point", "threshold-box")
+    gammas: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 8.0)
+    ks: tuple[int, ...] = (1, 3, 5)
+    normalisations: tuple[str, ...] = ("calibrated", "reference")
+    masks: tuple[int, ...] = (1, 2, 3)
+
+
+@dataclass
+class _Pass:
+    logits: list[np.ndarray]
+    ious: list[np.ndarray]
+    prompts: list[list]
+
+
+@dataclass
+class EvalContext:
+    units: list[TestUnit]
+    banks: list[MemoryBank]
+    backbone: object
+    base: SegmentSettings
+    progress: ProgressFn | None = None
+    k_max: int = 1  # the largest k of the sweep: one search per bank
+    scores: dict = field(default_factory=dict)  # (bank, k) -> list of (N, 32, 32); (bank, "dist") -> distances
+    maps: dict = field(default_factory=dict)  # (bank, k, norm) -> list of (N, 256, 256)
+    passes: dict = field(default_factory=dict)  # (bank, k, norm, prompt, gamma) -> _Pass
+
+
+def _encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None, progress: ProgressFn | None, batch_size: int) -> None:
+    total = sum(len(u.frames) for u in units)
+    done = 0
+    for u in units:
+        u.embeddings = cached_encode(u.frames, backbone, cache, batch_size=batch_size)[0]
+        done += len(u.frames)
+        if progress:
+            progress("encode test slices", done, total)
+
+
+def _neighbour_distances(ctx: EvalContext, b: int) -> list[np.ndarray]:
+    """Per unit, (N, 1024, k_max) sorted squared distances to the bank: one search per bank
+    serves every k of the sweep (the k nearest are the first k of the k_max nearest)."""
+    if (b, "dist") not in ctx.scores:
+        bank = ctx.banks[b]
+        out = []
+        for u in ctx.units:
+            out.append(neighbour_distances(u.embeddings, bank, k=ctx.k_max))
+            if ctx.progress:
+                ctx.progress(f"nearest-neighbour search ({_bank_name(bank)})", len(out), len(ctx.units))
+        ctx.scores[(b, "dist")] = out
+    return ctx.scores[(b, "dist")]
+
+
+def _scores(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
+    """Per unit, (N, 32, 32) patch scores: mean squared distance to the k nearest bank patches."""
+    if (b, k) not in ctx.scores:
+        ctx.scores[(b, k)] = [d[:, :, :k].mean(axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
+                              for d in _neighbour_distances(ctx, b)]
+    return ctx.scores[(b, k)]
+
+
+def _maps(ctx: EvalContext, b: int, k: int, norm: str) -> list[np.ndarray]:
+    """Normalised frame maps per unit; 'reference' min-max spans the whole test set (paper)."""
+    if (b, k, norm) in ctx.maps:
+        return ctx.maps[(b, k, norm)]
+    raw = [maps_from_scores(s, sigma=ctx.base.sigma) for s in _scores(ctx, b, k)]
+    if norm == "calibrated":
+        cal = ctx.banks[b].calibration(k)
+        out = [cal.apply(m) for m in raw]
+    else:
+        pool = [m[u.foreground] for m, u in zip(raw, ctx.units) if u.foreground.any()]
+        lo = min(float(p.min()) for p in pool)
+        hi = max(float(p.max()) for p in pool)
+        out = [np.clip((m - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32) for m in raw]
+    for m, u in zip(out, ctx.units):
+        m[~u.foreground] = 0.0
+    ctx.maps[(b, k, norm)] = out
+    return out
+
+
+def _decode_pass(ctx: EvalContext, b: int, k: int, norm: str, prompt: str, gamma: float) -> _Pass:
+    key = (b, k, norm, prompt, gamma)
+    if key in ctx.passes:
+        return ctx.passes[key]
+    maps = _maps(ctx, b, k, norm)
+    st = ctx.base.replace(prompt=prompt, gamma=gamma, k=k, normalisation=norm)
+    logits, ious, prompts = [], [], []
+    for u, m in zip(ctx.units, maps):
+        enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
+        p, lg, io = decode_all(enc, m, ctx.backbone, st)
+        logits.append(lg)
+        ious.append(io)
+        prompts.append(p)
+    ctx.passes[key] = _Pass(logits, ious, prompts)
+    if ctx.progress:
+        ctx.progress("decode passes", len(ctx.passes), len(ctx.passes))
+    return ctx.passes[key]
+
+
+def _masks(u: TestUnit, logits: np.ndarray, mask_index: int, keep: np.ndarray) -> np.ndarray:
+    m = from_frame(logits[:, mask_index - 1].astype(np.float32), u.frame) > 0
+    m[~keep] = False
+    return m
+
+
+def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int, k: int, per_slice: list | None = None) -> dict:
+    """Slice and volume Dice of one decode pass, with and without the slice decision.
+    ``per_slice``: if given, receives (unit index, slice Dice) of every anomalous slice."""
+    thr = slice_decision_threshold(ctx.banks[b], k)
+    preds, preds_dec, gts, labels, vd, vd_dec, owner = [], [], [], [], [], [], []
+    for u, lg, pr, sc in zip(ctx.units, pas.logits, pas.prompts, _scores(ctx, b, k)):
+        has_prompt = np.array([p is not None for p in pr])
+        keep = u.foreground & has_prompt
+        m = _masks(u, lg, mask_index, keep)
+        m_dec = m & (image_scores(sc) > thr)[:, None, None]
+        preds.extend(m)
+        preds_dec.extend(m_dec)
+        gts.extend(u.gt)
+        labels.extend(u.labels)
+        owner.extend([len(vd_dec) if u.is_volume else -1] * len(m))
+        if u.is_volume:
+            vd.append(volume_dice(m, u.gt))
+            vd_dec.append(volume_dice(m_dec, u.gt))
+    lab = np.asarray(labels)
+    sd = paper_slice_dice(preds, gts, labels=lab)
+    if per_slice is not None:
+        per_slice.extend((owner[i], v) for i, v in sd["per_slice"].items())
+    return {
+        "slice_dice": sd["mean"],
+        "slice_dice_with_decision": paper_slice_dice(preds_dec, gts, labels=lab)["mean"],
+        "volume_dice": float(np.mean(vd)) if vd else None,
+        "volume_dice_with_decision": float(np.mean(vd_dec)) if vd_dec else None,
+        "volume_dice_per_subject": [round(v, 4) for v in vd],
+        "decision_threshold": thr,
+        "slices_kept_with_decision": int(sum(bool(m.any()) for m in preds_dec)),
+    }
+
+
+def _detection_metrics(ctx: EvalContext, b: int, k: int) -> dict:
+    maps = _maps(ctx, b, k, "reference")
+    grid_maps, gts, img_s, labels = [], [], [], []
+    for u, m, sc in zip(ctx.units, maps, _scores(ctx, b, k)):
+        grid_maps.extend(from_frame(m, u.frame))
+        gts.extend(u.gt)
+        img_s.extend(image_scores(sc))
+        labels.extend(u.labels)
+    lab = np.asarray(labels)
+    out = {"p_auroc": None, "aupro_0.3": None, "image_auroc": None}
+    if any(g.any() for g in gts) and not all(g.all() for g in gts):
+        out["p_auroc"] = pixel_auroc(grid_maps, gts)
+        out["aupro_0.3"] = aupro(grid_maps, gts, max_fpr=0.3)
+    if 0 < lab.sum() < len(lab):
+        out["image_auroc"] = image_auroc(np.asarray(img_s), lab)
+    return out
+
+
+def _baseline(ctx: EvalContext, b: int, k: int, threshold: float = 0.5, per_slice: list | None = None) -> dict:
+    """The thresholding baseline: reference-normalised map > 0.5, no SAM. ``per_slice``: as in
+    :func:`_segmentation_metrics`."""
+    maps = _maps(ctx, b, k, "reference")
+    preds, gts, labels, vd, owner = [], [], [], [], []
+    for u, m in zip(ctx.units, maps):
+        p = from_frame(m, u.frame) > threshold
+        p[~u.foreground] = False
+        preds.extend(p)
+        gts.extend(u.gt)
+        labels.extend(u.labels)
+        owner.extend([len(vd) if u.is_volume else -1] * len(p))
+        if u.is_volume:
+            vd.append(volume_dice(p, u.gt))
+    sd = paper_slice_dice(preds, gts, labels=np.asarray(labels))
+    if per_slice is not None:
+        per_slice.extend((owner[i], v) for i, v in sd["per_slice"].items())
+    return {
+        "slice_dice": sd["mean"],
+        "volume_dice": float(np.mean(vd)) if vd else None,
+    }
+
+
+def evaluate(
+    units: list[TestUnit],
+    banks: list[MemoryBank],
+    backbone,
+    *,
+    base: SegmentSettings | None = None,
+    ablations: Ablations | None = None,
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Run the default setting and the ablations; return rows and detection metrics."""
+    if not units:
+        raise InputError("nothing to evaluate: no test slices")
+    if not banks:
+        raise InputError("evaluate needs at least one --bank")
+    info = backbone.describe()
+    for bk in banks:
+        check_compatible(bk, info)
+    base = base or SegmentSettings()
+    if base.prompt is None:
+        base = base.replace(prompt=default_prompt_for(backbone.name))
+    abl = ablations or Ablations()
+    t0 = time.perf_counter()
+    _encode_units(units, backbone, cache, progress, batch_size)
+    t_enc = time.perf_counter() - t0
+    ctx = EvalContext(units, banks, backbone, base, progress, k_max=max((base.k, *abl.ks)))
+    rows: list[dict] = []
+
+    def add(group: str, value, b: int, k: int, norm: str, prompt: str, gamma: float, mask: int, per_slice: list | None = None) -> None:
+        pas = _decode_pass(ctx, b, k, norm, prompt, gamma)
+        row = {"ablation": group, "value": str(value), "bank": _bank_name(banks[b]), "layout": banks[b].layout,
+               "k": k, "normalisation": norm, "prompt": prompt, "gamma": gamma, "mask": mask}
+        row.update(_segmentation_metrics(ctx, pas, mask, b, k, per_slice=per_slice))
+        rows.append(row)
+
+    d = base
+    mine, theirs = [], []  # (subject, slice Dice) of the default and of the baseline, for the paired comparison
+    add("default", "default", 0, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index, per_slice=mine)
+    for m in abl.masks:
+        add("mask", m, 0, d.k, d.normalisation, d.prompt, d.gamma, m)
+    for p in abl.prompts:
+        add("prompt", p, 0, d.k, d.normalisation, p, d.gamma, d.mask_index)
+    for g in abl.gammas:
+        add("gamma", g, 0, d.k, d.normalisation, d.prompt, g, d.mask_index)
+    for n in abl.normalisations:
+        add("normalisation", n, 0, d.k, n, d.prompt, d.gamma, d.mask_index)
+    for k in abl.ks:
+        add("k", k, 0, k, d.normalisation, d.prompt, d.gamma, d.mask_index)
+    for b in range(len(banks)):
+        add("bank", f"{_bank_name(banks[b])} ({banks[b].layout})", b, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index)
+
+    detection = []
+    for b in range(len(banks)):
+        for k in sorted({d.k, *abl.ks}):
+            det = {"bank": _bank_name(banks[b]), "layout": banks[b].layout, "k": k}
+            det.update(_detection_metrics(ctx, b, k))
+            det["baseline_threshold_0.5"] = _baseline(ctx, b, k, per_slice=theirs if (b, k) == (0, d.k) else None)
+            detection.append(det)
+
+    # The default against the 0.5-threshold baseline, slice by slice (paired bootstrap intervals)
+    comparison = None
+    if mine:
+        by_subject = all(o >= 0 for o, _ in mine)  # volumes: each slice belongs to a subject
+        comparison = paired_bootstrap([v for _, v in mine], [v for _, v in theirs],
+                                      groups=[o for o, _ in mine] if by_subject else None)
+        comparison["bank"] = _bank_name(banks[0])
+        if by_subject:
+            comparison["per_subject"] = [
+                {"subject": u.name, "anomalous_slices": int(sum(o == i for o, _ in mine)),
+                 "slice_dice": _mean_of(mine, i), "baseline_slice_dice": _mean_of(theirs, i)}
+                for i, u in enumerate(u for u in units if u.is_volume)
+            ]
+
+    n_slices = sum(len(u.frames) for u in units)
+    return {
+        "rows": rows,
+        "detection": detection,
+        "default_vs_baseline": comparison,
+        "data": {
+            "units": [u.name for u in units],
+            "slices": n_slices,
+            "anomalous_slices": int(sum(u.labels.sum() for u in units)),
+            "volumes": sum(u.is_volume for u in units),
+        },
+        "backbone": info,
+        "banks": [{"path": str(bk.path), "summary": bk.summary()} for bk in banks],
+        "default_settings": {"prompt": d.prompt, "gamma": d.gamma, "mask": d.mask_index, "k": d.k, "normalisation": d.normalisation},
+        "timings_s": {"encode": round(t_enc, 1), "total": round(time.perf_counter() - t0, 1), "decode_passes": len(ctx.passes)},
+    }
+
+
+def _mean_of(pairs: list[tuple[int, float]], owner: int) -> float | None:
+    vals = [v for o, v in pairs if o == owner]
+    return float(np.mean(vals)) if vals else None
+
+
+def _bank_name(bank: MemoryBank) -> str:
+    return bank.path.name if bank.path else "bank"

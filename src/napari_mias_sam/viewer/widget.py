@@ -1,0 +1,386 @@
+"""The MIAS-SAM dock widget: backbone and device, memory bank (build / load / save), a run on the
+selected image layer in a background worker, and live QA (``widget_live``).
+
+A thin layer: every computation is a call into the same modules the ``mias-sam`` command line
+uses (``backbones``, ``file_steps``, ``bank``, ``pipeline``, ``viewer.live``, ``viewer.layers``).
+"""
+
+from functools import partial
+from typing import Optional
+
+import napari
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    ProgressBar,
+    PushButton,
+    RadioButtons,
+    SpinBox,
+)
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QGroupBox, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+
+from .widget_bank import BankMixin, _path_or_none
+from .widget_dataset import DatasetMixin
+from .widget_live import LiveController, is_output_layer
+from .widget_profile import ProfilePlot
+from .widget_threads import Failed, Job, avoid_triton_llvm_crash
+from ..backbones import BACKBONES, default_prompt_for
+from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
+from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES, SegmentSettings
+
+__all__ = ["MiasSamWidget"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _wrapping(label: Label) -> None:
+    """Let a long text label wrap to the dock's width instead of widening it."""
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+
+
+def _section(title: str, *widgets) -> tuple[QGroupBox, Container]:
+    box = QGroupBox(title)
+    lay = QVBoxLayout(box)
+    lay.setContentsMargins(4, 4, 4, 4)
+    cont = Container(widgets=list(widgets))
+    cont.native.layout().setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(cont.native)
+    return box, cont
+
+
+class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
+    """Dock widget of napari-mias-sam (Plugins > MIAS-SAM, or Layers > Segment > MIAS-SAM)."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__()
+        avoid_triton_llvm_crash()
+        self.viewer = napari_viewer
+        self.bank = None
+        self.backbone = None
+        self.backbone_key: Optional[tuple] = None
+        self.live: Optional[LiveController] = None
+        self.job: Optional[Job] = None
+        self.use_cache = True
+        self._pinned = False  # a backbone given by use_backbone() overrides the controls
+
+        # -- model ------------------------------------------------------------------------------
+        self.backbone_choice = ComboBox(choices=BACKBONES, value="litemedsam", label="backbone",
+                                        tooltip="litemedsam: weights bundled, runs on a CPU; sam-vit_*: pick the SAM checkpoint file")
+        self.checkpoint = FileEdit(mode="r", filter="*.pth *.pt", label="checkpoint", enabled=False,
+                                   tooltip="SAM weights file (e.g. sam_vit_b_01ec64.pth); LiteMedSAM needs none")
+        self.device = ComboBox(choices=DEVICES, value="auto", label="device", tooltip="auto: CUDA, else Apple MPS, else CPU")
+        # -- bank -------------------------------------------------------------------------------
+        self.normal_files = FileEdit(mode="rm", filter="*.nii *.nii.gz", label="normal volumes",
+                                     tooltip="lesion-free NIfTI volumes for the memory bank")
+        self.normal_folder = FileEdit(mode="d", label="or a folder", tooltip="a folder of normal NIfTI volumes, or a BMAD dataset folder")
+        self.preprocess = ComboBox(choices=sorted(PREPROCESS_PRESETS), value="mri", label="intensities")
+        self.layout_choice = ComboBox(choices=PATCH_LAYOUTS, value="paper1024", label="patch features")
+        self.sample_normals_btn = PushButton(text="Use sample normals")
+        self.build_btn = PushButton(text="Build bank")
+        self.bank_path = FileEdit(mode="d", label="bank folder")
+        self.load_btn = PushButton(text="Load bank")
+        self.save_btn = PushButton(text="Save bank")
+        self.bank_info = Label(value="no memory bank loaded")
+        dataset_controls = self._make_dataset_controls()
+        # -- run --------------------------------------------------------------------------------
+        self.image = ComboBox(choices=self._image_choices, label="image layer")
+        self.prompt = ComboBox(choices=PROMPT_TYPES, value=default_prompt_for("litemedsam"), label="prompt")
+        self.gamma = FloatSlider(value=5.0, min=0.5, max=20.0, step=0.5, label="gamma",
+                                 tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
+        self.mask = RadioButtons(choices=[1, 2, 3], value=3, orientation="horizontal", label="mask",
+                                 tooltip="SAM's three masks, coarse (1) to fine (3); the paper uses 3")
+        self.iou_info = Label(value="predicted IoU: -")
+        self.normalisation = ComboBox(choices=NORMALISATIONS, value="calibrated", label="normalisation")
+        self.k = SpinBox(value=1, min=1, max=5, label="k neighbours")
+        self.slice_decision = CheckBox(value=False, text="keep masks only on slices scored anomalous")
+        self.batch_size = SpinBox(value=4, min=1, max=64, label="batch size")
+        self.run_btn = PushButton(text="Run MIAS-SAM")
+        self.cancel_btn = PushButton(text="Cancel", enabled=False)
+        self.reset_points_btn = PushButton(text="Reset moved points")
+        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
+        self.status = Label(value="")
+        # -- compare ----------------------------------------------------------------------------
+        self.gt = ComboBox(choices=self._labels_choices, nullable=True, value=None, label="ground truth")
+        compare_controls = self._make_compare_controls()
+        self.show_errors = CheckBox(value=False, text="show false positives / negatives")
+        self.dice_info = Label(value="Dice: choose a ground-truth Labels layer")
+        self.profile = ProfilePlot()
+        self.next_btn = PushButton(text="Next most anomalous slice")
+
+        for lab in (self.bank_info, self.iou_info, self.status, self.dice_info):
+            _wrapping(lab)
+        boxes = [
+            _section("Model", self.backbone_choice, self.checkpoint, self.device),
+            _section("Memory bank", self.normal_files, self.normal_folder, self.preprocess, self.layout_choice,
+                     Container(widgets=[self.sample_normals_btn, self.build_btn], layout="horizontal", labels=False),
+                     *dataset_controls, self.bank_path, Container(widgets=[self.load_btn, self.save_btn], layout="horizontal", labels=False),
+                     self.bank_info),
+            _section("Run", self.image, self.ct_window, self.prompt, self.gamma, self.mask, self.iou_info, self.normalisation, self.k,
+                     self.slice_decision, self.batch_size,
+                     Container(widgets=[self.run_btn, self.cancel_btn], layout="horizontal", labels=False),
+                     self.reset_points_btn, self.progress, self.status),
+            _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
+        ]
+        self._containers = [c for _, c in boxes]
+        inner = QWidget()
+        lay = QVBoxLayout(inner)
+        for box, _ in boxes:
+            lay.addWidget(box)
+        compare_box = boxes[-1][0]
+        compare_box.layout().addWidget(self.profile)
+        compare_box.layout().addWidget(self.next_btn.native)
+        lay.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # wrap to the dock's width
+        scroll.setWidget(inner)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(440)
+        self.scroll = scroll
+
+        # Sliders and drags emit many values: apply live changes after a short pause.
+        self._settings_timer = QTimer(self)
+        self._settings_timer.setSingleShot(True)
+        self._settings_timer.setInterval(120)
+        self._settings_timer.timeout.connect(self._apply_live_settings)
+
+        self.backbone_choice.changed.connect(self._on_backbone_changed)
+        for w in (self.backbone_choice, self.checkpoint, self.device):
+            w.changed.connect(self._unpin)
+        self.sample_normals_btn.changed.connect(self.use_sample_normals)
+        self.build_btn.changed.connect(self.build_bank)
+        self.load_btn.changed.connect(self.load_bank)
+        self.save_btn.changed.connect(self.save_bank)
+        self.run_btn.changed.connect(self.run)
+        self.cancel_btn.changed.connect(self.cancel)
+        self.reset_points_btn.changed.connect(self.reset_points)
+        for w in (self.gamma, self.mask, self.prompt, self.normalisation, self.k, self.slice_decision):
+            w.changed.connect(lambda *_: self._settings_timer.start())
+        self.prompt.changed.connect(self._prompt_hint)
+        self.gt.changed.connect(self._on_gt_selected)
+        self.gt.changed.connect(self._on_compare_changed)
+        self.show_errors.changed.connect(self._on_compare_changed)
+        self.profile.slice_clicked.connect(self._jump)
+        self.next_btn.changed.connect(self._next_anomalous)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+        for ev in ("inserted", "removed", "reordered"):
+            getattr(self.viewer.layers.events, ev).connect(self.reset_choices)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def reset_choices(self, *_args) -> None:
+        for c in self._containers:
+            c.reset_choices()
+
+    def _image_choices(self, _widget=None) -> list:
+        return [(layer.name, layer) for layer in self.viewer.layers
+                if isinstance(layer, napari.layers.Image) and not is_output_layer(layer)]
+
+    def _labels_choices(self, _widget=None) -> list:
+        return [(layer.name, layer) for layer in self.viewer.layers
+                if isinstance(layer, napari.layers.Labels) and not is_output_layer(layer)]
+
+    def current_settings(self) -> SegmentSettings:
+        return SegmentSettings(
+            gamma=float(self.gamma.value), mask_index=int(self.mask.value), prompt=str(self.prompt.value),
+            k=int(self.k.value), normalisation=str(self.normalisation.value), slice_decision=bool(self.slice_decision.value),
+        )
+
+    def _backbone_key(self) -> tuple:
+        if self._pinned and self.backbone is not None and self.backbone_key is not None:
+            return self.backbone_key
+        name = str(self.backbone_choice.value)
+        ckpt = _path_or_none(self.checkpoint.value) if name != "litemedsam" else None
+        if name != "litemedsam" and ckpt is None:
+            raise InputError(f"{name} needs its checkpoint file: pick it in 'checkpoint' (e.g. sam_vit_b_01ec64.pth).")
+        return (name, str(ckpt) if ckpt else None, str(self.device.value))
+
+    def use_backbone(self, backbone, device: str = "cpu") -> None:
+        """Use an already loaded backbone (scripts and tests); sets the controls to match it. It stays
+        in use until the backbone, checkpoint or device control is changed."""
+        if backbone.name in BACKBONES:
+            self.backbone_choice.value = backbone.name
+        self.device.value = device
+        self.backbone = backbone
+        self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device)
+        self._pinned = True
+
+    def _get_backbone(self, key: tuple, progress):
+        """The backbone for ``key`` (runs in the worker thread; loads it when needed)."""
+        if self.backbone is not None and self.backbone_key == key:
+            return self.backbone
+        avoid_triton_llvm_crash()
+        from ..backbones import load_backbone
+
+        progress(f"load {key[0]}", 0, 1)
+        bb = load_backbone(key[0], key[1], None if key[2] == "auto" else key[2])
+        progress(f"load {key[0]}", 1, 1)
+        return bb
+
+    def _unpin(self, *_args) -> None:
+        self._pinned = False
+
+    def _on_backbone_changed(self, name: str) -> None:
+        self.checkpoint.enabled = name != "litemedsam"
+        self.prompt.value = default_prompt_for(name)
+
+    def _prompt_hint(self, value: str) -> None:
+        if self.backbone_choice.value == "litemedsam" and value in ("cog-point", "max-point"):
+            self.status.value = "LiteMedSAM was trained with box prompts: point prompts give near-empty masks."
+
+    def _busy(self, busy: bool) -> None:
+        for b in (self.build_btn, self.build_ds_btn, self.load_btn, self.save_btn, self.run_btn):
+            b.enabled = not busy
+        self.cancel_btn.enabled = busy
+
+    def _start(self, func, on_done) -> Optional[Job]:
+        if self.job is not None and not self.job.done:
+            show_error("MIAS-SAM is busy with another job; wait for it or cancel it.")
+            return None
+        self._busy(True)
+        self.progress.value = 0
+        self.job = Job(func, on_done=on_done, on_progress=self._on_progress, on_finished=partial(self._busy, False))
+        return self.job.start()
+
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        self.progress.max = max(int(total), 1)
+        self.progress.value = min(int(done), int(total))
+        self.status.value = f"{stage}: {done}/{total}"
+
+    def _failed(self, what: str, value) -> bool:
+        if not isinstance(value, Failed):
+            return False
+        if isinstance(value.exc, Cancelled):
+            self.status.value = f"{what} cancelled; nothing was changed."
+            show_info(f"MIAS-SAM: {what} cancelled; nothing was changed.")
+        else:
+            self.status.value = f"{what} failed: {value.exc}"
+            show_error(f"MIAS-SAM: {value.exc}")
+        return True
+
+    def cancel(self) -> None:
+        if self.job is not None and not self.job.done:
+            self.status.value = "cancelling..."
+            self.job.cancel()
+
+    # -- run ------------------------------------------------------------------------------------
+    def run(self) -> Optional[Job]:
+        """Segment the selected image layer in the background; layers are added when it finishes."""
+        from .layers import volume_from_layer
+        from .writer import layer_data_to_world
+
+        try:
+            layer = self.image.value
+            if layer is None or not isinstance(layer, napari.layers.Image):
+                raise InputError("choose an Image layer holding a 3D volume (File > Open a .nii.gz, or File > Open Sample > MIAS-SAM).")
+            if layer.rgb:
+                raise InputError(f"layer '{layer.name}' is RGB; MIAS-SAM needs a single-channel 3D volume.")
+            if self.bank is None:
+                raise InputError("no memory bank: build one from normal volumes or load a bank folder first.")
+            key = self._backbone_key()
+            if self.bank.backbone.get("name") != key[0]:
+                raise BankMismatchError(
+                    f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
+                    f"{key[0]}; select {self.bank.backbone.get('name')} or build a bank with {key[0]}."
+                )
+            if self.backbone is not None and self.backbone_key == key:
+                from ..bank import check_compatible
+
+                check_compatible(self.bank, self.backbone.describe())
+            volume, axes = volume_from_layer(layer.data, layer.metadata, layer_data_to_world(layer), name=layer.name)
+            settings = self.current_settings()
+        except (MiasSamError, ValueError) as exc:
+            show_error(f"MIAS-SAM: {exc}")
+            return None
+        from ..cache import EmbeddingCache
+        from ..pipeline import segment_volume
+
+        bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
+
+        def job(progress, cancelled):
+            from ..dataset_sources import roi_for_bank
+
+            bb = self._get_backbone(key, progress)
+            res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, batch_size=batch, progress=progress, cancelled=cancelled)
+            if cancelled():
+                raise Cancelled("cancelled by the user")
+            # napari's Points/Labels layers import pandas and scipy.linalg on first use: do it here,
+            # off the GUI thread, so adding the output layers pauses the viewer less.
+            import pandas  # noqa: F401
+            import scipy.linalg  # noqa: F401
+
+            return bb, key, res
+
+        self.status.value = f"running on '{layer.name}'..."
+        return self._start(job, partial(self._run_done, layer, axes))
+
+    def _run_done(self, layer, axes, value) -> None:
+        if self._failed("the run", value):
+            return
+        backbone, self.backbone_key, result = value
+        self.show_result(result, layer, backbone, axes)
+        t = result.timings
+        cached = " (embeddings from the cache)" if result.encoded.from_cache else ""
+        self.status.value = (f"done in {sum(t.values()):.1f} s{cached}: {int(result.encoded.foreground.sum())} slices "
+                             f"prompted. Tune gamma, the mask and the prompt, or drag a CoG point.")
+        self.progress.value = self.progress.max
+
+    def show_result(self, result, layer, backbone, axes=None) -> "LiveController":
+        """Show a :class:`~napari_mias_sam.pipeline.SegmentationResult` of ``layer`` (from a run
+        here or from a script) as the three output layers, and start live QA on it."""
+        from .live import LiveSession
+        from .layers import volume_from_layer
+
+        if axes is None:
+            axes = volume_from_layer(layer.data, layer.metadata, None, name=layer.name, dtype=None)[1]
+        self.backbone = backbone
+        previous = self.live
+        if previous is not None:
+            previous.close()
+        for w, v in ((self.gamma, result.settings.gamma), (self.mask, result.settings.mask_index),
+                     (self.prompt, result.settings.prompt)):
+            with w.changed.blocked():
+                w.value = v
+        reuse = previous.layers if (previous is not None and previous.source == layer) else None
+        self.live = LiveController(self, LiveSession(result, backbone, axes), layer, reuse=reuse)
+        return self.live
+
+    # -- live QA (delegated to the controller) -------------------------------------------------------
+    def _apply_live_settings(self) -> None:
+        if self.live is not None:
+            self.live.apply_settings(self.current_settings())
+
+    def reset_points(self) -> None:
+        if self.live is not None:
+            self.live.reset_points()
+
+    def _on_step(self, _event=None) -> None:
+        if self.live is not None:
+            self.live.on_slice_changed()
+
+    def _on_compare_changed(self, *_args) -> None:
+        if self.live is not None:
+            self.live.update_compare(full=True)
+
+    def _jump(self, s: int) -> None:
+        if self.live is not None:
+            self.live.jump_to(int(s))
+
+    def _next_anomalous(self) -> None:
+        if self.live is not None:
+            self.live.next_anomalous()
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        self.cancel()
+        if self.live is not None:
+            self.live.close()
+        super().closeEvent(event)
+

@@ -1,0 +1,110 @@
+"""The memory-bank part of the MIAS-SAM widget: build from normal volumes (files, a folder, or
+the bundled sample normals), load, save, and show where the bank came from."""
+
+from pathlib import Path
+
+from napari.utils.notifications import show_error
+
+from ..paths import sample_data_dir
+from ..backbones import BACKBONES
+from ..errors import InputError, MiasSamError
+
+__all__ = ["BankMixin"]
+
+
+def _path_or_none(value):
+    if value is None:
+        return None
+    s = str(value)
+    return None if s in ("", ".") else Path(s)
+
+
+class BankMixin:
+    """Bank actions of :class:`~napari_mias_sam.viewer.widget.MiasSamWidget` (uses its controls)."""
+
+    def set_bank(self, bank) -> None:
+        """Use a memory bank (built, loaded, or given by a script)."""
+        self.bank = bank
+        where = f"\nfolder: {bank.path}" if bank.path else "\nnot saved yet"
+        self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}"
+
+    def use_sample_normals(self) -> None:
+        normals = sorted(sample_data_dir().glob("normal_*.nii.gz"))
+        if not normals:
+            show_error(f"MIAS-SAM: no sample normal volumes in {sample_data_dir()}.")
+            return
+        self.normal_files.value = tuple(normals)
+        self.preprocess.value = "mri"
+
+    def build_bank(self) -> None:
+        try:
+            inputs = [Path(p) for p in (self.normal_files.value or ()) if _path_or_none(p)]
+            folder = _path_or_none(self.normal_folder.value)
+            if folder is not None:
+                inputs.append(folder)
+            if not inputs:
+                raise InputError("choose normal (lesion-free) volumes or a folder of them to build the memory bank from.")
+            key = self._backbone_key()
+        except MiasSamError as exc:
+            show_error(f"MIAS-SAM: {exc}")
+            return
+        from ..settings import PREPROCESS_PRESETS as presets
+        from ..file_steps import build_bank_from_files
+
+        prep, layout, batch = presets[self.preprocess.value], self.layout_choice.value, int(self.batch_size.value)
+
+        def job(progress, cancelled):
+            bb = self._get_backbone(key, progress)
+            bank = build_bank_from_files(inputs, bb, preprocessing=prep, layout=layout, batch_size=batch,
+                                         progress=progress, cancelled=cancelled)
+            return bb, key, bank
+
+        self._start(job, self._bank_built)
+
+    def _bank_built(self, value) -> None:
+        if self._failed("bank build", value):
+            return
+        self.backbone, self.backbone_key, bank = value
+        self.set_bank(bank)
+        self.status.value = f"memory bank built: {bank.ntotal:,} patches. Save it to reuse it."
+
+    def load_bank(self) -> None:
+        path = _path_or_none(self.bank_path.value)
+        if path is None:
+            show_error("MIAS-SAM: choose the bank folder to load.")
+            return
+        from ..bank import load_bank
+
+        self._start(lambda progress, cancelled: load_bank(path), self._bank_loaded)
+
+    def _bank_loaded(self, value) -> None:
+        if self._failed("loading the bank", value):
+            return
+        self.set_bank(value)
+        self.status.value = f"memory bank loaded from {value.path}"
+        if value.backbone.get("name") in BACKBONES and value.backbone.get("name") != self.backbone_choice.value:
+            self.backbone_choice.value = value.backbone["name"]
+
+    def save_bank(self) -> None:
+        path = _path_or_none(self.bank_path.value)
+        if self.bank is None:
+            show_error("MIAS-SAM: no memory bank to save; build one first.")
+            return
+        if path is None:
+            show_error("MIAS-SAM: choose the folder to save the bank to.")
+            return
+        bank = self.bank
+
+        def job(progress, cancelled):
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()  # an empty folder picked in the dialog: the bank takes its place
+            return bank.save(path)
+
+        self._start(job, self._bank_saved)
+
+    def _bank_saved(self, value) -> None:
+        if self._failed("saving the bank", value):
+            return
+        self.set_bank(self.bank)
+        self.status.value = f"memory bank saved to {value}"
+

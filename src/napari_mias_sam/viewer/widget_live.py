@@ -1,0 +1,366 @@
+"""Live QA of one run in the viewer: the three output layers, settings changes and moved CoG
+points re-decoded in the background (current slice first), Dice against a ground truth, the
+false-positive / false-negative overlay and the per-slice profile.
+
+The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods and the pure helpers of
+:mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers.
+"""
+
+import time
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import napari
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
+
+from .widget_threads import start_generator
+from .live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, FN, FP, LiveSession, compare_with_gt, error_overlay, ranked_slices
+from ..datasets import lesion_mask
+from ..evaluation.metrics import dice
+from .layers import GEOMETRY_KEYS, geometry_metadata
+
+__all__ = ["LiveController", "is_output_layer", "OUTPUT_KEY"]
+
+OUTPUT_KEY = "mias_sam"  # layer.metadata key marking (and describing) MIAS-SAM outputs
+MASK_COLOR = "lime"
+POINT_COLOR = "red"
+
+
+def is_output_layer(layer) -> bool:
+    return isinstance(getattr(layer, "metadata", None), dict) and OUTPUT_KEY in layer.metadata
+
+
+def _direct_colormap(colors: dict):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colors})
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+class LiveController:
+    """Owns the output layers of one run and keeps them in step with the session."""
+
+    def __init__(self, widget, session: LiveSession, source, *, reuse: Optional[dict] = None) -> None:
+        self.w = widget
+        self.viewer: napari.Viewer = widget.viewer
+        self.session = session
+        self.source = source
+        self.layers: dict = {}
+        self.last_compare: Optional[dict] = None
+        self._worker = None
+        self._active_gen: Optional[int] = None  # generation of the newest background pass, until it ends
+        self.updated: list = []  # slices shown by the latest background pass, in order
+        self._updating_points = False
+        self._snapshot: Optional[np.ndarray] = None
+        self._last_refresh = 0.0
+        self._rank_pos = -1
+        self._volume_stats: Optional[dict] = None
+        self._lesion = None
+        self._move_timer = QTimer()
+        self._move_timer.setSingleShot(True)
+        self._move_timer.setInterval(200)
+        self._move_timer.timeout.connect(self._apply_moves)
+        self._show(reuse or {})
+        self.on_slice_changed()
+        self.update_compare(full=True)
+
+    # -- layers ---------------------------------------------------------------------------------
+    def _transform(self) -> dict:
+        s = self.source
+        return {"affine": s.affine.affine_matrix, "scale": s.scale, "translate": s.translate,
+                "rotate": s.rotate, "shear": s.shear}
+
+    def _metadata(self, role: str) -> dict:
+        src = self.source.metadata or {}
+        if all(k in src for k in ("affine", "display_axes")):
+            geo = {k: src.get(k) for k in GEOMETRY_KEYS}
+        else:
+            geo = geometry_metadata(self.session.result.volume, self.session.axes)
+        info = {**self.session.metadata(), "layer": role, "source_layer": self.source.name}
+        if role == "errors":  # what the overlay was computed against
+            gt = self._gt_layer()
+            info.update(ground_truth=gt.name if gt is not None else None,
+                        lesion_labels=None if self._lesion is None else list(self._lesion))
+        return {**geo, OUTPUT_KEY: info}
+
+    def _put(self, role: str, reuse: dict, kind: str, data, name: str, **kwargs):
+        old = reuse.get(role)
+        if old is not None and old in self.viewer.layers and old.data.shape == np.shape(data):
+            old.data = data
+            old.metadata = self._metadata(role)
+            if "features" in kwargs:
+                old.features = kwargs["features"]
+            layer = old
+        else:
+            if old is not None and old in self.viewer.layers:
+                self.viewer.layers.remove(old)
+            add = {"image": self.viewer.add_image, "labels": self.viewer.add_labels, "points": self.viewer.add_points}[kind]
+            layer = add(data, name=name, metadata=self._metadata(role), **self._transform(), **kwargs)
+        self.layers[role] = layer
+        return layer
+
+    def _show(self, reuse: dict) -> None:
+        ses, name = self.session, self.source.name
+        amap = ses.anomaly_display()
+        fg = amap[amap > 0]
+        top = float(np.percentile(fg, 99.9)) if fg.size else 1.0
+        # From 0.5 (the paper's threshold; half the strongest normal response in calibrated units),
+        # so normal tissue stays dark and adds nothing to the volume under it.
+        self._put("anomaly", reuse, "image", amap, f"{name} anomaly", colormap="inferno", blending="additive",
+                  opacity=0.8, contrast_limits=(0.5, max(top, 1.0)))
+        mask = self._put("mask", reuse, "labels", ses.mask_display(), f"{name} mask", opacity=0.5)
+        mask.colormap = _direct_colormap({1: MASK_COLOR})
+        mask.events.paint.connect(self._on_painted)  # hand edits of the mask count in the Dice
+        coords, feats = ses.points()
+        pts = self._put("points", reuse, "points", coords, f"{name} CoG", features=feats, face_color=POINT_COLOR,
+                        border_color="white", size=self._point_size())
+        pts.face_color = POINT_COLOR
+        self._snapshot = pts.data.copy()
+        pts.events.data.connect(self._on_points_data)
+        if "errors" in reuse and reuse["errors"] in self.viewer.layers:
+            self.viewer.layers.remove(reuse["errors"])
+        self.viewer.layers.selection.active = pts
+        self.w.profile.set_data(ses.result.image_scores, ses.result.encoded.foreground, ses.result.decision_threshold)
+
+    def _point_size(self) -> float:
+        shape = [s for a, s in enumerate(self.source.data.shape) if a != self.session.display_axis]
+        return float(max(3.0, 0.04 * max(shape)))
+
+    def _refresh_metadata(self) -> None:
+        for role, layer in self.layers.items():
+            if layer in self.viewer.layers:
+                layer.metadata = self._metadata(role)
+
+    def close(self) -> None:
+        """Stop background work and detach from the layers (they stay in the viewer)."""
+        self._move_timer.stop()
+        self.session.new_generation()
+        if self._worker is not None:
+            self._worker.quit()
+        for role, event, slot in (("points", "data", self._on_points_data), ("mask", "paint", self._on_painted)):
+            layer = self.layers.get(role)
+            if layer is not None:
+                try:
+                    getattr(layer.events, event).disconnect(slot)
+                except (TypeError, ValueError, RuntimeError):
+                    pass
+
+    def _on_painted(self, _event=None) -> None:
+        self.update_compare(full=True)
+
+    # -- where we are ---------------------------------------------------------------------------
+    def current_slice(self) -> int:
+        pos = tuple(self.viewer.dims.point)[-self.source.ndim:]
+        return self.session.slice_of(self.source.world_to_data(pos))
+
+    def jump_to(self, s: int) -> None:
+        """Move the viewer to pipeline slice ``s`` (through its prompt point when it has one)."""
+        ses = self.session
+        p = ses.point(s)
+        if p is None:
+            centre = [(n - 1) / 2 for n in self.source.data.shape]
+            centre[ses.display_axis] = s
+            p = tuple(centre)
+        world = np.asarray(self.source.data_to_world(p), dtype=float)
+        off = self.viewer.dims.ndim - len(world)
+        for ax in self.viewer.dims.not_displayed:
+            if ax - off >= 0:
+                self.viewer.dims.set_point(ax, world[ax - off])
+
+    def next_anomalous(self) -> int:
+        order = ranked_slices(self.session.result.image_scores, self.session.result.encoded.foreground)
+        self._rank_pos = (self._rank_pos + 1) % len(order)
+        s = order[self._rank_pos]
+        self.jump_to(s)
+        return s
+
+    def on_slice_changed(self) -> None:
+        s = self.current_slice()
+        self.w.profile.set_current(s)
+        ious = self.session.ious(s)
+        if np.isfinite(ious).any():
+            self.w.iou_info.value = f"predicted IoU, slice {s}: " + "   ".join(
+                f"mask {i + 1}: {_fmt(v)}" for i, v in enumerate(ious))
+        else:
+            self.w.iou_info.value = f"slice {s}: no prompt (no anatomy or no anomaly response)"
+        self.update_compare(full=False)
+
+    # -- refreshing from the session ------------------------------------------------------------------
+    def apply_settings(self, settings) -> str:
+        kind = self.session.change_settings(settings)
+        if kind == CHANGE_RERUN:
+            self.w.status.value = ("k, normalisation and the slice decision change the anomaly maps: click Run again "
+                                   "(the embeddings are cached, so only the search and the decoder run).")
+        elif kind in (CHANGE_PROMPT, CHANGE_MASK):
+            self.refresh()
+        return kind
+
+    def refresh(self, order: Optional[list] = None):
+        """Update slices in ``order`` (default: all, the current slice first) in the background."""
+        gen = self.session.new_generation()
+        if self._worker is not None:
+            self._worker.quit()
+        if order is None:
+            order = self.session.order_from(self.current_slice())
+        self.w.status.value = "updating slices..."
+        self._active_gen = gen
+        self.updated = []
+        self._worker = start_generator(self.session.refresh_iter, order, gen,
+                                       on_yield=partial(self._on_update, gen), on_finished=partial(self._on_done, gen))
+        return self._worker
+
+    @property
+    def busy(self) -> bool:
+        """True from a change until its background pass has updated the layers (or a debounce
+        timer still holds a change)."""
+        return self._active_gen is not None or self._move_timer.isActive() or self.w._settings_timer.isActive()
+
+    def _on_update(self, gen: int, upd) -> None:
+        if gen != self.session.generation or self.layers.get("mask") not in self.viewer.layers:
+            return
+        mask = self.layers["mask"]
+        self.updated.append(upd.s)
+        mask.data[self.session.slice_index(upd.s)] = upd.mask
+        self._set_point(upd.s, upd.point)
+        now = time.perf_counter()
+        if upd.s == self.current_slice() or now - self._last_refresh > 0.25:
+            self._last_refresh = now
+            mask.refresh()
+            self.layers["points"].refresh()
+            if upd.s == self.current_slice():
+                self.on_slice_changed()
+
+    def _on_done(self, gen: int) -> None:
+        if gen == self._active_gen:
+            self._active_gen = None
+        if gen != self.session.generation or self.layers.get("mask") not in self.viewer.layers:
+            return
+        if not self.session.stale:
+            self.session.sync()
+        self.layers["mask"].refresh()
+        self._rebuild_points()
+        self._refresh_metadata()
+        self.on_slice_changed()
+        self.update_compare(full=True)
+        self.w.status.value = "up to date" if not self.session.stale else f"{len(self.session.stale)} slices not updated yet"
+
+    # -- points ---------------------------------------------------------------------------------
+    def _set_point(self, s: int, p) -> None:
+        pts = self.layers.get("points")
+        if pts is None or pts not in self.viewer.layers or p is None:
+            return
+        rows = np.flatnonzero(pts.features["slice"].to_numpy() == s) if len(pts.data) else []
+        if len(rows) != 1:
+            return
+        self._updating_points = True
+        try:
+            pts.data[rows[0]] = p
+            self._snapshot = pts.data.copy()
+        finally:
+            self._updating_points = False
+
+    def _rebuild_points(self) -> None:
+        pts = self.layers.get("points")
+        if pts is None or pts not in self.viewer.layers:
+            return
+        coords, feats = self.session.points()
+        self._updating_points = True
+        try:
+            pts.data = coords
+            pts.features = feats
+            pts.face_color = POINT_COLOR
+            self._snapshot = pts.data.copy()
+        finally:
+            self._updating_points = False
+        pts.refresh()
+
+    def _on_points_data(self, event) -> None:
+        action = getattr(getattr(event, "action", None), "value", getattr(event, "action", None))
+        if self._updating_points or action != "changed":
+            return
+        pts = self.layers["points"]
+        data = np.asarray(pts.data)
+        if self._snapshot is None or data.shape != self._snapshot.shape:
+            self._snapshot = data.copy()
+            return
+        moved = np.flatnonzero(np.any(np.abs(data - self._snapshot) > 1e-6, axis=1))
+        if moved.size == 0:
+            return
+        slices = pts.features["slice"].to_numpy()
+        for i in moved:
+            self.session.move_point(int(slices[i]), data[i])
+        self._snapshot = data.copy()
+        self._move_timer.start()  # a drag sends many events: decode once it pauses
+
+    def _apply_moves(self) -> None:
+        stale = sorted(self.session.stale, key=lambda s: abs(s - self.current_slice()))
+        if stale:
+            self.refresh(order=stale)
+
+    def reset_points(self) -> None:
+        slices = self.session.reset_points()
+        if slices:
+            self.refresh(order=sorted(set(slices) | set(self.session.stale)))
+
+    # -- ground truth ---------------------------------------------------------------------------
+    def _gt_layer(self):
+        gt = self.w.gt.value
+        return gt if gt is not None and gt in self.viewer.layers else None
+
+    def update_compare(self, full: bool = True) -> Optional[dict]:
+        """Dice of the current slice (always) and of the volume (``full``); the FP/FN overlay."""
+        gt = self._gt_layer()
+        mask = self.layers.get("mask")
+        if gt is None or mask is None:
+            self.last_compare = None
+            self.w.dice_info.value = "Dice: choose a ground-truth Labels layer"
+            self.w.profile.set_lesion(None)
+            self._set_errors(None)
+            return None
+        if gt.data.shape != mask.data.shape:
+            show_error(f"MIAS-SAM: ground truth '{gt.name}' has shape {tuple(gt.data.shape)} but the mask has "
+                       f"{tuple(mask.data.shape)}; choose the ground truth of '{self.source.name}'.")
+            self.w.gt.value = None
+            return None
+        ax, s = self.session.display_axis, self.current_slice()
+        lesion = self.w.gt_lesion_labels(gt)  # which labels are the lesion (LiTS: 2, not the liver)
+        if full or self._volume_stats is None or self._lesion != lesion:
+            gt_mask = lesion_mask(gt.data, lesion)
+            self._lesion = lesion
+            self._volume_stats = compare_with_gt(mask.data, gt_mask, axis=ax, s=s)
+            g = np.moveaxis(gt_mask, ax, 0)
+            self.w.profile.set_lesion(g.reshape(g.shape[0], -1).any(axis=1))
+            self._set_errors(error_overlay(mask.data, gt_mask) if self.w.show_errors.value else None)
+        ps, gs = np.take(np.asarray(mask.data) != 0, s, axis=ax), lesion_mask(np.take(np.asarray(gt.data), s, axis=ax), lesion)
+        res = dict(self._volume_stats, slice=s, lesion_labels=None if lesion is None else list(lesion), slice_dice=dice(ps, gs, empty_value=float("nan")), slice_has_lesion=bool(gs.any()))
+        self.last_compare = res
+        where = "lesion" if res["slice_has_lesion"] else "no lesion"
+        counted = "any non-zero label" if lesion is None else "labels " + ",".join(map(str, lesion))
+        self.w.dice_info.value = (
+            f"Dice, slice {s} ({where}; lesion = {counted}): {_fmt(res['slice_dice'])}\n"
+            f"Dice, volume (3D): {_fmt(res['volume_dice'])}\n"
+            f"mean slice Dice over {res['lesion_slices']} lesion slices: {_fmt(res['mean_slice_dice'])}"
+        )
+        return res
+
+    def _set_errors(self, overlay: Optional[np.ndarray]) -> None:
+        layer = self.layers.get("errors")
+        present = layer is not None and layer in self.viewer.layers
+        if overlay is None:
+            if present:
+                self.viewer.layers.remove(layer)
+            self.layers.pop("errors", None)
+            return
+        if present and layer.data.shape == overlay.shape:
+            layer.data = overlay
+            layer.metadata = self._metadata("errors")
+            return
+        layer = self.viewer.add_labels(overlay, name=f"{self.source.name} FP (yellow) / FN (magenta)",
+                                       metadata=self._metadata("errors"), opacity=0.8, **self._transform())
+        layer.colormap = _direct_colormap({FP: "yellow", FN: "magenta"})
+        self.layers["errors"] = layer

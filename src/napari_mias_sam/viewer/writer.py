@@ -1,0 +1,65 @@
+"""napari writers: Labels and Image layers to NIfTI with the source file's geometry.
+
+A layer read by this plugin (or made by the MIAS-SAM widget) carries the source affine, header
+and axis order in its metadata, and is written back in the file's voxel order with that affine
+and header. Any other 3D layer is written in its own axis order with the affine of its napari
+transform (world (S, P, L) mm mapped back to RAS).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .layers import write_layer
+
+__all__ = ["write_labels", "write_image", "layer_data_to_world"]
+
+
+def _data_to_world(meta: dict[str, Any], ndim: int) -> np.ndarray | None:
+    """The layer's full data -> world matrix from its state (affine o scale/translate/rotate/shear)."""
+    if ndim != 3:
+        return None
+    from napari.utils.transforms import Affine
+
+    base = Affine(
+        scale=meta.get("scale", (1.0,) * ndim),
+        translate=meta.get("translate", (0.0,) * ndim),
+        rotate=meta.get("rotate"),
+        shear=meta.get("shear"),
+        ndim=ndim,
+    )
+    extra = meta.get("affine")
+    extra_m = getattr(extra, "affine_matrix", None) if extra is not None else None
+    if extra_m is None and extra is not None:
+        extra_m = np.asarray(extra, dtype=float)
+    m = base.affine_matrix
+    return m if extra_m is None else np.asarray(extra_m, dtype=float) @ m
+
+
+def layer_data_to_world(layer) -> np.ndarray | None:
+    """The 4x4 data -> world matrix of a 3D napari layer (its affine after scale/translate/...)."""
+    meta = {"scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate, "shear": layer.shear,
+            "affine": layer.affine.affine_matrix}
+    return _data_to_world(meta, layer.ndim)
+
+
+def _write(path: str, data: Any, meta: dict, *, labels: bool) -> list[str]:
+    arr = np.asarray(data)
+    out = write_layer(path, arr, meta.get("metadata"), _data_to_world(meta, arr.ndim), labels=labels)
+    return [str(out)]
+
+
+def write_labels(path: str, data: Any, meta: dict) -> list[str]:
+    """Write a Labels layer as an integer NIfTI (uint8 when the labels fit)."""
+    return _write(path, data, meta, labels=True)
+
+
+def write_image(path: str, data: Any, meta: dict) -> list[str]:
+    """Write an Image layer as a float32 NIfTI."""
+    if meta.get("rgb"):
+        from ..errors import InputError
+
+        raise InputError("RGB layers cannot be saved as NIfTI volumes; save a single-channel layer.")
+    return _write(path, data, meta, labels=False)

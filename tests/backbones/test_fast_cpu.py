@@ -1,0 +1,199 @@
+"""The CPU fast paths: conv + batch-norm folding, the verified and cached ONNX export with its
+fallbacks (missing packages, a damaged cache, a failed check), the LiteMedSAM wiring, and the
+batched decode across slices. No timing assertions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mias_sam.backbones import fast_cpu as fe
+from napari_mias_sam.backbones.base import Prompt
+
+needs_onnx = pytest.mark.skipif(not fe.onnx_available(), reason="onnxruntime/onnx not installed")
+
+
+def conv_bn(a: int, b: int, groups: int = 1) -> torch.nn.Sequential:
+    s = torch.nn.Sequential()
+    s.add_module("c", torch.nn.Conv2d(a, b, 3, padding=1, groups=groups, bias=False))
+    s.add_module("bn", torch.nn.BatchNorm2d(b))
+    return s
+
+
+class TinyEncoder(torch.nn.Module):
+    """A small stand-in image encoder with TinyViT's Conv2d_BN pattern and non-trivial BN stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.block = torch.nn.Sequential(conv_bn(8, 8, groups=8), torch.nn.GELU(), conv_bn(8, 16))
+        self.out = torch.nn.Conv2d(16, 4, 1)
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+        self.eval()
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.gelu(self.block(self.stem(x))))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIAS_SAM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_fold_conv_bn_is_exact_and_leaves_the_original_alone():
+    enc = TinyEncoder()
+    folded = fe.fold_conv_bn(enc)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())  # a copy was folded
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), enc(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fe.TorchCpuEncoder(enc)(x), enc(x), atol=1e-5, rtol=1e-5)
+
+
+def test_modes_off_torch_and_bad():
+    enc = TinyEncoder()
+    fn, what = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32, mode="off")
+    assert fn is None and "off" in what
+    fn, what = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32, mode="torch")
+    assert isinstance(fn, fe.TorchCpuEncoder) and what.startswith("folded PyTorch")
+    with pytest.raises(ValueError, match="fast encoder mode"):
+        fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32, mode="fastest")
+
+
+def test_missing_onnxruntime_falls_back_to_torch(cache, monkeypatch):
+    monkeypatch.setattr(fe, "onnx_available", lambda: False)
+    fn, what = fe.cpu_encoder(TinyEncoder(), name="tiny", weights_sha256="abc", input_size=32, mode="auto")
+    assert isinstance(fn, fe.TorchCpuEncoder) and "not installed" in what
+    dec, what = fe.cpu_box_decoder(torch.nn.Module(), torch.zeros(1), name="tiny", weights_sha256="abc", input_size=32)
+    assert dec is None and "not installed" in what
+
+
+@needs_onnx
+def test_onnx_export_is_verified_cached_and_reused(cache, monkeypatch):
+    enc = TinyEncoder()
+    fn, what = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+    assert isinstance(fn, fe.OnnxCpuEncoder) and "ONNX Runtime" in what
+    path = fe.onnx_cache_path("tiny", "abc123", 32)
+    assert path.is_file() and fn.path == path
+    assert not list(path.parent.glob(".*.part"))  # no temporaries left
+    x = torch.rand(3, 3, 32, 32)  # a batch is run slice by slice
+    with torch.inference_mode():
+        ref = enc(x)
+    assert float((fn(x) - ref).abs().max()) <= fe.TOLERANCE
+    # a second backbone reuses the cached file: no export
+    monkeypatch.setattr(fe, "_export_verified", lambda *a, **k: pytest.fail("exported again"))
+    fn2, _ = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+    assert isinstance(fn2, fe.OnnxCpuEncoder)
+    # other weights: another file
+    assert fe.onnx_cache_path("tiny", "def456", 32) != path
+
+
+@needs_onnx
+def test_damaged_cache_is_dropped_and_rebuilt(cache):
+    enc = TinyEncoder()
+    path = fe.onnx_cache_path("tiny", "abc", 32)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an onnx model")
+    fn, what = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32)
+    assert isinstance(fn, fe.TorchCpuEncoder) and "ONNX path failed" in what  # this time: torch
+    assert not path.exists()  # the damaged entry is gone...
+    fn, _ = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32)
+    assert isinstance(fn, fe.OnnxCpuEncoder) and path.is_file()  # ...and the next backbone re-exports
+
+
+@needs_onnx
+def test_export_that_fails_the_check_is_discarded(cache, monkeypatch):
+    monkeypatch.setattr(fe, "TOLERANCE", -1.0)  # no difference can pass
+    fn, what = fe.cpu_encoder(TinyEncoder(), name="tiny", weights_sha256="abc", input_size=32, mode="onnx")
+    assert isinstance(fn, fe.TorchCpuEncoder) and "differs from PyTorch" in what
+    assert not (cache / "onnx").exists() or not any((cache / "onnx").iterdir())  # nothing cached, no temporaries
+
+
+def test_litemedsam_fast_argument_is_checked_before_loading(monkeypatch):
+    from napari_mias_sam.backbones.litemedsam import LiteMedSAM
+
+    with pytest.raises(ValueError, match="fast encoder mode"):
+        LiteMedSAM(device="cpu", fast="turbo")
+    monkeypatch.setenv("MIAS_SAM_FAST_ENCODER", "warp")
+    with pytest.raises(ValueError, match="fast encoder mode"):
+        LiteMedSAM(device="cpu")
+
+
+@pytest.mark.slow
+def test_litemedsam_fast_paths_match_eager(mias_cache_dir):
+    """The real encoder and box decoder: ONNX Runtime and folded torch against eager fp32."""
+    from napari_mias_sam.backbones.litemedsam import LiteMedSAM
+
+    eager = LiteMedSAM(device="cpu", fast="off")
+    fast = LiteMedSAM(device="cpu", fast="auto")
+    folded = LiteMedSAM(device="cpu", fast="torch")
+    frames = fe._check_input(256)[:, 0].repeat(2, 1, 1)
+    frames[1] = frames[1].flip(-1)
+    ref = eager.encode(frames)
+    assert float((folded.encode(frames) - ref).abs().max()) <= fe.TOLERANCE
+    assert folded.encoder_runtime.startswith("folded PyTorch")
+    got = fast.encode(frames)
+    assert float((got - ref).abs().max()) <= fe.TOLERANCE
+    if fe.onnx_available():
+        assert fast.encoder_runtime.startswith("ONNX Runtime")
+    for p in (Prompt("box", box=(70.0, 60.0, 150.0, 170.0)), Prompt("point", point=(100.0, 90.0)),
+              Prompt("boxes", boxes=((20.0, 20.0, 60.0, 70.0), (120.0, 110.0, 180.0, 200.0)))):
+        a, b = eager.decode(ref[0], p), fast.decode(ref[0], p)
+        np.testing.assert_allclose(b.logits, a.logits, atol=1e-3)
+        np.testing.assert_allclose(b.iou, a.iou, atol=1e-4)
+    if fe.onnx_available():
+        assert fast.decoder_runtime.startswith("ONNX Runtime")
+    # batched decode across slices equals slice-by-slice decode
+    prompts = [Prompt("box", box=(70.0, 60.0, 150.0, 170.0)), Prompt("box", box=(30.0, 40.0, 120.0, 90.0))]
+    one = [eager.decode(e, p) for e, p in zip(ref, prompts)]
+    both = eager.decode_batch(ref, prompts)
+    for x, y in zip(one, both):
+        np.testing.assert_allclose(y.logits, x.logits, atol=1e-4)
+        np.testing.assert_allclose(y.iou, x.iou, atol=1e-5)
+
+
+def test_decode_all_batches_where_the_backbone_can(monkeypatch):
+    """decode_all groups single-box prompts into decode_batch calls (GPU default, or asked for),
+    decodes the rest one by one, and gives the same result as slice-by-slice decoding."""
+    from core_fixtures import CoreFakeBackbone
+    from napari_mias_sam.pipeline import EncodedVolume, decode_all
+    from napari_mias_sam.preprocess import Frame
+    from napari_mias_sam.settings import SegmentSettings
+
+    class Batching(CoreFakeBackbone):
+        batch_calls: list[int] = []
+
+        @staticmethod
+        def batchable(p):
+            return p is not None and p.kind in ("point", "box")
+
+        def decode_batch(self, embeddings, prompts):
+            self.batch_calls.append(len(prompts))
+            return [self.decode(e, p) for e, p in zip(embeddings, prompts)]
+
+    n = 7
+    maps = np.zeros((n, 256, 256), np.float32)
+    for s in range(n):
+        maps[s, 40 + 10 * s : 60 + 10 * s, 100:130] = 1.0
+    fg = np.ones(n, bool)
+    fg[3] = False
+    enc = EncodedVolume(embeddings=torch.zeros(n, 256, 64, 64, dtype=torch.float16), frames=torch.zeros(n, 256, 256),
+                        foreground=fg, axis=2, frame=Frame(256, 256), key="k")
+    st = SegmentSettings(prompt="cog-box")
+    bb = Batching()
+    ref = decode_all(enc, maps, bb, st)  # CPU default: slice by slice
+    assert bb.batch_calls == []
+    got = decode_all(enc, maps, bb, st, batch_size=4)
+    assert bb.batch_calls == [4, 2]
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[2], ref[2])
+    assert got[0] == ref[0] and got[0][3] is None

@@ -1,0 +1,277 @@
+"""segment_volume and its outputs with a deterministic fake backbone: empty slices, the
+embedding cache, refusals before any work, written files, cancellation and re-decoding."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from core_fixtures import CoreFakeBackbone, CountingBackbone, anatomy_volume, sha256, snapshot, write_nifti
+from napari_mias_sam.anomaly import maps_from_scores
+from napari_mias_sam.backbones.base import Prompt
+from napari_mias_sam.bank import load_bank
+from napari_mias_sam.cache import EmbeddingCache, frames_key
+from napari_mias_sam.errors import BankMismatchError, Cancelled, InputError
+from napari_mias_sam.io import load_volume
+from napari_mias_sam.patches import patch_features
+from napari_mias_sam.pipeline import encode_volume, redecode_slice, segment_volume
+from napari_mias_sam.settings import PREPROCESS_PRESETS, SegmentSettings
+from napari_mias_sam.file_steps import build_bank_from_files, check_outputs, output_paths, write_outputs
+
+CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt"]
+AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two normal volumes, a fake-backbone bank, and a test volume with a blob and an empty slice."""
+    root = tmp_path_factory.mktemp("pipeline")
+    normals = [write_nifti(root / "normals" / f"n{i}.nii.gz", anatomy_volume((64, 64, 4), seed=i) * 300, AFFINE) for i in (1, 2)]
+    fake = CoreFakeBackbone()
+    bank = build_bank_from_files(normals, fake, preprocessing=PREPROCESS_PRESETS["mri"], layout="mean256")
+    bank.save(root / "bank")
+    data = anatomy_volume((64, 64, 4), seed=3, blob={"centre": (40, 24), "radius": 6, "value": 1.0, "slices": [1, 2]}) * 300
+    data[..., 3] = 0.0  # an empty (constant) slice inside the volume
+    case = write_nifti(root / "cases" / "case.nii.gz", data, AFFINE)
+    return {"root": root, "normals": normals, "fake": fake, "bank": load_bank(root / "bank"), "case": case}
+
+
+def test_segment_volume_with_an_empty_slice(world):
+    fake = CoreFakeBackbone()
+    vol = load_volume(world["case"])
+    res = segment_volume(vol, world["bank"], fake)
+    assert res.settings.prompt == "cog-point"  # the default of a backbone without a known default
+    assert res.n_slices == 4 and res.axis == 2
+    assert res.maps.shape == (4, 256, 256) and res.scores.shape == (4, 32, 32)
+    # the empty slice: no prompt, no mask, no map, NaN IoUs, nothing decoded for it
+    assert res.prompts[3] is None and not res.encoded.foreground[3]
+    assert (res.maps[3] == 0).all() and np.isnan(res.ious[3]).all() and (res.logits[3] == 0).all()
+    assert fake.decode_calls == 3
+    mask = res.mask_volume()
+    assert mask.shape == (64, 64, 4) and mask.dtype == np.uint8
+    assert not mask[..., 3].any() and (res.anomaly_volume()[..., 3] == 0).all()
+    # the other slices: a point prompt at the CoG of the calibrated map, decoded by the fake
+    for s in range(3):
+        assert res.prompts[s] is not None and res.prompts[s].kind == "point"
+        np.testing.assert_allclose(res.ious[s], [0.5, 0.6, 0.7])
+    # the raw maps are the upsampled, smoothed patch scores, the image score their maximum
+    np.testing.assert_allclose(res.raw_maps, maps_from_scores(res.scores), rtol=1e-6)
+    np.testing.assert_allclose(res.image_scores, res.scores.reshape(4, -1).max(axis=1))
+    cal = world["bank"].calibration(1)
+    expected = np.clip((res.raw_maps[:3] - cal.low) / (cal.high - cal.low), 0, None)
+    np.testing.assert_allclose(res.maps[:3], expected, rtol=1e-5, atol=1e-6)
+    # the patch scores are the squared distances of the slice's patches to the bank
+    feats = patch_features(res.encoded.embeddings[:1].float(), "mean256")
+    np.testing.assert_allclose(res.scores[:1], world["bank"].patch_scores(feats, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_points_rows_map_the_prompt_back_to_voxels(world):
+    res = segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone(), SegmentSettings(prompt="cog-box"))
+    rows = res.points_rows()
+    assert [r["slice"] for r in rows] == [0, 1, 2, 3] and list(rows[0]) == CSV_COLUMNS
+    assert rows[3]["prompt"] == "none" and rows[3]["i"] == "" and rows[3]["anomalous"] == 0
+    for s in range(3):
+        x0, y0, x1, y1 = res.prompts[s].box
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        # frame (256) -> slice (64) pixel centres: (v + 0.5) / 4 - 0.5 ; axis 2 -> (i, j, k) = (row, col, s)
+        assert rows[s]["i"] == round((cy + 0.5) / 4 - 0.5, 2)
+        assert rows[s]["j"] == round((cx + 0.5) / 4 - 0.5, 2)
+        assert rows[s]["k"] == s and rows[s]["prompt"] == "box" and rows[s]["predicted_iou"] == 0.7
+
+
+def test_constant_volume_is_an_input_error(world, tmp_path):
+    p = write_nifti(tmp_path / "flat.nii.gz", np.full((16, 16, 3), 42.0, np.float32))
+    before = sha256(p)
+    fake = CoreFakeBackbone()
+    with pytest.raises(InputError, match=r"flat\.nii\.gz: every voxel has the same value \(42\)"):
+        segment_volume(load_volume(p), world["bank"], fake)
+    assert fake.calls == 0 and sha256(p) == before
+
+
+def test_bank_of_another_backbone_is_refused_before_any_work(world):
+    other = CoreFakeBackbone(sha="other-weights-9999")
+    with pytest.raises(BankMismatchError, match="fake-weights.*other-weight"):
+        segment_volume(load_volume(world["case"]), world["bank"], other)
+    assert other.calls == 0
+
+
+def test_cancel_stops_the_run(world):
+    seen = []
+
+    def progress(stage, done, total):
+        seen.append(stage)
+
+    with pytest.raises(Cancelled):
+        segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone(), progress=progress, cancelled=lambda: True)
+    assert seen == []
+
+
+def test_redecode_slice_with_a_moved_point(world):
+    fake = CoreFakeBackbone()
+    res = segment_volume(load_volume(world["case"]), world["bank"], fake)
+    redecode_slice(res, fake, 1, point=(100.0, 50.0))
+    assert res.prompts[1] == Prompt("point", point=(100.0, 50.0))
+    m3 = res.logits[1, 2] > 0  # the fake's finest mask: the square of half-side 4 around the point
+    rows, cols = np.nonzero(m3)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (46, 54, 96, 104)
+    redecode_slice(res, fake, 1, settings=res.settings.replace(prompt="cog-box"), point=(100.0, 50.0))
+    x0, y0, x1, y1 = res.prompts[1].box  # box re-centred on the point, same size
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((100.0, 50.0))
+    n_before = fake.decode_calls
+    redecode_slice(res, fake, 3, point=(10.0, 10.0))  # the empty slice stays empty
+    assert res.prompts[3] is None and fake.decode_calls == n_before
+
+
+# --------------------------------------------------------------------------- outputs
+def test_write_outputs_and_refusals(world, tmp_path):
+    vol = load_volume(world["case"])
+    res = segment_volume(vol, world["bank"], CoreFakeBackbone())
+    out = tmp_path / "out"
+    paths = write_outputs(res, out)
+    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
+    m, a = nib.load(str(paths["mask"])), nib.load(str(paths["anomaly"]))
+    assert m.get_data_dtype() == np.uint8 and a.get_data_dtype() == np.float32
+    np.testing.assert_allclose(m.affine, AFFINE)
+    np.testing.assert_allclose(a.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(m.dataobj), res.mask_volume())
+    np.testing.assert_array_equal(np.asarray(a.dataobj), res.anomaly_volume())
+    with open(paths["points"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and list(rows[0]) == CSV_COLUMNS
+
+    # existing outputs without overwrite: refused, nothing changed
+    before = snapshot(out)
+    with pytest.raises(InputError, match="already exists"):
+        write_outputs(res, out)
+    assert snapshot(out) == before
+    write_outputs(res, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
+
+    # an output that would replace an input
+    inputs_before = snapshot(world["root"] / "cases")
+    victim = world["root"] / "cases" / "x_mask.nii.gz"
+    with pytest.raises(InputError, match="would overwrite an input"):
+        check_outputs(output_paths(world["root"] / "cases", "x"), [world["case"], victim], overwrite=True)
+    assert snapshot(world["root"] / "cases") == inputs_before
+
+
+def test_failed_output_write_leaves_no_partial_set(world, tmp_path, monkeypatch):
+    from napari_mias_sam import file_steps
+
+    res = segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone())
+    real_save = file_steps.save_nifti
+    calls = []
+
+    def failing_second_save(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the mask is written, then the anomaly map fails
+            raise OSError("disk full")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(file_steps, "save_nifti", failing_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs(res, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+    # With --overwrite, a failed run keeps the earlier outputs byte for byte.
+    monkeypatch.setattr(file_steps, "save_nifti", real_save)
+    paths = write_outputs(res, tmp_path / "out2")
+    before = {p.name: p.read_bytes() for p in paths.values()}
+    calls.clear()
+    monkeypatch.setattr(file_steps, "save_nifti", failing_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs(res, tmp_path / "out2", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out2").iterdir()} == before
+
+
+# --------------------------------------------------------------------------- embedding cache
+def test_cache_put_get_round_trip_and_keys(tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    emb = torch.randn(2, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+    cache.put("k1", emb)
+    got = cache.get("k1")
+    assert got.dtype == torch.float16 and got.shape == (2, 256, 64, 64)
+    torch.testing.assert_close(got, emb.half(), rtol=0, atol=0)
+    assert cache.get("missing") is None
+    assert cache.size_bytes() > 2 * 256 * 64 * 64 * 2 - 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k1.npy"]
+
+    frames = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1))
+    info = {"name": "litemedsam", "weights_sha256": "abc"}
+    k = frames_key(frames, info)
+    assert k == frames_key(frames.clone(), dict(info)) and len(k) == 64
+    changed = frames.clone()
+    changed[2, 100, 100] += 1e-3
+    assert frames_key(changed, info) != k
+    assert frames_key(frames[:2], info) != k
+    assert frames_key(frames, dict(info, weights_sha256="abd")) != k
+    assert frames_key(frames, dict(info, name="sam-vit_b")) != k
+    assert frames_key(frames, info, precision="bf16") != k
+    assert cache.clear() == 1 and cache.get("k1") is None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "pickle-header"])
+def test_damaged_cache_entry_is_ignored_and_recomputed(world, tmp_path, damage):
+    cache = EmbeddingCache(tmp_path / "cache")
+    bb = CountingBackbone(CoreFakeBackbone())
+    vol = load_volume(world["case"])
+    prep = PREPROCESS_PRESETS["mri"]
+    first = encode_volume(vol, bb, prep, cache=cache)
+    assert bb.encode_calls == 1 and not first.from_cache
+    path = cache.path(first.key)
+    blob = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "truncated":
+        path.write_bytes(blob[: len(blob) // 3])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(blob[:6] + b"\x01\x00" + blob[8:64])  # npy magic, then nonsense
+    assert cache.get(first.key) is None and not path.exists()  # forgotten
+    path.write_bytes(b"" if damage == "empty" else blob[: len(blob) // 3])
+    again = encode_volume(vol, bb, prep, cache=cache)
+    assert bb.encode_calls == 2 and not again.from_cache  # recomputed
+    torch.testing.assert_close(again.embeddings, first.embeddings)
+    assert path.read_bytes() == blob  # and stored again, whole
+    third = encode_volume(vol, bb, prep, cache=cache)
+    assert third.from_cache and bb.encode_calls == 2
+
+
+def test_segment_volume_reuses_cached_embeddings(world, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    bb = CountingBackbone(CoreFakeBackbone())
+    vol = load_volume(world["case"])
+    r1 = segment_volume(vol, world["bank"], bb, cache=cache)
+    assert bb.encode_calls >= 1 and not r1.encoded.from_cache
+    calls = bb.encode_calls
+    r2 = segment_volume(load_volume(world["case"]), world["bank"], bb, cache=cache)
+    assert bb.encode_calls == calls and r2.encoded.from_cache  # no encoder work the second time
+    np.testing.assert_array_equal(r1.mask_volume(), r2.mask_volume())
+    np.testing.assert_array_equal(r1.anomaly_volume(), r2.anomaly_volume())
+    # another backbone identity never reads these entries
+    other = CountingBackbone(CoreFakeBackbone(sha="other"))
+    encode_volume(vol, other, PREPROCESS_PRESETS["mri"], cache=cache)
+    assert other.encode_calls >= 1
+
+
+def test_second_bank_from_the_cache_skips_the_encoder_and_matches(world, tmp_path):
+    """build-bank --cache: a bank of another layout from the same volumes reads the cached
+    embeddings (no encode call) and equals a build from them; a cached re-build is identical."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    bb = CountingBackbone(CoreFakeBackbone())
+    prep = PREPROCESS_PRESETS["mri"]
+    first = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="paper1024", cache=cache)
+    calls = bb.encode_calls
+    assert calls > 0 and len(list((tmp_path / "cache").glob("*.npy"))) == calls
+    second = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="mean256", cache=cache)
+    again = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="paper1024", cache=cache)
+    assert bb.encode_calls == calls  # both from the cache
+    assert second.layout == "mean256" and second.ntotal == first.ntotal
+    from napari_mias_sam.bank.knn import index_vectors
+
+    np.testing.assert_array_equal(index_vectors(again.index, 0, again.ntotal), index_vectors(first.index, 0, first.ntotal))

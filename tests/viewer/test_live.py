@@ -1,0 +1,177 @@
+"""Live-QA logic without a viewer: what a settings change costs, generations and stale slices,
+moved points in the model frame, display-order slices, and the Dice / error-overlay helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mias_sam.backbones.base import Decoded
+from napari_mias_sam.io import Volume
+from napari_mias_sam.viewer.live import (
+    CHANGE_MASK,
+    CHANGE_NONE,
+    CHANGE_PROMPT,
+    CHANGE_RERUN,
+    FN,
+    FP,
+    LiveSession,
+    classify_change,
+    compare_with_gt,
+    error_overlay,
+    ranked_slices,
+)
+from napari_mias_sam.pipeline import EncodedVolume, SegmentationResult, decode_all
+from napari_mias_sam.preprocess import Frame
+from napari_mias_sam.settings import SegmentSettings
+
+
+class DiscBackbone:
+    """Decodes a prompt to three discs (radius 30, 15, 8 frame pixels) around its centre."""
+
+    name = "disc"
+    weights_sha256 = "none"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decode(self, embedding, prompt, mask_input=None) -> Decoded:
+        self.calls += 1
+        if prompt.kind == "point":
+            x, y = prompt.point
+        else:
+            x0, y0, x1, y1 = prompt.box
+            x, y = (x0 + x1) / 2, (y0 + y1) / 2
+        rr, cc = np.mgrid[:256, :256]
+        d = np.hypot(rr - y, cc - x)
+        return Decoded(logits=np.stack([r - d for r in (30.0, 15.0, 8.0)]).astype(np.float32),
+                       iou=np.array([0.5, 0.6, 0.7], np.float32))
+
+
+def _result(axis: int = 2, shape=(40, 30, 4)) -> SegmentationResult:
+    """A result whose maps hold one blob per slice, at a different place on each slice."""
+    n = shape[axis]
+    h, w = [s for a, s in enumerate(shape) if a != axis]
+    frame = Frame(h, w)
+    maps = np.zeros((n, 256, 256), np.float32)
+    rr, cc = np.mgrid[:256, :256]
+    for s in range(n):
+        maps[s] = np.exp(-((rr - 60 - 20 * s) ** 2 + (cc - 80) ** 2) / 200.0) + 0.3 * np.exp(-((rr - 150) ** 2 + (cc - 40) ** 2) / 400.0)
+    enc = EncodedVolume(embeddings=torch.zeros((n, 256, 64, 64), dtype=torch.float16), frames=torch.zeros((n, 256, 256)),
+                        foreground=np.ones(n, bool), axis=axis, frame=frame, key="k")
+    settings = SegmentSettings(prompt="cog-point")
+    bb = DiscBackbone()
+    prompts, logits, ious = decode_all(enc, maps, bb, settings)
+    return SegmentationResult(
+        volume=Volume(data=np.zeros(shape, np.float32), affine=np.eye(4)), encoded=enc, settings=settings,
+        bank_info={}, backbone_info={"name": "disc"}, preprocessing={}, scores=np.zeros((n, 32, 32), np.float32),
+        raw_maps=maps, maps=maps, image_scores=np.arange(n, dtype=np.float32)[::-1].copy(), decision=np.ones(n, bool),
+        decision_threshold=None, prompts=prompts, logits=logits, ious=ious,
+    )
+
+
+def test_classify_change():
+    base = SegmentSettings(prompt="cog-box")
+    assert classify_change(base, base) == CHANGE_NONE
+    assert classify_change(base, base.replace(mask_index=1)) == CHANGE_MASK
+    assert classify_change(base, base.replace(gamma=2.0)) == CHANGE_PROMPT
+    assert classify_change(base, base.replace(prompt="max-point", mask_index=2)) == CHANGE_PROMPT
+    assert classify_change(base, base.replace(k=3)) == CHANGE_RERUN
+    assert classify_change(base, base.replace(normalisation="reference")) == CHANGE_RERUN
+
+
+def test_prompt_change_redecodes_every_slice_current_first():
+    res = _result()
+    bb = DiscBackbone()
+    ses = LiveSession(res, bb, (2, 1, 0))
+    p0 = [ses.point(s) for s in range(4)]
+    assert ses.change_settings(res.settings.replace(gamma=1.0)) == CHANGE_PROMPT
+    assert ses.stale == {0, 1, 2, 3}
+    order = ses.order_from(2)
+    assert order == [2, 1, 3, 0]
+    updates = list(ses.refresh_iter(order, ses.generation))
+    assert [u.s for u in updates] == order and bb.calls == 4 and not ses.stale
+    moved = [np.linalg.norm(np.subtract(ses.point(s), p0[s])) for s in range(4)]
+    assert min(moved) > 1.0  # gamma 1 pulls the CoG towards the second blob
+    # Display order: the pipeline axis (file axis 2) is display axis 0.
+    assert ses.display_axis == 0
+    assert updates[0].mask.shape == (30, 40)
+    np.testing.assert_array_equal(ses.mask_display()[ses.slice_index(2)], updates[0].mask)
+
+
+def test_superseded_pass_stops_and_mask_change_needs_no_decoder():
+    res = _result()
+    bb = DiscBackbone()
+    ses = LiveSession(res, bb)
+    ses.change_settings(res.settings.replace(gamma=2.0))
+    old = ses.refresh_iter(ses.order_from(0), ses.generation)
+    next(old)
+    ses.change_settings(res.settings.replace(gamma=3.0))  # a newer change
+    assert list(old) == []  # the old pass gives up
+    assert ses.stale == {0, 1, 2, 3}
+    list(ses.refresh_iter(ses.order_from(0), ses.generation))
+    calls = bb.calls
+    m3 = ses.mask_display().copy()
+    assert ses.change_settings(ses.settings.replace(mask_index=1)) == CHANGE_MASK
+    list(ses.refresh_iter(ses.order_from(0), ses.new_generation()))
+    assert bb.calls == calls
+    assert ses.mask_display().sum() > m3.sum()  # mask 1 is the largest disc
+
+
+def test_moved_point_becomes_the_prompt_and_survives_settings_changes():
+    res = _result(axis=0, shape=(3, 50, 60))
+    bb = DiscBackbone()
+    ses = LiveSession(res, bb, (0, 1, 2))
+    target = (1.0, 10.0, 45.0)  # display = file order here: slice 1, row 10, column 45
+    xy = ses.move_point(1, target)
+    fr = res.encoded.frame
+    assert xy == pytest.approx(tuple(reversed(fr.to_frame(10.0, 45.0))))
+    assert ses.stale == {1}
+    list(ses.refresh_iter([1], ses.new_generation()))
+    np.testing.assert_allclose(ses.point(1), target, atol=1e-6)
+    ses.change_settings(ses.settings.replace(gamma=9.0))
+    list(ses.refresh_iter(ses.order_from(0), ses.generation))
+    np.testing.assert_allclose(ses.point(1), target, atol=1e-6)
+    assert ses.metadata()["moved_points"] == {"1": [round(xy[0], 3), round(xy[1], 3)]}
+    assert ses.reset_points() == [1]
+    list(ses.refresh_iter([1], ses.new_generation()))
+    assert np.linalg.norm(np.subtract(ses.point(1), target)) > 1.0
+
+
+def test_compare_with_gt_and_error_overlay():
+    pred = np.zeros((4, 5, 6), bool)
+    gt = np.zeros((4, 5, 6), bool)
+    pred[1, 1:3, 1:3] = True
+    gt[1, 2:4, 1:3] = True
+    gt[3, 0, 0] = True
+    r = compare_with_gt(pred, gt, axis=0, s=1)
+    assert r["slice_dice"] == pytest.approx(2 * 2 / (4 + 4))
+    assert r["volume_dice"] == pytest.approx(2 * 2 / (4 + 5))
+    assert r["mean_slice_dice"] == pytest.approx((0.5 + 0.0) / 2) and r["lesion_slices"] == 2
+    assert np.isnan(compare_with_gt(pred, gt, axis=0, s=0)["slice_dice"])
+    ov = error_overlay(pred, gt)
+    assert (ov == FP).sum() == 2 and (ov == FN).sum() == 3
+    with pytest.raises(ValueError):
+        compare_with_gt(pred, gt[:3], axis=0, s=0)
+
+
+def test_ranked_slices():
+    assert ranked_slices(np.array([0.1, 0.9, 0.5, 2.0]), np.array([True, True, True, False])) == [1, 2, 0, 3]
+
+
+def test_compute_and_io_modules_import_without_qt():
+    """Only the ``_widget*`` modules may import Qt: the rest works in a process without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6'):\n"
+        "    sys.modules[m] = None\n"
+        "import napari_mias_sam.viewer.live, napari_mias_sam.viewer.layers, napari_mias_sam.viewer.reader\n"
+        "import napari_mias_sam.viewer.writer, napari_mias_sam.viewer.samples, napari_mias_sam.pipeline\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
