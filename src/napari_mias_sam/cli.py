@@ -16,6 +16,8 @@ __all__ = ["main", "build_parser"]
 EXAMPLES = {
     "build-bank": """examples:
   mias-sam build-bank normals/ --out banks/brain                      # a folder of normal NIfTI volumes
+  mias-sam build-bank BraTS2021_Training/ --modality flair --margin 2 --exclude-subjects test.txt --out banks/brats-flair
+  mias-sam build-bank LiTS/ --roi liver --exclude-subjects test.txt --out banks/lits   # CT preset ct-abdomen
   mias-sam build-bank a.nii.gz b.nii.gz --out banks/brain --layout mean256
   mias-sam build-bank BMAD/Brain_MRI --out banks/bmad-brain           # BMAD layout (train/good/*.png)
   mias-sam build-bank ct/ --out banks/liver --preprocess ct-abdomen
@@ -23,6 +25,9 @@ EXAMPLES = {
     "segment": """examples:
   mias-sam segment case.nii.gz --bank banks/brain --out results/
   mias-sam segment case.nii.gz --bank banks/brain --out results/ --gt case_seg.nii.gz --json
+  mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/   # the bank's modality; seg paired as GT
+  mias-sam segment LiTS/volume-3.nii --bank banks/lits --out results/         # segmentation-3 paired; lesion = label 2
+  mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/ --lesion-labels 1,4   # tumour core only
   mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
   mias-sam segment BMAD/Brain_MRI/test/Ungood/img --bank banks/bmad-brain --out out/ --normalisation reference
 outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv
@@ -34,6 +39,8 @@ outputs (PNG slices): <stem>_mask.png (0/255) and <stem>_anomaly.npy (float32) p
     "evaluate": """examples:
   mias-sam evaluate --bank banks/brain --images test/*_flair.nii.gz --gts test/*_seg.nii.gz --out eval/
   mias-sam evaluate --bank banks/bmad-brain --bmad BMAD/Brain_MRI --out eval-brain/ --json
+  mias-sam evaluate --bank banks/brats-flair --dataset BraTS2021_Training/ --subjects test.txt --out eval-brats/
+  mias-sam evaluate --bank banks/lits --dataset LiTS/ --subjects test.txt --out eval-lits/
   mias-sam evaluate --bank banks/b1024 --bank banks/b256 --images ... --gts ... --out eval/ --gammas 1,3,5""",
     "info": """examples:
   mias-sam info banks/brain""",
@@ -58,6 +65,17 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
 
 
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    from .dataset_sources import ROIS
+
+    g = p.add_argument_group("labelled datasets (BraTS, LiTS): a bank from lesion-free slices")
+    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); ct for LiTS")
+    g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
+    g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
+    g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
+    g.add_argument("--roi", choices=ROIS, help="LiTS: mask every slice to the liver labels (1, 2), as BMAD's Liver CT does")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bank import INDEX_TYPES
     from .reference_io import ENCODINGS
@@ -70,9 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-bank", help="build a normal memory bank", epilog=EXAMPLES["build-bank"], formatter_class=fmt,
                        description="Encode normal slices and index their 5x5 patch features with faiss.")
-    b.add_argument("normal", nargs="+", type=Path, help="normal NIfTI volumes, folders of them, or BMAD dataset folders")
+    b.add_argument("normal", nargs="+", type=Path,
+                   help="normal NIfTI volumes, folders of them, BMAD dataset folders, or one labelled dataset (a BraTS root "
+                        "or case folder, a LiTS folder): then only its lesion-free slices are used")
     b.add_argument("--out", required=True, type=Path, help="bank folder to write (index.faiss + manifest.json)")
-    b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default="mri", help="intensity preset (default mri)")
+    b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default=None,
+                   help="intensity preset (default mri; ct-abdomen for LiTS)")
+    _add_dataset_args(b)
     b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
     b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
     b.add_argument("--index", choices=INDEX_TYPES, default="flat",
@@ -93,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment anomalies in volumes", epilog=EXAMPLES["segment"], formatter_class=fmt,
                        description="Run MIAS-SAM slice-wise on whole volumes and write NIfTI outputs.")
-    s.add_argument("volume", nargs="+", type=Path, help="NIfTI volume(s) to segment, or PNG slices (files or folders; one size per call)")
+    s.add_argument("volume", nargs="+", type=Path,
+                   help="NIfTI volume(s), BraTS case folders (the bank's modality is read; the seg file is the ground truth), "
+                        "or PNG slices (files or folders; one size per call)")
+    s.add_argument("--modality", help="modality of a case folder (default: the bank's): flair|t1|t1ce|t2 (= t2f|t1n|t1c|t2w)")
+    s.add_argument("--lesion-labels", metavar="LABELS",
+                   help="label values that count as the lesion, e.g. 1,2,4 (default: BraTS every non-zero label, LiTS 2, "
+                        "other files every non-zero label)")
     s.add_argument("--bank", required=True, type=Path, help="memory bank folder (from build-bank)")
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
@@ -123,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--bmad", type=Path, help="BMAD dataset folder (test/{good,Ungood}/{img,anomaly_mask})")
     src.add_argument("--images", nargs="+", type=Path, help="test NIfTI volumes")
+    src.add_argument("--dataset", type=Path, help="a BraTS or LiTS root: its cases (choose with --subjects) and their seg files")
+    e.add_argument("--subjects", type=Path, help="--dataset: a text file of the test subjects, one per line (default: all)")
+    e.add_argument("--exclude-subjects", type=Path, help="--dataset: a text file of subjects to leave out")
+    e.add_argument("--modality", help="--dataset: modality to test (default: the bank's)")
+    e.add_argument("--lesion-labels", metavar="LABELS",
+                   help="label values that count as the lesion, e.g. 1,2,4 (default: BraTS every non-zero, LiTS 2, other files non-zero)")
     e.add_argument("--gts", nargs="+", type=Path, help="ground truths, one per --images volume, same order")
     e.add_argument("--split", default="test", help="BMAD split to read: test (default) or valid")
     e.add_argument("--out", required=True, type=Path, help="folder for results.csv/.md/.json and plots")
@@ -183,13 +217,24 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
         raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
-    _print_memory_estimate(a)
+    dataset = _dataset_input(a)
+    _print_memory_estimate(a, dataset)
     t0 = time.perf_counter()
     bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision, encoding=a.encoding)
     progress = ConsoleProgress()
-    bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
-                                 layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                 progress=progress, cache=EmbeddingCache() if a.cache else None)
+    cache = EmbeddingCache() if a.cache else None
+    if dataset is not None:
+        from .cache import cached_encoder
+        from .dataset_sources import build_bank_from_dataset
+
+        bank = build_bank_from_dataset(dataset, bb, modality=a.modality, margin=a.margin, subjects=a.subjects,
+                                       exclude=a.exclude_subjects, roi=a.roi, preprocess=a.preprocess, axis=a.axis,
+                                       layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                       progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
+    else:
+        bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
+                                     layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                     progress=progress, cache=cache)
     path = bank.save(a.out, overwrite=a.overwrite)
     summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
     if a.json:
@@ -203,7 +248,26 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _print_memory_estimate(a: argparse.Namespace) -> None:
+def _dataset_input(a: argparse.Namespace) -> Path | None:
+    """build-bank: the labelled dataset root given (then only lesion-free slices are used), or None."""
+    from .datasets import looks_like_dataset
+    from .errors import InputError
+
+    options = [f"--{n}" for n, v in (("modality", a.modality), ("subjects", a.subjects), ("exclude-subjects", a.exclude_subjects),
+                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != 2 else [])
+    datasets = [n for n in a.normal if looks_like_dataset(n)]
+    if not datasets:
+        if options:
+            raise InputError(f"{options[0]} applies to a labelled dataset (BraTS case folders, LiTS volume-N/segmentation-N "
+                             f"files); {a.normal[0]} is not one.")
+        return None
+    if len(a.normal) > 1:
+        raise InputError(f"{datasets[0]}: is a labelled dataset; give it alone (one root, or one case folder) to build a "
+                         "bank from its lesion-free slices.")
+    return datasets[0]
+
+
+def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -> None:
     """Before a build: how much memory the bank will take (stderr), and a warning if it will not fit."""
     from .bank import estimate_bank_memory
     from .evaluation.benchmark import _ram_bytes
@@ -211,7 +275,15 @@ def _print_memory_estimate(a: argparse.Namespace) -> None:
     from .settings import PREPROCESS_PRESETS
     from .model_inputs import normal_groups
 
-    groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess], a.axis)
+    if dataset is not None:
+        from .dataset_sources import dataset_groups, prepare_dataset
+
+        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi)
+        groups = dataset_groups(cases, mod, PREPROCESS_PRESETS[a.preprocess or kind.preprocess], axis=a.axis, margin=a.margin, roi=a.roi)
+        print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
+              f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
+    else:
+        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or "mri"], a.axis)
     n_slices = sum(g.n for g in groups)
     est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
     total, avail = _ram_bytes()
@@ -283,8 +355,11 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from .cache import EmbeddingCache
     from .errors import InputError
+    from .bank import load_bank
+    from .dataset_sources import segment_inputs
+    from .datasets import lesion_description, lesion_mask
     from .evaluation.scoring import gt_metrics
-    from .io import load_labels, load_volume, nifti_stem
+    from .io import nifti_stem
     from .pipeline import segment_volume
     from .png_segment import png_inputs
     from .settings import SegmentSettings
@@ -295,58 +370,65 @@ def cmd_segment(a: argparse.Namespace) -> int:
         return _segment_pngs(a, pngs)
     if a.gt and len(a.gt) != len(a.volume):
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
-    stems = [nifti_stem(v) for v in a.volume]
+    bank = load_bank(a.bank)
+    # Case folders become their modality file, and a case's seg file its ground truth
+    jobs = segment_inputs(a.volume, a.gt, bank.manifest, modality=a.modality, lesion_labels=a.lesion_labels)
+    stems = [nifti_stem(j.image) for j in jobs]
     if len(set(stems)) != len(stems):
         raise InputError("two input volumes share a file name; their outputs would collide. Segment them into different --out folders.")
-    inputs = list(a.volume) + list(a.gt or []) + [a.bank]
+    inputs = [j.image for j in jobs] + [j.gt for j in jobs if j.gt is not None] + [a.bank]
     for stem in stems:  # check every output before any work, so a batch never stops half-written
         check_outputs(output_paths(a.out, stem), inputs, overwrite=a.overwrite)
-    if len(a.volume) > 1:  # likewise every input: a bad later file must not stop the batch half-way
-        for n, vpath in enumerate(a.volume):
-            vol = load_volume(vpath)
-            if a.gt:
-                load_labels(a.gt[n], like=vol)
-        del vol
+    if len(jobs) > 1:  # likewise every input: a bad later file must not stop the batch half-way
+        for j in jobs:
+            j.load()
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
-    bank, bb = _bank_and_backbone(a)
+    bank, bb = _bank_and_backbone(a, bank=bank)
     cache = None if a.no_cache else EmbeddingCache()
     progress = ConsoleProgress()
     reports = []
-    for n, vpath in enumerate(a.volume):
+    for n, job in enumerate(jobs):
         t0 = time.perf_counter()
-        vol = load_volume(vpath)
-        gt = load_labels(a.gt[n], like=vol) if a.gt else None
+        vpath = job.image
+        vol, gt = job.load()
         if not a.json:
-            print(f"[{n + 1}/{len(a.volume)}] {vpath}", file=sys.stderr)
+            print(f"[{n + 1}/{len(jobs)}] {vpath}" + (f" (ground truth {job.gt.name})" if job.gt is not None else ""), file=sys.stderr)
         res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
         paths = write_outputs(res, a.out, overwrite=a.overwrite)
         rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
                "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
                "seconds": round(time.perf_counter() - t0, 2)}
         if gt is not None:
-            rep["metrics"] = gt_metrics(res, gt.data > 0)
+            rep["ground_truth"] = str(job.gt)
+            rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
+            if job.roi:
+                rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
+            rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
         reports.append(rep)
         if not a.json:
             print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
             if gt is not None:
                 m = rep["metrics"]
                 print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
-                      f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}")
+                      f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}  "
+                      f"(lesion = {rep['lesion_labels']['rule']}, {rep['lesion_labels']['source']})")
     if a.json:
         _out(reports[0] if len(reports) == 1 else {"results": reports})
     return 0
 
 
-def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False):
-    """The bank of ``--bank`` and the backbone it was built with (its encoding), checked compatible
-    (``png``: the bank must be one of PNG slices; checked before the backbone loads)."""
+def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False, bank=None):
+    """The bank of ``--bank`` (or ``bank``, already loaded from it) and the backbone it was built with
+    (its encoding), checked compatible (``png``: the bank must be one of PNG slices; checked before the
+    backbone loads)."""
     from .backbones import load_backbone
     from .bank import check_compatible, load_bank
     from .png_segment import check_png_bank
     from .reference_io import encoding_of
 
-    bank = load_bank(a.bank)
+    if bank is None:
+        bank = load_bank(a.bank)
     if png:
         check_png_bank(bank)
     name = a.backbone or bank.backbone["name"]
@@ -429,6 +511,15 @@ def cmd_info(a: argparse.Namespace) -> int:
         _out(m)
     else:
         print(f"{a.bank}\n  {bank.summary()}\n  created {bank.manifest.get('created')} with napari-mias-sam {bank.manifest.get('package_version')}")
+        ds = bank.manifest.get("dataset")
+        if ds:
+            from .datasets import KINDS
+
+            kind = KINDS[ds["layout"]].title if ds.get("layout") in KINDS else ds.get("layout")
+            print(f"  dataset {ds.get('root')} ({kind}): modality {ds.get('modality')}, lesion-free slices more than "
+                  f"{ds.get('margin')} slices from any label" + (f", masked to the {ds['roi']}" if ds.get("roi") else "")
+                  + f"; {len(ds.get('subjects') or [])} subjects: {', '.join((ds.get('subjects') or [])[:5])}"
+                  + (" ..." if len(ds.get("subjects") or []) > 5 else ""))
     return 0
 
 
@@ -456,6 +547,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.images and not a.gts:
         raise InputError("--images needs --gts (one ground truth per volume).")
+    if not a.dataset and (a.subjects or a.exclude_subjects or a.modality):
+        raise InputError("--subjects, --exclude-subjects and --modality apply to --dataset.")
+    if a.bmad and a.lesion_labels:
+        raise InputError("--lesion-labels applies to NIfTI label volumes (--images/--gts or --dataset), not to BMAD's masks.")
     prompts = _csv_list(a.prompts, str, "prompts")
     for p in prompts:
         if p not in PROMPT_TYPES:
@@ -465,13 +560,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision,
                        encoding=encoding_of(banks[0].backbone))
     progress = ConsoleProgress()
+    test_set = None
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)
         units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name, encoding=encoding_of(banks[0].backbone))
+    elif a.dataset:
+        from .dataset_sources import units_from_dataset
+
+        units, test_set = units_from_dataset(a.dataset, banks, subjects=a.subjects, exclude=a.exclude_subjects,
+                                             modality=a.modality, lesion_labels=a.lesion_labels)
     else:
-        units = units_from_volumes(a.images, a.gts, banks[0])
+        from .dataset_sources import lesion_for
+
+        units = units_from_volumes(a.images, a.gts, banks[0], lesion=lesion_for(None, a.lesion_labels))
     res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
                    cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
+    if test_set is not None:
+        res["data"]["dataset"] = test_set
+    elif not a.bmad:
+        from .datasets import lesion_description
+
+        res["data"]["lesion_labels"] = lesion_description(lesion_for(None, a.lesion_labels),
+                                                          source=f"--lesion-labels {a.lesion_labels}" if a.lesion_labels else "default")
     res["outputs"] = write_report(res, a.out)
     if a.json:
         _out(res)

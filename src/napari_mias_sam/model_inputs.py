@@ -44,15 +44,15 @@ def volume_groups(paths: list[Path], prep: Preprocessing, axis: int | str = "axi
         except Exception as exc:
             raise InputError(f"{p}: cannot read this NIfTI file ({exc}).") from exc
 
-        def load(p: Path = p) -> tuple[torch.Tensor, int]:
+        def load(p: Path = p) -> tuple[torch.Tensor, int, list[int]]:
             vol = load_volume(p)
             ax = resolve_axis(axis, vol.affine)
             frames, fg = volume_frames(vol.data, prep, ax, source=str(p), encoding=encoding)
-            return frames[torch.from_numpy(fg)], int((~fg).sum())
+            return frames[torch.from_numpy(fg)], int((~fg).sum()), np.flatnonzero(fg).tolist()
 
         ax_guess = resolve_axis(axis) if not isinstance(axis, str) or axis.isdigit() else 2
         n = int(shape[ax_guess]) if len(shape) >= 3 else 0
-        groups.append(SliceGroup(name=p.name, n=n, load=load))
+        groups.append(SliceGroup(name=p.name, n=n, load=load, path=str(p)))
     return groups
 
 
@@ -76,15 +76,15 @@ def png_groups(folder: Path, *, blocks: int = 10, encoding: str = "standard") ->
     for bi, idx in enumerate(parts):
         chunk = [files[i] for i in idx]
 
-        def load(chunk: list[Path] = chunk) -> tuple[torch.Tensor, int]:
+        def load(chunk: list[Path] = chunk, idx=idx) -> tuple[torch.Tensor, int, list[int]]:
             arrays = read_png_files(chunk)
-            keep = [a for a in arrays if np.ptp(a) > 1e-6]
-            if not keep:
-                return torch.zeros((0, 256, 256)), len(arrays)
-            frames = torch.cat([to_frame(a[None], encoding=encoding) for a in keep])
-            return frames, len(arrays) - len(keep)
+            kept = [i for i, a in enumerate(arrays) if np.ptp(a) > 1e-6]
+            if not kept:
+                return torch.zeros((0, 256, 256)), len(arrays), []
+            frames = torch.cat([to_frame(arrays[i][None], encoding=encoding) for i in kept])
+            return frames, len(arrays) - len(kept), [int(idx[i]) for i in kept]  # positions in the sorted folder
 
-        groups.append(SliceGroup(name=f"{folder.name}[{chunk[0].name}..{chunk[-1].name}]", n=len(chunk), load=load))
+        groups.append(SliceGroup(name=f"{folder.name}[{chunk[0].name}..{chunk[-1].name}]", n=len(chunk), load=load, path=str(folder)))
     return groups
 
 

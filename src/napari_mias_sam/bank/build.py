@@ -98,7 +98,10 @@ def build_bank(
     total = sum(g.n for g in groups)
     done = 0
     for gi, g in enumerate(groups):
-        frames, skipped = g.load()
+        loaded = g.load()
+        frames, skipped = loaded[0], loaded[1]
+        indices = loaded[2] if len(loaded) > 2 else None
+        extra = loaded[3] if len(loaded) > 3 else {}
         n = len(frames)
         picks = set(np.linspace(0, n - 1, min(shares[gi], n)).round().astype(int).tolist()) if n else set()
         start = sink.count
@@ -143,7 +146,10 @@ def build_bank(
         ranges.append((start, sink.count))
         offsets.append(np.concatenate([[0], np.cumsum(kept)]))
         sizes.append(n)
-        sources.append({"name": g.name, "slices": n, "skipped_empty": skipped, "patches": int(sink.count - start)})
+        src = {"name": g.name, "path": g.path, "slices": indices if indices is not None else n, "n_slices": n,
+               "skipped_empty": skipped, "patches": int(sink.count - start)}
+        src.update(extra)
+        sources.append(src)
     index = sink.finish()
     if index is None or index.ntotal == 0:
         raise InputError("no normal slices with anatomy were found (all were empty or constant); the bank would be empty.")

@@ -66,7 +66,9 @@ class SliceGroup:
 
     name: str
     n: int
-    load: Callable[[], tuple[torch.Tensor, int]]  # -> (frames (N, 256, 256), skipped empty slices)
+    #: -> (frames (N, 256, 256), skipped slices[, slice indices in the source[, extra manifest entries]])
+    load: Callable[[], tuple]
+    path: str | None = None  # the source file or folder, recorded in the manifest
 
 
 def _check_index_type(index_type: str) -> None:

@@ -25,6 +25,14 @@ def markdown_tables(res: dict) -> str:
     data = res["data"]
     out.append(f"Test data: {data['slices']} slices ({data['anomalous_slices']} anomalous) in {len(data['units'])} "
                f"units ({data['volumes']} volumes). Backbone: {res['backbone']['name']}.\n")
+    if data.get("dataset"):
+        d = data["dataset"]
+        out.append(f"Dataset {d['root']} ({d['layout']}, modality {d['modality']}"
+                   + (f", masked to the {d['roi']} with each subject's labels" if d.get("roi") else "")
+                   + f"): {len(d['subjects'])} test subjects; lesion = {d['lesion_labels']['rule']} "
+                   f"({d['lesion_labels'].get('source', '')}; counted: {d['lesion_labels'].get('counted')}).\n")
+    elif data.get("lesion_labels"):
+        out.append(f"Lesion = {data['lesion_labels']['rule']} ({data['lesion_labels'].get('source', '')}).\n")
     out.append("### Detection (reference-normalised maps)\n")
     out.append("| bank | layout | k | P-AUROC | AUPRO@0.3 | image AUROC | 0.5-threshold slice Dice | 0.5-threshold volume Dice |")
     out.append("|---|---|---|---|---|---|---|---|")

@@ -19,8 +19,9 @@ from ..anomaly import image_scores, maps_from_scores
 from ..backbones import default_prompt_for
 from ..bank import MemoryBank, check_compatible
 from ..cache import EmbeddingCache
+from ..datasets import LesionLabels, lesion_mask
 from ..errors import InputError
-from ..io import load_labels, load_volume
+from ..io import Volume, load_labels, load_volume
 from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
 from ..patches import GRID
 from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
@@ -29,7 +30,7 @@ from ..reference_io import encoding_of
 from ..settings import SegmentSettings
 from ..model_inputs import volume_frames
 
-__all__ = ["TestUnit", "units_from_volumes", "units_from_slices", "Ablations", "evaluate"]
+__all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "evaluate"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -48,20 +49,27 @@ class TestUnit:
     embeddings: torch.Tensor | None = None
 
 
-def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, axis: int | str | None = None) -> list[TestUnit]:
-    """One unit per (image, ground truth) NIfTI pair, preprocessed as the bank was."""
+def unit_from_volume(vol: Volume, gt: np.ndarray, bank: MemoryBank, axis: int | str | None = None, *, name: str | None = None) -> TestUnit:
+    """One unit from an image volume and its binary ground truth (file order), preprocessed as the bank was."""
+    ax = resolve_axis(axis if axis is not None else bank.slice_axis, vol.affine)
+    frames, fg = volume_frames(vol.data, preprocessing_from_bank(bank), ax, source=str(vol.path or vol.name),
+                             encoding=encoding_of(bank.backbone))
+    g = volume_slices(np.asarray(gt, dtype=bool), ax)
+    h, w = g.shape[1:]
+    return TestUnit(name or vol.name, frames, fg, Frame(h, w), np.ascontiguousarray(g), g.reshape(len(g), -1).any(1).astype(int), True)
+
+
+def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, axis: int | str | None = None, *,
+                       lesion: LesionLabels = None) -> list[TestUnit]:
+    """One unit per (image, ground truth) NIfTI pair; ``lesion``: the label values that count
+    as the anomaly (None: any non-zero)."""
     if len(images) != len(gts):
         raise InputError(f"--images and --gts must pair up: got {len(images)} images and {len(gts)} ground truths.")
-    prep = preprocessing_from_bank(bank)
     units = []
     for img_p, gt_p in zip(images, gts):
         vol = load_volume(img_p)
         gt = load_labels(gt_p, like=vol)
-        ax = resolve_axis(axis if axis is not None else bank.slice_axis, vol.affine)
-        frames, fg = volume_frames(vol.data, prep, ax, source=str(img_p), encoding=encoding_of(bank.backbone))
-        g = volume_slices(gt.data > 0, ax)
-        h, w = g.shape[1:]
-        units.append(TestUnit(vol.name, frames, fg, Frame(h, w), np.ascontiguousarray(g), g.reshape(len(g), -1).any(1).astype(int), True))
+        units.append(unit_from_volume(vol, lesion_mask(gt.data, lesion), bank, axis))
     return units
 
 

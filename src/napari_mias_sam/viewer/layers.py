@@ -157,8 +157,13 @@ def _robust_limits(data: np.ndarray) -> list[float]:
     return [lo, hi if hi > lo else lo + 1.0]
 
 
-def read_nifti_layers(path: str | os.PathLike) -> list[tuple[np.ndarray, dict, str]]:
+def read_nifti_layers(path: str | os.PathLike, *, kind: str | None = None) -> list[tuple[np.ndarray, dict, str]]:
     """Read one NIfTI file as a napari ``LayerDataTuple`` list (one layer).
+
+    ``kind``: ``"image"`` or ``"labels"`` to force the layer type (dataset readers know it);
+    by default :func:`looks_like_segmentation` decides. CT images (Hounsfield units) open with
+    the abdomen window instead of intensity percentiles; LiTS segmentations carry their lesion
+    labels in the metadata.
 
     3D files (and 4D files with one volume) open in display order with a full affine; other
     dimensionalities open as-is with the voxel sizes as scale (MIAS-SAM itself needs 3D).
@@ -173,7 +178,7 @@ def read_nifti_layers(path: str | os.PathLike) -> list[tuple[np.ndarray, dict, s
     name = nifti_stem(path)
     raw = np.asarray(img.dataobj)
     if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
-        if looks_like_segmentation(path, raw):
+        if kind == "labels" or (kind is None and looks_like_segmentation(path, raw)):
             vol = load_labels(path)
             kind = "labels"
         else:
@@ -187,10 +192,21 @@ def read_nifti_layers(path: str | os.PathLike) -> list[tuple[np.ndarray, dict, s
             "metadata": geometry_metadata(vol, axes),
             "axis_labels": WORLD_AXIS_LABELS,
         }
-        if kind == "image":
+        from .case_layers import ct_contrast_limits, looks_like_ct
+        from ..datasets import case_for_file
+
+        if kind == "image" and looks_like_ct(data, path):
+            kwargs.update(colormap="gray", contrast_limits=ct_contrast_limits("abdomen"))
+            kwargs["metadata"]["display_window"] = "ct-abdomen"
+        elif kind == "image":
             kwargs.update(colormap="gray", contrast_limits=_robust_limits(data))
         else:
             kwargs.update(opacity=0.6)
+            case = case_for_file(path)
+            if case is not None and case.seg == path:
+                lesion = case.info.lesion
+                kwargs["metadata"].update(dataset=case.kind, subject=case.subject,
+                                          lesion_labels=None if lesion is None else list(lesion))
         return [(data, kwargs, kind)]
     # 2D or a real 4D series: keep the file's axes, scale by the voxel sizes.
     zooms = [float(z) if z > 0 else 1.0 for z in img.header.get_zooms()[: len(shape)]]

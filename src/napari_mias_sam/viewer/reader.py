@@ -1,35 +1,45 @@
-"""napari reader for NIfTI volumes (``*.nii``, ``*.nii.gz``): images as Image layers, ground truth
-and masks as Labels, every layer placed by its affine so that they overlay exactly.
+"""napari reader for NIfTI volumes (``*.nii``, ``*.nii.gz``) and dataset cases: images as Image
+layers, ground truth and masks as Labels, every layer placed by its affine so that they overlay
+exactly. A BraTS case folder (or a folder holding one LiTS pair) opens as one Image per modality
+plus its seg as Labels; a LiTS ``volume-N`` opens with a CT window and its ``segmentation-N`` as
+Labels scored with label 2 (select both files to open the pair).
 
-The work is done by :func:`napari_mias_sam.viewer.layers.read_nifti_layers`; see that module for
-the axis order, the world frame and the metadata kept for the writer and the widget.
+The work is done by :func:`napari_mias_sam.viewer.layers.read_nifti_layers` and
+:mod:`napari_mias_sam.viewer.case_layers`; see those modules for the axis order, the world frame
+and the metadata kept for the writer and the widget.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
+from ..datasets import looks_like_dataset
 from ..io import is_nifti
+from .case_layers import case_of_folder, read_case_layers
 from .layers import read_nifti_layers
 
 __all__ = ["napari_get_reader", "read_nifti"]
 
 
 def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
-    """Return :func:`read_nifti` when every path is a NIfTI file name, else ``None``."""
+    """Return :func:`read_nifti` when every path is a NIfTI file name or a dataset folder (a
+    BraTS case, a LiTS pair, or a root of them: the reader then says to open one case)."""
     paths = path if isinstance(path, (list, tuple)) else [path]
-    if not paths or not all(isinstance(p, (str, os.PathLike)) and is_nifti(p) for p in paths):
+    if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        return None
+    if not all(is_nifti(p) or looks_like_dataset(p) for p in paths):
         return None
     return read_nifti
 
 
 def read_nifti(path: str | os.PathLike | list) -> list[tuple]:
-    """Read one or several NIfTI files; one layer per file."""
-    paths = path if isinstance(path, (list, tuple)) else [path]
+    """Read NIfTI files (one layer each) and case folders (one layer per file of the case)."""
+    paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     layers: list[tuple] = []
     for p in paths:
-        layers.extend(read_nifti_layers(p))
+        layers.extend(read_case_layers(case_of_folder(p)) if p.is_dir() else read_nifti_layers(p))
     if not _layers_take_axis_labels():  # napari < 0.6: the sliders keep their numbers
         layers = [(data, {k: v for k, v in kw.items() if k != "axis_labels"}, kind) for data, kw, kind in layers]
     return layers

@@ -27,6 +27,7 @@ from qtpy.QtWidgets import QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from .widget_bank import BankMixin, _path_or_none
+from .widget_dataset import DatasetMixin
 from .widget_live import LiveController, is_output_layer, plural
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
@@ -84,7 +85,7 @@ def _file_list_summary(paths) -> str:
     return f"{len(ps)} file{'s' if len(ps) != 1 else ''}: {names}{where}"
 
 
-class MiasSamWidget(BankMixin, QWidget):
+class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
     """Dock widget of napari-mias-sam (Plugins > MIAS-SAM, or Layers > Segment > MIAS-SAM)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -118,6 +119,7 @@ class MiasSamWidget(BankMixin, QWidget):
         self.load_btn = PushButton(text="Load bank")
         self.save_btn = PushButton(text="Save bank")
         self.bank_info = Label(value="no memory bank loaded")
+        dataset_controls = self._make_dataset_controls()
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
         self.prompt = ComboBox(choices=PROMPT_TYPES, value=default_prompt_for("litemedsam"), label="prompt")
@@ -138,6 +140,7 @@ class MiasSamWidget(BankMixin, QWidget):
         self.status = Label(value="")
         # -- compare ----------------------------------------------------------------------------
         self.gt = ComboBox(choices=self._labels_choices, nullable=True, value=None, label="ground truth")
+        compare_controls = self._make_compare_controls()
         self.show_errors = CheckBox(value=False, text="show false positives (yellow) / negatives (magenta)",
                                     tooltip="outlines of the mask's false positives and false negatives against the ground truth")
         self.dice_info = Label(value="Dice: choose a ground-truth Labels layer")
@@ -155,13 +158,13 @@ class MiasSamWidget(BankMixin, QWidget):
             _section("Model", self.backbone_choice, self.checkpoint, self.device),
             _section("Memory bank", self.normal_files, self.normals_info, self.normal_folder, self.preprocess,
                      self.layout_choice,
-                     _row(self.sample_normals_btn, self.build_btn), self.bank_path, _row(self.load_btn, self.save_btn),
+                     _row(self.sample_normals_btn, self.build_btn), *dataset_controls, self.bank_path, _row(self.load_btn, self.save_btn),
                      self.bank_info),
-            _section("Run", self.image, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
+            _section("Run", self.image, self.ct_window, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
                      self.normalisation, _row(self.k, self.batch_size, labels=True), self.slice_decision,
                      _row(self.run_btn, self.cancel_btn, self.reset_points_btn),
                      self.progress, self.status, self.counts_info),
-            _section("Compare with ground truth", self.gt, self.show_errors, self.dice_info),
+            _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
         ]
         self._containers = [c for _, c in boxes]
         self.sections = {box.text(): box for box, _ in boxes}  # by title (a folded bank section adds its summary)
@@ -208,6 +211,7 @@ class MiasSamWidget(BankMixin, QWidget):
             w.changed.connect(lambda *_: self._settings_timer.start())
         self.prompt.changed.connect(self._prompt_hint)
         self.normal_files.changed.connect(self._show_normals)
+        self.gt.changed.connect(self._on_gt_selected)
         self.gt.changed.connect(self._on_compare_changed)
         self.show_errors.changed.connect(self._on_compare_changed)
         self.profile.slice_clicked.connect(self._jump)
@@ -358,7 +362,7 @@ class MiasSamWidget(BankMixin, QWidget):
         sec.collapse(animate=False)
 
     def _busy(self, busy: bool) -> None:
-        for b in (self.build_btn, self.load_btn, self.save_btn, self.run_btn):
+        for b in (self.build_btn, self.build_ds_btn, self.load_btn, self.save_btn, self.run_btn):
             b.enabled = not busy
         self.cancel_btn.enabled = busy
 
@@ -430,9 +434,11 @@ class MiasSamWidget(BankMixin, QWidget):
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
 
         def job(progress, cancelled):
+            from ..dataset_sources import roi_for_bank
+
             bb = self._get_backbone(key, progress)
-            res = segment_volume(volume, bank, bb, settings, cache=cache, reuse=previous, batch_size=batch,
-                                 progress=progress, cancelled=cancelled)
+            res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, reuse=previous,
+                                 batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
             # napari's Points/Labels layers import pandas and scipy.linalg on first use: do it here,

@@ -16,6 +16,7 @@ from qtpy.QtCore import QTimer
 
 from .widget_threads import start_generator
 from .live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, FN, FP, LiveSession, compare_with_gt, error_overlay, ranked_slices
+from ..datasets import lesion_mask
 from ..evaluation.metrics import dice
 from .layers import GEOMETRY_KEYS, geometry_metadata
 
@@ -76,6 +77,7 @@ class LiveController:
         self._rank_pos = -1
         self._volume_stats: Optional[dict] = None
         self._styled: list = []  # ground-truth layers already given their outline style
+        self._lesion = None
         self._move_timer = QTimer()
         self._move_timer.setSingleShot(True)
         self._move_timer.setInterval(200)
@@ -99,7 +101,12 @@ class LiveController:
             geo = {k: src.get(k) for k in GEOMETRY_KEYS}
         else:
             geo = geometry_metadata(self.session.result.volume, self.session.axes)
-        return {**geo, OUTPUT_KEY: {**self.session.metadata(), "layer": role, "source_layer": self.source.name}}
+        info = {**self.session.metadata(), "layer": role, "source_layer": self.source.name}
+        if role == "errors":  # what the overlay was computed against
+            gt = self._gt_layer()
+            info.update(ground_truth=gt.name if gt is not None else None,
+                        lesion_labels=None if self._lesion is None else list(self._lesion))
+        return {**geo, OUTPUT_KEY: info}
 
     def _put(self, role: str, reuse: dict, kind: str, data, name: str, **kwargs):
         old = reuse.get(role)
@@ -425,17 +432,21 @@ class LiveController:
         ax, s = self.session.display_axis, self.current_slice()
         if gt not in self._styled:
             self._style_ground_truth(gt)
-        if full or self._volume_stats is None:
-            self._volume_stats = compare_with_gt(mask.data, gt.data, axis=ax, s=s)
-            g = np.moveaxis(np.asarray(gt.data) != 0, ax, 0)
+        lesion = self.w.gt_lesion_labels(gt)  # which labels are the lesion (LiTS: 2, not the liver)
+        if full or self._volume_stats is None or self._lesion != lesion:
+            gt_mask = lesion_mask(gt.data, lesion)
+            self._lesion = lesion
+            self._volume_stats = compare_with_gt(mask.data, gt_mask, axis=ax, s=s)
+            g = np.moveaxis(gt_mask, ax, 0)
             self.w.profile.set_lesion(g.reshape(g.shape[0], -1).any(axis=1))
-            self._set_errors(error_overlay(mask.data, gt.data) if self.w.show_errors.value else None)
-        ps, gs = np.take(np.asarray(mask.data) != 0, s, axis=ax), np.take(np.asarray(gt.data) != 0, s, axis=ax)
-        res = dict(self._volume_stats, slice=s, slice_dice=dice(ps, gs, empty_value=float("nan")), slice_has_lesion=bool(gs.any()))
+            self._set_errors(error_overlay(mask.data, gt_mask) if self.w.show_errors.value else None)
+        ps, gs = np.take(np.asarray(mask.data) != 0, s, axis=ax), lesion_mask(np.take(np.asarray(gt.data), s, axis=ax), lesion)
+        res = dict(self._volume_stats, slice=s, lesion_labels=None if lesion is None else list(lesion), slice_dice=dice(ps, gs, empty_value=float("nan")), slice_has_lesion=bool(gs.any()))
         self.last_compare = res
-        lesion = "lesion" if res["slice_has_lesion"] else "no lesion"
+        where = "lesion" if res["slice_has_lesion"] else "no lesion"
+        counted = "any non-zero label" if lesion is None else "labels " + ",".join(map(str, lesion))
         self.w.dice_info.value = (
-            f"Dice, slice {s} ({lesion}): {_fmt(res['slice_dice'])}\n"
+            f"Dice, slice {s} ({where}; lesion = {counted}): {_fmt(res['slice_dice'])}\n"
             f"Dice, volume (3D): {_fmt(res['volume_dice'])}\n"
             f"mean slice Dice over {res['lesion_slices']} lesion slices: {_fmt(res['mean_slice_dice'])}"
         )
@@ -469,6 +480,7 @@ class LiveController:
             return
         if present and layer.data.shape == overlay.shape:
             layer.data = overlay
+            layer.metadata = self._metadata("errors")
             return
         layer = self.viewer.add_labels(overlay, name=f"{self.source.name} FP/FN", metadata=self._metadata("errors"),
                                        opacity=1.0, **self._transform())
