@@ -35,12 +35,8 @@ def roots(tmp_path_factory):
 def errors(monkeypatch):
     shown: list[str] = []
     import napari_mias_sam.viewer.widget as w
-    import napari_mias_sam.viewer.widget_bank as wb
-    import napari_mias_sam.viewer.widget_dataset as wd
-    import napari_mias_sam.viewer.widget_live as wl
 
-    for module in (w, wb, wd, wl):
-        monkeypatch.setattr(module, "show_error", shown.append)
+    monkeypatch.setattr(w, "show_error", shown.append)  # every user error goes through the widget's report_error
     return shown
 
 

@@ -10,7 +10,6 @@ from typing import Optional
 
 import napari
 from magicgui.widgets import ComboBox, FileEdit, LineEdit, PushButton, SpinBox
-from napari.utils.notifications import show_error
 
 from ..datasets import dataset_kind, find_cases, looks_like_dataset, parse_lesion_labels
 from ..errors import InputError, MiasSamError
@@ -78,7 +77,7 @@ class DatasetMixin:
                 raise InputError(f"{root}: holds no BraTS case folders or LiTS volume-N/segmentation-N files.")
             key = self._backbone_key()
         except MiasSamError as exc:
-            show_error(f"MIAS-SAM: {exc}")
+            self.report_error(str(exc))
             return None
         from ..dataset_sources import build_bank_from_dataset
 
@@ -113,7 +112,7 @@ class DatasetMixin:
         try:
             labels = parse_lesion_labels(self.lesion_labels.value)
         except InputError as exc:
-            show_error(f"MIAS-SAM: {exc}")
+            self.report_error(str(exc))
             return
         if gt is not None:
             gt.metadata = {**gt.metadata, "lesion_labels": None if labels is None else list(labels)}
