@@ -165,3 +165,24 @@ def test_cli_prints_the_unknown_checkpoint_warning_as_one_line(test_registry, tm
     assert any(line.startswith("mias-sam build-bank: warning: notes.pth: not a known vit_b checkpoint") for line in err), err
     assert err[-1].startswith("mias-sam build-bank: error: ") and "cannot read this checkpoint" in err[-1]
     assert not (tmp_path / "bank").exists()
+
+
+@pytest.mark.viewer
+def test_widget_downloads_known_weights_and_shows_the_cache_folder(test_registry, tmp_path, make_napari_viewer, qtbot):
+    """The dock widget's 'Download and verify' fetches the chosen registry entry in a worker and
+    selects its backbone and file; a corrupted download is a notification, nothing is selected."""
+    from napari_mias_sam._widget import MiasSamWidget
+
+    viewer = make_napari_viewer()
+    widget = MiasSamWidget(viewer)
+    assert str(tmp_path / "cache") in widget.cache_info.value
+    widget.weights_choice.value = "test-corrupt"
+    job = widget.fetch_weights()
+    qtbot.waitUntil(lambda: job.done, timeout=60_000)
+    assert "does not match" in widget.status.value
+    assert widget.backbone_choice.value == "litemedsam" and list(weights.weights_dir().iterdir()) == []
+    widget.weights_choice.value = "test-md5"
+    job = widget.fetch_weights()
+    qtbot.waitUntil(lambda: job.done, timeout=60_000)
+    assert widget.backbone_choice.value == "sam-vit_l"
+    assert Path(widget.checkpoint.value) == weights.weights_dir() / "tiny-md5.pth"
