@@ -8,8 +8,13 @@ that has faiss-cpu installed over the same packages (created on first use with
 or given with ``--faiss-cpu-python``). Every backend searches the same random bank (same seed)
 with the same queries; the distances are compared and the table is printed.
 
-    nice -n 5 python benchmarks/cpu_search.py                      # 82k and 1M patches, 1,024-d and 256-d
-    python benchmarks/cpu_search.py --sizes 82000 --dims 256       # a quick run
+    nice -n 5 python benchmarks/cpu_search.py          # 82k and 1M patches, 1,024-d and 256-d
+    python benchmarks/cpu_search.py --cells 82000x256:4096 1000000x256:1024   # bank x dim : queries
+
+Each cell runs every backend in its own process, one after the other, in an order that rotates from
+cell to cell (so a change in the machine's load does not favour one backend); each backend keeps
+the best of --repeats searches. Memory: the bank is held in fp32 once per process (1M x 1,024-d:
+4 GiB), one process at a time.
 
 The results and the machine they came from are recorded in docs/performance.md.
 """
@@ -50,42 +55,51 @@ def _faiss_dist() -> str:
     return ", ".join(names) or "?"
 
 
-def worker(backend: str, sizes: list[int], dims: list[int], queries: dict[int, int], repeats: int) -> dict:
+def _cell(text: str) -> tuple[int, int, int]:
+    """``NxD:Q`` -> (bank patches, dimension, queries)."""
+    try:
+        nd, q = text.split(":")
+        n, d = nd.lower().split("x")
+        return int(n), int(d), int(q)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BANKxDIM:QUERIES, e.g. 82000x1024:4096") from None
+
+
+def worker(backend: str, cells: list[tuple[int, int, int]], repeats: int) -> dict:
     """Time one backend in this process; returns the timings and a checksum of the distances."""
     import faiss
     import torch
 
     rows = []
-    for d in dims:
-        for n in sizes:
-            q = np.random.default_rng(1).standard_normal((queries[n], d), dtype=np.float32)
-            if backend == "torch":
-                from napari_mias_sam.knn import TorchSearcher
+    for n, d, nq in cells:
+        q = np.random.default_rng(1).standard_normal((nq, d), dtype=np.float32)
+        if backend == "torch":
+            from napari_mias_sam.knn import TorchSearcher
 
-                t0 = time.perf_counter()
-                searcher = TorchSearcher((torch.from_numpy(b) for b in _blocks(n, d, seed=0)), device="cpu", dtype=torch.float32)
-                build = time.perf_counter() - t0
-                search = lambda x: searcher.search(x, 1)  # noqa: E731
-            else:
-                t0 = time.perf_counter()
-                index = faiss.IndexFlatL2(d)
-                for b in _blocks(n, d, seed=0):
-                    index.add(b)
-                build = time.perf_counter() - t0
-                search = lambda x: index.search(x, 1)[0]  # noqa: E731
-            search(q[:64])  # warm-up
-            times, dist = [], None
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                dist = search(q)
-                times.append(time.perf_counter() - t0)
-            rows.append({"n": n, "d": d, "queries": len(q), "build_s": build, "search_s": min(times),
-                         "dist_mean": float(np.mean(dist)), "dist_head": [float(x) for x in np.ravel(dist)[:64]]})
-            del search
-            if backend == "torch":
-                del searcher
-            else:
-                del index
+            t0 = time.perf_counter()
+            searcher = TorchSearcher((torch.from_numpy(b) for b in _blocks(n, d, seed=0)), device="cpu", dtype=torch.float32)
+            build = time.perf_counter() - t0
+            search = lambda x: searcher.search(x, 1)  # noqa: E731
+        else:
+            t0 = time.perf_counter()
+            index = faiss.IndexFlatL2(d)
+            for b in _blocks(n, d, seed=0):
+                index.add(b)
+            build = time.perf_counter() - t0
+            search = lambda x: index.search(x, 1)[0]  # noqa: E731
+        search(q[:64])  # warm-up
+        times, dist = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dist = search(q)
+            times.append(time.perf_counter() - t0)
+        rows.append({"n": n, "d": d, "queries": len(q), "build_s": build, "search_s": min(times),
+                     "dist_mean": float(np.mean(dist)), "dist_head": [float(x) for x in np.ravel(dist)[:64]]})
+        del search
+        if backend == "torch":
+            del searcher
+        else:
+            del index
     return {
         "backend": backend,
         "faiss_module": faiss.__file__,
@@ -119,10 +133,9 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[82_000, 1_000_000], help="bank patches")
-    p.add_argument("--dims", type=int, nargs="+", default=[1024, 256], help="patch feature sizes (paper1024 / mean256 layouts)")
-    p.add_argument("--queries", type=int, nargs="+", default=[4096, 1024],
-                   help="query patches per size (4,096 = one 64 x 64 slice); one value for all sizes or one per size")
+    p.add_argument("--cells", type=_cell, nargs="+",
+                   default=[_cell(c) for c in ("82000x1024:4096", "1000000x1024:1024", "82000x256:4096", "1000000x256:1024")],
+                   help="BANKxDIM:QUERIES (dims: 1,024 = paper1024 layout, 256 = mean256; 4,096 queries = one 64 x 64 slice)")
     p.add_argument("--repeats", type=int, default=2, help="timed searches per cell (the best is kept)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--faiss-cpu-python", type=Path, help="python of a venv with faiss-cpu (default: made under --venv-dir)")
@@ -130,34 +143,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    qs = a.queries if len(a.queries) == len(a.sizes) else [a.queries[0]] * len(a.sizes)
-    queries = dict(zip(a.sizes, qs))
 
     if a.worker:
-        print(json.dumps(worker(a.worker, a.sizes, a.dims, queries, a.repeats)))
+        print(json.dumps(worker(a.worker, a.cells, a.repeats)))
         return 0
 
     started = dt.datetime.now(dt.timezone.utc)
-    results = {}
-    for backend in a.backends:
-        py = Path(sys.executable)
-        if backend == "faiss-cpu":
-            py = a.faiss_cpu_python or _faiss_cpu_python(a.venv_dir)
-        cmd = [str(py), __file__, "--worker", backend, "--sizes", *map(str, a.sizes), "--dims", *map(str, a.dims),
-               "--queries", *map(str, qs), "--repeats", str(a.repeats)]
-        print(f"[{backend}] {' '.join(cmd)}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-                              | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    load_before = os.getloadavg()
+    pythons = {b: Path(sys.executable) for b in a.backends}
+    if "faiss-cpu" in pythons:
+        pythons["faiss-cpu"] = a.faiss_cpu_python or _faiss_cpu_python(a.venv_dir)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    results: dict[str, dict] = {}
+    for i, (n, d, nq) in enumerate(a.cells):
+        order = a.backends[i % len(a.backends):] + a.backends[: i % len(a.backends)]
+        for backend in order:
+            cmd = [str(pythons[backend]), __file__, "--worker", backend, "--cells", f"{n}x{d}:{nq}", "--repeats", str(a.repeats)]
+            print(f"[{backend}] {' '.join(cmd)}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.setdefault(backend, {**r, "rows": []})["rows"] += r["rows"]
+    load_after = os.getloadavg()
 
     first = next(iter(results.values()))
     print(f"# Exact CPU search (k = 1, squared L2), {dt.date.today().isoformat()} "
           f"{started:%H:%M} UTC, {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}")
     print(f"# torch {first['torch']} ({first['torch_threads']} threads); command: python benchmarks/cpu_search.py "
           + " ".join(sys.argv[1:]))
+    print(f"# load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")
     for backend, r in results.items():
         print(f"# {backend}: {r['faiss_dist']} (faiss module {Path(r['faiss_module']).parent}, {r['faiss_threads']} OpenMP threads)")
     print()
@@ -165,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
     ref = results.get("faiss-gpu") or first
     for i, row in enumerate(ref["rows"]):
-        for backend, r in results.items():
+        for backend in a.backends:
+            r = results[backend]
             rr = r["rows"][i]
             diff = float(np.max(np.abs(np.array(rr["dist_head"]) - np.array(row["dist_head"]))))
             rel = row["search_s"] / rr["search_s"]
