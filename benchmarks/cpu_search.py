@@ -1,5 +1,5 @@
 """Exact nearest-neighbour search on the CPU, side by side: faiss-gpu's CPU kernels, faiss-cpu, and
-the package's torch GEMM search (``napari_mias_sam.knn.TorchSearcher`` in fp32).
+the package's torch GEMM search (``napari_mias_sam.bank.knn.TorchSearcher`` in fp32).
 
 faiss-gpu and faiss-cpu are both the ``faiss`` module, so each backend runs in its own process:
 faiss-gpu and the torch search with this interpreter, faiss-cpu with the interpreter of a venv
@@ -74,7 +74,7 @@ def worker(backend: str, cells: list[tuple[int, int, int]], repeats: int) -> dic
     for n, d, nq in cells:
         q = np.random.default_rng(1).standard_normal((nq, d), dtype=np.float32)
         if backend == "torch":
-            from napari_mias_sam.knn import TorchSearcher
+            from napari_mias_sam.bank.knn import TorchSearcher
 
             t0 = time.perf_counter()
             searcher = TorchSearcher((torch.from_numpy(b) for b in _blocks(n, d, seed=0)), device="cpu", dtype=torch.float32)
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {backend}: {n:,} x {d}, {nq:,} queries: {r['rows'][0]['search_s']:.2f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             results.setdefault(backend, {**r, "rows": []})["rows"] += r["rows"]
     load_after = os.getloadavg()
 

@@ -5,11 +5,7 @@ given with --checkpoint named, refused or accepted with a warning."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
-import threading
-from functools import partial
-from pathlib import Path
 
 import pytest
 
@@ -17,48 +13,7 @@ from napari_mias_sam import weights
 from napari_mias_sam.cli import main
 from napari_mias_sam.errors import WeightsError
 
-PAYLOAD = b"MIAS-SAM test checkpoint\n" * 4096  # 100 KiB
-
-
-@pytest.fixture
-def server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving ``tmp_path/www``; yields (base URL, request log)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / "tiny.pth").write_bytes(PAYLOAD)
-    (www / "corrupt.pth").write_bytes(PAYLOAD[:-10] + b"0123456789")  # same size, other bytes
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # quiet; remember the paths asked for
-            requests.append(self.path)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture
-def test_registry(tmp_path, server, monkeypatch):
-    """A registry with the served files: one with the right SHA-256, one whose bytes do not match,
-    one checked by MD5; and a private cache folder."""
-    base, _ = server
-    reg = {
-        "test-ok": {"variant": "vit_b", "filename": "tiny.pth", "url": f"{base}/tiny.pth",
-                    "hash": "sha256:" + hashlib.sha256(PAYLOAD).hexdigest(), "title": "test weights"},
-        "test-corrupt": {"variant": "vit_b", "filename": "corrupt.pth", "url": f"{base}/corrupt.pth",
-                         "hash": "sha256:" + hashlib.sha256(PAYLOAD).hexdigest()},
-        "test-md5": {"variant": "vit_l", "filename": "tiny-md5.pth", "url": f"{base}/tiny.pth",
-                     "hash": "md5:" + hashlib.md5(PAYLOAD).hexdigest()},
-    }
-    path = tmp_path / "registry.json"
-    path.write_text(json.dumps(reg))
-    monkeypatch.setenv("MIAS_SAM_WEIGHTS_REGISTRY", str(path))
-    monkeypatch.setenv("MIAS_SAM_CACHE", str(tmp_path / "cache"))
-    return reg
+from weights_fixtures import PAYLOAD, server, test_registry  # noqa: F401  (fixtures)
 
 
 def test_builtin_registry_has_the_official_checkpoints_with_published_hashes():
@@ -154,7 +109,7 @@ def test_sam_backbone_names_checks_and_finds_fetched_weights(test_registry, tmp_
 
 
 def test_cli_prints_the_unknown_checkpoint_warning_as_one_line(test_registry, tmp_path, capsys):
-    from napari_mias_sam._paths import sample_data_dir
+    from napari_mias_sam.paths import sample_data_dir
 
     bad = tmp_path / "notes.pth"
     bad.write_bytes(b"not a checkpoint")
@@ -166,23 +121,3 @@ def test_cli_prints_the_unknown_checkpoint_warning_as_one_line(test_registry, tm
     assert err[-1].startswith("mias-sam build-bank: error: ") and "cannot read this checkpoint" in err[-1]
     assert not (tmp_path / "bank").exists()
 
-
-@pytest.mark.viewer
-def test_widget_downloads_known_weights_and_shows_the_cache_folder(test_registry, tmp_path, make_napari_viewer, qtbot):
-    """The dock widget's 'Download and verify' fetches the chosen registry entry in a worker and
-    selects its backbone and file; a corrupted download is a notification, nothing is selected."""
-    from napari_mias_sam._widget import MiasSamWidget
-
-    viewer = make_napari_viewer()
-    widget = MiasSamWidget(viewer)
-    assert str(tmp_path / "cache") in widget.cache_info.value
-    widget.weights_choice.value = "test-corrupt"
-    job = widget.fetch_weights()
-    qtbot.waitUntil(lambda: job.done, timeout=60_000)
-    assert "does not match" in widget.status.value
-    assert widget.backbone_choice.value == "litemedsam" and list(weights.weights_dir().iterdir()) == []
-    widget.weights_choice.value = "test-md5"
-    job = widget.fetch_weights()
-    qtbot.waitUntil(lambda: job.done, timeout=60_000)
-    assert widget.backbone_choice.value == "sam-vit_l"
-    assert Path(widget.checkpoint.value) == weights.weights_dir() / "tiny-md5.pth"
