@@ -26,7 +26,7 @@ __all__ = ["EmbeddingCache", "frames_key", "cached_encoder", "DEFAULT_MAX_BYTES"
 #: Default size cap of the embedding cache: 4 GiB. One slice's embedding (256 x 64 x 64, fp16) is
 #: 2 MiB, so this holds about 2,000 slices: 13 BraTS volumes of 155 slices.
 DEFAULT_MAX_BYTES = 4 * 1024**3
-_ENTRY = re.compile(r"^[0-9a-f]{64}\.npy$")
+_ENTRY = re.compile(r"^[^.].*\.npy$")  # temporary files of writes in progress start with "."
 _SETTINGS = "cache-settings.json"
 
 

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from napari.utils.notifications import show_info
 
-__all__ = ["FilesMixin", "cache_summary"]
+__all__ = ["FilesMixin", "cache_summary", "display_path"]
+
+
+def display_path(path) -> str:
+    """A path as shown in the widget: the home folder written as ``~``."""
+    path = Path(path)
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 def cache_summary() -> str:
@@ -17,7 +26,7 @@ def cache_summary() -> str:
     from ..cli_manage import human_bytes
 
     info = EmbeddingCache().info()
-    return (f"embedding cache: {info['folder']} ({info['entries']} entries, {human_bytes(info['bytes'])} "
+    return (f"embedding cache: {display_path(info['folder'])} ({info['entries']} entries, {human_bytes(info['bytes'])} "
             f"of {human_bytes(info['max_bytes'])}; mias-sam cache info|clear|limit)")
 
 
