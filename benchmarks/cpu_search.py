@@ -121,16 +121,6 @@ def _faiss_cpu_python(venv_dir: Path) -> Path:
     return py
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=_cell, nargs="+",
@@ -147,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print(json.dumps(worker(a.worker, a.cells, a.repeats)))
         return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from napari_mias_sam.evaluation.benchmark import _cpu_model
 
     started = dt.datetime.now(dt.timezone.utc)
     load_before = os.getloadavg()
@@ -172,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
 
     first = next(iter(results.values()))
     print(f"# Exact CPU search (k = 1, squared L2), {dt.date.today().isoformat()} "
-          f"{started:%H:%M} UTC, {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}")
+          f"{started:%H:%M} UTC, {_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}")
     print(f"# torch {first['torch']} ({first['torch_threads']} threads); command: python benchmarks/cpu_search.py "
           + " ".join(sys.argv[1:]))
     print(f"# load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")
     for backend, r in results.items():
         print(f"# {backend}: {r['faiss_dist']} (faiss module {Path(r['faiss_module']).parent}, {r['faiss_threads']} OpenMP threads)")
     print()
-    print("| bank patches | dim | queries | backend | search (s) | ms per 1,000 queries | vs faiss-gpu | max |dist diff| |")
+    print("| bank patches | dim | queries | backend | search (s) | ms per 1,000 queries | vs faiss-gpu | max dist diff |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
     ref = results.get("faiss-gpu") or first
     for i, row in enumerate(ref["rows"]):

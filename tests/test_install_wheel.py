@@ -198,7 +198,7 @@ def test_demo_runs_from_the_installed_wheel(wheel_venv, tmp_path):
     and segments the bundled case, writing only into the folder it is given (real LiteMedSAM)."""
     mias_sam = wheel_venv.parent / "mias-sam"
     out_dir = tmp_path / "demo"
-    proc = _run([str(mias_sam), "demo", "--out", str(out_dir), "--json"], cwd=tmp_path, timeout=1200,
+    proc = _run([str(mias_sam), "demo", "--out", str(out_dir), "--json"], cwd=tmp_path, timeout=3600,
                 env=_clean_env(MIAS_SAM_CACHE=str(tmp_path / "cache")))
     rep = json.loads(proc.stdout)
     venv = wheel_venv.parents[1]
