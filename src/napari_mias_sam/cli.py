@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show what made a memory bank", epilog=EXAMPLES["info"], formatter_class=fmt)
     i.add_argument("bank", type=Path)
     i.add_argument("--json", action="store_true")
+
+    from .cli_manage import add_parsers
+
+    add_parsers(sub, fmt)  # weights, cache
     return parser
 
 
@@ -591,8 +595,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "info": cmd_info,
-            "benchmark": cmd_benchmark}
+def _commands() -> dict:
+    from .cli_manage import COMMANDS as MANAGE
+
+    return {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "info": cmd_info,
+            "benchmark": cmd_benchmark, **MANAGE}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,7 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(a, "batch_size", 1) < 1:
             raise MiasSamError("--batch-size must be at least 1")
-        return COMMANDS[a.command](a)
+        import warnings
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            print(f"mias-sam {a.command}: warning: {message}", file=sys.stderr)
+
+        with warnings.catch_warnings():  # one line per warning on stderr, restored afterwards
+            warnings.showwarning = one_line
+            return _commands()[a.command](a)
     except (MiasSamError, ValueError) as exc:
         print(f"mias-sam {a.command}: error: {exc}", file=sys.stderr)
         return 2

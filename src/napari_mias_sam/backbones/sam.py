@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,37 +11,13 @@ import torch.nn.functional as F
 from ..errors import WeightsError
 from ..preprocess import FRAME
 from ..reference_io import ENCODINGS, reference_mask_logits, reference_sam_input
-from .base import pick_device, sha256_file
+from .base import pick_device
 from .sam_family import SamLikeBackbone
 
 __all__ = ["SamBackbone", "SAM_VARIANTS"]
 
 SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
 _OFFICIAL_NAMES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
-
-
-def _cached_sha256(path: Path) -> str:
-    """SHA-256 of a large weights file, remembered per (path, size, mtime) in the user cache."""
-    from ..paths import cache_dir
-
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    store = cache_dir() / "weights-sha256.json"
-    try:
-        known = json.loads(store.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return known[key]
-    digest = sha256_file(path)
-    known[key] = digest
-    try:
-        from ..io import atomic_write_text
-
-        atomic_write_text(store, json.dumps(known, indent=1))
-    except OSError:
-        pass
-    return digest
 
 
 class SamBackbone(SamLikeBackbone):
@@ -81,17 +56,28 @@ class SamBackbone(SamLikeBackbone):
         self.name = f"sam-{variant}"
         self.variant = variant
         if checkpoint is None and random_init_seed is None:
-            raise WeightsError(
-                f"SAM {variant} needs its weights file ({_OFFICIAL_NAMES[variant]}, from the segment-anything "
-                "release page). Download it where you have web access and pass --checkpoint PATH."
-            )
+            from ..weights import local_file
+
+            checkpoint = local_file(self.name)  # fetched earlier with `mias-sam weights fetch sam-<variant>`
+            if checkpoint is None:
+                raise WeightsError(
+                    f"SAM {variant} needs its weights file ({_OFFICIAL_NAMES[variant]}): run 'mias-sam weights fetch "
+                    f"{self.name}' where there is internet, or download it by hand and pass --checkpoint PATH."
+                )
         if checkpoint is not None:
             path = Path(checkpoint).expanduser()
             if not path.is_file():  # before building the model: a typo should not cost seconds
                 raise WeightsError(
-                    f"SAM {variant} weights file not found: {path}. Download {_OFFICIAL_NAMES[variant]} from the "
-                    "segment-anything release page and pass its path with --checkpoint."
+                    f"SAM {variant} weights file not found: {path}. Run 'mias-sam weights fetch {self.name}' or "
+                    f"download {_OFFICIAL_NAMES[variant]} from the segment-anything release page and pass its path."
                 )
+        self.weights_entry = None
+        if checkpoint is not None:
+            from ..weights import check_checkpoint
+
+            # a known file of another architecture is refused before the model is built; an unknown
+            # file is used with a warning
+            self.weights_entry, self.weights_sha256 = check_checkpoint(path, variant)
         from segment_anything import sam_model_registry  # slow import: after the cheap checks
 
         with torch.random.fork_rng(devices=[]):  # seed the random init without resetting the caller's RNG
@@ -101,7 +87,8 @@ class SamBackbone(SamLikeBackbone):
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise WeightsError(f"{path}: cannot read this checkpoint as plain tensors ({exc}).") from exc
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise WeightsError(f"{path}: cannot read this checkpoint as plain tensors ({first}).") from exc
             try:
                 net.load_state_dict(state, strict=True)
             except RuntimeError as exc:
@@ -110,7 +97,6 @@ class SamBackbone(SamLikeBackbone):
                     "Is it a checkpoint of another variant (vit_b / vit_l / vit_h)?"
                 ) from exc
             self.weights_path: Path | None = path
-            self.weights_sha256 = _cached_sha256(path)
         else:
             self.weights_path = None
             self.weights_sha256 = f"random-init-seed-{random_init_seed}"
@@ -136,6 +122,7 @@ class SamBackbone(SamLikeBackbone):
             "name": self.name,
             "architecture": f"Segment Anything {self.variant}",
             "weights_file": self.weights_path.name if self.weights_path else None,
+            "weights_known_as": self.weights_entry.name if self.weights_entry else None,
             "weights_sha256": self.weights_sha256,
             "input_size": self.input_size,
             "encoding": self.encoding,

@@ -28,6 +28,7 @@ from superqt import QCollapsible
 
 from .widget_bank import BankMixin, _path_or_none
 from .widget_dataset import DatasetMixin
+from .widget_files import FilesMixin
 from .widget_live import LiveController, is_output_layer, plural
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
@@ -85,7 +86,7 @@ def _file_list_summary(paths) -> str:
     return f"{len(ps)} file{'s' if len(ps) != 1 else ''}: {names}{where}"
 
 
-class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
+class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
     """Dock widget of napari-mias-sam (Plugins > MIAS-SAM, or Layers > Segment > MIAS-SAM)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -106,6 +107,12 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
         self.checkpoint = FileEdit(mode="r", filter="*.pth *.pt", label="checkpoint", enabled=False,
                                    tooltip="SAM weights file (e.g. sam_vit_b_01ec64.pth); LiteMedSAM needs none")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device", tooltip="auto: CUDA, else Apple MPS, else CPU")
+        from ..weights import registry
+
+        self.weights_choice = ComboBox(choices=list(registry()), value="sam-vit_b", label="known weights",
+                                       tooltip="official SAM ViT-B/L/H and MedSAM ViT-B checkpoints, checked against their published hashes")
+        self.fetch_btn = PushButton(text="Download and verify",
+                                    tooltip="download the chosen checkpoint into the user cache folder (needs internet) and select it")
         # -- bank -------------------------------------------------------------------------------
         self.normal_files = FileEdit(mode="rm", filter="*.nii *.nii.gz", label="normal volumes",
                                      tooltip="lesion-free NIfTI volumes for the memory bank")
@@ -138,6 +145,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
         self.reset_points_btn = PushButton(text="Reset moved points")
         self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
         self.status = Label(value="")
+        self.cache_info = Label(value="")
         # -- compare ----------------------------------------------------------------------------
         self.gt = ComboBox(choices=self._labels_choices, nullable=True, value=None, label="ground truth")
         compare_controls = self._make_compare_controls()
@@ -151,11 +159,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
         self.next_btn = PushButton(text="Next most anomalous slice")
 
         for lab in (self.bank_info, self.normals_info, self.prompt_note, self.iou_info, self.status, self.dice_info,
-                    self.counts_info):
+                    self.counts_info, self.cache_info):
             _wrapping(lab)
         self.prompt_note.visible = False
         boxes = [
-            _section("Model", self.backbone_choice, self.checkpoint, self.device),
+            _section("Model", self.backbone_choice, self.checkpoint, self.device, _row(self.weights_choice, self.fetch_btn)),
             _section("Memory bank", self.normal_files, self.normals_info, self.normal_folder, self.preprocess,
                      self.layout_choice,
                      _row(self.sample_normals_btn, self.build_btn), *dataset_controls, self.bank_path, _row(self.load_btn, self.save_btn),
@@ -163,7 +171,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
             _section("Run", self.image, self.ct_window, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
                      self.normalisation, _row(self.k, self.batch_size, labels=True), self.slice_decision,
                      _row(self.run_btn, self.cancel_btn, self.reset_points_btn),
-                     self.progress, self.status, self.counts_info),
+                     self.progress, self.status, self.counts_info, self.cache_info),
             _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
         ]
         self._containers = [c for _, c in boxes]
@@ -201,6 +209,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
         for w in (self.backbone_choice, self.checkpoint, self.device):
             w.changed.connect(self._unpin)
         self.sample_normals_btn.changed.connect(self.use_sample_normals)
+        self.fetch_btn.changed.connect(self.fetch_weights)
+        self.refresh_cache_info()
         self.build_btn.changed.connect(self.build_bank)
         self.load_btn.changed.connect(self.load_bank)
         self.save_btn.changed.connect(self.save_bank)
@@ -247,7 +257,12 @@ class MiasSamWidget(BankMixin, DatasetMixin, QWidget):
         name = str(self.backbone_choice.value)
         ckpt = _path_or_none(self.checkpoint.value) if name != "litemedsam" else None
         if name != "litemedsam" and ckpt is None:
-            raise InputError(f"{name} needs its checkpoint file: pick it in 'checkpoint' (e.g. sam_vit_b_01ec64.pth).")
+            from ..weights import local_file
+
+            ckpt = local_file(name)  # downloaded earlier (Download and verify, or mias-sam weights fetch)
+        if name != "litemedsam" and ckpt is None:
+            raise InputError(f"{name} needs its checkpoint file: pick it in 'checkpoint' (e.g. sam_vit_b_01ec64.pth) "
+                             "or download it with 'Download and verify'.")
         return (name, str(ckpt) if ckpt else None, str(self.device.value), encoding)
 
     def use_backbone(self, backbone, device: str = "cpu") -> None:

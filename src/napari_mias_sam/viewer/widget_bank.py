@@ -23,7 +23,9 @@ class BankMixin:
     def set_bank(self, bank) -> None:
         """Use a memory bank (built, loaded, or given by a script)."""
         self.bank = bank
-        where = f"\nfolder: {bank.path}" if bank.path else "\nnot saved yet"
+        from .widget_files import display_path
+
+        where = f"\nfolder: {display_path(bank.path)}" if bank.path else "\nnot saved yet"
         self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}"
         saved = Path(bank.path).name if bank.path else "not saved"
         self.fold_bank_section(f"{bank.ntotal:,} patches, {bank.backbone.get('name')} ({saved})")
