@@ -36,7 +36,7 @@ from napari_mias_sam.anomaly import image_scores
 from napari_mias_sam.metrics import paired_bootstrap, paper_slice_dice, volume_dice
 from napari_mias_sam.pipeline import decode_one, slice_decision_threshold
 from napari_mias_sam.preprocess import from_frame
-from napari_mias_sam.regions import NormalLevels, anomalous_regions, normal_levels, slice_regions
+from napari_mias_sam.regions import NormalLevels, agreeing_mask, anomalous_regions, normal_levels, region_piece, slice_regions
 from napari_mias_sam.settings import SegmentSettings
 
 
@@ -75,34 +75,53 @@ def to_grid(frame_masks: np.ndarray, u: TestUnit) -> np.ndarray:
 
 def choose(masks: np.ndarray, piece: np.ndarray, rule: str, agree: float = 0.5) -> np.ndarray:
     """The mask kept for one region piece. ``rule``: ``m3`` (the third mask), ``agree`` (the
-    third mask if at least ``agree`` of it lies in the piece, else the finest of masks 2, 1
-    that does, else the piece itself), ``clip`` (the third mask inside the piece), ``piece``."""
+    product's mask-map agreement, :func:`agreeing_mask`), ``clip`` (the third mask inside the
+    piece), ``piece`` (the region itself)."""
     if rule == "m3":
         return masks[2]
     if rule == "clip":
         return masks[2] & piece
     if rule == "piece":
         return piece
-    for i in (2, 1, 0):
-        m = masks[i]
-        a = m.sum()
-        if a > 0 and (m & piece).sum() / a >= agree:
-            return m
-    return piece
+    return agreeing_mask(masks, piece, 2, agree)
 
 
 def region_prediction(dec: Decoder, ui: int, u: TestUnit, maps: np.ndarray, levels: NormalLevels, *, three_d: bool,
                       rule: str, pad: float = 0.0, agree: float = 0.5, carry: bool = False) -> tuple[np.ndarray, int]:
-    """Frame masks (N, 256, 256) of one unit from per-region box prompts, and the decodes used."""
+    """Frame masks (N, 256, 256) of one unit from per-region box prompts, and the decodes used.
+    ``carry``: each 3D region starts at its most anomalous slice; a neighbour slice's box is the
+    bounding box of the mask just made (padded 2 px) while the region is present there."""
     lab = anomalous_regions(maps, levels, foreground=u.foreground, three_d=three_d)
     out = np.zeros(maps.shape, bool)
     n_dec = 0
+    if carry:
+        for r in range(1, int(lab.max()) + 1):
+            present = np.flatnonzero((lab == r).reshape(len(lab), -1).any(1))
+            peaks = [float(maps[s][lab[s] == r].max()) for s in present]
+            start = int(present[int(np.argmax(peaks))])
+
+            def step(s: int, prev: np.ndarray | None) -> np.ndarray:
+                piece = lab[s] == r
+                src = prev if prev is not None and prev.any() else piece
+                rows, cols = np.flatnonzero(src.any(1)), np.flatnonzero(src.any(0))
+                p = 2.0 if src is prev else 0.0
+                box = (max(0.0, cols[0] - p), max(0.0, rows[0] - p), min(255.0, cols[-1] + p), min(255.0, rows[-1] + p))
+                m = choose(dec.masks(ui, int(s), box), piece, rule, agree)
+                out[s] |= m
+                return m
+
+            first = step(start, None)
+            n_dec += 1
+            for direction in (-1, 1):
+                prev, s = first, start + direction
+                while 0 <= s < len(lab) and (lab[s] == r).any():
+                    prev = step(s, prev)
+                    n_dec += 1
+                    s += direction
+        return out, n_dec
     for s in np.flatnonzero(lab.reshape(len(lab), -1).any(1)):
         for reg in slice_regions(lab[s], maps[s], pad=pad):
-            piece = np.zeros(maps.shape[1:], bool)
-            pieces = lab[s] == reg.label
-            x0, y0, x1, y1 = (int(round(v)) for v in reg.box)
-            piece[y0:y1 + 1, x0:x1 + 1] = pieces[y0:y1 + 1, x0:x1 + 1]
+            piece = region_piece(lab[s], reg)
             if rule == "piece":
                 out[s] |= piece
                 continue
@@ -168,6 +187,7 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
     for key in ("q0", "q50", "q90"):
         reg(f"regions 3D {key}: clip", f"mask 3 clipped to its region piece", key, three_d=True, rule="clip")
     reg("regions 3D q50: agree, pad 4", "3D q50 agree, boxes padded by 4 px", "q50", three_d=True, rule="agree", pad=4.0)
+    reg("regions 3D q50: carry, agree", "3D q50, each region from its most anomalous slice, neighbours boxed by the previous mask, agree", "q50", three_d=True, rule="agree", carry=True)
     reg("regions 3D s99 q50: agree", "seed at the 99th percentile of normal peaks (1.0), extent q50, agree", "s99 q50", three_d=True, rule="agree")
 
     results = {}

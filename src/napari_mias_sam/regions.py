@@ -21,7 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["NormalLevels", "normal_levels", "anomalous_regions", "SliceRegion", "slice_regions"]
+from .backbones.base import Prompt
+
+__all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "SliceRegion", "slice_regions",
+           "region_piece", "agreeing_mask", "regions_prompt", "decode_regions", "EXTENT_QUANTILE", "AGREE"]
+
+#: Where a region ends: this percentile of held-out normal slices' calibrated peaks (chosen on the
+#: development split, docs/results.md).
+EXTENT_QUANTILE = 50.0
+#: Mask-map agreement: a decoder mask is kept for a region only if at least this share of it lies
+#: inside the region (a majority; chosen on the development split).
+AGREE: float | None = 0.5
 
 Box = tuple[float, float, float, float]
 
@@ -38,7 +48,7 @@ class NormalLevels:
         return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile}
 
 
-def normal_levels(calibration_entry: dict, *, extent_quantile: float = 50.0, seed_quantile: float = 100.0) -> NormalLevels:
+def normal_levels(calibration_entry: dict, *, extent_quantile: float = EXTENT_QUANTILE, seed_quantile: float = 100.0) -> NormalLevels:
     """Levels from one ``bank.manifest['calibration']['per_k'][k]`` entry.
 
     ``seed`` = the ``seed_quantile`` percentile (default: the max) over held-out normal slices of
@@ -123,3 +133,73 @@ def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, pad: float = 0.0
             out.append(SliceRegion(int(lab), box, float(map_2d[sl][piece].max()), int(piece.sum())))
     out.sort(key=lambda r: -r.peak)
     return out
+
+
+def bank_levels(bank, k: int = 1, **kwargs) -> NormalLevels:
+    """:func:`normal_levels` from a bank's calibration for ``k`` (the nearest stored k)."""
+    per_k = (bank.manifest.get("calibration") or {}).get("per_k", {})
+    if not per_k:
+        raise ValueError(f"{getattr(bank, 'path', None) or 'bank'}: holds no calibration statistics; region prompts "
+                         "need the held-out normal slices' peaks (rebuild the bank from normal slices).")
+    key = str(k) if str(k) in per_k else str(max([int(x) for x in per_k if int(x) <= max(k, 1)] or [min(int(x) for x in per_k)]))
+    return normal_levels(per_k[key], **kwargs)
+
+
+def region_piece(labels_2d: np.ndarray, region: SliceRegion) -> np.ndarray:
+    """The region's pixels inside its box on this slice (bool, frame)."""
+    piece = np.zeros(labels_2d.shape, bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in region.box)
+    piece[y0:y1 + 1, x0:x1 + 1] = labels_2d[y0:y1 + 1, x0:x1 + 1] == region.label
+    return piece
+
+
+def agreeing_mask(masks: np.ndarray, piece: np.ndarray, first: int, agree: float = 0.5) -> np.ndarray:
+    """Mask-map agreement for one region: decoder mask ``first`` (0-based) if at least ``agree``
+    of it lies inside the region it was prompted from; else the finest other mask that does;
+    else the region itself (a mask that leaves its hot region is never kept)."""
+    for i in (first, *[j for j in (2, 1, 0) if j != first]):
+        m = masks[i]
+        area = int(m.sum())
+        if area > 0 and int((m & piece).sum()) >= agree * area:
+            return m
+    return piece
+
+
+def regions_prompt(regions: list[SliceRegion]) -> Prompt | None:
+    """The slice's prompt as recorded in results: one box, several boxes, or none."""
+    if not regions:
+        return None
+    if len(regions) == 1:
+        return Prompt("box", box=regions[0].box)
+    return Prompt("boxes", boxes=tuple(r.box for r in regions))
+
+
+def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarray, *,
+                   agree: float | None = AGREE) -> tuple[np.ndarray, np.ndarray, Prompt | None]:
+    """Decode one slice with one box per region piece and unite the masks.
+
+    Returns (logits (3, 256, 256) float16, predicted IoUs (3,), the prompt). Slot ``i`` of the
+    logits is the union, over regions, of decoder mask ``i + 1``, each passed through the
+    mask-map agreement (:func:`agreeing_mask`) unless ``agree`` is ``None``; a region replaced
+    by itself contributes logits +1 inside it and -1 outside. IoUs: the best region's per slot.
+    """
+    regions = slice_regions(labels_2d, map_2d)
+    shape = (3, *labels_2d.shape)
+    if not regions:
+        return np.zeros(shape, np.float16), np.full(3, np.nan, np.float32), None
+    logits = np.full(shape, -np.inf, np.float32)
+    ious = np.full(3, -np.inf, np.float32)
+    emb = embedding.float() if hasattr(embedding, "float") else embedding
+    for reg in regions:
+        out = backbone.decode(emb, Prompt("box", box=reg.box))
+        lg = np.asarray(out.logits, np.float32)
+        ious = np.maximum(ious, np.asarray(out.iou, np.float32))
+        if agree is None:
+            logits = np.maximum(logits, lg)
+            continue
+        masks, piece = lg > 0, region_piece(labels_2d, reg)
+        for i in range(3):
+            chosen = agreeing_mask(masks, piece, i, agree)
+            j = next((j for j in range(3) if chosen is masks[j]), None)
+            logits[i] = np.maximum(logits[i], lg[j] if j is not None else np.where(piece, 1.0, -1.0))
+    return logits.astype(np.float16), ious, regions_prompt(regions)
