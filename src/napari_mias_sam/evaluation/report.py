@@ -69,7 +69,12 @@ def markdown_tables(res: dict) -> str:
                            f"{_pct(s.get('volume_dice'))} | {_pct(s.get('baseline_volume_dice'))} |")
     ds = res["default_settings"]
     out.append(f"\nDefault: prompt {ds['prompt']}, gamma {ds['gamma']:g}, mask {ds['mask']}, k {ds['k']}, "
-               f"normalisation {ds['normalisation']}. Slice Dice follows the paper (mean over anomalous slices). "
+               f"normalisation {ds['normalisation']}. "
+               + ("The regions prompt gives one box per anomalous region: where the calibrated map exceeds every "
+                  "held-out normal slice's peak, extended in 3D while it stays above their median peak (levels from "
+                  "the bank's calibration only); a mask that leaves its region is replaced by another mask or the region. "
+                  if ds["prompt"] == "regions" else "")
+               + "Slice Dice follows the paper (mean over anomalous slices). "
                "The slice decision keeps a slice's mask only if its image score exceeds every held-out normal "
                "slice's score in the bank's calibration (no test labels are read).")
     return "\n".join(out) + "\n"
