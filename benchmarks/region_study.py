@@ -31,9 +31,9 @@ import numpy as np
 
 from napari_mias_sam import prompts as P
 from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.evaluate import EvalContext, TestUnit, _encode_units, _maps, _scores
+from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, _encode_units, _maps, _scores
 from napari_mias_sam.anomaly import image_scores
-from napari_mias_sam.metrics import paired_bootstrap, paper_slice_dice, volume_dice
+from napari_mias_sam.evaluation.metrics import paired_bootstrap, paper_slice_dice, volume_dice
 from napari_mias_sam.pipeline import decode_one, slice_decision_threshold
 from napari_mias_sam.preprocess import from_frame
 from napari_mias_sam.regions import NormalLevels, agreeing_mask, anomalous_regions, normal_levels, region_piece, slice_regions
@@ -164,7 +164,7 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
         return out, n
 
     variants: dict[str, tuple[str, Callable[[int], tuple[np.ndarray, int]]]] = {
-        "baseline": ("reference-normalised map > 0.5, no SAM (min-max over the test set)", lambda ui: (ref[ui] > 0.5, 0)),
+        "baseline": ("reference-normalised map > 0.5, no SAM (min-max over the test set)", lambda ui: (ref[ui], 0)),
         "cog-box": ("the current default: CoG box on every slice with anatomy, mask 3", lambda ui: cog(ui, False)),
         "cog-box + decision": ("the current default with --slice-decision", lambda ui: cog(ui, True)),
     }
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_mias_sam.bank import check_compatible, load_bank
     from napari_mias_sam.cache import EmbeddingCache
     from napari_mias_sam.errors import MiasSamError
-    from napari_mias_sam.evaluate import units_from_volumes
+    from napari_mias_sam.evaluation.sweep import units_from_volumes
     from napari_mias_sam.io import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
