@@ -131,7 +131,8 @@ def region_prediction(dec: Decoder, ui: int, u: TestUnit, maps: np.ndarray, leve
     return out, n_dec
 
 
-def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | None = None) -> dict:
+def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | None = None, maps_only: bool = False,
+          only: list[str] | None = None) -> dict:
     _encode_units(units, backbone, cache, None, 4)
     ctx = EvalContext(units, [bank], backbone, SegmentSettings(prompt="cog-box"), None, k_max=1)
     maps_file = work / "maps.npz" if work else None
@@ -146,6 +147,8 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
         if maps_file:
             np.savez(maps_file, **{f"cal{i}": m for i, m in enumerate(cal)}, **{f"ref{i}": m for i, m in enumerate(ref)},
                      **{f"img{i}": m for i, m in enumerate(img)})
+    if maps_only:
+        return {}
     dec = Decoder(backbone, units, work)
     entry = bank.manifest["calibration"]["per_k"]["1"]
     thr = slice_decision_threshold(bank, 1)
@@ -190,6 +193,11 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
     reg("regions 3D q50: carry, agree", "3D q50, each region from its most anomalous slice, neighbours boxed by the previous mask, agree", "q50", three_d=True, rule="agree", carry=True)
     reg("regions 3D s99 q50: agree", "seed at the 99th percentile of normal peaks (1.0), extent q50, agree", "s99 q50", three_d=True, rule="agree")
 
+    if only:
+        unknown = [n for n in only if n not in variants]
+        if unknown:
+            raise SystemExit(f"region_study: unknown variant(s) {unknown}; known: {list(variants)}")
+        variants = {n: v for n, v in variants.items() if n in only or n == "baseline"}
     results = {}
     per_slice: dict[str, list[float]] = {}
     per_vol: dict[str, list[float]] = {}
@@ -260,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, help="folder for the maps and decoded masks (reused by later runs)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--maps-only", action="store_true", help="compute and keep the maps in --work, score nothing")
+    parser.add_argument("--variants", help="comma-separated variant names to score (the baseline always)")
     a = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -275,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         tag = hashlib.sha256(("|".join(map(str, a.images)) + str(a.bank.resolve())).encode()).hexdigest()[:12]
         work = a.work / tag
         work.mkdir(parents=True, exist_ok=True)
-    res = study(units, bank, bb, cache=EmbeddingCache(), work=work)
+    res = study(units, bank, bb, cache=EmbeddingCache(), work=work, maps_only=a.maps_only,
+                only=a.variants.split(",") if a.variants else None)
+    if a.maps_only:
+        print(f"maps kept in {work} ({time.perf_counter() - t0:.0f} s)")
+        return 0
     print(markdown(res))
     print(f"\n{len(units)} volumes, {time.perf_counter() - t0:.0f} s")
     if a.json:
