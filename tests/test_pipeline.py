@@ -314,11 +314,11 @@ def test_rerun_reuses_the_anomaly_maps_when_bank_and_k_are_unchanged(world, monk
     assert not r.maps_reused and bb.encode_calls > n_encode
 
 
-def test_volume_default_is_the_regions_prompt_with_bank_levels(world):
-    """The default for volumes: regions found with levels from the bank's calibration only; one
+def test_regions_prompt_uses_bank_levels_only(world):
+    """The regions prompt: regions found with levels from the bank's calibration only; one
     decode per region piece; slices without a region get no prompt, no decision and no mask."""
     fake = CoreFakeBackbone()
-    res = segment_volume(load_volume(world["case"]), world["bank"], fake)
+    res = segment_volume(load_volume(world["case"]), world["bank"], fake, SegmentSettings(prompt="regions"))
     assert res.settings.prompt == "regions"
     assert res.region_levels == bank_levels(world["bank"], 1)
     assert res.metadata()["region_levels"] == res.region_levels.as_dict()

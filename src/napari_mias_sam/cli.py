@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma", type=float, default=5.0, help="centre-of-gravity exponent (default 5)")
     s.add_argument("--mask", type=int, choices=(1, 2, 3), default=3, help="which of SAM's 3 masks (default 3)")
     s.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
-                   help="prompt type (default regions: one box per anomalous 3D region, levels from the bank's normal "
-                        "calibration; cog-point with --normalisation reference is the paper's recipe)")
+                   help="prompt type (default: the backbone's: cog-point for SAM, cog-box for LiteMedSAM; regions: one box "
+                        "per anomalous 3D region, levels from the bank's normal calibration; cog-point with "
+                        "--normalisation reference is the paper's recipe)")
     s.add_argument("--k", type=int, default=1, help="nearest bank patches averaged per patch (default 1, as the reference)")
     s.add_argument("--normalisation", choices=("calibrated", "reference"), default="calibrated",
                    help="calibrated: from the bank's normal data (default); reference: min-max over the volume (paper)")
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ks", default="1,3,5", help="k values (default 1,3,5)")
     e.add_argument("--prompts", default="regions,cog-point,cog-box,max-point,threshold-box", help="prompt types to compare")
     e.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
-                   help="default prompt (default: regions for volumes, the backbone's per-slice prompt for 2D slice sets)")
+                   help="default prompt (default: the backbone's per-slice prompt)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     _add_backbone_args(e, default=None)

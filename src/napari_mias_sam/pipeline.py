@@ -17,6 +17,7 @@ import torch
 
 from .anomaly import image_scores, maps_from_scores, normalise_maps
 from .backbones.base import Prompt
+from .backbones import default_prompt_for
 from .bank import MemoryBank, check_compatible
 from .cache import EmbeddingCache, frames_key
 from .errors import Cancelled, InputError, MiasSamError
@@ -465,7 +466,7 @@ def segment_volume(
     """
     settings = settings or SegmentSettings()
     if settings.prompt is None:
-        settings = settings.replace(prompt=VOLUME_PROMPT)
+        settings = settings.replace(prompt=VOLUME_PROMPT or default_prompt_for(backbone.name))
     info = backbone.describe()
     check_compatible(bank, info)
     prep = preprocessing_from_bank(bank)

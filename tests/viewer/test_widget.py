@@ -26,7 +26,7 @@ pytestmark = [
 
 @pytest.fixture(scope="session")
 def sample_result(sample_subset, sample_bank, lite_backbone):
-    """The pipeline's result on the cut sample case (default settings: regions, mask 3)."""
+    """The pipeline's result on the cut sample case (default settings: cog-box, gamma 5, mask 3)."""
     return segment_volume(load_volume(sample_subset["case"]), sample_bank, lite_backbone, SegmentSettings(),
                           cache=EmbeddingCache())
 
@@ -122,15 +122,14 @@ def test_run_end_to_end_with_litemedsam(setup, qtbot, sample_subset, tmp_path, c
     assert not result.encoded.from_cache
     # One red point per prompted slice, on its slice.
     n_prompted = sum(p is not None for p in result.prompts)
-    assert len(points.data) == n_prompted >= 1  # the default prompts only slices with an anomalous region
-    assert all((p is not None) == bool(result.regions[s].any()) for s, p in enumerate(result.prompts) if result.encoded.foreground[s])
+    assert len(points.data) == n_prompted == 3
     np.testing.assert_allclose(points.face_color, np.tile([1.0, 0.0, 0.0, 1.0], (n_prompted, 1)))
     ax = widget.live.session.display_axis
     np.testing.assert_array_equal(points.data[:, ax], points.features["slice"].to_numpy())
     # Metadata records every setting and the provenance, plus the source geometry.
     for layer in (anomaly, points, mask):
         md = layer.metadata["mias_sam"]
-        assert md["settings"] == {**md["settings"], "gamma": 5.0, "mask_index": 3, "prompt": "regions", "k": 1,
+        assert md["settings"] == {**md["settings"], "gamma": 5.0, "mask_index": 3, "prompt": "cog-box", "k": 1,
                                   "normalisation": "calibrated"}
         assert md["backbone"]["name"] == "litemedsam" and md["bank"]["patches"] == widget.bank.ntotal
         assert md["preprocessing"]["mode"] == "mri"

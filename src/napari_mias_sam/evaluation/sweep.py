@@ -303,7 +303,7 @@ def evaluate(
         check_compatible(bk, info)
     base = base or SegmentSettings()
     if base.prompt is None:  # volumes: the regions prompt; 2D slice sets: the paper's per-slice prompt
-        base = base.replace(prompt=VOLUME_PROMPT if all(u.is_volume for u in units) else default_prompt_for(backbone.name))
+        base = base.replace(prompt=(VOLUME_PROMPT if all(u.is_volume for u in units) else None) or default_prompt_for(backbone.name))
     abl = ablations or Ablations()
     t0 = time.perf_counter()
     _encode_units(units, backbone, cache, progress, batch_size)
