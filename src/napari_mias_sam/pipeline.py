@@ -256,12 +256,7 @@ class SegmentationResult:
             boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
             x = float(np.mean([(b[0] + b[2]) / 2 for b in boxes]))  # type: ignore[index]
             y = float(np.mean([(b[1] + b[3]) / 2 for b in boxes]))  # type: ignore[index]
-        r, c = self.encoded.frame.to_slice(y, x)
-        rest = [a for a in range(3) if a != self.axis]
-        ijk = [0.0, 0.0, 0.0]
-        ijk[self.axis] = float(s)
-        ijk[rest[0]], ijk[rest[1]] = r, c
-        return (ijk[0], ijk[1], ijk[2])
+        return self._frame_to_voxel(s, x, y)
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
