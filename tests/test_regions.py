@@ -17,17 +17,18 @@ def blob(shape, centre, radius, value):
 
 
 def test_levels_come_from_the_normal_peaks_only():
-    lv = normal_levels(ENTRY)
+    lv = normal_levels(ENTRY, extent_quantile=50)
     # calibrated peaks: (p - 1) / 2 -> 0.5, 0.6, 0.8, 1.0, 1.2
     assert lv.seed == pytest.approx(1.2)  # no held-out normal slice went above it
     assert lv.extent == pytest.approx(0.8)  # the median normal peak
     assert normal_levels(ENTRY, extent_quantile=0).extent == pytest.approx(0.5)
+    assert normal_levels(ENTRY).extent == pytest.approx(1.12)  # default: the 90th percentile of normal peaks
     with pytest.raises(ValueError, match="no held-out normal slice peaks"):
         normal_levels({"low": 0, "high": 1, "slice_max_map": []})
 
 
 def test_two_lesions_on_one_slice_are_two_regions_and_normal_slices_get_none():
-    lv = normal_levels(ENTRY)
+    lv = normal_levels(ENTRY, extent_quantile=50)
     maps = np.zeros((3, 64, 64), np.float32)
     maps[1] = blob((64, 64), (16, 16), 5, 2.0) + blob((64, 64), (45, 48), 6, 1.6)
     maps[0] = blob((64, 64), (30, 30), 8, 1.1)  # raised, but below what normal slices reach
@@ -41,7 +42,7 @@ def test_two_lesions_on_one_slice_are_two_regions_and_normal_slices_get_none():
 
 
 def test_3d_regions_carry_to_neighbours_above_the_extent_level():
-    lv = normal_levels(ENTRY)
+    lv = normal_levels(ENTRY, extent_quantile=50)
     maps = np.zeros((4, 32, 32), np.float32)
     maps[1] = blob((32, 32), (16, 16), 4, 1.5)  # a seed: above every normal peak
     maps[2] = blob((32, 32), (16, 17), 4, 1.0)  # below the seed, above the extent: carried in 3D

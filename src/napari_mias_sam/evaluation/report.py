@@ -71,7 +71,7 @@ def markdown_tables(res: dict) -> str:
     out.append(f"\nDefault: prompt {ds['prompt']}, gamma {ds['gamma']:g}, mask {ds['mask']}, k {ds['k']}, "
                f"normalisation {ds['normalisation']}. "
                + ("The regions prompt gives one box per anomalous region: where the calibrated map exceeds every "
-                  "held-out normal slice's peak, extended in 3D while it stays above their median peak (levels from "
+                  "held-out normal slice's peak, extended in 3D while it stays above the 90th percentile of their peaks (levels from "
                   "the bank's calibration only); a mask that leaves its region is replaced by another mask or the region. "
                   if ds["prompt"] == "regions" else "")
                + "Slice Dice follows the paper (mean over anomalous slices). "
