@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from core_fixtures import CoreFakeBackbone, CountingBackbone, anatomy_volume, sha256, snapshot, write_nifti
+from core_fixtures import CoreFakeBackbone, CountingBackbone, anatomy_volume, disk, sha256, snapshot, write_nifti
 from napari_mias_sam.anomaly import maps_from_scores
 from napari_mias_sam.backbones.base import Prompt
 from napari_mias_sam.bank import load_bank
@@ -19,6 +19,9 @@ from napari_mias_sam.errors import BankMismatchError, Cancelled, InputError
 from napari_mias_sam.io import load_volume
 from napari_mias_sam.patches import patch_features
 from napari_mias_sam.pipeline import encode_volume, redecode_slice, segment_volume
+from napari_mias_sam.pipeline import EncodedVolume, decode_all
+from napari_mias_sam.preprocess import Frame
+from napari_mias_sam.regions import NormalLevels, anomalous_regions, bank_levels, slice_regions
 from napari_mias_sam.settings import PREPROCESS_PRESETS, SegmentSettings
 from napari_mias_sam.file_steps import build_bank_from_files, check_outputs, output_paths, write_outputs
 
@@ -43,8 +46,8 @@ def world(tmp_path_factory):
 def test_segment_volume_with_an_empty_slice(world):
     fake = CoreFakeBackbone()
     vol = load_volume(world["case"])
-    res = segment_volume(vol, world["bank"], fake)
-    assert res.settings.prompt == "cog-point"  # the default of a backbone without a known default
+    res = segment_volume(vol, world["bank"], fake, SegmentSettings(prompt="cog-point"))
+    assert res.settings.prompt == "cog-point"  # the paper's per-slice prompt, on request
     assert res.n_slices == 4 and res.axis == 2
     assert res.maps.shape == (4, 256, 256) and res.scores.shape == (4, 32, 32)
     # the empty slice: no prompt, no mask, no map, NaN IoUs, nothing decoded for it
@@ -112,7 +115,7 @@ def test_cancel_stops_the_run(world):
 
 def test_redecode_slice_with_a_moved_point(world):
     fake = CoreFakeBackbone()
-    res = segment_volume(load_volume(world["case"]), world["bank"], fake)
+    res = segment_volume(load_volume(world["case"]), world["bank"], fake, SegmentSettings(prompt="cog-point"))
     redecode_slice(res, fake, 1, point=(100.0, 50.0))
     assert res.prompts[1] == Prompt("point", point=(100.0, 50.0))
     m3 = res.logits[1, 2] > 0  # the fake's finest mask: the square of half-side 4 around the point
@@ -309,3 +312,40 @@ def test_rerun_reuses_the_anomaly_maps_when_bank_and_k_are_unchanged(world, monk
     other = load_volume(world["normals"][0])
     r = segment_volume(other, bank, bb, reuse=first)
     assert not r.maps_reused and bb.encode_calls > n_encode
+
+
+def test_regions_prompt_uses_bank_levels_only(world):
+    """The regions prompt: regions found with levels from the bank's calibration only; one
+    decode per region piece; slices without a region get no prompt, no decision and no mask."""
+    fake = CoreFakeBackbone()
+    res = segment_volume(load_volume(world["case"]), world["bank"], fake, SegmentSettings(prompt="regions"))
+    assert res.settings.prompt == "regions"
+    assert res.region_levels == bank_levels(world["bank"], 1)
+    assert res.metadata()["region_levels"] == res.region_levels.as_dict()
+    pieces = [slice_regions(res.regions[s], res.maps[s]) for s in range(4)]
+    assert fake.decode_calls == sum(len(p) for p in pieces)
+    for s in range(4):
+        has = bool(pieces[s])
+        assert (res.prompts[s] is not None) == has and bool(res.decision[s]) == has
+        assert len(res.prompt_centres(s)) == len(pieces[s])
+        if not has:
+            assert not res.mask_volume()[..., s].any()
+
+
+def test_two_lesions_on_one_slice_get_two_boxes_and_normal_slices_nothing():
+    """decode_all with the regions prompt: each region piece is its own box, masks united."""
+    maps = np.zeros((3, 256, 256), np.float32)
+    maps[1] = 2.0 * disk((256, 256), (60, 60), 20) + 1.8 * disk((256, 256), (180, 190), 25)
+    maps[0] = 0.9 * disk((256, 256), (128, 128), 30)  # raised, but no higher than normal peaks
+    levels = NormalLevels(seed=1.2, extent=0.8, extent_quantile=50.0)
+    regions = anomalous_regions(maps, levels)
+    enc = EncodedVolume(torch.zeros(3, 256, 64, 64), torch.zeros(3, 256, 256), np.ones(3, bool), 0, Frame(256, 256), "")
+    fake = CoreFakeBackbone()
+    prompts, logits, ious = decode_all(enc, maps, fake, SegmentSettings(prompt="regions"), regions=regions)
+    assert prompts[0] is None and prompts[2] is None and (logits[[0, 2]] == 0).all()
+    assert prompts[1].kind == "boxes" and len(prompts[1].boxes) == 2 and fake.decode_calls == 2
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = prompts[1].boxes  # most anomalous first
+    assert (x0, y0, x1, y1) == (40.0, 40.0, 80.0, 80.0) and (u0, v0, u1, v1) == (165.0, 155.0, 215.0, 205.0)
+    m3 = logits[1, 2] > 0  # the fake's mask = its box; both boxes lie inside their regions' boxes
+    assert m3[60, 60] and m3[180, 190] and not m3[128, 128]
+    np.testing.assert_allclose(ious[1], [0.5, 0.6, 0.7])

@@ -127,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
     s.add_argument("--gamma", type=float, default=5.0, help="centre-of-gravity exponent (default 5)")
     s.add_argument("--mask", type=int, choices=(1, 2, 3), default=3, help="which of SAM's 3 masks (default 3)")
-    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="prompt type (default: the backbone's: cog-point for SAM, cog-box for LiteMedSAM)")
+    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
+                   help="prompt type (default: the backbone's: cog-point for SAM, cog-box for LiteMedSAM; regions: one box "
+                        "per anomalous 3D region, levels from the bank's normal calibration; cog-point with "
+                        "--normalisation reference is the paper's recipe)")
     s.add_argument("--k", type=int, default=1, help="nearest bank patches averaged per patch (default 1, as the reference)")
     s.add_argument("--normalisation", choices=("calibrated", "reference"), default="calibrated",
                    help="calibrated: from the bank's normal data (default); reference: min-max over the volume (paper)")
@@ -162,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="folder for results.csv/.md/.json and plots")
     e.add_argument("--gammas", default="1,2,3,5,8", help="gamma sweep (default 1,2,3,5,8)")
     e.add_argument("--ks", default="1,3,5", help="k values (default 1,3,5)")
-    e.add_argument("--prompts", default="cog-point,cog-box,max-point,threshold-box", help="prompt types to compare")
-    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's)")
+    e.add_argument("--prompts", default="regions,cog-point,cog-box,max-point,threshold-box", help="prompt types to compare")
+    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
+                   help="default prompt (default: the backbone's per-slice prompt)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     _add_backbone_args(e, default=None)
@@ -496,7 +500,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print("  per-slice Dice (lesion slices): " + ", ".join(f"{k}: {v:.2f}" for k, v in rep["per_slice_dice"].items()))
     print(f"  slice Dice (paper definition): {_fmt(rep['slice_dice'])}   "
           f"0.5-threshold baseline: {_fmt(rep['baseline_threshold_0.5_slice_dice'])}")
-    print(f"  volume Dice: {_fmt(rep['volume_dice'])}")
+    print(f"  volume Dice: {_fmt(rep['volume_dice'])}   0.5-threshold baseline: {_fmt(rep['baseline_threshold_0.5_volume_dice'])}")
     c = rep["cog_inside_lesion"]
     print(f"  prompt centre inside the lesion on {c['hits']}/{c['lesion_slices']} lesion slices")
     print("  timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()) + f"; total {rep['total_s']}")

@@ -89,6 +89,7 @@ def run_demo(out: Path, *, device: str = "cpu", batch_size: int = 4, progress: C
         "slice_dice": sd["mean"],
         "volume_dice": volume_dice(pred, gt_bin),
         "baseline_threshold_0.5_slice_dice": sd_base["mean"],
+        "baseline_threshold_0.5_volume_dice": volume_dice(base, gt_bin),
         "cog_inside_lesion": {"hits": hits, "lesion_slices": n_lesion},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "total_s": round(sum(timings.values()), 1),

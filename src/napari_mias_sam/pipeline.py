@@ -16,17 +16,18 @@ import numpy as np
 import torch
 
 from .anomaly import image_scores, maps_from_scores, normalise_maps
-from .backbones import default_prompt_for
 from .backbones.base import Prompt
+from .backbones import default_prompt_for
 from .bank import MemoryBank, check_compatible
 from .cache import EmbeddingCache, frames_key
-from .errors import Cancelled
+from .errors import Cancelled, InputError, MiasSamError
 from .io import Volume
 from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
 from .prompts import make_prompt
 from .reference_io import embedding_dtype, encoding_of
-from .settings import Preprocessing, SegmentSettings, to_dict
+from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, slice_regions
+from .settings import VOLUME_PROMPT, Preprocessing, SegmentSettings, to_dict
 from .model_inputs import volume_frames
 
 __all__ = [
@@ -213,6 +214,8 @@ class SegmentationResult:
     ious: np.ndarray  # (N, 3) predicted IoU (NaN where no prompt)
     timings: dict = field(default_factory=dict)
     maps_reused: bool = False  # patch scores and raw maps taken from an earlier result (no kNN search)
+    regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
+    region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
 
     @property
     def axis(self) -> int:
@@ -253,6 +256,22 @@ class SegmentationResult:
             boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
             x = float(np.mean([(b[0] + b[2]) / 2 for b in boxes]))  # type: ignore[index]
             y = float(np.mean([(b[1] + b[3]) / 2 for b in boxes]))  # type: ignore[index]
+        return self._frame_to_voxel(s, x, y)
+
+    def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
+        """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
+        (several for the regions prompt: one per region, most anomalous first)."""
+        p = self.prompts[s]
+        if p is None:
+            return []
+        if p.kind == "point":
+            xy = [p.point]
+        else:
+            boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
+            xy = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]  # type: ignore[index]
+        return [self._frame_to_voxel(s, x, y) for x, y in xy]  # type: ignore[misc]
+
+    def _frame_to_voxel(self, s: int, x: float, y: float) -> tuple[float, float, float]:
         r, c = self.encoded.frame.to_slice(y, x)
         rest = [a for a in range(3) if a != self.axis]
         ijk = [0.0, 0.0, 0.0]
@@ -290,6 +309,7 @@ class SegmentationResult:
             "preprocessing": self.preprocessing,
             "slice_axis": self.axis,
             "decision_threshold": self.decision_threshold,
+            "region_levels": self.region_levels.as_dict() if self.region_levels is not None else None,
             "source": str(self.volume.path) if self.volume.path else None,
         }
 
@@ -317,11 +337,16 @@ def decode_all(
     backbone,
     settings: SegmentSettings,
     *,
+    regions: np.ndarray | None = None,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> tuple[list[Prompt | None], np.ndarray, np.ndarray]:
     """Prompt and decode every slice with anatomy; empty slices get no prompt and no mask.
+
+    With ``settings.prompt == "regions"``, ``regions`` (the labels of
+    :func:`~napari_mias_sam.regions.anomalous_regions`) gives each slice one box per region
+    piece (:func:`~napari_mias_sam.regions.decode_regions`); slices without a region get nothing.
 
     ``batch_size`` slices are decoded together where the backbone offers ``decode_batch`` (one
     point or one box per slice, no map as mask input). ``None``: 1 (slice by slice, the exact
@@ -344,6 +369,16 @@ def decode_all(
             logits[i], ious[i] = out.logits.astype(np.float16), out.iou
         pending.clear()
 
+    if settings.prompt == "regions":
+        if regions is None:
+            raise ValueError("the regions prompt needs the volume's anomalous-region labels")
+        for s in range(n):
+            _check(cancelled)
+            if encoded.foreground[s] and regions[s].any():
+                logits[s], ious[s], prompts[s] = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s])
+            if progress:
+                progress("prompt and decode", s + 1, n)
+        return prompts, logits, ious
     for s in range(n):
         _check(cancelled)
         if encoded.foreground[s]:
@@ -381,7 +416,16 @@ def redecode_slice(
     st = result.settings
     if not result.encoded.foreground[s]:
         return
-    prompt = _slice_prompt(result.maps[s], st)
+    if st.prompt == "regions" and point is None:
+        labels = region_labels(result)
+        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(backbone, result.encoded.embeddings[s], labels[s], result.maps[s])
+        return
+    if st.prompt == "regions":  # a moved point: one box of the slice's largest region's size there
+        regs = slice_regions(region_labels(result)[s], result.maps[s])
+        big = max(regs, key=lambda r: (r.box[2] - r.box[0]) * (r.box[3] - r.box[1])) if regs else None
+        prompt = Prompt("box", box=big.box) if big is not None else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
+    else:
+        prompt = _slice_prompt(result.maps[s], st)
     if point is not None:
         if prompt is not None and prompt.kind == "box":
             x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
@@ -417,7 +461,7 @@ def segment_volume(
     """
     settings = settings or SegmentSettings()
     if settings.prompt is None:
-        settings = settings.replace(prompt=default_prompt_for(backbone.name))
+        settings = settings.replace(prompt=VOLUME_PROMPT or default_prompt_for(backbone.name))
     info = backbone.describe()
     check_compatible(bank, info)
     prep = preprocessing_from_bank(bank)
@@ -445,20 +489,23 @@ def segment_volume(
     calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
     maps = normalise_maps(raw, settings.normalisation, calibration, valid=fg)
     maps[~fg] = 0.0
+    regions, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
     img = image_scores(scores)
     decision = fg.copy()
+    if settings.prompt == "regions":
+        decision &= regions.reshape(len(regions), -1).any(1)
     threshold = None
     if settings.slice_decision:
         threshold = slice_decision_threshold(bank, settings.k)
         decision &= img > threshold
     t2 = time.perf_counter()
-    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, progress=progress, cancelled=cancelled)
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, progress=progress, cancelled=cancelled)
     t["prompt_and_decode_s"] = time.perf_counter() - t2
     return SegmentationResult(
         volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
-        maps_reused=reused,
+        maps_reused=reused, regions=regions, region_levels=levels,
     )
 
 
@@ -486,6 +533,30 @@ def maps_reusable(previous: SegmentationResult, encoded: EncodedVolume, bank: Me
 def _same_bank(a: dict, b: dict) -> bool:
     """Same bank content, wherever it is saved (saving an unsaved bank only gives it a path)."""
     return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+
+
+def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, settings: SegmentSettings, *,
+                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, NormalLevels | None]:
+    """The volume's anomalous 3D regions on its calibrated maps, with the bank's normal levels.
+
+    ``(None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
+    try:
+        levels = bank_levels(bank, settings.k)
+        cal = calibrated if calibrated is not None else bank.calibration(settings.k).apply(raw)
+    except (ValueError, MiasSamError):
+        if settings.prompt == "regions":
+            raise InputError(f"{bank.path or 'bank'}: holds no normal calibration, which the regions prompt needs; "
+                             "rebuild the bank, or choose --prompt cog-box / cog-point.") from None
+        return None, None
+    return anomalous_regions(cal, levels, foreground=foreground), levels
+
+
+def region_labels(result: SegmentationResult) -> np.ndarray:
+    """The result's region labels (the regions prompt cannot run without them)."""
+    if result.regions is None:
+        raise InputError("this result has no anomalous regions (its bank holds no normal calibration); "
+                         "choose another prompt type.")
+    return result.regions
 
 
 def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:

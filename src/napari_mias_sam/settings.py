@@ -9,6 +9,7 @@ from typing import Any, Literal
 __all__ = [
     "PREPROCESS_PRESETS",
     "PROMPT_TYPES",
+    "VOLUME_PROMPT",
     "PATCH_LAYOUTS",
     "NORMALISATIONS",
     "Preprocessing",
@@ -16,8 +17,13 @@ __all__ = [
     "to_dict",
 ]
 
-PromptType = Literal["cog-point", "cog-box", "max-point", "threshold-box"]
-PROMPT_TYPES: tuple[str, ...] = ("cog-point", "cog-box", "max-point", "threshold-box")
+PromptType = Literal["regions", "cog-point", "cog-box", "max-point", "threshold-box"]
+PROMPT_TYPES: tuple[str, ...] = ("regions", "cog-point", "cog-box", "max-point", "threshold-box")
+#: The default prompt for volumes whatever the backbone, or ``None`` for the backbone's per-slice
+#: prompt (``cog-box`` for LiteMedSAM, ``cog-point`` for SAM). ``regions`` (one box per anomalous
+#: 3D region, levels from the bank's normal calibration, :mod:`napari_mias_sam.regions`) becomes
+#: the default only once the development study (docs/results.md) shows it wins.
+VOLUME_PROMPT: str | None = None
 PatchLayout = Literal["paper1024", "mean256"]
 PATCH_LAYOUTS: tuple[str, ...] = ("paper1024", "mean256")
 Normalisation = Literal["calibrated", "reference"]
@@ -63,7 +69,8 @@ PREPROCESS_PRESETS: dict[str, Preprocessing] = {
 class SegmentSettings:
     """Settings of one segmentation run (the bank fixes backbone, layout and preprocessing).
 
-    ``prompt=None`` means the backbone's default (``cog-point`` for SAM, ``cog-box`` for
+    ``prompt=None`` means the default: :data:`VOLUME_PROMPT` for volumes when it is set, else
+    the backbone's per-slice prompt, as in the paper (``cog-point`` for SAM, ``cog-box`` for
     LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask).
     """
 

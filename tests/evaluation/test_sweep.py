@@ -15,6 +15,7 @@ from napari_mias_sam.errors import InputError
 from napari_mias_sam.evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
 from napari_mias_sam.evaluation.report import write_report
 from napari_mias_sam.cli import main
+from napari_mias_sam.settings import SegmentSettings
 
 
 def _png(path, arr):
@@ -98,6 +99,20 @@ def test_evaluate_rows_and_report(volumes, tmp_path):
     assert [s["subject"] for s in per] == ["t0", "t1"] and sum(s["anomalous_slices"] for s in per) == 4
     w = [s["anomalous_slices"] for s in per]
     assert np.average([s["slice_dice"] for s in per], weights=w) == pytest.approx(cmp["mean_a"])
+    v = cmp["volume"]  # volume Dice, subject by subject, against the baseline's
+    assert v["mean_a"] == pytest.approx(default["volume_dice"], abs=1e-4) and v["groups"] == 2  # per-subject values are rounded to 1e-4
+    assert v["mean_b"] == pytest.approx(det["baseline_threshold_0.5"]["volume_dice"], abs=1e-4)
+    assert "Volume Dice, subject by subject" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_evaluate_regions_prompt(volumes):
+    """The regions prompt runs in evaluate on the calibrated maps' 3D regions."""
+    d, bb, bank, imgs, gts = volumes
+    one = Ablations(prompts=("regions",), gammas=(5.0,), ks=(1,), normalisations=("calibrated",), masks=(3,))
+    res = evaluate(units_from_volumes(imgs, gts, bank), [bank], bb, base=SegmentSettings(prompt="regions"), ablations=one)
+    assert res["default_settings"]["prompt"] == "regions"
+    row = res["rows"][0]
+    assert 0.0 <= row["slice_dice"] <= 1.0 and len(row["volume_dice_per_subject"]) == 2
 
 
 def test_slice_decision_never_reads_test_labels(volumes):

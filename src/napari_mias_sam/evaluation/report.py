@@ -55,14 +55,26 @@ def markdown_tables(res: dict) -> str:
             line += f", [{100 * cmp['ci95_groups'][0]:+.2f}, {100 * cmp['ci95_groups'][1]:+.2f}] over {cmp['groups']} subjects"
         line += f"; the default is better on {cmp['a_wins']} slices and worse on {cmp['a_loses']} (by more than 0.01)."
         out.append(line)
+        v = cmp.get("volume")
+        if v:
+            out.append(f"\nVolume Dice, subject by subject ({v['n']} volumes, lesion-free ones included): "
+                       f"{_pct(v['mean_a'])} vs {_pct(v['mean_b'])}, difference {100 * v['difference']:+.2f} points, "
+                       f"95 % bootstrap interval [{100 * v['ci95_groups'][0]:+.2f}, {100 * v['ci95_groups'][1]:+.2f}] over subjects; "
+                       f"the default is better on {v['a_wins']} volumes and worse on {v['a_loses']}.")
         if cmp.get("per_subject"):
-            out.append("\n| subject | anomalous slices | slice Dice, default | slice Dice, 0.5-threshold baseline |")
-            out.append("|---|---|---|---|")
+            out.append("\n| subject | anomalous slices | slice Dice, default | slice Dice, 0.5-threshold baseline | volume Dice, default | volume Dice, baseline |")
+            out.append("|---|---|---|---|---|---|")
             for s in cmp["per_subject"]:
-                out.append(f"| {s['subject']} | {s['anomalous_slices']} | {_pct(s['slice_dice'])} | {_pct(s['baseline_slice_dice'])} |")
+                out.append(f"| {s['subject']} | {s['anomalous_slices']} | {_pct(s['slice_dice'])} | {_pct(s['baseline_slice_dice'])} | "
+                           f"{_pct(s.get('volume_dice'))} | {_pct(s.get('baseline_volume_dice'))} |")
     ds = res["default_settings"]
     out.append(f"\nDefault: prompt {ds['prompt']}, gamma {ds['gamma']:g}, mask {ds['mask']}, k {ds['k']}, "
-               f"normalisation {ds['normalisation']}. Slice Dice follows the paper (mean over anomalous slices). "
+               f"normalisation {ds['normalisation']}. "
+               + ("The regions prompt gives one box per anomalous region: where the calibrated map exceeds every "
+                  "held-out normal slice's peak, extended in 3D while it stays above the 90th percentile of their peaks (levels from "
+                  "the bank's calibration only); a mask that leaves its region is replaced by another mask or the region. "
+                  if ds["prompt"] == "regions" else "")
+               + "Slice Dice follows the paper (mean over anomalous slices). "
                "The slice decision keeps a slice's mask only if its image score exceeds every held-out normal "
                "slice's score in the bank's calibration (no test labels are read).")
     return "\n".join(out) + "\n"

@@ -17,12 +17,11 @@ def cog_hits(result, gt: np.ndarray) -> tuple[int, int]:
         if not gt_slices[s].any():
             continue
         n += 1
-        ijk = result.cog_voxel(s)
-        if ijk is None:
-            continue
-        idx = tuple(int(round(c)) for c in ijk)
-        if all(0 <= idx[a] < gt.shape[a] for a in range(3)) and gt[idx]:
-            hits += 1
+        for ijk in result.prompt_centres(s):  # one per region with the regions prompt: any inside counts
+            idx = tuple(int(round(c)) for c in ijk)
+            if all(0 <= idx[a] < gt.shape[a] for a in range(3)) and gt[idx]:
+                hits += 1
+                break
     return hits, n
 
 

@@ -27,7 +27,8 @@ from ..patches import GRID
 from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
 from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from ..reference_io import encoding_of
-from ..settings import SegmentSettings
+from ..regions import anomalous_regions, bank_levels
+from ..settings import VOLUME_PROMPT, SegmentSettings
 from ..model_inputs import volume_frames
 
 __all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "evaluate"]
@@ -91,7 +92,7 @@ def units_from_slices(images: list[np.ndarray], masks: list[np.ndarray], labels:
 class Ablations:
     """Which one-factor-at-a-time ablations to run (the default row is always run)."""
 
-    prompts: tuple[str, ...] = ("cog-point", "cog-box", "max-point", "threshold-box")
+    prompts: tuple[str, ...] = ("regions", "cog-point", "cog-box", "max-point", "threshold-box")
     gammas: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 8.0)
     ks: tuple[int, ...] = (1, 3, 5)
     normalisations: tuple[str, ...] = ("calibrated", "reference")
@@ -169,16 +170,28 @@ def _maps(ctx: EvalContext, b: int, k: int, norm: str) -> list[np.ndarray]:
     return out
 
 
+def _regions(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
+    """Per unit, the anomalous-region labels of its calibrated maps with the bank's normal levels
+    (3D for a volume, slice by slice for a group of 2D slices). Whatever the normalisation of a
+    pass, regions are found on the calibrated maps: their levels are calibrated ones."""
+    if (b, k, "regions") not in ctx.maps:
+        levels = bank_levels(ctx.banks[b], k)
+        ctx.maps[(b, k, "regions")] = [anomalous_regions(m, levels, foreground=u.foreground, three_d=u.is_volume)
+                                       for m, u in zip(_maps(ctx, b, k, "calibrated"), ctx.units)]
+    return ctx.maps[(b, k, "regions")]
+
+
 def _decode_pass(ctx: EvalContext, b: int, k: int, norm: str, prompt: str, gamma: float) -> _Pass:
     key = (b, k, norm, prompt, gamma)
     if key in ctx.passes:
         return ctx.passes[key]
     maps = _maps(ctx, b, k, norm)
     st = ctx.base.replace(prompt=prompt, gamma=gamma, k=k, normalisation=norm)
+    regions = _regions(ctx, b, k) if prompt == "regions" else [None] * len(ctx.units)
     logits, ious, prompts = [], [], []
-    for u, m in zip(ctx.units, maps):
+    for u, m, r in zip(ctx.units, maps, regions):
         enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
-        p, lg, io = decode_all(enc, m, ctx.backbone, st)
+        p, lg, io = decode_all(enc, m, ctx.backbone, st, regions=r)
         logits.append(lg)
         ious.append(io)
         prompts.append(p)
@@ -265,6 +278,7 @@ def _baseline(ctx: EvalContext, b: int, k: int, threshold: float = 0.5, per_slic
     return {
         "slice_dice": sd["mean"],
         "volume_dice": float(np.mean(vd)) if vd else None,
+        "volume_dice_per_subject": [round(v, 4) for v in vd],
     }
 
 
@@ -288,8 +302,8 @@ def evaluate(
     for bk in banks:
         check_compatible(bk, info)
     base = base or SegmentSettings()
-    if base.prompt is None:
-        base = base.replace(prompt=default_prompt_for(backbone.name))
+    if base.prompt is None:  # volumes: the regions prompt; 2D slice sets: the paper's per-slice prompt
+        base = base.replace(prompt=(VOLUME_PROMPT if all(u.is_volume for u in units) else None) or default_prompt_for(backbone.name))
     abl = ablations or Ablations()
     t0 = time.perf_counter()
     _encode_units(units, backbone, cache, progress, batch_size)
@@ -306,6 +320,7 @@ def evaluate(
 
     d = base
     mine, theirs = [], []  # (subject, slice Dice) of the default and of the baseline, for the paired comparison
+    n_rows = len(rows)
     add("default", "default", 0, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index, per_slice=mine)
     for m in abl.masks:
         add("mask", m, 0, d.k, d.normalisation, d.prompt, d.gamma, m)
@@ -336,11 +351,16 @@ def evaluate(
                                       groups=[o for o, _ in mine] if by_subject else None)
         comparison["bank"] = _bank_name(banks[0])
         if by_subject:
+            vd_default = rows[n_rows]["volume_dice_per_subject"]
+            vd_base = next(det["baseline_threshold_0.5"] for det in detection if det["k"] == d.k)["volume_dice_per_subject"]
             comparison["per_subject"] = [
                 {"subject": u.name, "anomalous_slices": int(sum(o == i for o, _ in mine)),
-                 "slice_dice": _mean_of(mine, i), "baseline_slice_dice": _mean_of(theirs, i)}
+                 "slice_dice": _mean_of(mine, i), "baseline_slice_dice": _mean_of(theirs, i),
+                 "volume_dice": vd_default[i], "baseline_volume_dice": vd_base[i]}
                 for i, u in enumerate(u for u in units if u.is_volume)
             ]
+            # volume Dice, subject by subject (the lesion-free subjects count: 1 if left empty)
+            comparison["volume"] = paired_bootstrap(vd_default, vd_base, groups=list(range(len(vd_default))))
 
     n_slices = sum(len(u.frames) for u in units)
     return {

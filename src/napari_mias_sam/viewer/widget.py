@@ -35,7 +35,7 @@ from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
 from ..backbones import BACKBONES, default_prompt_for, iou_tracks_quality_for, point_prompts_work_for
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
-from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES, SegmentSettings
+from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES, VOLUME_PROMPT, SegmentSettings
 from ..reference_io import encoding_of
 
 __all__ = ["MiasSamWidget"]
@@ -129,7 +129,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         dataset_controls = self._make_dataset_controls()
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
-        self.prompt = ComboBox(choices=PROMPT_TYPES, value=default_prompt_for("litemedsam"), label="prompt")
+        self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for("litemedsam"), label="prompt")
         self.prompt_note = Label(value="")
         self.gamma = FloatSlider(value=5.0, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
@@ -292,7 +292,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     def _on_backbone_changed(self, name: str) -> None:
         self.checkpoint.enabled = name != "litemedsam"
-        self.prompt.value = default_prompt_for(name)
+        self.prompt.value = VOLUME_PROMPT or default_prompt_for(name)
         self._prompt_tooltips()
         self._mask_tooltip()
         self._prompt_hint(self.prompt.value)

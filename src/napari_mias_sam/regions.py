@@ -1,0 +1,206 @@
+"""Anomalous regions of a volume's calibrated anomaly maps, with levels from normal data only.
+
+A calibrated map is 0 on typical normal tissue and 1 at the 99th percentile of held-out normal
+slices' peaks (:class:`~napari_mias_sam.anomaly.Calibration`). The bank also records every
+held-out normal slice's peak, so two levels need no test data and no user setting:
+
+- ``seed``: the highest peak any held-out normal slice reached. A region exists only where the
+  map goes above it (no normal slice did).
+- ``extent``: a lower quantile of the same peaks (the 90th percentile by default, the best of
+  0, 50, 90 and 100 on the development split): where a region ends.
+
+Regions are hysteresis components: connected components of ``map > extent`` that contain a
+seed pixel. In 3D (the default for volumes) a component found on one slice carries to its
+neighbours for as long as the map stays above ``extent``, so a lesion is one object and slices
+where the map is back at normal levels get no region at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .backbones.base import Prompt
+
+__all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "SliceRegion", "slice_regions",
+           "region_piece", "agreeing_mask", "regions_prompt", "decode_regions", "EXTENT_QUANTILE", "AGREE"]
+
+#: Where a region ends: this percentile of held-out normal slices' calibrated peaks (chosen on the
+#: development split, docs/results.md).
+EXTENT_QUANTILE = 90.0
+#: Mask-map agreement: a decoder mask is kept for a region only if at least this share of it lies
+#: inside the region (a majority; chosen on the development split).
+AGREE: float | None = 0.5
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class NormalLevels:
+    """Calibrated map levels taken from held-out normal slices' peaks (see the module docstring)."""
+
+    seed: float
+    extent: float
+    extent_quantile: float
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile}
+
+
+def normal_levels(calibration_entry: dict, *, extent_quantile: float = EXTENT_QUANTILE, seed_quantile: float = 100.0) -> NormalLevels:
+    """Levels from one ``bank.manifest['calibration']['per_k'][k]`` entry.
+
+    ``seed`` = the ``seed_quantile`` percentile (default: the max) over held-out normal slices of
+    their calibrated peak; ``extent`` = the ``extent_quantile`` percentile of the same peaks
+    (never above ``seed``).
+    """
+    peaks = np.asarray(calibration_entry.get("slice_max_map") or [], dtype=np.float64)
+    if peaks.size == 0:
+        raise ValueError("the bank holds no held-out normal slice peaks (calibration); regions need them. "
+                         "Rebuild the bank with normal slices from at least one source.")
+    low, high = float(calibration_entry["low"]), float(calibration_entry["high"])
+    cal = np.clip((peaks - low) / max(high - low, 1e-12), 0.0, None)
+    seed = float(np.percentile(cal, seed_quantile))
+    extent = min(float(np.percentile(cal, extent_quantile)), seed)
+    return NormalLevels(seed=seed, extent=extent, extent_quantile=float(extent_quantile))
+
+
+def anomalous_regions(maps: np.ndarray, levels: NormalLevels, *, foreground: np.ndarray | None = None,
+                      three_d: bool = True) -> np.ndarray:
+    """(N, H, W) int32 labels of the hysteresis regions of calibrated ``maps`` (0 = none).
+
+    ``three_d``: components connect across neighbouring slices (one label per 3D object);
+    otherwise each slice is labelled on its own (labels stay unique over the stack).
+    """
+    m = np.asarray(maps, dtype=np.float32)
+    if m.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W), got shape {m.shape}")
+    low = m > levels.extent
+    if foreground is not None:
+        low &= np.asarray(foreground, bool)[:, None, None]
+    high = low & (m > levels.seed)
+    if not high.any():
+        return np.zeros(m.shape, np.int32)
+    if three_d:
+        lab, n = ndimage.label(low)
+        keep = np.zeros(n + 1, bool)
+        keep[np.unique(lab[high])] = True
+        keep[0] = False
+        out = np.where(keep[lab], lab, 0)
+    else:
+        out = np.zeros(m.shape, np.int32)
+        nxt = 0
+        for s in np.flatnonzero(high.reshape(len(m), -1).any(1)):
+            lab, n = ndimage.label(low[s])
+            keep = np.zeros(n + 1, bool)
+            keep[np.unique(lab[high[s]])] = True
+            keep[0] = False
+            out[s] = np.where(keep[lab], lab + nxt, 0)
+            nxt += n
+    # relabel 1..n in order of appearance
+    ids = np.unique(out)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(out.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    return lut[out]
+
+
+@dataclass(frozen=True)
+class SliceRegion:
+    """One region's part on one slice: its label, its bounding box (x0, y0, x1, y1) and peak."""
+
+    label: int
+    box: Box
+    peak: float
+    area: int
+
+
+def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, pad: float = 0.0) -> list[SliceRegion]:
+    """The regions present on one slice (each 2D piece of a label is one prompt), largest peak first."""
+    out: list[SliceRegion] = []
+    h, w = labels_2d.shape
+    for lab in np.unique(labels_2d):
+        if lab == 0:
+            continue
+        pieces, n = ndimage.label(labels_2d == lab)
+        for i, sl in enumerate(ndimage.find_objects(pieces), start=1):
+            if sl is None:
+                continue
+            r, c = sl
+            piece = pieces[sl] == i
+            box = (max(0.0, c.start - pad), max(0.0, r.start - pad), min(w - 1.0, c.stop - 1 + pad), min(h - 1.0, r.stop - 1 + pad))
+            out.append(SliceRegion(int(lab), box, float(map_2d[sl][piece].max()), int(piece.sum())))
+    out.sort(key=lambda r: -r.peak)
+    return out
+
+
+def bank_levels(bank, k: int = 1, **kwargs) -> NormalLevels:
+    """:func:`normal_levels` from a bank's calibration for ``k`` (the nearest stored k)."""
+    per_k = (bank.manifest.get("calibration") or {}).get("per_k", {})
+    if not per_k:
+        raise ValueError(f"{getattr(bank, 'path', None) or 'bank'}: holds no calibration statistics; region prompts "
+                         "need the held-out normal slices' peaks (rebuild the bank from normal slices).")
+    key = str(k) if str(k) in per_k else str(max([int(x) for x in per_k if int(x) <= max(k, 1)] or [min(int(x) for x in per_k)]))
+    return normal_levels(per_k[key], **kwargs)
+
+
+def region_piece(labels_2d: np.ndarray, region: SliceRegion) -> np.ndarray:
+    """The region's pixels inside its box on this slice (bool, frame)."""
+    piece = np.zeros(labels_2d.shape, bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in region.box)
+    piece[y0:y1 + 1, x0:x1 + 1] = labels_2d[y0:y1 + 1, x0:x1 + 1] == region.label
+    return piece
+
+
+def agreeing_mask(masks: np.ndarray, piece: np.ndarray, first: int, agree: float = 0.5) -> np.ndarray:
+    """Mask-map agreement for one region: decoder mask ``first`` (0-based) if at least ``agree``
+    of it lies inside the region it was prompted from; else the finest other mask that does;
+    else the region itself (a mask that leaves its hot region is never kept)."""
+    for i in (first, *[j for j in (2, 1, 0) if j != first]):
+        m = masks[i]
+        area = int(m.sum())
+        if area > 0 and int((m & piece).sum()) >= agree * area:
+            return m
+    return piece
+
+
+def regions_prompt(regions: list[SliceRegion]) -> Prompt | None:
+    """The slice's prompt as recorded in results: one box, several boxes, or none."""
+    if not regions:
+        return None
+    if len(regions) == 1:
+        return Prompt("box", box=regions[0].box)
+    return Prompt("boxes", boxes=tuple(r.box for r in regions))
+
+
+def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarray, *,
+                   agree: float | None = AGREE) -> tuple[np.ndarray, np.ndarray, Prompt | None]:
+    """Decode one slice with one box per region piece and unite the masks.
+
+    Returns (logits (3, 256, 256) float16, predicted IoUs (3,), the prompt). Slot ``i`` of the
+    logits is the union, over regions, of decoder mask ``i + 1``, each passed through the
+    mask-map agreement (:func:`agreeing_mask`) unless ``agree`` is ``None``; a region replaced
+    by itself contributes logits +1 inside it and -1 outside. IoUs: the best region's per slot.
+    """
+    regions = slice_regions(labels_2d, map_2d)
+    shape = (3, *labels_2d.shape)
+    if not regions:
+        return np.zeros(shape, np.float16), np.full(3, np.nan, np.float32), None
+    logits = np.full(shape, -np.inf, np.float32)
+    ious = np.full(3, -np.inf, np.float32)
+    emb = embedding.float() if hasattr(embedding, "float") else embedding
+    for reg in regions:
+        out = backbone.decode(emb, Prompt("box", box=reg.box))
+        lg = np.asarray(out.logits, np.float32)
+        ious = np.maximum(ious, np.asarray(out.iou, np.float32))
+        if agree is None:
+            logits = np.maximum(logits, lg)
+            continue
+        masks, piece = lg > 0, region_piece(labels_2d, reg)
+        for i in range(3):
+            chosen = agreeing_mask(masks, piece, i, agree)
+            j = next((j for j in range(3) if chosen is masks[j]), None)
+            logits[i] = np.maximum(logits[i], lg[j] if j is not None else np.where(piece, 1.0, -1.0))
+    return logits.astype(np.float16), ious, regions_prompt(regions)

@@ -1,0 +1,61 @@
+"""Anomalous regions: levels from the bank's normal calibration only, hysteresis in 2D and 3D."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_mias_sam.regions import anomalous_regions, normal_levels, slice_regions
+
+# A calibration entry as build-bank writes it: raw map levels and held-out normal slices' peaks.
+ENTRY = {"low": 1.0, "high": 3.0, "slice_max_map": [2.0, 2.2, 2.6, 3.0, 3.4]}
+
+
+def blob(shape, centre, radius, value):
+    rr, cc = np.indices(shape)
+    return np.where((rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2, value, 0.0)
+
+
+def test_levels_come_from_the_normal_peaks_only():
+    lv = normal_levels(ENTRY, extent_quantile=50)
+    # calibrated peaks: (p - 1) / 2 -> 0.5, 0.6, 0.8, 1.0, 1.2
+    assert lv.seed == pytest.approx(1.2)  # no held-out normal slice went above it
+    assert lv.extent == pytest.approx(0.8)  # the median normal peak
+    assert normal_levels(ENTRY, extent_quantile=0).extent == pytest.approx(0.5)
+    assert normal_levels(ENTRY).extent == pytest.approx(1.12)  # default: the 90th percentile of normal peaks
+    with pytest.raises(ValueError, match="no held-out normal slice peaks"):
+        normal_levels({"low": 0, "high": 1, "slice_max_map": []})
+
+
+def test_two_lesions_on_one_slice_are_two_regions_and_normal_slices_get_none():
+    lv = normal_levels(ENTRY, extent_quantile=50)
+    maps = np.zeros((3, 64, 64), np.float32)
+    maps[1] = blob((64, 64), (16, 16), 5, 2.0) + blob((64, 64), (45, 48), 6, 1.6)
+    maps[0] = blob((64, 64), (30, 30), 8, 1.1)  # raised, but below what normal slices reach
+    lab = anomalous_regions(maps, lv, three_d=False)
+    assert not lab[0].any() and not lab[2].any()
+    regs = slice_regions(lab[1], maps[1])
+    assert len(regs) == 2
+    assert regs[0].peak == pytest.approx(2.0)  # most anomalous first
+    x0, y0, x1, y1 = regs[0].box
+    assert (x0, y0, x1, y1) == (11.0, 11.0, 21.0, 21.0)
+
+
+def test_3d_regions_carry_to_neighbours_above_the_extent_level():
+    lv = normal_levels(ENTRY, extent_quantile=50)
+    maps = np.zeros((4, 32, 32), np.float32)
+    maps[1] = blob((32, 32), (16, 16), 4, 1.5)  # a seed: above every normal peak
+    maps[2] = blob((32, 32), (16, 17), 4, 1.0)  # below the seed, above the extent: carried in 3D
+    maps[3] = blob((32, 32), (16, 17), 4, 0.6)  # back to normal levels: stops
+    lab3 = anomalous_regions(maps, lv, three_d=True)
+    assert lab3[1].any() and lab3[2].any() and not lab3[3].any() and not lab3[0].any()
+    assert set(np.unique(lab3[1:3])) == {0, 1}  # one 3D object
+    lab2 = anomalous_regions(maps, lv, three_d=False)
+    assert lab2[1].any() and not lab2[2].any()
+
+
+def test_foreground_and_empty_maps():
+    lv = normal_levels(ENTRY)
+    maps = np.full((2, 16, 16), 5.0, np.float32)
+    assert not anomalous_regions(maps, lv, foreground=np.array([False, False])).any()
+    assert not anomalous_regions(np.zeros((2, 16, 16)), lv).any()
