@@ -4,6 +4,7 @@ exits non-zero with a one-line reason on bad input."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", default="cog-point,cog-box,max-point,threshold-box", help="prompt types to compare")
     e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.add_argument("--overwrite", action="store_true", help="replace existing results (results.csv/.md/.json and plots) in --out")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     _add_backbone_args(e, default=None)
 
@@ -161,11 +163,15 @@ def _out(obj: dict) -> None:
 def cmd_build_bank(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from .backbones import load_backbone
+    from .bank import bank_output
     from .cache import EmbeddingCache
     from .errors import InputError
+    from .output_claims import check_output_folder
+    from .run_guards import check_device, check_precision
     from .settings import PREPROCESS_PRESETS
     from .file_steps import build_bank_from_files
 
+    check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
     if a.out.exists() and not a.overwrite:
         raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
     for n in a.normal:
@@ -175,14 +181,17 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
         raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
+    device = check_device(a.device)
+    check_precision(a.precision, device)
     _print_memory_estimate(a)
     t0 = time.perf_counter()
-    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision)
-    progress = ConsoleProgress()
-    bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
-                                 layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                 progress=progress, cache=EmbeddingCache() if a.cache else None)
-    path = bank.save(a.out, overwrite=a.overwrite)
+    with bank_output(a.out, overwrite=a.overwrite) as claim:  # held from here to the save: one run per bank name
+        bb = load_backbone(a.backbone, a.checkpoint, device, precision=a.precision)
+        progress = ConsoleProgress()
+        bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
+                                     layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                     progress=progress, cache=EmbeddingCache() if a.cache else None)
+        path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
     summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
     if a.json:
         _out(summary)
@@ -278,56 +287,87 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from .cache import EmbeddingCache
     from .errors import InputError
     from .evaluation.scoring import gt_metrics
+    from .input_checks import about
     from .io import load_labels, load_volume, nifti_stem
-    from .pipeline import segment_volume
+    from .output_claims import check_output_folder
+    from .pipeline import preprocessing_from_bank, segment_volume
+    from .preprocess import normalise_intensities, resolve_axis
+    from .input_checks import check_slice_size
+    from .run_guards import check_device, check_knn_memory, check_precision
     from .settings import SegmentSettings
-    from .file_steps import check_outputs, output_paths, write_outputs
+    from .file_steps import segment_outputs, write_outputs
 
     if a.gt and len(a.gt) != len(a.volume):
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
     stems = [nifti_stem(v) for v in a.volume]
     if len(set(stems)) != len(stems):
         raise InputError("two input volumes share a file name; their outputs would collide. Segment them into different --out folders.")
-    inputs = list(a.volume) + list(a.gt or []) + [a.bank]
-    for stem in stems:  # check every output before any work, so a batch never stops half-written
-        check_outputs(output_paths(a.out, stem), inputs, overwrite=a.overwrite)
-    if len(a.volume) > 1:  # likewise every input: a bad later file must not stop the batch half-way
-        for n, vpath in enumerate(a.volume):
-            vol = load_volume(vpath)
-            if a.gt:
-                load_labels(a.gt[n], like=vol)
-        del vol
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    check_output_folder(a.out)
+    inputs = list(a.volume) + list(a.gt or []) + [a.bank]
+    outsets = [segment_outputs(a.out, stem, inputs, overwrite=a.overwrite) for stem in stems]
+    for o in outsets:  # every output checked before any work, so a batch never stops half-written
+        o.check()
     bank = load_bank(a.bank)
-    name = a.backbone or bank.backbone["name"]
-    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision)
-    check_compatible(bank, bb.describe())
-    cache = None if a.no_cache else EmbeddingCache()
-    progress = ConsoleProgress()
-    reports = []
-    for n, vpath in enumerate(a.volume):
-        t0 = time.perf_counter()
-        vol = load_volume(vpath)
-        gt = load_labels(a.gt[n], like=vol) if a.gt else None
-        if not a.json:
-            print(f"[{n + 1}/{len(a.volume)}] {vpath}", file=sys.stderr)
-        res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
-        paths = write_outputs(res, a.out, overwrite=a.overwrite)
-        rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
-               "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
-               "seconds": round(time.perf_counter() - t0, 2)}
-        if gt is not None:
-            rep["metrics"] = gt_metrics(res, gt.data > 0)
-        reports.append(rep)
-        if not a.json:
-            print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+    prep = preprocessing_from_bank(bank)
+    most_slices = 0
+    for n, vpath in enumerate(a.volume):  # likewise every input: a bad later file must not stop the batch half-way
+        with about(vpath):
+            vol = load_volume(vpath)
+            ax = resolve_axis(a.axis if a.axis is not None else bank.slice_axis, vol.affine)
+            check_slice_size(vol.shape, ax, vpath)
+            normalise_intensities(vol.data, prep, source=str(vpath))
+            if a.gt:
+                load_labels(a.gt[n], like=vol)
+            most_slices = max(most_slices, vol.shape[ax])
+        del vol
+    check_knn_memory(settings.k, most_slices, bank.ntotal)
+    reports, failed = [], []
+    with contextlib.ExitStack() as stack:
+        claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
+        name = a.backbone or bank.backbone["name"]
+        bb = load_backbone(name, a.checkpoint, device, precision=a.precision)
+        check_compatible(bank, bb.describe())
+        cache = None if a.no_cache else EmbeddingCache()
+        progress = ConsoleProgress()
+        for n, vpath in enumerate(a.volume):
+            t0 = time.perf_counter()
+            if not a.json:
+                print(f"[{n + 1}/{len(a.volume)}] {vpath}", file=sys.stderr)
+            try:
+                with about(vpath):
+                    vol = load_volume(vpath)
+                    gt = load_labels(a.gt[n], like=vol) if a.gt else None
+                    res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
+                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
+            except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
+                if len(a.volume) == 1:
+                    raise
+                claims[n].release()  # nothing of this volume is kept
+                failed.append({"volume": str(vpath), "error": str(exc) or type(exc).__name__})
+                print(f"  failed: {failed[-1]['error']}", file=sys.stderr)
+                continue
+            rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
+                   "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
+                   "seconds": round(time.perf_counter() - t0, 2)}
             if gt is not None:
-                m = rep["metrics"]
-                print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
-                      f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}")
+                rep["metrics"] = gt_metrics(res, gt.data > 0)
+            reports.append(rep)
+            if not a.json:
+                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+                if gt is not None:
+                    m = rep["metrics"]
+                    print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
+                          f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}")
     if a.json:
-        _out(reports[0] if len(reports) == 1 else {"results": reports})
+        _out(reports[0] if len(reports) == 1 and not failed else {"results": reports, "failed": failed})
+    if failed:
+        done = ", ".join(Path(r["volume"]).name for r in reports) or "none"
+        raise MiasSamError(f"{len(failed)} of {len(a.volume)} volumes failed, with no outputs: "
+                           + "; ".join(f["error"] for f in failed) + f". Finished, with complete outputs: {done}.")
     return 0
 
 
@@ -390,7 +430,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .cache import EmbeddingCache
     from .errors import InputError
     from .evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
-    from .evaluation.report import markdown_tables, write_report
+    from .evaluation.report import markdown_tables, report_outputs, write_report
+    from .output_claims import check_output_folder
+    from .run_guards import check_device, check_knn_memory, check_precision
     from .settings import PROMPT_TYPES, SegmentSettings
 
     if a.images and not a.gts:
@@ -400,17 +442,27 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if p not in PROMPT_TYPES:
             raise InputError(f"--prompts: unknown prompt type {p!r}; choose from {', '.join(PROMPT_TYPES)}")
     abl = Ablations(prompts=prompts, gammas=_csv_list(a.gammas, float, "gammas"), ks=_csv_list(a.ks, int, "ks"))
+    for g in abl.gammas:
+        SegmentSettings(gamma=g)  # the same limits as --gamma, before any work
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    check_output_folder(a.out)
+    outs = report_outputs(a.out, overwrite=a.overwrite, inputs=[*(a.images or []), *(a.gts or [])])
+    outs.check()  # existing results are never replaced without --overwrite
     banks = [load_bank(b) for b in a.bank]
-    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision)
-    progress = ConsoleProgress()
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)
         units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name)
     else:
         units = units_from_volumes(a.images, a.gts, banks[0])
-    res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
-                   cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
-    res["outputs"] = write_report(res, a.out)
+    for b in banks:
+        check_knn_memory(max(abl.ks), max(len(u.frames) for u in units), b.ntotal, what="--ks")
+    with outs:
+        bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, device, precision=a.precision)
+        progress = ConsoleProgress()
+        res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
+                       cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
+        res["outputs"] = write_report(res, a.out, overwrite=a.overwrite, claim=outs)
     if a.json:
         _out(res)
     else:
@@ -424,21 +476,31 @@ COMMANDS = {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_de
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .termination import Terminated, handle_termination
+
     parser = build_parser()
     a = parser.parse_args(argv)
     if not a.command:
         parser.print_help()
         return 2
     try:
-        if getattr(a, "batch_size", 1) < 1:
-            raise MiasSamError("--batch-size must be at least 1")
-        return COMMANDS[a.command](a)
+        with handle_termination():  # SIGTERM/SIGHUP clean up like Ctrl-C
+            if getattr(a, "batch_size", 1) < 1:
+                raise MiasSamError("--batch-size must be at least 1")
+            return COMMANDS[a.command](a)
     except (MiasSamError, ValueError) as exc:
         print(f"mias-sam {a.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"mias-sam {a.command}: stopped by {exc}; no partial outputs were kept.", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"mias-sam {a.command}: interrupted; no partial outputs were kept.", file=sys.stderr)
         return 130
+    except OSError as exc:  # the system refused (disk full, permissions changed meanwhile): one line, no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"mias-sam {a.command}: error: {where}{exc.strerror or exc}; no partial outputs were kept.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

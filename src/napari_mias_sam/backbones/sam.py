@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WeightsError
+from ..run_guards import checkpoint_error
 from .base import pick_device, sha256_file
 from .sam_family import SamLikeBackbone
 
@@ -88,7 +89,7 @@ class SamBackbone(SamLikeBackbone):
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise WeightsError(f"{path}: cannot read this checkpoint as plain tensors ({exc}).") from exc
+                raise checkpoint_error(path, exc, f"SAM {variant}") from exc
             try:
                 net.load_state_dict(state, strict=True)
             except RuntimeError as exc:
