@@ -160,7 +160,22 @@ def sweep_stale(folder: str | os.PathLike, *, now: float | None = None) -> list[
         entries = [e for e in folder.iterdir() if e.name.startswith(".")]
     except OSError:
         return removed
+    for e in entries:  # first the locks of dead runs: finish their commits, then remove them
+        if e.name.endswith(LOCK_SUFFIX) and fcntl is not None:
+            lock = _Lock(e)
+            try:
+                journal = lock.acquire()
+            except (OutputBusyError, OSError):
+                continue  # held by a live run (or this one)
+            try:
+                if journal:
+                    _roll_forward(journal)
+            finally:
+                lock.release()
+            removed.append(e)
     for e in entries:
+        if e.name.endswith(LOCK_SUFFIX):
+            continue
         m = _TEMP_RE.match(e.name)
         try:
             age = now - e.lstat().st_mtime
@@ -331,8 +346,11 @@ class OutputSet:
         return {n: self.folder / n for n in self.names}
 
     def check(self) -> None:
-        """The checks of :meth:`claim` that need no lock (for validating a batch up front)."""
+        """The checks of :meth:`claim` that need no lock (for validating a batch up front); leftovers
+        of dead runs in the folder are cleaned up first."""
         check_output_folder(self.folder, what=self.what)
+        if self.folder.is_dir():
+            sweep_stale(self.folder)
         for p in self.paths.values():
             if p.resolve() in self.inputs:
                 raise InputError(f"{p}: output would overwrite an input file; choose another {self.what} folder.")
