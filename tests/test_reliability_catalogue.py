@@ -484,17 +484,18 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_two_runs_claiming_the_same_outputs_never_both_succeed(world, tmp_path):
-    """Two segment runs started together into one --out, the same stem: exactly one succeeds, the
-    other is refused with one line (busy or already exists) and the outputs are one complete set."""
+    """Two segment runs started together into one --out, the same stem (three such pairs at once):
+    in each pair exactly one succeeds, the other is refused with one line (busy, or already exists)
+    and the folder holds one complete set of outputs."""
+    trials = []
     for trial in range(3):
         out = tmp_path / f"out{trial}"
         args = ["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(out), "--json"]
-        procs = [run_cli(args, {"MIAS_TEST_SLEEP": "1.0"}) for _ in range(2)]
-        results = [(p.wait(timeout=240), *p.communicate()) for p in procs]
-        rcs = sorted(r[0] for r in results)
-        assert rcs == [0, 2], results
-        loser = next(r for r in results if r[0] == 2)
-        line = one_line_error(loser[2], "segment")
+        trials.append((out, [run_cli(args, {"MIAS_TEST_SLEEP": "1.0"}) for _ in range(2)]))
+    for out, procs in trials:
+        results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+        assert sorted(r[0] for r in results) == [0, 2], results
+        line = one_line_error(next(r for r in results if r[0] == 2)[2], "segment")
         assert "another mias-sam run is writing" in line or "already exists" in line
         winner = json.loads(next(r for r in results if r[0] == 0)[1])
         assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
@@ -518,57 +519,75 @@ def test_a_run_refused_while_another_holds_the_claim_with_overwrite(world, tmp_p
     assert leftovers(out) == []
 
 
-SEGMENT_KILLS = [(w, n, s) for w, n in [("save_nifti", 1), ("save_nifti", 2), ("commit", 1), ("link", 1), ("link", 2), ("link", 3)]
-                 for s in ("TERM", "KILL")] + [("save_nifti", 2, "INT"), ("link", 2, "INT")]
-BANK_KILLS = [(w, n, s) for w, n in [("write_index", 1), ("commit", 1), ("replace", 1), ("replace", 2)] for s in ("TERM", "KILL")]
+SEGMENT_KILLS = [("save_nifti", 2, "TERM"), ("save_nifti", 2, "KILL"), ("save_nifti", 1, "INT"), ("commit", 1, "TERM"),
+                 ("commit", 1, "KILL"), ("link", 1, "KILL"), ("link", 2, "TERM"), ("link", 2, "KILL"), ("link", 3, "INT")]
+BANK_KILLS = [("write_index", 1, "TERM"), ("write_index", 1, "KILL"), ("commit", 1, "KILL"), ("replace", 1, "KILL"),
+              ("replace", 2, "TERM"), ("replace", 2, "KILL")]
+
+
+@pytest.fixture(scope="module")
+def killed_runs(world, tmp_path_factory) -> dict:
+    """Every kill scenario below, run at once (one subprocess each, in its own folder): a segment
+    into a folder holding a file of the user's, and a bank replaced with --overwrite."""
+    root = tmp_path_factory.mktemp("killed")
+    runs = {}
+    for where, nth, sig in SEGMENT_KILLS:
+        out = root / f"seg-{where}{nth}-{sig}"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        args = ["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(out)]
+        runs[("segment", where, nth, sig)] = (out, None, run_cli(args, {"MIAS_TEST_KILL": f"{where}:{nth}:{sig}"}))
+    for where, nth, sig in BANK_KILLS:
+        banks = root / f"bank-{where}{nth}-{sig}"
+        banks.mkdir()
+        shutil.copytree(world["bank"], banks / "b")
+        before = snapshot(banks / "b")
+        args = ["build-bank", str(world["normals"]), "--out", str(banks / "b"), "--layout", "paper1024", "--overwrite"]
+        runs[("bank", where, nth, sig)] = (banks, before, run_cli(args, {"MIAS_TEST_KILL": f"{where}:{nth}:{sig}"}))
+    done = {}
+    for key, (folder, before, p) in runs.items():
+        rc = p.wait(timeout=600)
+        _, err = p.communicate()
+        done[key] = {"folder": folder, "before": before, "rc": rc, "err": err, "leftovers": leftovers(folder)}
+    return done
 
 
 @pytest.mark.parametrize("where, nth, sig", SEGMENT_KILLS, ids=[f"{w}{n}-SIG{s}" for w, n, s in SEGMENT_KILLS])
-def test_killed_segment_write_leaves_no_half_outputs(world, tmp_path, monkeypatch, capsys, where, nth, sig):
+def test_killed_segment_write_leaves_no_half_outputs(world, killed_runs, monkeypatch, where, nth, sig):
     """SIGTERM / SIGINT: the run cleans up at once (inside the final moves the signal waits for them).
     SIGKILL: the next save into the folder removes the leftovers and finishes a commit that had
     begun. Either way every output set there is whole, or absent."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    args = ["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(out)]
-    p = run_cli(args, {"MIAS_TEST_KILL": f"{where}:{nth}:{sig}"})
-    rc, _, err = p.wait(timeout=240), *p.communicate()
+    r = killed_runs[("segment", where, nth, sig)]
+    out = r["folder"]
     names = {"case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv"}
-    present = {q.name for q in out.iterdir()} & names
+    expected = names if where == "link" else set()  # the commit had begun: it is finished
     if sig == "KILL":
-        assert rc == -signal.SIGKILL
-        assert leftovers(out)  # what a killed run leaves: its lock and temporaries
+        assert r["rc"] == -signal.SIGKILL
+        assert r["leftovers"]  # what a killed run leaves: its lock and temporaries
     else:
-        assert rc == 128 + getattr(signal, f"SIG{sig}"), err
-        assert "stopped by SIG" in err.strip().splitlines()[-1]
-        assert leftovers(out) == []
-        assert present == (names if where == "link" else set())
+        assert r["rc"] == 128 + getattr(signal, f"SIG{sig}"), r["err"]
+        assert "stopped by SIG" in r["err"].strip().splitlines()[-1]
+        assert r["leftovers"] == []
+        assert {q.name for q in out.iterdir()} & names == expected
     monkeypatch.setattr(backbones_mod, "load_backbone", fake_load)
     assert main(["segment", str(world["cases"] / "case2.nii.gz"), "--bank", str(world["bank"]), "--out", str(out)]) == 0
     assert leftovers(out) == []
-    assert {q.name for q in out.iterdir()} & names == (names if where == "link" else set())
+    assert {q.name for q in out.iterdir()} & names == expected
     assert (out / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("where, nth, sig", BANK_KILLS, ids=[f"{w}{n}-SIG{s}" for w, n, s in BANK_KILLS])
-def test_killed_bank_save_leaves_no_part_and_never_loses_the_old_bank(world, tmp_path, monkeypatch, where, nth, sig):
+def test_killed_bank_save_leaves_no_part_and_never_loses_the_old_bank(world, killed_runs, monkeypatch, where, nth, sig):
     """An existing bank replaced with --overwrite, stopped at several points: after the next save
     into the folder it is the old bank or the new one, whole, and no temporary is left."""
-    banks = tmp_path / "banks"
-    banks.mkdir()
-    target = banks / "b"
-    shutil.copytree(world["bank"], target)
-    before = snapshot(target)
-    args = ["build-bank", str(world["normals"]), "--out", str(target), "--layout", "paper1024", "--overwrite"]
-    p = run_cli(args, {"MIAS_TEST_KILL": f"{where}:{nth}:{sig}"})
-    rc, _, err = p.wait(timeout=240), *p.communicate()
+    r = killed_runs[("bank", where, nth, sig)]
+    banks, target = r["folder"], r["folder"] / "b"
     if sig == "KILL":
-        assert rc == -signal.SIGKILL
-        assert leftovers(banks)
+        assert r["rc"] == -signal.SIGKILL
+        assert r["leftovers"]
     else:
-        assert rc == 143, err
-        assert leftovers(banks) == []
+        assert r["rc"] == 143, r["err"]
+        assert r["leftovers"] == []
     monkeypatch.setattr(backbones_mod, "load_backbone", fake_load)
     assert main(["build-bank", str(world["normals"]), "--out", str(banks / "c"), "--layout", "mean256"]) == 0
     assert leftovers(banks) == []
@@ -578,4 +597,4 @@ def test_killed_bank_save_leaves_no_part_and_never_loses_the_old_bank(world, tmp
         assert m["patch_layout"] == "paper1024" and m["index"]["ntotal"] == 6 * 1024
         assert (target / "index.faiss").stat().st_size > 6 * 1024 * 1024 * 4
     else:
-        assert snapshot(target) == before  # the old bank, untouched
+        assert snapshot(target) == r["before"]  # the old bank, untouched

@@ -287,12 +287,10 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from .cache import EmbeddingCache
     from .errors import InputError
     from .evaluation.scoring import gt_metrics
-    from .input_checks import about
+    from .input_checks import about, check_volume_for_bank
     from .io import load_labels, load_volume, nifti_stem
     from .output_claims import check_output_folder
-    from .pipeline import preprocessing_from_bank, segment_volume
-    from .preprocess import normalise_intensities, resolve_axis
-    from .input_checks import check_slice_size
+    from .pipeline import segment_volume
     from .run_guards import check_device, check_knn_memory, check_precision
     from .settings import SegmentSettings
     from .file_steps import segment_outputs, write_outputs
@@ -312,17 +310,13 @@ def cmd_segment(a: argparse.Namespace) -> int:
     for o in outsets:  # every output checked before any work, so a batch never stops half-written
         o.check()
     bank = load_bank(a.bank)
-    prep = preprocessing_from_bank(bank)
     most_slices = 0
     for n, vpath in enumerate(a.volume):  # likewise every input: a bad later file must not stop the batch half-way
         with about(vpath):
             vol = load_volume(vpath)
-            ax = resolve_axis(a.axis if a.axis is not None else bank.slice_axis, vol.affine)
-            check_slice_size(vol.shape, ax, vpath)
-            normalise_intensities(vol.data, prep, source=str(vpath))
+            most_slices = max(most_slices, check_volume_for_bank(vol, bank, a.axis, vpath))
             if a.gt:
                 load_labels(a.gt[n], like=vol)
-            most_slices = max(most_slices, vol.shape[ax])
         del vol
     check_knn_memory(settings.k, most_slices, bank.ntotal)
     reports, failed = [], []

@@ -20,6 +20,7 @@ __all__ = [
     "check_slice_size",
     "check_labels",
     "about",
+    "check_volume_for_bank",
 ]
 
 #: Fewest voxels along each in-plane side of a slice.
@@ -97,3 +98,19 @@ def about(path: str | os.PathLike) -> Iterator[None]:
         if str(path) in str(exc):
             raise
         raise InputError(f"{path}: {exc}") from exc
+
+
+def check_volume_for_bank(volume, bank, axis: int | str | None = None, source: str | os.PathLike | None = None) -> int:
+    """What a run of ``volume`` against ``bank`` needs of it, before any work: a finite invertible
+    affine, slices large enough along the slicing axis (``axis`` or the bank's), and intensities
+    the bank's preprocessing can use (not constant, no NaN). Returns the number of slices."""
+    from .pipeline import preprocessing_from_bank
+    from .preprocess import normalise_intensities, resolve_axis
+
+    source = source or volume.path or "volume"
+    check_affine(volume.affine, source)
+    with about(source):
+        ax = resolve_axis(axis if axis is not None else bank.slice_axis, volume.affine)
+    check_slice_size(volume.shape, ax, source)
+    normalise_intensities(volume.data, preprocessing_from_bank(bank), source=str(source))
+    return int(volume.shape[ax])
