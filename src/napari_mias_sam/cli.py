@@ -372,7 +372,9 @@ def _fmt(v: float | None) -> str:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from .demo import run_demo
+    from .output_claims import check_output_folder
 
+    check_output_folder(a.out)  # before the bank is built, not after
     rep = run_demo(a.out, device=a.device, batch_size=a.batch_size, progress=ConsoleProgress())
     if a.json:
         _out(rep)
