@@ -56,6 +56,7 @@ STALE_AFTER_S = 24 * 3600
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.mias-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-(?P<rand>[0-9a-z]{8})\.(?P<kind>part|old)(?P<suffix>.*)$")
 _LEGACY_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.part(\..*)?$")  # tempfile's names (versions before this one)
 LOCK_SUFFIX = ".mias-sam.lock"
+_NO_LOCKS = {e for e in (getattr(errno, n, None) for n in ("ENOLCK", "ENOTSUP", "EOPNOTSUPP", "EINVAL")) if e is not None}
 
 
 class OutputBusyError(InputError):
@@ -238,6 +239,9 @@ class _Lock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as exc:
+                    if exc.errno in _NO_LOCKS:  # a share without locks: exclusive final names still hold
+                        self.fd = fd
+                        return None
                     holder = _read(fd)
                     os.close(fd)
                     if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
