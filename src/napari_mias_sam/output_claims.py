@@ -168,6 +168,9 @@ def sweep_stale(folder: str | os.PathLike, *, now: float | None = None) -> list[
                 journal = lock.acquire()
             except (OutputBusyError, OSError):
                 continue  # held by a live run (or this one)
+            if lock.unlocked:  # no locks on this filesystem: cannot tell a dead run's lock from a live one's
+                os.close(lock.fd)
+                continue
             try:
                 if journal:
                     _roll_forward(journal)
@@ -230,6 +233,7 @@ class _Lock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd: int | None = None
+        self.unlocked = False  # the filesystem has no locks: held in name only
 
     def acquire(self) -> dict | None:
         """Take the lock or raise :class:`OutputBusyError`; return a dead holder's journal."""
@@ -240,7 +244,7 @@ class _Lock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as exc:
                     if exc.errno in _NO_LOCKS:  # a share without locks: exclusive final names still hold
-                        self.fd = fd
+                        self.fd, self.unlocked = fd, True
                         return None
                     holder = _read(fd)
                     os.close(fd)
