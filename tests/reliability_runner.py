@@ -55,7 +55,7 @@ def _arm(where: str, nth: int, signame: str) -> None:
     import faiss
 
     import napari_mias_sam.output_claims as oc
-    import napari_mias_sam.workflows as wf
+    import napari_mias_sam.file_steps as wf
 
     if where == "save_nifti":
         wrap(wf, "save_nifti")

@@ -89,4 +89,4 @@ def checkpoint_error(path, exc: BaseException, what: str) -> WeightsError:
         reason = "it holds Python objects, not plain tensors, and is not loaded for safety"
     else:
         reason = f"torch could not read it: {text.splitlines()[0] if text else type(exc).__name__}"
-    return WeightsError(f"{path}: cannot be used as {what} weights: {reason}. Pass the original weights file.")
+    return WeightsError(f"{path}: cannot read this checkpoint as {what} weights: {reason}. Pass the original weights file.")

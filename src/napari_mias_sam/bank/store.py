@@ -24,7 +24,7 @@ from ..anomaly import Calibration
 from ..errors import BankMismatchError, InputError
 from .knn import TorchSearcher
 from ..patches import GRID, feature_dim
-from ..manifest_schema import index_file_inside, validate_manifest
+from .manifest_schema import index_file_inside, validate_manifest
 
 __all__ = [
     "BANK_FORMAT",
