@@ -42,8 +42,9 @@ def resolved_device_type(device: str) -> str:
 
 
 def check_precision(precision: str, device: str) -> None:
-    """fp16 on a CPU is refused (emulated there: it took 313 s where fp32 took about 20 s on the
-    same volume); bf16 on a CPU gets a warning (it only pays off on GPUs with bf16 units)."""
+    """fp16 on a CPU is refused (no CPU kernels: it took 313 s where fp32 took about 20 s on the
+    same volume, issue 14); bf16 on a CPU gets a warning (emulated without bf16 units: about 50 s per
+    slice in docs/performance.md; fast on CPUs and GPUs that have them)."""
     if precision == "fp32":
         return
     if resolved_device_type(device) != "cpu":
@@ -51,18 +52,20 @@ def check_precision(precision: str, device: str) -> None:
     if precision == "fp16":
         raise InputError("--precision fp16 runs on a CPU without fp16 arithmetic, many times slower than fp32; use "
                          "--precision fp32 (the default) on a CPU, or run on a GPU (--device cuda).")
-    print(f"warning: --precision {precision} on a CPU is usually slower than fp32 and changes the embeddings; "
-          "it pays off on a GPU.", file=sys.stderr)
+    print(f"warning: --precision {precision} on a CPU without bf16 units is emulated (about 50 s per slice measured, "
+          "docs/performance.md) and changes the embeddings; it pays off on a GPU.", file=sys.stderr)
 
 
 def knn_search_bytes(n_slices: int, k: int, ntotal: int) -> int:
-    """Memory of the nearest-neighbour step for ``n_slices`` slices: the (N, 1024, k) distance array
-    kept for the run, plus faiss's distances and ids (float32 + int64) for one batch of slices."""
+    """Memory of the nearest-neighbour step for ``n_slices`` slices: the (N, 1024, k) float32
+    distance array kept for the run, plus, for one batch of slices, faiss's distances and ids
+    (float32 + int64) and their clipped copy (float32). Checked against a measured peak with
+    benchmarks/knn_memory_check.py (docs/performance.md)."""
     from .patches import GRID
 
     k = max(1, min(int(k), int(ntotal)))
     per_slice = GRID * GRID * k
-    return n_slices * per_slice * 4 + min(n_slices, KNN_BATCH_SLICES) * per_slice * (4 + 8)
+    return n_slices * per_slice * 4 + min(n_slices, KNN_BATCH_SLICES) * per_slice * (4 + 8 + 4)
 
 
 def check_knn_memory(k: int, n_slices: int, ntotal: int, *, what: str = "--k") -> None:
