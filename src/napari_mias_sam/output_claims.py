@@ -136,7 +136,7 @@ def _remove(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would send CTRL_C_EVENT; rely on age
         return True
     try:
         os.kill(pid, 0)
