@@ -32,6 +32,7 @@ from .widget_threads import Failed, Job, avoid_triton_llvm_crash
 from ..backbones import BACKBONES, default_prompt_for
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
 from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES, SegmentSettings
+from ..reference_io import encoding_of
 
 __all__ = ["MiasSamWidget"]
 
@@ -190,14 +191,16 @@ class MiasSamWidget(BankMixin, QWidget):
             k=int(self.k.value), normalisation=str(self.normalisation.value), slice_decision=bool(self.slice_decision.value),
         )
 
-    def _backbone_key(self) -> tuple:
+    def _backbone_key(self, encoding: str = "standard") -> tuple:
+        """(backbone, checkpoint, device, encoding) of the controls; ``encoding``: a run takes its
+        bank's (a SAM bank built with ``--encoding reference`` runs as the paper's code)."""
         if self._pinned and self.backbone is not None and self.backbone_key is not None:
             return self.backbone_key
         name = str(self.backbone_choice.value)
         ckpt = _path_or_none(self.checkpoint.value) if name != "litemedsam" else None
         if name != "litemedsam" and ckpt is None:
             raise InputError(f"{name} needs its checkpoint file: pick it in 'checkpoint' (e.g. sam_vit_b_01ec64.pth).")
-        return (name, str(ckpt) if ckpt else None, str(self.device.value))
+        return (name, str(ckpt) if ckpt else None, str(self.device.value), encoding)
 
     def use_backbone(self, backbone, device: str = "cpu") -> None:
         """Use an already loaded backbone (scripts and tests); sets the controls to match it. It stays
@@ -206,7 +209,7 @@ class MiasSamWidget(BankMixin, QWidget):
             self.backbone_choice.value = backbone.name
         self.device.value = device
         self.backbone = backbone
-        self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device)
+        self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device, encoding_of(backbone))
         self._pinned = True
 
     def _get_backbone(self, key: tuple, progress):
@@ -217,7 +220,7 @@ class MiasSamWidget(BankMixin, QWidget):
         from ..backbones import load_backbone
 
         progress(f"load {key[0]}", 0, 1)
-        bb = load_backbone(key[0], key[1], None if key[2] == "auto" else key[2])
+        bb = load_backbone(key[0], key[1], None if key[2] == "auto" else key[2], encoding=key[3])
         progress(f"load {key[0]}", 1, 1)
         return bb
 
@@ -283,7 +286,7 @@ class MiasSamWidget(BankMixin, QWidget):
                 raise InputError(f"layer '{layer.name}' is RGB; MIAS-SAM needs a single-channel 3D volume.")
             if self.bank is None:
                 raise InputError("no memory bank: build one from normal volumes or load a bank folder first.")
-            key = self._backbone_key()
+            key = self._backbone_key(encoding_of(self.bank.backbone))
             if self.bank.backbone.get("name") != key[0]:
                 raise BankMismatchError(
                     f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
