@@ -4,6 +4,7 @@ exits non-zero with a one-line reason on bad input."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
                    help="default prompt (default: the backbone's per-slice prompt)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.add_argument("--overwrite", action="store_true", help="replace existing results (results.csv/.md/.json and plots) in --out")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     _add_backbone_args(e, default=None)
 
@@ -211,11 +213,15 @@ def _out(obj: dict) -> None:
 def cmd_build_bank(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from .backbones import load_backbone
+    from .bank import bank_output
     from .cache import EmbeddingCache
     from .errors import InputError
+    from .output_claims import check_output_folder
+    from .run_guards import check_device, check_precision
     from .settings import PREPROCESS_PRESETS
     from .file_steps import build_bank_from_files
 
+    check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
     if a.out.exists() and not a.overwrite:
         raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
     for n in a.normal:
@@ -225,25 +231,28 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
         raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
+    device = check_device(a.device)
+    check_precision(a.precision, device)
     dataset = _dataset_input(a)
     _print_memory_estimate(a, dataset)
     t0 = time.perf_counter()
-    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision, encoding=a.encoding)
-    progress = ConsoleProgress()
-    cache = EmbeddingCache() if a.cache else None
-    if dataset is not None:
-        from .cache import cached_encoder
-        from .dataset_sources import build_bank_from_dataset
+    with bank_output(a.out, overwrite=a.overwrite) as claim:  # held from here to the save: one run per bank name
+        bb = load_backbone(a.backbone, a.checkpoint, device, precision=a.precision, encoding=a.encoding)
+        progress = ConsoleProgress()
+        cache = EmbeddingCache() if a.cache else None
+        if dataset is not None:
+            from .cache import cached_encoder
+            from .dataset_sources import build_bank_from_dataset
 
-        bank = build_bank_from_dataset(dataset, bb, modality=a.modality, margin=a.margin, subjects=a.subjects,
-                                       exclude=a.exclude_subjects, roi=a.roi, preprocess=a.preprocess, axis=a.axis,
-                                       layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                       progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
-    else:
-        bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
-                                     layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                     progress=progress, cache=cache)
-    path = bank.save(a.out, overwrite=a.overwrite)
+            bank = build_bank_from_dataset(dataset, bb, modality=a.modality, margin=a.margin, subjects=a.subjects,
+                                           exclude=a.exclude_subjects, roi=a.roi, preprocess=a.preprocess, axis=a.axis,
+                                           layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                           progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
+        else:
+            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
+                                         layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                         progress=progress, cache=cache)
+        path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
     summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
     if a.json:
         _out(summary)
@@ -361,23 +370,33 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 
 def cmd_segment(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
+    from .backbones import load_backbone
+    from .bank import check_compatible, load_bank
     from .cache import EmbeddingCache
     from .errors import InputError
-    from .bank import load_bank
     from .dataset_sources import segment_inputs
     from .datasets import lesion_description, lesion_mask
     from .evaluation.scoring import gt_metrics
+    from .input_checks import about, check_volume_for_bank
     from .io import nifti_stem
+    from .output_claims import check_output_folder
     from .pipeline import segment_volume
+    from .run_guards import check_device, check_knn_memory, check_precision
     from .png_segment import png_inputs
+    from .reference_io import encoding_of
     from .settings import SegmentSettings
-    from .file_steps import check_outputs, output_paths, write_outputs
+    from .file_steps import segment_outputs, write_outputs
 
     pngs = png_inputs(a.volume)
     if pngs is not None:
         return _segment_pngs(a, pngs)
     if a.gt and len(a.gt) != len(a.volume):
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
+    settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
+                               normalisation=a.normalisation, slice_decision=a.slice_decision)
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    check_output_folder(a.out)
     bank = load_bank(a.bank)
     # Case folders become their modality file, and a case's seg file its ground truth
     jobs = segment_inputs(a.volume, a.gt, bank.manifest, modality=a.modality, lesion_labels=a.lesion_labels)
@@ -385,44 +404,65 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         raise InputError("two input volumes share a file name; their outputs would collide. Segment them into different --out folders.")
     inputs = [j.image for j in jobs] + [j.gt for j in jobs if j.gt is not None] + [a.bank]
-    for stem in stems:  # check every output before any work, so a batch never stops half-written
-        check_outputs(output_paths(a.out, stem), inputs, overwrite=a.overwrite)
-    if len(jobs) > 1:  # likewise every input: a bad later file must not stop the batch half-way
-        for j in jobs:
-            j.load()
-    settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
-                               normalisation=a.normalisation, slice_decision=a.slice_decision)
-    bank, bb = _bank_and_backbone(a, bank=bank)
-    cache = None if a.no_cache else EmbeddingCache()
-    progress = ConsoleProgress()
-    reports = []
-    for n, job in enumerate(jobs):
-        t0 = time.perf_counter()
-        vpath = job.image
-        vol, gt = job.load()
-        if not a.json:
-            print(f"[{n + 1}/{len(jobs)}] {vpath}" + (f" (ground truth {job.gt.name})" if job.gt is not None else ""), file=sys.stderr)
-        res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
-        paths = write_outputs(res, a.out, overwrite=a.overwrite)
-        rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
-               "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
-               "seconds": round(time.perf_counter() - t0, 2)}
-        if gt is not None:
-            rep["ground_truth"] = str(job.gt)
-            rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
-            if job.roi:
-                rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
-            rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
-        reports.append(rep)
-        if not a.json:
-            print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+    outsets = [segment_outputs(a.out, stem, inputs, overwrite=a.overwrite) for stem in stems]
+    for o in outsets:  # every output checked before any work, so a batch never stops half-written
+        o.check()
+    most_slices = 0
+    for j in jobs:  # likewise every input: a bad later file must not stop the batch half-way
+        with about(j.image):
+            vol, _gt = j.load()
+            most_slices = max(most_slices, check_volume_for_bank(vol, bank, a.axis, j.image))
+        del vol, _gt
+    check_knn_memory(settings.k, most_slices, bank.ntotal)
+    reports, failed = [], []
+    with contextlib.ExitStack() as stack:
+        claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
+        name = a.backbone or bank.backbone["name"]
+        bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(bank.backbone))
+        check_compatible(bank, bb.describe())
+        cache = None if a.no_cache else EmbeddingCache()
+        progress = ConsoleProgress()
+        for n, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            vpath = job.image
+            if not a.json:
+                print(f"[{n + 1}/{len(jobs)}] {vpath}" + (f" (ground truth {job.gt.name})" if job.gt is not None else ""),
+                      file=sys.stderr)
+            try:
+                with about(vpath):
+                    vol, gt = job.load()
+                    res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
+                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
+            except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
+                if len(jobs) == 1:
+                    raise
+                claims[n].release()  # nothing of this volume is kept
+                failed.append({"volume": str(vpath), "error": str(exc) or type(exc).__name__})
+                print(f"  failed: {failed[-1]['error']}", file=sys.stderr)
+                continue
+            rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
+                   "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
+                   "seconds": round(time.perf_counter() - t0, 2)}
             if gt is not None:
-                m = rep["metrics"]
-                print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
-                      f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}  "
-                      f"(lesion = {rep['lesion_labels']['rule']}, {rep['lesion_labels']['source']})")
+                rep["ground_truth"] = str(job.gt)
+                rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
+                if job.roi:
+                    rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
+                rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
+            reports.append(rep)
+            if not a.json:
+                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+                if gt is not None:
+                    m = rep["metrics"]
+                    print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
+                          f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}  "
+                          f"(lesion = {rep['lesion_labels']['rule']}, {rep['lesion_labels']['source']})")
     if a.json:
-        _out(reports[0] if len(reports) == 1 else {"results": reports})
+        _out(reports[0] if len(reports) == 1 and not failed else {"results": reports, "failed": failed})
+    if failed:
+        done = ", ".join(Path(r["volume"]).name for r in reports) or "none"
+        raise MiasSamError(f"{len(failed)} of {len(jobs)} volumes failed, with no outputs: "
+                           + "; ".join(f["error"] for f in failed) + f". Finished, with complete outputs: {done}.")
     return 0
 
 
@@ -488,7 +528,9 @@ def _fmt(v: float | None) -> str:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from .demo import run_demo
+    from .output_claims import check_output_folder
 
+    check_output_folder(a.out)  # before the bank is built, not after
     rep = run_demo(a.out, device=a.device, batch_size=a.batch_size, progress=ConsoleProgress())
     if a.json:
         _out(rep)
@@ -549,7 +591,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .cache import EmbeddingCache
     from .errors import InputError
     from .evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
-    from .evaluation.report import markdown_tables, write_report
+    from .evaluation.report import markdown_tables, report_outputs, write_report
+    from .output_claims import check_output_folder
+    from .run_guards import check_device, check_knn_memory, check_precision
     from .reference_io import encoding_of
     from .settings import PROMPT_TYPES, SegmentSettings
 
@@ -564,10 +608,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if p not in PROMPT_TYPES:
             raise InputError(f"--prompts: unknown prompt type {p!r}; choose from {', '.join(PROMPT_TYPES)}")
     abl = Ablations(prompts=prompts, gammas=_csv_list(a.gammas, float, "gammas"), ks=_csv_list(a.ks, int, "ks"))
+    for g in abl.gammas:
+        SegmentSettings(gamma=g)  # the same limits as --gamma, before any work
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    check_output_folder(a.out)
+    outs = report_outputs(a.out, overwrite=a.overwrite, inputs=[*(a.images or []), *(a.gts or [])])
+    outs.check()  # existing results are never replaced without --overwrite
     banks = [load_bank(b) for b in a.bank]
-    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision,
-                       encoding=encoding_of(banks[0].backbone))
-    progress = ConsoleProgress()
     test_set = None
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)
@@ -581,16 +629,22 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         from .dataset_sources import lesion_for
 
         units = units_from_volumes(a.images, a.gts, banks[0], lesion=lesion_for(None, a.lesion_labels))
-    res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
-                   cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
-    if test_set is not None:
-        res["data"]["dataset"] = test_set
-    elif not a.bmad:
-        from .datasets import lesion_description
+    for b in banks:
+        check_knn_memory(max(abl.ks), max(len(u.frames) for u in units), b.ntotal, what="--ks")
+    with outs:
+        bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, device, precision=a.precision,
+                           encoding=encoding_of(banks[0].backbone))
+        progress = ConsoleProgress()
+        res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
+                       cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
+        if test_set is not None:
+            res["data"]["dataset"] = test_set
+        elif not a.bmad:
+            from .datasets import lesion_description
 
-        res["data"]["lesion_labels"] = lesion_description(lesion_for(None, a.lesion_labels),
-                                                          source=f"--lesion-labels {a.lesion_labels}" if a.lesion_labels else "default")
-    res["outputs"] = write_report(res, a.out)
+            res["data"]["lesion_labels"] = lesion_description(lesion_for(None, a.lesion_labels),
+                                                              source=f"--lesion-labels {a.lesion_labels}" if a.lesion_labels else "default")
+        res["outputs"] = write_report(res, a.out, overwrite=a.overwrite, claim=outs)
     if a.json:
         _out(res)
     else:
@@ -607,28 +661,38 @@ def _commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .termination import Terminated, handle_termination
+
     parser = build_parser()
     a = parser.parse_args(argv)
     if not a.command:
         parser.print_help()
         return 2
     try:
-        if getattr(a, "batch_size", 1) < 1:
-            raise MiasSamError("--batch-size must be at least 1")
-        import warnings
+        with handle_termination():  # SIGTERM/SIGHUP clean up like Ctrl-C
+            if getattr(a, "batch_size", 1) < 1:
+                raise MiasSamError("--batch-size must be at least 1")
+            import warnings
 
-        def one_line(message, category, filename, lineno, file=None, line=None):
-            print(f"mias-sam {a.command}: warning: {message}", file=sys.stderr)
+            def one_line(message, category, filename, lineno, file=None, line=None):
+                print(f"mias-sam {a.command}: warning: {message}", file=sys.stderr)
 
-        with warnings.catch_warnings():  # one line per warning on stderr, restored afterwards
-            warnings.showwarning = one_line
-            return _commands()[a.command](a)
+            with warnings.catch_warnings():  # one line per warning on stderr, restored afterwards
+                warnings.showwarning = one_line
+                return _commands()[a.command](a)
     except (MiasSamError, ValueError) as exc:
         print(f"mias-sam {a.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"mias-sam {a.command}: stopped by {exc}; no partial outputs were kept.", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"mias-sam {a.command}: interrupted; no partial outputs were kept.", file=sys.stderr)
         return 130
+    except OSError as exc:  # the system refused (disk full, permissions changed meanwhile): one line, no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"mias-sam {a.command}: error: {where}{exc.strerror or exc}; no partial outputs were kept.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ from pathlib import Path
 from .bank import MemoryBank, build_bank
 from .cache import EmbeddingCache, cached_encoder
 from .errors import InputError
-from .io import atomic_path, is_nifti, save_nifti
+from .io import is_nifti, save_nifti
+from .output_claims import OutputSet
 from .pipeline import ProgressFn, CancelFn, SegmentationResult
 from .preprocess import resolve_axis
 from .reference_io import encoding_of
 from .settings import Preprocessing, to_dict
 from .model_inputs import PNG_PREPROCESSING, normal_groups
 
-__all__ = ["build_bank_from_files", "output_paths", "check_outputs", "write_outputs"]
+__all__ = ["build_bank_from_files", "output_paths", "segment_outputs", "check_outputs", "write_outputs"]
 
 AXIS_NAMES = {0: "0", 1: "1", 2: "2"}
 
@@ -60,6 +61,12 @@ def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     }
 
 
+def segment_outputs(out_dir: str | os.PathLike, stem: str, inputs: list = (), *, overwrite: bool = False) -> OutputSet:
+    """The (unclaimed) output set of one segmented volume: its three files, under one lock per stem."""
+    names = [p.name for p in output_paths(out_dir, stem).values()]
+    return OutputSet(out_dir, names, overwrite=overwrite, inputs=inputs, lock_name=stem)
+
+
 def check_outputs(paths: dict[str, Path], inputs: list[Path], *, overwrite: bool = False) -> None:
     """Refuse outputs that would overwrite an input, or existing files unless ``overwrite``."""
     resolved_inputs = {Path(p).resolve() for p in inputs if p is not None}
@@ -70,9 +77,12 @@ def check_outputs(paths: dict[str, Path], inputs: list[Path], *, overwrite: bool
             raise InputError(f"{p}: already exists; choose another --out folder or pass --overwrite.")
 
 
-def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, stem: str | None = None, overwrite: bool = False) -> dict[str, Path]:
+def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, stem: str | None = None, overwrite: bool = False,
+                  claim: OutputSet | None = None) -> dict[str, Path]:
     """Write ``<stem>_mask.nii.gz`` (uint8), ``<stem>_anomaly.nii.gz`` (float32) and
-    ``<stem>_points.csv`` with the input's geometry. Each file is written atomically."""
+    ``<stem>_points.csv`` with the input's geometry. The three are claimed as a set (``claim``, or
+    claimed here), written to temporary files and only then moved into place together: a failure
+    or a kill never leaves half of them, and two runs never both write the same names."""
     stem = stem or result.volume.name
     paths = output_paths(out_dir, stem)
     inputs = [result.volume.path] if result.volume.path else []
@@ -87,11 +97,10 @@ def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, ste
     writer.writerows(rows)
     mask = result.mask_volume()
     amap = result.anomaly_volume()
-    # A run's outputs are a set: all three are written to temporary files first and only then
-    # renamed into place, so a failure never leaves half of them (nor loses earlier ones).
     with contextlib.ExitStack() as stack:
-        tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
-        save_nifti(tmp["mask"], mask, result.volume, dtype="uint8", intent="label")
-        save_nifti(tmp["anomaly"], amap, result.volume, dtype="float32")
-        tmp["points"].write_text(buf.getvalue(), encoding="utf-8")
+        outs = claim if claim is not None else stack.enter_context(segment_outputs(out_dir, stem, inputs, overwrite=overwrite))
+        save_nifti(outs.temp(paths["mask"].name), mask, result.volume, dtype="uint8", intent="label")
+        save_nifti(outs.temp(paths["anomaly"].name), amap, result.volume, dtype="float32")
+        outs.temp(paths["points"].name).write_text(buf.getvalue(), encoding="utf-8")
+        outs.commit()
     return paths

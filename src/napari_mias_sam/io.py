@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
 import nibabel as nib
 import numpy as np
 
 from .errors import InputError
+from .input_checks import check_affine, check_labels, check_voxel_dtype
+from .output_claims import atomic_path, atomic_write_text
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -87,6 +85,8 @@ def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"{path}: not a NIfTI-1/NIfTI-2 image ({type(img).__name__}).")
+        check_voxel_dtype(img.get_data_dtype(), path)
+        check_affine(img.affine, path)
         # Read the data now, so truncated or corrupt files fail here with the file's name.
         data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
     except InputError:
@@ -147,6 +147,7 @@ def load_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
             )
         raw = rounded
     labels = raw.astype(np.int32)
+    check_labels(labels, path)
     vol = Volume(data=labels, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
     if like is not None:
         check_same_grid(vol, like)
@@ -168,32 +169,6 @@ def check_same_grid(labels: Volume, image: Volume, *, atol: float = 1e-3) -> Non
             f"{np.abs(labels.affine - image.affine).max():.4g} mm). The ground truth must share the "
             "image's geometry; resample or re-save it with the image's header."
         )
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
-
-    On error the temporary file is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real suffix so that libraries choosing a format by extension behave.
-    suffix = ".nii.gz" if target.name.lower().endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def save_nifti(

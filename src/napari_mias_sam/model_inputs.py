@@ -10,6 +10,7 @@ import torch
 
 from .bank import SliceGroup
 from .errors import InputError
+from .input_checks import check_slice_size
 from .io import find_volumes, is_nifti, load_volume, read_png_files
 from .preprocess import foreground_slices, normalise_intensities, resolve_axis, to_frame, volume_slices
 from .settings import Preprocessing
@@ -27,6 +28,7 @@ def volume_frames(data: np.ndarray, prep: Preprocessing, axis: int, *, source: s
 
     Returns ``(frames (N, 256, 256), foreground (N,) bool)``; slices without anatomy are marked.
     """
+    check_slice_size(data.shape, axis, source)
     norm = normalise_intensities(data, prep, source=source)
     slices = volume_slices(norm, axis)
     fg = foreground_slices(slices)

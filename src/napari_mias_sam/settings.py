@@ -86,7 +86,8 @@ class SegmentSettings:
 
     def __post_init__(self) -> None:
         if not (self.gamma > 0 and self.gamma < 1e3):
-            raise ValueError(f"gamma must be a positive number, got {self.gamma!r}")
+            raise ValueError(f"gamma must be a number above 0 and below 1000 (the paper uses 5; larger values "
+                             f"make the centre of gravity the map's maximum), got {self.gamma!r}")
         if self.mask_index not in (1, 2, 3):
             raise ValueError(f"mask index must be 1, 2 or 3, got {self.mask_index!r}")
         if self.prompt is not None and self.prompt not in PROMPT_TYPES:

@@ -78,7 +78,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        from ..errors import MiasSamError
+
+        raise MiasSamError(f"device {str(device)!r}: not a device; use auto, cpu, cuda, cuda:N or mps.") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         from ..errors import MiasSamError
 

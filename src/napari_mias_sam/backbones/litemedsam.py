@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
+from ..run_guards import checkpoint_error
 from .base import pick_device, sha256_file
 from .sam_family import SamLikeBackbone
 
@@ -72,14 +73,15 @@ class LiteMedSAM(SamLikeBackbone):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated, corrupt or not a plain-tensor checkpoint
-            raise WeightsError(f"{path}: cannot read this checkpoint as plain tensors ({exc}).") from exc
+            raise checkpoint_error(path, exc, "LiteMedSAM") from exc
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         net = build_lite_medsam()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise WeightsError(f"{path}: is not a LiteMedSAM checkpoint ({str(exc).splitlines()[0]}).") from exc
+            raise WeightsError(f"{path}: is not a LiteMedSAM checkpoint (its tensors do not match LiteMedSAM's layers); "
+                               "pass the lite_medsam.pth file, or omit the checkpoint to use the bundled weights.") from exc
         self.weights_path = path
         self.weights_sha256 = digest
         super().__init__(net, pick_device(device), precision=precision)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..errors import WeightsError
 from ..preprocess import FRAME
 from ..reference_io import ENCODINGS, reference_mask_logits, reference_sam_input
+from ..run_guards import checkpoint_error
 from .base import pick_device
 from .sam_family import SamLikeBackbone
 
@@ -87,8 +88,7 @@ class SamBackbone(SamLikeBackbone):
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise WeightsError(f"{path}: cannot read this checkpoint as plain tensors ({first}).") from exc
+                raise checkpoint_error(path, exc, f"SAM {variant}") from exc
             try:
                 net.load_state_dict(state, strict=True)
             except RuntimeError as exc:

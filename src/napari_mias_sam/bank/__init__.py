@@ -1,5 +1,5 @@
-"""The normal memory bank: faiss index types, the bank folder (store, save, load), building and
-calibration, and the exact torch kNN and coreset selection that building uses.
+"""The normal memory bank: faiss index types, the bank folder (store, save, load; its manifest's
+JSON schema), building and calibration, and the exact torch kNN and coreset selection that building uses.
 
 ``from napari_mias_sam.bank import MemoryBank, build_bank, load_bank`` is the public entry."""
 
@@ -12,6 +12,7 @@ from .store import (
     INDEX_TYPES,
     MemoryBank,
     SliceGroup,
+    bank_output,
     check_compatible,
     estimate_bank_memory,
     load_bank,
@@ -24,6 +25,7 @@ __all__ = [
     "INDEX_TYPES",
     "MemoryBank",
     "SliceGroup",
+    "bank_output",
     "build_bank",
     "check_compatible",
     "estimate_bank_memory",

@@ -8,11 +8,10 @@ against the manifest, and :func:`check_compatible` refuses a bank made with anot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from ..anomaly import Calibration
 from ..errors import BankMismatchError, InputError
 from .knn import TorchSearcher
 from ..patches import GRID, feature_dim
+from .manifest_schema import index_file_inside, validate_manifest
 
 __all__ = [
     "BANK_FORMAT",
@@ -35,6 +35,7 @@ __all__ = [
     "check_compatible",
     "INDEX_TYPES",
     "estimate_bank_memory",
+    "bank_output",
 ]
 
 BANK_FORMAT = "napari-mias-sam memory bank"
@@ -305,7 +306,10 @@ class MemoryBank:
             f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
             x = np.ascontiguousarray(f, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"features must be (M, {self.dim}), got {tuple(x.shape)}")
+            raise InputError(
+                f"{self.path or 'the memory bank'} holds {self.dim}-d patch features (layout {self.layout}) but this run "
+                f"made {x.shape[-1] if x.ndim == 2 else '?'}-d ones: the bank and the run disagree on the patch layout "
+                f"(was manifest.json edited?); rebuild the bank (features must be (M, {self.dim}), got {tuple(x.shape)}).")
         if self.ntotal == 0:
             raise BankMismatchError("the memory bank is empty; build it from normal slices first")
         k = min(k, self.ntotal)
@@ -346,33 +350,33 @@ class MemoryBank:
         self._torch = None
 
     # -- saving ---------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the bank folder atomically (a temporary folder renamed into place)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, claim=None) -> Path:
+        """Write the bank folder atomically (a temporary folder moved into place) under a lock on
+        its name (:class:`~napari_mias_sam.output_claims.OutputSet`; pass ``claim`` when the caller
+        claimed it before its work)."""
         target = Path(path)
         if target.exists() and not overwrite:
             raise InputError(f"{target}: already exists; choose another folder or pass --overwrite.")
         if target.exists() and not (target / MANIFEST_FILE).is_file():
             raise InputError(f"{target}: exists and is not a memory bank folder; refusing to replace it.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-        try:
+        with contextlib.ExitStack() as stack:
+            outs = claim if claim is not None else stack.enter_context(bank_output(target, overwrite=overwrite))
+            tmp = outs.temp_dir(target.name)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             manifest = dict(self.manifest)
             manifest["index"] = dict(manifest["index"], file=INDEX_FILE, ntotal=self.ntotal)
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            outs.commit()
         self.path = target
         return target
+
+
+def bank_output(target: str | os.PathLike, *, overwrite: bool = False):
+    """The (unclaimed) output set of a bank folder: its name in its parent folder, under a lock."""
+    from ..output_claims import OutputSet
+
+    target = Path(target)
+    return OutputSet(target.parent, [target.name], overwrite=overwrite, what="bank")
 
 
 def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
@@ -387,9 +391,11 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
         raise InputError(f"{mf}: is not valid JSON ({exc}); the bank is damaged, rebuild it.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
         raise InputError(f"{mf}: not a napari-mias-sam bank manifest.")
-    if int(manifest.get("format_version", 0)) > BANK_FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, int) and version > BANK_FORMAT_VERSION:
         raise InputError(f"{path}: bank format {manifest.get('format_version')} is newer than this version of napari-mias-sam; upgrade it.")
-    idx_file = path / manifest.get("index", {}).get("file", INDEX_FILE)
+    validate_manifest(manifest, mf)
+    idx_file = index_file_inside(path, manifest["index"].get("file", INDEX_FILE), mf)
     if not idx_file.is_file():
         raise InputError(f"{idx_file}: missing; the bank folder is incomplete, rebuild it.")
     try:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import json
 from pathlib import Path
 
-from ..io import atomic_path, atomic_write_text
+from ..output_claims import OutputSet
 
-__all__ = ["write_report", "markdown_tables"]
+__all__ = ["write_report", "markdown_tables", "report_outputs", "REPORT_NAMES"]
 
 _COLS = ["ablation", "value", "bank", "layout", "k", "normalisation", "prompt", "gamma", "mask",
          "slice_dice", "slice_dice_with_decision", "volume_dice", "volume_dice_with_decision"]
@@ -80,7 +81,7 @@ def markdown_tables(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _plots(res: dict, out: Path) -> list[Path]:
+def _plots(res: dict, out: Path, outs: OutputSet) -> list[Path]:
     try:
         import matplotlib
 
@@ -101,7 +102,7 @@ def _plots(res: dict, out: Path) -> list[Path]:
         ax.set_title("Gamma sweep")
         ax.legend()
         fig.tight_layout()
-        written.append(_save_fig(fig, out / "gamma_sweep.png"))
+        written.append(_save_fig(fig, out / "gamma_sweep.png", outs))
         plt.close(fig)
     groups = [g for g in ("mask", "prompt", "normalisation", "k", "bank") if any(r["ablation"] == g for r in rows)]
     if groups:
@@ -114,29 +115,40 @@ def _plots(res: dict, out: Path) -> list[Path]:
             ax.set_title(g)
             ax.set_ylabel("slice Dice (%)")
         fig.tight_layout()
-        written.append(_save_fig(fig, out / "ablations.png"))
+        written.append(_save_fig(fig, out / "ablations.png", outs))
         plt.close(fig)
     return written
 
 
-def _save_fig(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+REPORT_NAMES = ("results.csv", "results.md", "results.json", "gamma_sweep.png", "ablations.png")
+
+
+def report_outputs(out: str | Path, *, overwrite: bool = False, inputs=()) -> OutputSet:
+    """The (unclaimed) output set of an evaluation: :data:`REPORT_NAMES` in ``out``, under one lock."""
+    return OutputSet(out, REPORT_NAMES, overwrite=overwrite, inputs=inputs, lock_name="results")
+
+
+def _save_fig(fig, path: Path, outs: OutputSet) -> Path:
+    fig.savefig(outs.temp(path.name), format="png")
     return path
 
 
-def write_report(res: dict, out: str | Path) -> dict[str, str]:
-    """Write results.csv, results.md, results.json and plots into ``out``; return the paths."""
+def write_report(res: dict, out: str | Path, *, overwrite: bool = False, claim: OutputSet | None = None) -> dict[str, str]:
+    """Write results.csv, results.md, results.json and plots into ``out``; return the paths. The
+    files are claimed as a set (``claim``, or claimed here: existing results are kept unless
+    ``overwrite``) and moved into place together."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_COLS, extrasaction="ignore")
     w.writeheader()
     w.writerows(res["rows"])
-    atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_text(out / "results.md", markdown_tables(res))
-    atomic_write_text(out / "results.json", json.dumps(res, indent=2, default=str))
-    paths = {"csv": out / "results.csv", "markdown": out / "results.md", "json": out / "results.json"}
-    for p in _plots(res, out):
-        paths[p.stem] = p
+    with contextlib.ExitStack() as stack:
+        outs = claim if claim is not None else stack.enter_context(report_outputs(out, overwrite=overwrite))
+        outs.temp("results.csv").write_text(buf.getvalue(), encoding="utf-8")
+        outs.temp("results.md").write_text(markdown_tables(res), encoding="utf-8")
+        outs.temp("results.json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+        paths = {"csv": out / "results.csv", "markdown": out / "results.md", "json": out / "results.json"}
+        for p in _plots(res, out, outs):
+            paths[p.stem] = p
+        outs.commit()
     return {k: str(v) for k, v in paths.items()}

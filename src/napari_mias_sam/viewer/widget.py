@@ -415,6 +415,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> Optional[Job]:
         """Segment the selected image layer in the background; layers are added when it finishes."""
+        from ..input_checks import check_volume_for_bank, check_voxel_dtype
+        from ..run_guards import check_knn_memory
         from .layers import volume_from_layer
         from .writer import layer_data_to_world
 
@@ -437,8 +439,12 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                 from ..bank import check_compatible
 
                 check_compatible(self.bank, self.backbone.describe())
+            if getattr(layer.data, "dtype", None) is not None:  # the CLI's checks, before any work
+                check_voxel_dtype(layer.data.dtype, f"layer '{layer.name}'")
             volume, axes = volume_from_layer(layer.data, layer.metadata, layer_data_to_world(layer), name=layer.name)
             settings = self.current_settings()
+            n_slices = check_volume_for_bank(volume, self.bank, None, f"layer '{layer.name}'")
+            check_knn_memory(settings.k, n_slices, self.bank.ntotal)
         except (MiasSamError, ValueError) as exc:
             self.report_error(str(exc))
             return None
