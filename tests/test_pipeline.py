@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from core_fixtures import CoreFakeBackbone, CountingBackbone, anatomy_volume, sha256, snapshot, write_nifti
+from fakes import FakeBackbone
+from core_fixtures import CountingBackbone, anatomy_volume, sha256, snapshot, write_nifti
 from napari_mias_sam.anomaly import maps_from_scores
 from napari_mias_sam.backbones.base import Prompt
 from napari_mias_sam.bank import load_bank
@@ -31,7 +32,7 @@ def world(tmp_path_factory):
     """Two normal volumes, a fake-backbone bank, and a test volume with a blob and an empty slice."""
     root = tmp_path_factory.mktemp("pipeline")
     normals = [write_nifti(root / "normals" / f"n{i}.nii.gz", anatomy_volume((64, 64, 4), seed=i) * 300, AFFINE) for i in (1, 2)]
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     bank = build_bank_from_files(normals, fake, preprocessing=PREPROCESS_PRESETS["mri"], layout="mean256")
     bank.save(root / "bank")
     data = anatomy_volume((64, 64, 4), seed=3, blob={"centre": (40, 24), "radius": 6, "value": 1.0, "slices": [1, 2]}) * 300
@@ -41,7 +42,7 @@ def world(tmp_path_factory):
 
 
 def test_segment_volume_with_an_empty_slice(world):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     vol = load_volume(world["case"])
     res = segment_volume(vol, world["bank"], fake)
     assert res.settings.prompt == "cog-point"  # the default of a backbone without a known default
@@ -70,7 +71,7 @@ def test_segment_volume_with_an_empty_slice(world):
 
 
 def test_points_rows_map_the_prompt_back_to_voxels(world):
-    res = segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone(), SegmentSettings(prompt="cog-box"))
+    res = segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone(), SegmentSettings(prompt="cog-box"))
     rows = res.points_rows()
     assert [r["slice"] for r in rows] == [0, 1, 2, 3] and list(rows[0]) == CSV_COLUMNS
     assert rows[3]["prompt"] == "none" and rows[3]["i"] == "" and rows[3]["anomalous"] == 0
@@ -86,14 +87,14 @@ def test_points_rows_map_the_prompt_back_to_voxels(world):
 def test_constant_volume_is_an_input_error(world, tmp_path):
     p = write_nifti(tmp_path / "flat.nii.gz", np.full((16, 16, 3), 42.0, np.float32))
     before = sha256(p)
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     with pytest.raises(InputError, match=r"flat\.nii\.gz: every voxel has the same value \(42\)"):
         segment_volume(load_volume(p), world["bank"], fake)
     assert fake.calls == 0 and sha256(p) == before
 
 
 def test_bank_of_another_backbone_is_refused_before_any_work(world):
-    other = CoreFakeBackbone(sha="other-weights-9999")
+    other = FakeBackbone(sha="other-weights-9999")
     with pytest.raises(BankMismatchError, match="fake-weights.*other-weight"):
         segment_volume(load_volume(world["case"]), world["bank"], other)
     assert other.calls == 0
@@ -106,12 +107,12 @@ def test_cancel_stops_the_run(world):
         seen.append(stage)
 
     with pytest.raises(Cancelled):
-        segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone(), progress=progress, cancelled=lambda: True)
+        segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone(), progress=progress, cancelled=lambda: True)
     assert seen == []
 
 
 def test_redecode_slice_with_a_moved_point(world):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     res = segment_volume(load_volume(world["case"]), world["bank"], fake)
     redecode_slice(res, fake, 1, point=(100.0, 50.0))
     assert res.prompts[1] == Prompt("point", point=(100.0, 50.0))
@@ -129,7 +130,7 @@ def test_redecode_slice_with_a_moved_point(world):
 # --------------------------------------------------------------------------- outputs
 def test_write_outputs_and_refusals(world, tmp_path):
     vol = load_volume(world["case"])
-    res = segment_volume(vol, world["bank"], CoreFakeBackbone())
+    res = segment_volume(vol, world["bank"], FakeBackbone())
     out = tmp_path / "out"
     paths = write_outputs(res, out)
     assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
@@ -162,7 +163,7 @@ def test_write_outputs_and_refusals(world, tmp_path):
 def test_failed_output_write_leaves_no_partial_set(world, tmp_path, monkeypatch):
     from napari_mias_sam import file_steps
 
-    res = segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone())
+    res = segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone())
     real_save = file_steps.save_nifti
     calls = []
 
@@ -217,7 +218,7 @@ def test_cache_put_get_round_trip_and_keys(tmp_path):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "pickle-header"])
 def test_damaged_cache_entry_is_ignored_and_recomputed(world, tmp_path, damage):
     cache = EmbeddingCache(tmp_path / "cache")
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     vol = load_volume(world["case"])
     prep = PREPROCESS_PRESETS["mri"]
     first = encode_volume(vol, bb, prep, cache=cache)
@@ -244,7 +245,7 @@ def test_damaged_cache_entry_is_ignored_and_recomputed(world, tmp_path, damage):
 
 def test_segment_volume_reuses_cached_embeddings(world, tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     vol = load_volume(world["case"])
     r1 = segment_volume(vol, world["bank"], bb, cache=cache)
     assert bb.encode_calls >= 1 and not r1.encoded.from_cache
@@ -254,7 +255,7 @@ def test_segment_volume_reuses_cached_embeddings(world, tmp_path):
     np.testing.assert_array_equal(r1.mask_volume(), r2.mask_volume())
     np.testing.assert_array_equal(r1.anomaly_volume(), r2.anomaly_volume())
     # another backbone identity never reads these entries
-    other = CountingBackbone(CoreFakeBackbone(sha="other"))
+    other = CountingBackbone(FakeBackbone(sha="other"))
     encode_volume(vol, other, PREPROCESS_PRESETS["mri"], cache=cache)
     assert other.encode_calls >= 1
 
@@ -263,7 +264,7 @@ def test_second_bank_from_the_cache_skips_the_encoder_and_matches(world, tmp_pat
     """build-bank --cache: a bank of another layout from the same volumes reads the cached
     embeddings (no encode call) and equals a build from them; a cached re-build is identical."""
     cache = EmbeddingCache(tmp_path / "cache")
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     prep = PREPROCESS_PRESETS["mri"]
     first = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="paper1024", cache=cache)
     calls = bb.encode_calls

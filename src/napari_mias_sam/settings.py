@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import defaults
+from .prompts import PROMPT_TYPES
+
 __all__ = [
     "PREPROCESS_PRESETS",
     "PROMPT_TYPES",
@@ -16,11 +19,7 @@ __all__ = [
     "to_dict",
 ]
 
-PromptType = Literal["cog-point", "cog-box", "max-point", "threshold-box"]
-PROMPT_TYPES: tuple[str, ...] = ("cog-point", "cog-box", "max-point", "threshold-box")
-PatchLayout = Literal["paper1024", "mean256"]
 PATCH_LAYOUTS: tuple[str, ...] = ("paper1024", "mean256")
-Normalisation = Literal["calibrated", "reference"]
 NORMALISATIONS: tuple[str, ...] = ("calibrated", "reference")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -63,17 +62,18 @@ PREPROCESS_PRESETS: dict[str, Preprocessing] = {
 class SegmentSettings:
     """Settings of one segmentation run (the bank fixes backbone, layout and preprocessing).
 
-    ``prompt=None`` means the backbone's default (``cog-point`` for SAM, ``cog-box`` for
-    LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask).
+    ``prompt=None`` means the backbone's default (:data:`~napari_mias_sam.prompts.BACKBONE_PROMPTS`:
+    ``cog-point`` for SAM, ``cog-box`` for LiteMedSAM). ``mask_index`` is 1-based as in the paper
+    (3 = the finest mask). The defaults come from :mod:`~napari_mias_sam.defaults`.
     """
 
-    gamma: float = 5.0
-    mask_index: int = 3
+    gamma: float = defaults.GAMMA
+    mask_index: int = defaults.MASK_INDEX
     prompt: str | None = None
-    k: int = 1
-    sigma: float = 4.0
-    normalisation: str = "calibrated"
-    threshold: float = 0.5  # used by the threshold-box ablation only
+    k: int = defaults.K
+    sigma: float = defaults.SIGMA
+    normalisation: str = defaults.NORMALISATION
+    threshold: float = defaults.BASELINE_THRESHOLD  # used by the threshold-box ablation only
     slice_decision: bool = False
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 

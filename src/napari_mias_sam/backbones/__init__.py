@@ -9,15 +9,10 @@ import torch
 from ..errors import WeightsError
 from .base import Backbone, Decoded, Prompt, pick_device
 
-__all__ = ["BACKBONES", "Backbone", "Decoded", "Prompt", "load_backbone", "pick_device", "default_prompt_for"]
+__all__ = ["BACKBONES", "Backbone", "Decoded", "Prompt", "load_backbone", "pick_device"]
 
+#: Backbone names (their prompt defaults: :data:`napari_mias_sam.prompts.BACKBONE_PROMPTS`).
 BACKBONES = ("litemedsam", "sam-vit_b", "sam-vit_l", "sam-vit_h")
-_DEFAULT_PROMPTS = {"litemedsam": "cog-box", "sam-vit_b": "cog-point", "sam-vit_l": "cog-point", "sam-vit_h": "cog-point"}
-
-
-def default_prompt_for(name: str) -> str:
-    """The prompt type that works with a backbone (LiteMedSAM was trained with boxes only)."""
-    return _DEFAULT_PROMPTS.get(name, "cog-point")
 
 
 def load_backbone(

@@ -50,8 +50,6 @@ class SamBackbone(SamLikeBackbone):
     with random weights (for structure tests and timing; the results mean nothing).
     """
 
-    default_prompt = "cog-point"
-    point_prompts_work = True
     input_size = 1024
 
     def __init__(

@@ -25,17 +25,23 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QGroupBox, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
-from .widget_bank import BankMixin, _path_or_none
+from .widget_bank import BankMixin, path_or_none
 from .widget_live import LiveController, is_output_layer
 from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
-from ..backbones import BACKBONES, default_prompt_for
+from .. import defaults
+from ..backbones import BACKBONES
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
-from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES, SegmentSettings
+from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_prompt_for, point_prompts_work
+from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, SegmentSettings
 
 __all__ = ["MiasSamWidget"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _display_name(backbone: str) -> str:
+    return {"litemedsam": "LiteMedSAM"}.get(backbone, backbone)
 
 
 def _wrapping(label: Label) -> None:
@@ -90,13 +96,13 @@ class MiasSamWidget(BankMixin, QWidget):
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
         self.prompt = ComboBox(choices=PROMPT_TYPES, value=default_prompt_for("litemedsam"), label="prompt")
-        self.gamma = FloatSlider(value=5.0, min=0.5, max=20.0, step=0.5, label="gamma",
+        self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
-        self.mask = RadioButtons(choices=[1, 2, 3], value=3, orientation="horizontal", label="mask",
+        self.mask = RadioButtons(choices=[1, 2, 3], value=defaults.MASK_INDEX, orientation="horizontal", label="mask",
                                  tooltip="SAM's three masks, coarse (1) to fine (3); the paper uses 3")
         self.iou_info = Label(value="predicted IoU: -")
-        self.normalisation = ComboBox(choices=NORMALISATIONS, value="calibrated", label="normalisation")
-        self.k = SpinBox(value=1, min=1, max=5, label="k neighbours")
+        self.normalisation = ComboBox(choices=NORMALISATIONS, value=defaults.NORMALISATION, label="normalisation")
+        self.k = SpinBox(value=defaults.K, min=1, max=5, label="k neighbours")
         self.slice_decision = CheckBox(value=False, text="keep masks only on slices scored anomalous")
         self.batch_size = SpinBox(value=4, min=1, max=64, label="batch size")
         self.run_btn = PushButton(text="Run MIAS-SAM")
@@ -190,11 +196,13 @@ class MiasSamWidget(BankMixin, QWidget):
             k=int(self.k.value), normalisation=str(self.normalisation.value), slice_decision=bool(self.slice_decision.value),
         )
 
-    def _backbone_key(self) -> tuple:
+    def selected_backbone_key(self) -> tuple:
+        """(name, checkpoint, device) the controls select (or the pinned backbone's); a one-line
+        :class:`InputError` when a SAM backbone has no checkpoint file."""
         if self._pinned and self.backbone is not None and self.backbone_key is not None:
             return self.backbone_key
         name = str(self.backbone_choice.value)
-        ckpt = _path_or_none(self.checkpoint.value) if name != "litemedsam" else None
+        ckpt = path_or_none(self.checkpoint.value) if name != "litemedsam" else None
         if name != "litemedsam" and ckpt is None:
             raise InputError(f"{name} needs its checkpoint file: pick it in 'checkpoint' (e.g. sam_vit_b_01ec64.pth).")
         return (name, str(ckpt) if ckpt else None, str(self.device.value))
@@ -209,7 +217,7 @@ class MiasSamWidget(BankMixin, QWidget):
         self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device)
         self._pinned = True
 
-    def _get_backbone(self, key: tuple, progress):
+    def get_backbone(self, key: tuple, progress):
         """The backbone for ``key`` (runs in the worker thread; loads it when needed)."""
         if self.backbone is not None and self.backbone_key == key:
             return self.backbone
@@ -229,15 +237,18 @@ class MiasSamWidget(BankMixin, QWidget):
         self.prompt.value = default_prompt_for(name)
 
     def _prompt_hint(self, value: str) -> None:
-        if self.backbone_choice.value == "litemedsam" and value in ("cog-point", "max-point"):
-            self.status.value = "LiteMedSAM was trained with box prompts: point prompts give near-empty masks."
+        name = self.backbone_choice.value
+        if PROMPT_RULES[value].shape == "point" and not point_prompts_work(name):
+            self.status.value = f"{_display_name(name)} was trained with box prompts: point prompts give near-empty masks."
 
     def _busy(self, busy: bool) -> None:
         for b in (self.build_btn, self.load_btn, self.save_btn, self.run_btn):
             b.enabled = not busy
         self.cancel_btn.enabled = busy
 
-    def _start(self, func, on_done) -> Optional[Job]:
+    def start_job(self, func, on_done) -> Optional[Job]:
+        """Run ``func(progress, cancelled)`` in the background, then ``on_done(value)`` on the
+        GUI thread (``value`` is a :class:`Failed` when it raised); ``None`` while busy."""
         if self.job is not None and not self.job.done:
             show_error("MIAS-SAM is busy with another job; wait for it or cancel it.")
             return None
@@ -251,7 +262,8 @@ class MiasSamWidget(BankMixin, QWidget):
         self.progress.value = min(int(done), int(total))
         self.status.value = f"{stage}: {done}/{total}"
 
-    def _failed(self, what: str, value) -> bool:
+    def job_failed(self, what: str, value) -> bool:
+        """Report a failed or cancelled job (status line and notification); ``True`` if it was."""
         if not isinstance(value, Failed):
             return False
         if isinstance(value.exc, Cancelled):
@@ -261,6 +273,10 @@ class MiasSamWidget(BankMixin, QWidget):
             self.status.value = f"{what} failed: {value.exc}"
             show_error(f"MIAS-SAM: {value.exc}")
         return True
+
+    def settings_pending(self) -> bool:
+        """Whether a settings change is waiting to be applied to the live result."""
+        return self._settings_timer.isActive()
 
     def cancel(self) -> None:
         if self.job is not None and not self.job.done:
@@ -281,7 +297,7 @@ class MiasSamWidget(BankMixin, QWidget):
                 raise InputError(f"layer '{layer.name}' is RGB; MIAS-SAM needs a single-channel 3D volume.")
             if self.bank is None:
                 raise InputError("no memory bank: build one from normal volumes or load a bank folder first.")
-            key = self._backbone_key()
+            key = self.selected_backbone_key()
             if self.bank.backbone.get("name") != key[0]:
                 raise BankMismatchError(
                     f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
@@ -302,7 +318,7 @@ class MiasSamWidget(BankMixin, QWidget):
         bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
 
         def job(progress, cancelled):
-            bb = self._get_backbone(key, progress)
+            bb = self.get_backbone(key, progress)
             res = segment_volume(volume, bank, bb, settings, cache=cache, batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
@@ -314,10 +330,10 @@ class MiasSamWidget(BankMixin, QWidget):
             return bb, key, res
 
         self.status.value = f"running on '{layer.name}'..."
-        return self._start(job, partial(self._run_done, layer, axes))
+        return self.start_job(job, partial(self._run_done, layer, axes))
 
     def _run_done(self, layer, axes, value) -> None:
-        if self._failed("the run", value):
+        if self.job_failed("the run", value):
             return
         backbone, self.backbone_key, result = value
         self.show_result(result, layer, backbone, axes)

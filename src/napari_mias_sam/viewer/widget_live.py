@@ -3,12 +3,13 @@ points re-decoded in the background (current slice first), Dice against a ground
 false-positive / false-negative overlay and the per-slice profile.
 
 The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods and the pure helpers of
-:mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers.
+:mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
+:class:`LiveHost` declares of the widget (a test checks it).
 """
 
 import time
 from functools import partial
-from typing import Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import napari
@@ -20,7 +21,7 @@ from .live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, FN, FP, LiveSession,
 from ..evaluation.metrics import dice
 from .layers import GEOMETRY_KEYS, geometry_metadata
 
-__all__ = ["LiveController", "is_output_layer", "OUTPUT_KEY"]
+__all__ = ["LiveHost", "LiveController", "is_output_layer", "OUTPUT_KEY"]
 
 OUTPUT_KEY = "mias_sam"  # layer.metadata key marking (and describing) MIAS-SAM outputs
 MASK_COLOR = "lime"
@@ -41,10 +42,26 @@ def _fmt(v) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
+@runtime_checkable
+class LiveHost(Protocol):
+    """What :class:`LiveController` needs from the widget: the viewer, the controls it reads or
+    writes, and whether a settings change is still waiting. Nothing else."""
+
+    viewer: Any
+    status: Any
+    iou_info: Any
+    dice_info: Any
+    gt: Any
+    show_errors: Any
+    profile: Any
+
+    def settings_pending(self) -> bool: ...
+
+
 class LiveController:
     """Owns the output layers of one run and keeps them in step with the session."""
 
-    def __init__(self, widget, session: LiveSession, source, *, reuse: Optional[dict] = None) -> None:
+    def __init__(self, widget: LiveHost, session: LiveSession, source, *, reuse: Optional[dict] = None) -> None:
         self.w = widget
         self.viewer: napari.Viewer = widget.viewer
         self.session = session
@@ -211,7 +228,7 @@ class LiveController:
     def busy(self) -> bool:
         """True from a change until its background pass has updated the layers (or a debounce
         timer still holds a change)."""
-        return self._active_gen is not None or self._move_timer.isActive() or self.w._settings_timer.isActive()
+        return self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
 
     def _on_update(self, gen: int, upd) -> None:
         if gen != self.session.generation or self.layers.get("mask") not in self.viewer.layers:
