@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="folder for results.csv/.md/.json and plots")
     e.add_argument("--gammas", default=sweep(defaults.GAMMA_SWEEP), help=f"gamma sweep (default {sweep(defaults.GAMMA_SWEEP)})")
     e.add_argument("--ks", default=sweep(defaults.K_SWEEP), help=f"k values (default {sweep(defaults.K_SWEEP)})")
-    e.add_argument("--prompts", default=",".join(PROMPT_TYPES), help="prompt types to compare")
+    e.add_argument("--prompts", default=",".join(PROMPT_TYPES), help=f"prompt types to compare (default {','.join(PROMPT_TYPES)})")
     e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")

@@ -56,7 +56,7 @@ class IndexType:
 INDEX_TABLE: dict[str, IndexType] = {
     t.name: t
     for t in (
-        IndexType("flat", "Flat", 4, False, False, "exact, fp32 (default)"),
+        IndexType("flat", "Flat", 4, False, False, "exact, fp32; the default"),
         IndexType("flat-fp16", "SQfp16", 2, False, False, "every vector searched, stored in 2 bytes per value"),
         IndexType("flat-sq8", "SQ8", 1, True, False, "every vector searched, stored in 1 byte per value"),
         IndexType("ivf", "IVF{nlist},Flat", 4, True, True, "inverted file: approximate, faster on large banks"),
