@@ -212,7 +212,13 @@ def test_cache_put_get_round_trip_and_keys(tmp_path):
     assert frames_key(frames, dict(info, weights_sha256="abd")) != k
     assert frames_key(frames, dict(info, name="sam-vit_b")) != k
     assert frames_key(frames, info, precision="bf16") != k
-    assert cache.clear() == 1 and cache.get("k1") is None
+    # the reference encoding has its own keys (standard keys are unchanged) and keeps float32
+    assert frames_key(frames, dict(info, encoding="standard")) == k
+    assert frames_key(frames, dict(info, encoding="reference")) != k
+    cache.put("k2", emb, dtype=torch.float32)
+    got32 = cache.get("k2")
+    assert got32.dtype == torch.float32 and torch.equal(got32, emb)
+    assert cache.clear() == 2 and cache.get("k1") is None
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "pickle-header"])

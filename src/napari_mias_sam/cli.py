@@ -27,7 +27,10 @@ EXAMPLES = {
   mias-sam segment case.nii.gz --bank banks/brain --out results/
   mias-sam segment case.nii.gz --bank banks/brain --out results/ --gt case_seg.nii.gz --json
   mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
-outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv""",
+  mias-sam segment BMAD/Brain_MRI/test/Ungood/img --bank banks/bmad-brain --out out/ --normalisation reference
+outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv
+outputs (PNG slices): <stem>_mask.png (0/255) and <stem>_anomaly.npy (float32) per slice, one prompts.csv
+  (the slices of one call are segmented together: reference normalisation spans them)""",
     "demo": """examples:
   mias-sam demo                 # writes ./mias-sam-demo/
   mias-sam demo --out /tmp/demo --json""",
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import defaults
     from .bank import INDEX_TABLE, INDEX_TYPES
     from .prompts import BACKBONE_PROMPTS, PROMPT_TYPES
+    from .reference_io import ENCODINGS
     from .settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS
 
     def sweep(values) -> str:
@@ -91,10 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_backbone_args(b, default="litemedsam")
+    b.add_argument("--encoding", choices=ENCODINGS, default="standard",
+                   help="how slices reach a SAM encoder: standard (float resize, float16 embeddings; default) or reference "
+                        "(the paper's code exactly: 8-bit slice resized with PIL, float32 embeddings; SAM backbones only). "
+                        "Recorded in the bank; runs with the bank use it")
 
     s = sub.add_parser("segment", help="segment anomalies in volumes", epilog=EXAMPLES["segment"], formatter_class=fmt,
                        description="Run MIAS-SAM slice-wise on whole volumes and write NIfTI outputs.")
-    s.add_argument("volume", nargs="+", type=Path, help="NIfTI volume(s) to segment")
+    s.add_argument("volume", nargs="+", type=Path, help="NIfTI volume(s) to segment, or PNG slices (files or folders; one size per call)")
     s.add_argument("--bank", required=True, type=Path, help="memory bank folder (from build-bank)")
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
@@ -187,7 +195,7 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
         raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
     _print_memory_estimate(a)
     t0 = time.perf_counter()
-    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision)
+    bb = load_backbone(a.backbone, a.checkpoint, a.device, precision=a.precision, encoding=a.encoding)
     progress = ConsoleProgress()
     bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess], axis=a.axis,
                                  layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
@@ -284,16 +292,18 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 
 def cmd_segment(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
-    from .backbones import load_backbone
-    from .bank import check_compatible, load_bank
     from .cache import EmbeddingCache
     from .errors import InputError
     from .evaluation.scoring import gt_metrics
     from .io import load_labels, load_volume, nifti_stem
     from .pipeline import segment_volume
+    from .png_segment import png_inputs
     from .settings import SegmentSettings
     from .file_steps import check_outputs, output_paths, write_outputs
 
+    pngs = png_inputs(a.volume)
+    if pngs is not None:
+        return _segment_pngs(a, pngs)
     if a.gt and len(a.gt) != len(a.volume):
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
     stems = [nifti_stem(v) for v in a.volume]
@@ -310,10 +320,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         del vol
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
-    bank = load_bank(a.bank)
-    name = a.backbone or bank.backbone["name"]
-    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision)
-    check_compatible(bank, bb.describe())
+    bank, bb = _bank_and_backbone(a)
     cache = None if a.no_cache else EmbeddingCache()
     progress = ConsoleProgress()
     reports = []
@@ -339,6 +346,59 @@ def cmd_segment(a: argparse.Namespace) -> int:
                       f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}")
     if a.json:
         _out(reports[0] if len(reports) == 1 else {"results": reports})
+    return 0
+
+
+def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False):
+    """The bank of ``--bank`` and the backbone it was built with (its encoding), checked compatible
+    (``png``: the bank must be one of PNG slices; checked before the backbone loads)."""
+    from .backbones import load_backbone
+    from .bank import check_compatible, load_bank
+    from .png_segment import check_png_bank
+    from .reference_io import encoding_of
+
+    bank = load_bank(a.bank)
+    if png:
+        check_png_bank(bank)
+    name = a.backbone or bank.backbone["name"]
+    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision, encoding=encoding_of(bank.backbone))
+    check_compatible(bank, bb.describe())
+    return bank, bb
+
+
+def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
+    """``segment`` on PNG slices: one call, one stack, one prompts CSV."""
+    from .progress import ConsoleProgress
+    from .cache import EmbeddingCache
+    from .errors import InputError
+    from .png_segment import PROMPTS_CSV, check_png_out_dir, png_output_paths, read_png_call, segment_pngs, write_png_outputs
+    from .settings import SegmentSettings
+    from .file_steps import check_outputs
+
+    if a.gt:
+        raise InputError("--gt takes NIfTI label volumes; to score PNG slices against their masks use "
+                         "mias-sam evaluate --bmad DATASET (BMAD layout).")
+    check_png_out_dir(a.out, a.volume)
+    check_outputs(png_output_paths(a.out, pngs), list(pngs) + [a.bank], overwrite=a.overwrite)
+    read_png_call(pngs)  # sizes checked before loading any model
+    settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
+                               normalisation=a.normalisation, slice_decision=a.slice_decision)
+    t0 = time.perf_counter()
+    bank, bb = _bank_and_backbone(a, png=True)
+    if not a.json:
+        print(f"{len(pngs)} PNG slices", file=sys.stderr)
+    res = segment_pngs(pngs, bank, bb, settings, cache=None if a.no_cache else EmbeddingCache(),
+                       batch_size=a.batch_size, progress=ConsoleProgress())
+    paths = write_png_outputs(res, pngs, a.out, overwrite=a.overwrite)
+    rep = {"slices": len(pngs), "out": str(a.out), "prompts": str(paths[PROMPTS_CSV]),
+           "masks_kept": int(sum(bool(res.decision[s]) and res.prompts[s] is not None for s in range(len(pngs)))),
+           "settings": res.metadata()["settings"], "backbone": res.backbone_info,
+           "timings_s": {k: round(v, 3) for k, v in res.timings.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+    if a.json:
+        _out(rep)
+    else:
+        print(f"  wrote {len(pngs)} x (<stem>_mask.png, <stem>_anomaly.npy) and {paths[PROMPTS_CSV]} into {a.out} "
+              f"({rep['seconds']} s)")
     return 0
 
 
@@ -403,6 +463,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
     from .evaluation.report import markdown_tables, write_report
     from .prompts import PROMPT_TYPES
+    from .reference_io import encoding_of
     from .settings import SegmentSettings
 
     if a.images and not a.gts:
@@ -413,11 +474,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise InputError(f"--prompts: unknown prompt type {p!r}; choose from {', '.join(PROMPT_TYPES)}")
     abl = Ablations(prompts=prompts, gammas=_csv_list(a.gammas, float, "gammas"), ks=_csv_list(a.ks, int, "ks"))
     banks = [load_bank(b) for b in a.bank]
-    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision)
+    bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, a.device, precision=a.precision,
+                       encoding=encoding_of(banks[0].backbone))
     progress = ConsoleProgress()
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)
-        units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name)
+        units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name, encoding=encoding_of(banks[0].backbone))
     else:
         units = units_from_volumes(a.images, a.gts, banks[0])
     res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,

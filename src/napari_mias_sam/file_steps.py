@@ -14,6 +14,7 @@ from .errors import InputError
 from .io import atomic_path, is_nifti, save_nifti
 from .pipeline import ProgressFn, CancelFn, SegmentationResult
 from .preprocess import resolve_axis
+from .reference_io import encoding_of
 from .settings import Preprocessing, to_dict
 from .model_inputs import PNG_PREPROCESSING, normal_groups
 
@@ -40,7 +41,7 @@ def build_bank_from_files(
 
     ``cache``: read and store the slices' embeddings there, so that another bank from the same
     volumes (another layout, index type or coreset) skips the encoder."""
-    groups, kind = normal_groups(list(inputs), preprocessing, axis)
+    groups, kind = normal_groups(list(inputs), preprocessing, axis, encoding=encoding_of(backbone))
     prep = PNG_PREPROCESSING if kind == "png" else to_dict(preprocessing)
     axis_name = axis if isinstance(axis, str) and not axis.isdigit() else AXIS_NAMES[resolve_axis(axis)]
     return build_bank(

@@ -21,18 +21,20 @@ __all__ = ["PNG_PREPROCESSING", "volume_frames", "volume_groups", "png_groups", 
 PNG_PREPROCESSING = {"mode": "png", "note": "PNG grey levels / 255 (BMAD slices are min-max scaled when saved)"}
 
 
-def volume_frames(data: np.ndarray, prep: Preprocessing, axis: int, *, source: str = "volume") -> tuple[torch.Tensor, np.ndarray]:
-    """Normalise a volume, slice it along ``axis`` and put every slice in the model frame.
+def volume_frames(data: np.ndarray, prep: Preprocessing, axis: int, *, source: str = "volume",
+                  encoding: str = "standard") -> tuple[torch.Tensor, np.ndarray]:
+    """Normalise a volume, slice it along ``axis`` and put every slice in the model frame
+    (``encoding``: see :func:`preprocess.to_frame`).
 
     Returns ``(frames (N, 256, 256), foreground (N,) bool)``; slices without anatomy are marked.
     """
     norm = normalise_intensities(data, prep, source=source)
     slices = volume_slices(norm, axis)
     fg = foreground_slices(slices)
-    return to_frame(slices), fg
+    return to_frame(slices, encoding=encoding), fg
 
 
-def volume_groups(paths: list[Path], prep: Preprocessing, axis: int | str = "axial") -> list[SliceGroup]:
+def volume_groups(paths: list[Path], prep: Preprocessing, axis: int | str = "axial", *, encoding: str = "standard") -> list[SliceGroup]:
     """One :class:`SliceGroup` per NIfTI volume; empty or constant slices are skipped."""
     groups = []
     for p in paths:
@@ -46,7 +48,7 @@ def volume_groups(paths: list[Path], prep: Preprocessing, axis: int | str = "axi
         def load(p: Path = p) -> tuple[torch.Tensor, int]:
             vol = load_volume(p)
             ax = resolve_axis(axis, vol.affine)
-            frames, fg = volume_frames(vol.data, prep, ax, source=str(p))
+            frames, fg = volume_frames(vol.data, prep, ax, source=str(p), encoding=encoding)
             return frames[torch.from_numpy(fg)], int((~fg).sum())
 
         ax_guess = resolve_axis(axis) if not isinstance(axis, str) or axis.isdigit() else 2
@@ -63,7 +65,7 @@ def bmad_train_folder(root: Path) -> Path | None:
     return None
 
 
-def png_groups(folder: Path, *, blocks: int = 10) -> list[SliceGroup]:
+def png_groups(folder: Path, *, blocks: int = 10, encoding: str = "standard") -> list[SliceGroup]:
     """PNG slices of a folder in ``blocks`` contiguous groups (sorted names keep a subject's slices
     together, so calibration holds out whole blocks rather than neighbouring slices)."""
     files = sorted(q for q in folder.iterdir() if q.suffix.lower() == ".png")
@@ -80,14 +82,15 @@ def png_groups(folder: Path, *, blocks: int = 10) -> list[SliceGroup]:
             keep = [a for a in arrays if np.ptp(a) > 1e-6]
             if not keep:
                 return torch.zeros((0, 256, 256)), len(arrays)
-            frames = torch.cat([to_frame(a[None]) for a in keep])
+            frames = torch.cat([to_frame(a[None], encoding=encoding) for a in keep])
             return frames, len(arrays) - len(keep)
 
         groups.append(SliceGroup(name=f"{folder.name}[{chunk[0].name}..{chunk[-1].name}]", n=len(chunk), load=load))
     return groups
 
 
-def normal_groups(inputs: list[str | os.PathLike], prep: Preprocessing, axis: int | str = "axial") -> tuple[list[SliceGroup], str]:
+def normal_groups(inputs: list[str | os.PathLike], prep: Preprocessing, axis: int | str = "axial", *,
+                  encoding: str = "standard") -> tuple[list[SliceGroup], str]:
     """Groups for :func:`bank.build_bank` from files/folders; returns ``(groups, kind)`` where
     kind is ``"nifti"`` or ``"png"``. NIfTI and PNG inputs cannot be mixed in one bank."""
     nifti: list[Path] = []
@@ -107,6 +110,6 @@ def normal_groups(inputs: list[str | os.PathLike], prep: Preprocessing, axis: in
     if nifti and png_dirs:
         raise InputError("mixing NIfTI volumes and PNG slice folders in one bank is not supported; build two banks.")
     if png_dirs:
-        groups = [g for d in png_dirs for g in png_groups(d)]
+        groups = [g for d in png_dirs for g in png_groups(d, encoding=encoding)]
         return groups, "png"
-    return volume_groups(nifti, prep, axis), "nifti"
+    return volume_groups(nifti, prep, axis, encoding=encoding), "nifti"

@@ -27,6 +27,7 @@ from .io import Volume
 from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
 from .prompts import default_prompt_for, make_prompt
+from .reference_io import embedding_dtype, encoding_of
 from .settings import Preprocessing, SegmentSettings, to_dict
 from .model_inputs import volume_frames
 
@@ -70,9 +71,10 @@ def preprocessing_from_bank(bank: MemoryBank) -> Preprocessing:
 
 @dataclass
 class EncodedVolume:
-    """A volume's slices in the model frame and their embeddings (float16, on the CPU)."""
+    """A volume's slices in the model frame and their embeddings (on the CPU; float16, or float32
+    with the ``reference`` encoding)."""
 
-    embeddings: torch.Tensor  # (N, 256, 64, 64) float16
+    embeddings: torch.Tensor  # (N, 256, 64, 64) float16 (float32: reference encoding)
     frames: torch.Tensor  # (N, 256, 256) float32 in [0, 1]
     foreground: np.ndarray  # (N,) bool: slice holds anatomy
     axis: int
@@ -90,16 +92,18 @@ def encode_frames(
     cancelled: CancelFn | None = None,
     stage: str = "encode slices",
 ) -> torch.Tensor:
-    """Encode (N, 256, 256) frames in batches -> (N, 256, 64, 64) float16 on the CPU."""
+    """Encode (N, 256, 256) frames in batches -> (N, 256, 64, 64) on the CPU, float16 (float32 for
+    the ``reference`` encoding, which keeps embeddings as the paper's code does)."""
+    dtype = embedding_dtype(backbone)
     out = []
     n = len(frames)
     for b0 in range(0, n, batch_size):
         _check(cancelled)
         emb = backbone.encode(frames[b0 : b0 + batch_size])
-        out.append(emb.to(torch.float16).cpu())
+        out.append(emb.to(dtype).cpu())
         if progress:
             progress(stage, min(n, b0 + batch_size), n)
-    return torch.cat(out) if out else torch.zeros((0, 256, 64, 64), dtype=torch.float16)
+    return torch.cat(out) if out else torch.zeros((0, 256, 64, 64), dtype=dtype)
 
 
 def cached_encode(
@@ -119,7 +123,7 @@ def cached_encode(
     if not hit:
         emb = encode_frames(frames, backbone, batch_size=batch_size, progress=progress, cancelled=cancelled)
         if cache is not None:
-            cache.put(key, emb)
+            cache.put(key, emb, dtype=embedding_dtype(backbone))
     return emb, key, hit
 
 
@@ -136,7 +140,7 @@ def encode_volume(
 ) -> EncodedVolume:
     """Preprocess, slice and encode a volume; reuse cached embeddings of identical slices."""
     ax = resolve_axis(axis, volume.affine)
-    frames, fg = volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"))
+    frames, fg = volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
     h, w = [s for i, s in enumerate(volume.shape) if i != ax]
     emb, key, hit = cached_encode(frames, backbone, cache, batch_size=batch_size, progress=progress, cancelled=cancelled)
     if hit and progress:

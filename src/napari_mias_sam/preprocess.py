@@ -134,8 +134,15 @@ class Frame:
         return ((row + 0.5) * s - 0.5, (col + 0.5) * s - 0.5)
 
 
-def to_frame(slices: np.ndarray | torch.Tensor, size: int = FRAME) -> torch.Tensor:
-    """(N, H, W) in [0, 1] -> (N, size, size) float32: pad bottom/right to square, then resize."""
+def to_frame(slices: np.ndarray | torch.Tensor, size: int = FRAME, *, encoding: str = "standard") -> torch.Tensor:
+    """(N, H, W) in [0, 1] -> (N, size, size) float32: pad bottom/right to square, then resize.
+
+    ``encoding="reference"``: as the paper's code, 8-bit grey levels resized with PIL
+    (:func:`napari_mias_sam.reference_io.reference_frames`)."""
+    if encoding == "reference":
+        from .reference_io import reference_frames
+
+        return reference_frames(slices, size)
     t = torch.as_tensor(np.ascontiguousarray(slices) if isinstance(slices, np.ndarray) else slices)
     t = t.float()
     n, h, w = t.shape

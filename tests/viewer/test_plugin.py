@@ -100,7 +100,7 @@ def test_backbone_loads_after_the_canvas_exists(tmp_path):
         "import napari\n"
         "v = napari.Viewer(show=False)\n"
         "dock, w = v.window.add_plugin_dock_widget('napari-mias-sam', 'MIAS-SAM')\n"
-        "bb = w.get_backbone(('litemedsam', None, 'cpu'), lambda *a: None)\n"
+        "bb = w.get_backbone(('litemedsam', None, 'cpu', 'standard'), lambda *a: None)\n"
         "print('loaded', bb.name)\n"
         "v.close()\n"
     )

@@ -346,3 +346,22 @@ def test_bank_build_save_and_load_through_the_widget(setup, qtbot, sample_subset
     widget.load_bank()
     wait_until(qtbot, lambda: widget.job.done)
     assert "not a memory bank folder" in errors[-1]
+
+
+def test_a_run_takes_its_banks_encoding(make_napari_viewer, monkeypatch, tmp_path):
+    """The backbone of a run is loaded with the bank's encoding (a SAM bank built with
+    ``--encoding reference`` runs as the paper's code); the key tells the two apart."""
+    import napari_mias_sam.backbones as backbones_mod
+    from napari_mias_sam.viewer.widget import MiasSamWidget
+
+    widget = MiasSamWidget(make_napari_viewer())
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    ckpt.write_bytes(b"not read here")
+    widget.backbone_choice.value = "sam-vit_b"
+    widget.checkpoint.value = str(ckpt)
+    key = widget.selected_backbone_key("reference")
+    assert key == ("sam-vit_b", str(ckpt), str(widget.device.value), "reference")
+    assert widget.selected_backbone_key() != key  # a standard run needs another backbone
+    seen = {}
+    monkeypatch.setattr(backbones_mod, "load_backbone", lambda *a, **k: seen.update(k) or "loaded")
+    assert widget.get_backbone(key, lambda *a: None) == "loaded" and seen["encoding"] == "reference"

@@ -22,14 +22,22 @@ def load_backbone(
     *,
     precision: str = "fp32",
     random_init_seed: int | None = None,
+    encoding: str = "standard",
 ) -> Backbone:
-    """Build a backbone by name: ``litemedsam`` (bundled weights) or ``sam-vit_b|l|h`` (checkpoint)."""
+    """Build a backbone by name: ``litemedsam`` (bundled weights) or ``sam-vit_b|l|h`` (checkpoint).
+
+    ``encoding="reference"`` (SAM only): the paper's reference code's encoder input and float32
+    embeddings (see :mod:`napari_mias_sam.reference_io`)."""
     if name == "litemedsam":
         from .litemedsam import LiteMedSAM
+
+        if encoding != "standard":
+            raise WeightsError("the reference encoding reproduces the paper's SAM ViT code; LiteMedSAM has only the "
+                               "standard encoding (use --backbone sam-vit_b with --checkpoint, or --encoding standard)")
 
         return LiteMedSAM(checkpoint, device, precision=precision)
     if name.startswith("sam-") and name in BACKBONES:
         from .sam import SamBackbone
 
-        return SamBackbone(name[4:], checkpoint, device, precision=precision, random_init_seed=random_init_seed)
+        return SamBackbone(name[4:], checkpoint, device, precision=precision, random_init_seed=random_init_seed, encoding=encoding)
     raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

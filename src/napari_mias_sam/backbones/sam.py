@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WeightsError
+from ..preprocess import FRAME
+from ..reference_io import ENCODINGS, reference_mask_logits, reference_sam_input
 from .base import pick_device, sha256_file
 from .sam_family import SamLikeBackbone
 
@@ -48,6 +50,10 @@ class SamBackbone(SamLikeBackbone):
 
     ``checkpoint=None`` is only allowed with ``random_init_seed`` set: it builds the architecture
     with random weights (for structure tests and timing; the results mean nothing).
+
+    ``encoding="reference"`` feeds the encoder exactly what the paper's reference code feeds it
+    (uint8 slice resized to 1024 with PIL, float32 embeddings, masks brought to the frame through
+    the 1024 grid as ``SamPredictor`` does; :mod:`napari_mias_sam.reference_io`). It needs fp32.
     """
 
     input_size = 1024
@@ -60,7 +66,14 @@ class SamBackbone(SamLikeBackbone):
         *,
         precision: str = "fp32",
         random_init_seed: int | None = None,
+        encoding: str = "standard",
     ) -> None:
+        if encoding not in ENCODINGS:
+            raise WeightsError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+        if encoding == "reference" and precision != "fp32":
+            raise WeightsError(f"the reference encoding keeps the encoder in fp32 as the paper's code does; "
+                               f"drop --precision {precision} or use --encoding standard")
+        self.encoding = encoding
         if variant not in SAM_VARIANTS:
             raise WeightsError(f"unknown SAM variant {variant!r}; choose one of {', '.join(SAM_VARIANTS)}")
         self.name = f"sam-{variant}"
@@ -102,12 +115,19 @@ class SamBackbone(SamLikeBackbone):
         super().__init__(net, pick_device(device), precision=precision)
 
     def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.encoding == "reference":
+            return reference_sam_input(frames, self.input_size, self.model.pixel_mean, self.model.pixel_std)
         # The reference feeds 256 x 256 grey slices as 0-255 RGB to SAM's 1024 resize and normalisation.
         x = frames[:, None].expand(-1, 3, -1, -1) * 255.0
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         mean = self.model.pixel_mean.to(x.device)
         std = self.model.pixel_std.to(x.device)
         return ((x - mean) / std).contiguous()
+
+    def _frame_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        if self.encoding == "reference":
+            return reference_mask_logits(low_res, self.input_size, FRAME)
+        return super()._frame_logits(low_res)
 
     def describe(self) -> dict:
         return {
@@ -116,4 +136,5 @@ class SamBackbone(SamLikeBackbone):
             "weights_file": self.weights_path.name if self.weights_path else None,
             "weights_sha256": self.weights_sha256,
             "input_size": self.input_size,
+            "encoding": self.encoding,
         }

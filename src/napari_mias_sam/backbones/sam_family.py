@@ -28,6 +28,8 @@ class SamLikeBackbone:
     input_size = FRAME
     #: CPU fast path (see :mod:`.fast_cpu`): "auto", "onnx", "torch" or "off".
     fast = "off"
+    #: How slices reach the encoder (:mod:`napari_mias_sam.reference_io`); only SAM offers ``reference``.
+    encoding = "standard"
 
     @property
     def point_prompts_work(self) -> bool:
@@ -148,14 +150,19 @@ class SamLikeBackbone:
                 dense_prompt_embeddings=dense,
                 multimask_output=True,
             )
-        if low_res.shape[-1] != FRAME:
-            low_res = F.interpolate(low_res, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
+        low_res = self._frame_logits(low_res)
         if n > 1:  # several boxes: unite the masks (max of logits), keep the best IoU per mask slot
             logits = low_res.max(dim=0).values
             ious = iou.max(dim=0).values
         else:
             logits, ious = low_res[0], iou[0]
         return Decoded(logits=logits.float().cpu().numpy(), iou=ious.float().cpu().numpy().astype(np.float32))
+
+    def _frame_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """The decoder's low-resolution mask logits in the 256 x 256 frame."""
+        if low_res.shape[-1] != FRAME:
+            low_res = F.interpolate(low_res, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
+        return low_res
 
     @staticmethod
     def batchable(prompt: Prompt | None) -> bool:
@@ -183,8 +190,7 @@ class SamLikeBackbone:
             points, boxes = None, torch.tensor([p.box for p in prompts], dtype=torch.float32, device=dev) * s
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
         low_res, iou = _predict_masks_batched(self.model.mask_decoder, emb, self._image_pe(), sparse, dense)
-        if low_res.shape[-1] != FRAME:
-            low_res = F.interpolate(low_res, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
+        low_res = self._frame_logits(low_res)
         logits = low_res.float().cpu().numpy()
         ious = iou.float().cpu().numpy().astype(np.float32)
         return [Decoded(logits=logits[i], iou=ious[i]) for i in range(len(prompts))]

@@ -173,7 +173,9 @@ class MemoryBank:
         return (
             f"{self.ntotal:,} patches from {self.manifest['counts']['slices']} slices of "
             f"{len(self.manifest.get('sources', []))} sources; backbone {b['name']} "
-            f"(weights sha256 {str(b['weights_sha256'])[:12]}), layout {self.layout} ({self.dim}-d), "
+            f"(weights sha256 {str(b['weights_sha256'])[:12]}"
+            + (f", {b['encoding']} encoding" if "encoding" in b else "")
+            + f"), layout {self.layout} ({self.dim}-d), "
             f"index {self.manifest['index']['type']}"
             + (f" (nlist {self.manifest['index']['nlist']}, nprobe {self.nprobe})" if self.nprobe is not None else "")
             + (f", coreset {self.manifest['coreset']['ratio']:g} of {self.manifest['coreset']['encoded_patches']:,} patches"
@@ -301,7 +303,8 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
 
 
 def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: dict | None = None) -> None:
-    """Refuse a bank made with another backbone or weights (its embedding space is different)."""
+    """Refuse a bank made with another backbone, other weights or another encoding (its embedding
+    space is different)."""
     b = bank.backbone
     where = bank.path or "the memory bank"
     if b.get("name") != backbone_info.get("name") or b.get("weights_sha256") != backbone_info.get("weights_sha256"):
@@ -310,6 +313,14 @@ def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: di
             f"but the selected backbone is {backbone_info.get('name')} (weights sha256 "
             f"{str(backbone_info.get('weights_sha256'))[:12]}). Embeddings of different backbones or weights are not "
             f"comparable: select {b.get('name')} with the same weights, or rebuild the bank with the selected backbone."
+        )
+    from ..reference_io import encoding_of
+
+    if encoding_of(b) != encoding_of(backbone_info):
+        raise BankMismatchError(
+            f"{where} was built with the '{encoding_of(b)}' encoding but the selected backbone uses "
+            f"'{encoding_of(backbone_info)}'; embeddings of the two encodings are not comparable: run with the bank's "
+            f"encoding ('{encoding_of(b)}') or rebuild the bank with '{encoding_of(backbone_info)}'."
         )
     if preprocessing is not None and preprocessing.get("mode") != bank.preprocessing.get("mode"):
         raise BankMismatchError(

@@ -27,6 +27,7 @@ from ..patches import GRID
 from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
 from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from ..prompts import PROMPT_TYPES, default_prompt_for
+from ..reference_io import encoding_of
 from ..settings import NORMALISATIONS, SegmentSettings
 from ..model_inputs import volume_frames
 
@@ -60,15 +61,16 @@ def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, ax
         vol = load_volume(img_p)
         gt = load_labels(gt_p, like=vol)
         ax = resolve_axis(axis if axis is not None else bank.slice_axis, vol.affine)
-        frames, fg = volume_frames(vol.data, prep, ax, source=str(img_p))
+        frames, fg = volume_frames(vol.data, prep, ax, source=str(img_p), encoding=encoding_of(bank.backbone))
         g = volume_slices(gt.data > 0, ax)
         h, w = g.shape[1:]
         units.append(TestUnit(vol.name, frames, fg, Frame(h, w), np.ascontiguousarray(g), g.reshape(len(g), -1).any(1).astype(int), True))
     return units
 
 
-def units_from_slices(images: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, name: str = "slices") -> list[TestUnit]:
-    """Units from 2D slices (BMAD), grouped by slice size."""
+def units_from_slices(images: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, name: str = "slices", *,
+                      encoding: str = "standard") -> list[TestUnit]:
+    """Units from 2D slices (BMAD), grouped by slice size, framed for ``encoding`` (the bank's)."""
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
         by_shape.setdefault(im.shape, []).append(i)
@@ -76,7 +78,7 @@ def units_from_slices(images: list[np.ndarray], masks: list[np.ndarray], labels:
     for (h, w), idx in by_shape.items():
         stack = np.stack([images[i] for i in idx]).astype(np.float32)
         gt = np.stack([masks[i] for i in idx]).astype(bool)
-        units.append(TestUnit(f"{name}[{h}x{w}]", to_frame(stack), foreground_slices(stack), Frame(h, w), gt, np.asarray(labels)[idx], False))
+        units.append(TestUnit(f"{name}[{h}x{w}]", to_frame(stack, encoding=encoding), foreground_slices(stack), Frame(h, w), gt, np.asarray(labels)[idx], False))
     return units
 
 

@@ -34,6 +34,7 @@ from ..backbones import BACKBONES
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
 from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_prompt_for, point_prompts_work
 from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, SegmentSettings
+from ..reference_io import encoding_of
 
 __all__ = ["MiasSamWidget"]
 
@@ -196,16 +197,17 @@ class MiasSamWidget(BankMixin, QWidget):
             k=int(self.k.value), normalisation=str(self.normalisation.value), slice_decision=bool(self.slice_decision.value),
         )
 
-    def selected_backbone_key(self) -> tuple:
-        """(name, checkpoint, device) the controls select (or the pinned backbone's); a one-line
-        :class:`InputError` when a SAM backbone has no checkpoint file."""
+    def selected_backbone_key(self, encoding: str = "standard") -> tuple:
+        """(backbone, checkpoint, device, encoding) the controls select (or the pinned backbone's);
+        ``encoding``: a run takes its bank's (a SAM bank built with ``--encoding reference`` runs as
+        the paper's code). A one-line :class:`InputError` when a SAM backbone has no checkpoint file."""
         if self._pinned and self.backbone is not None and self.backbone_key is not None:
             return self.backbone_key
         name = str(self.backbone_choice.value)
         ckpt = path_or_none(self.checkpoint.value) if name != "litemedsam" else None
         if name != "litemedsam" and ckpt is None:
             raise InputError(f"{name} needs its checkpoint file: pick it in 'checkpoint' (e.g. sam_vit_b_01ec64.pth).")
-        return (name, str(ckpt) if ckpt else None, str(self.device.value))
+        return (name, str(ckpt) if ckpt else None, str(self.device.value), encoding)
 
     def use_backbone(self, backbone, device: str = "cpu") -> None:
         """Use an already loaded backbone (scripts and tests); sets the controls to match it. It stays
@@ -214,7 +216,7 @@ class MiasSamWidget(BankMixin, QWidget):
             self.backbone_choice.value = backbone.name
         self.device.value = device
         self.backbone = backbone
-        self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device)
+        self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device, encoding_of(backbone))
         self._pinned = True
 
     def get_backbone(self, key: tuple, progress):
@@ -225,7 +227,7 @@ class MiasSamWidget(BankMixin, QWidget):
         from ..backbones import load_backbone
 
         progress(f"load {key[0]}", 0, 1)
-        bb = load_backbone(key[0], key[1], None if key[2] == "auto" else key[2])
+        bb = load_backbone(key[0], key[1], None if key[2] == "auto" else key[2], encoding=key[3])
         progress(f"load {key[0]}", 1, 1)
         return bb
 
@@ -297,7 +299,7 @@ class MiasSamWidget(BankMixin, QWidget):
                 raise InputError(f"layer '{layer.name}' is RGB; MIAS-SAM needs a single-channel 3D volume.")
             if self.bank is None:
                 raise InputError("no memory bank: build one from normal volumes or load a bank folder first.")
-            key = self.selected_backbone_key()
+            key = self.selected_backbone_key(encoding_of(self.bank.backbone))
             if self.bank.backbone.get("name") != key[0]:
                 raise BankMismatchError(
                     f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
