@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from napari_mias_sam.backbones.base import Decoded, Prompt
 
-__all__ = ["FakeBackbone"]
+__all__ = ["FakeBackbone", "intensity_disc_fake"]
 
 
 class FakeBackbone:
@@ -87,3 +87,9 @@ class FakeBackbone:
     def describe(self) -> dict:
         return {"name": self.name, "weights_sha256": self.weights_sha256, "architecture": f"test fake ({self.embedding}, {self.masks})",
                 "input_size": 256}
+
+
+def intensity_disc_fake() -> FakeBackbone:
+    """The preset of the evaluation and PNG tests: pooled-intensity embeddings, disc masks of
+    radius 40/20/10 (weights hash ``fake-weights``)."""
+    return FakeBackbone(sha="fake-weights", embedding="intensity", masks="discs")
