@@ -142,6 +142,17 @@ def wait_until(qtbot, condition, timeout: float = 120.0) -> None:
     qtbot.waitUntil(condition, timeout=int(timeout * 1000))
 
 
+def layer_named(viewer, suffix: str):
+    """The one layer whose name ends with ``suffix`` (e.g. " mask")."""
+    (layer,) = [lay for lay in viewer.layers if lay.name.endswith(suffix)]
+    return layer
+
+
+def settle_live(qtbot, widget) -> None:
+    """Wait until the widget's live QA has applied every change (debounce timers and background pass)."""
+    wait_until(qtbot, lambda: widget.live is not None and not widget.live.busy)
+
+
 class LoopLatency:
     """Measures how long the Qt event loop takes to answer: a timer ticks every ``interval_ms``;
     ``max_gap`` is the longest time between two ticks (the viewer's worst freeze)."""

@@ -282,3 +282,31 @@ def test_second_bank_from_the_cache_skips_the_encoder_and_matches(world, tmp_pat
     from napari_mias_sam.bank.knn import index_vectors
 
     np.testing.assert_array_equal(index_vectors(again.index, 0, again.ntotal), index_vectors(first.index, 0, first.ntotal))
+
+
+def test_rerun_reuses_the_anomaly_maps_when_bank_and_k_are_unchanged(world, monkeypatch):
+    """A rerun with an earlier result: same slices, bank and k -> no encoder and no kNN search
+    (only normalisation, prompts and decoding), and the same maps and masks as a full run; another
+    k, another bank or other slices -> the search runs."""
+    bank = world["bank"]
+    searches = []
+    search = bank.search
+    monkeypatch.setattr(bank, "search", lambda *a, **k: (searches.append(1), search(*a, **k))[1])
+    bb = CountingBackbone(FakeBackbone())
+    vol = load_volume(world["case"])
+    first = segment_volume(vol, bank, bb)
+    n_search, n_encode = len(searches), bb.encode_calls
+    assert n_search > 0 and not first.maps_reused
+    again = segment_volume(load_volume(world["case"]), bank, bb, SegmentSettings(gamma=2.0, normalisation="reference"),
+                           reuse=first)
+    assert again.maps_reused and len(searches) == n_search and bb.encode_calls == n_encode
+    full = segment_volume(load_volume(world["case"]), bank, FakeBackbone(), SegmentSettings(gamma=2.0, normalisation="reference"))
+    np.testing.assert_array_equal(again.maps, full.maps)
+    np.testing.assert_array_equal(again.mask_volume(), full.mask_volume())
+    # k changed: the search runs again (the embeddings are still reused)
+    k2 = segment_volume(load_volume(world["case"]), bank, bb, SegmentSettings(k=2), reuse=first)
+    assert not k2.maps_reused and len(searches) > n_search and bb.encode_calls == n_encode
+    # other slices (another volume): nothing is reused
+    other = load_volume(world["normals"][0])
+    r = segment_volume(other, bank, bb, reuse=first)
+    assert not r.maps_reused and bb.encode_calls > n_encode

@@ -12,7 +12,7 @@ result it returns, so that a reader follows a run without changing files.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "redecode_slice",
     "segment_volume",
     "preprocessing_from_bank",
+    "maps_reusable",
 ]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -127,6 +128,11 @@ def cached_encode(
     return emb, key, hit
 
 
+def _model_frames(volume: Volume, backbone, prep: Preprocessing, ax: int):
+    """The volume's slices as the backbone sees them (its encoding) and which hold anatomy."""
+    return volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
+
+
 def encode_volume(
     volume: Volume,
     backbone,
@@ -140,7 +146,7 @@ def encode_volume(
 ) -> EncodedVolume:
     """Preprocess, slice and encode a volume; reuse cached embeddings of identical slices."""
     ax = resolve_axis(axis, volume.affine)
-    frames, fg = volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
+    frames, fg = _model_frames(volume, backbone, prep, ax)
     h, w = [s for i, s in enumerate(volume.shape) if i != ax]
     emb, key, hit = cached_encode(frames, backbone, cache, batch_size=batch_size, progress=progress, cancelled=cancelled)
     if hit and progress:
@@ -208,6 +214,7 @@ class SegmentationResult:
     logits: np.ndarray  # (N, 3, 256, 256) float16 mask logits (0 where no prompt)
     ious: np.ndarray  # (N, 3) predicted IoU (NaN where no prompt)
     timings: dict = field(default_factory=dict)
+    maps_reused: bool = False  # patch scores and raw maps taken from an earlier result (no kNN search)
 
     @property
     def axis(self) -> int:
@@ -398,11 +405,18 @@ def segment_volume(
     axis: int | str | None = None,
     cache: EmbeddingCache | None = None,
     encoded: EncodedVolume | None = None,
+    reuse: SegmentationResult | None = None,
     batch_size: int = 4,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
-    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring)."""
+    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
+
+    ``reuse``: an earlier result. When it was made from the same slices (same content, axis and
+    backbone) its embeddings are used, and when the bank, k and sigma are also the same its patch
+    scores and raw maps too: only the normalisation, the prompts and the decoder run again
+    (``maps_reused`` is then True).
+    """
     settings = settings or SegmentSettings()
     if settings.prompt is None:
         settings = settings.replace(prompt=default_prompt_for(backbone.name))
@@ -414,6 +428,8 @@ def segment_volume(
         bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
     t: dict[str, float] = {}
     t0 = time.perf_counter()
+    if encoded is None and reuse is not None:
+        encoded = _reusable_encoding(reuse, volume, backbone, prep, axis if axis is not None else bank.slice_axis)
     if encoded is None:
         encoded = encode_volume(
             volume, backbone, prep, axis=axis if axis is not None else bank.slice_axis, cache=cache,
@@ -421,7 +437,11 @@ def segment_volume(
         )
     t["encode_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores, raw = score_volume(encoded.embeddings, bank, k=settings.k, sigma=settings.sigma, progress=progress, cancelled=cancelled)
+    reused = reuse is not None and maps_reusable(reuse, encoded, bank, settings)
+    if reused:
+        scores, raw = reuse.scores, reuse.raw_maps
+    else:
+        scores, raw = score_volume(encoded.embeddings, bank, k=settings.k, sigma=settings.sigma, progress=progress, cancelled=cancelled)
     t["knn_and_map_s"] = time.perf_counter() - t1
     fg = encoded.foreground
     calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
@@ -440,7 +460,34 @@ def segment_volume(
         volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
+        maps_reused=reused,
     )
+
+
+def _reusable_encoding(reuse: SegmentationResult, volume: Volume, backbone, prep: Preprocessing, axis) -> EncodedVolume | None:
+    """``reuse.encoded`` when ``volume`` gives the same slices for ``backbone`` (else None)."""
+    ax = resolve_axis(axis, volume.affine)
+    if reuse.encoded.axis != ax or reuse.volume.shape != volume.shape:
+        return None
+    frames, _fg = _model_frames(volume, backbone, prep, ax)
+    key = frames_key(frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
+    return replace(reuse.encoded, from_cache=True) if key == reuse.encoded.key else None
+
+
+def maps_reusable(previous: SegmentationResult, encoded: EncodedVolume, bank: MemoryBank, settings: SegmentSettings) -> bool:
+    """Can a run with ``settings`` reuse ``previous``'s patch scores and raw maps? Same slices
+    (embedding key), same bank (provenance), same k and sigma: the kNN search would give the same."""
+    return (
+        previous.encoded.key == encoded.key
+        and _same_bank(previous.bank_info, _bank_info(bank))
+        and previous.settings.k == settings.k
+        and previous.settings.sigma == settings.sigma
+    )
+
+
+def _same_bank(a: dict, b: dict) -> bool:
+    """Same bank content, wherever it is saved (saving an unsaved bank only gives it a path)."""
+    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
 
 
 def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:

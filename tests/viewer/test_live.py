@@ -139,6 +139,50 @@ def test_compare_with_gt_and_error_overlay():
         compare_with_gt(pred, gt[:3], axis=0, s=0)
 
 
+def test_box_prompts_as_display_rectangles_and_mask_counts():
+    """Each box prompt becomes a (4, 3) display-order rectangle on its slice whose centre is the
+    prompt centre; a moved point's box is of kind 'moved'; counts of kept and dropped masks."""
+    res = _result(axis=2, shape=(40, 30, 4))
+    bb = disc_backbone()
+    ses = LiveSession(res, bb, (2, 0, 1))
+    ses.change_settings(res.settings.replace(prompt="cog-box"))
+    list(ses.refresh_iter(ses.order_from(0), ses.generation))
+    shapes, feats = ses.prompt_shapes()
+    assert len(shapes) == 4 and list(feats["slice"]) == [0, 1, 2, 3] and set(feats["kind"]) == {"cog-box"}
+    for s, rect in zip(feats["slice"], shapes):
+        assert rect.shape == (4, 3) and np.allclose(rect[:, ses.display_axis], s)
+        np.testing.assert_allclose(rect.mean(axis=0), ses.point(s), atol=1e-6)
+        x0, y0, x1, y1 = res.prompts[s].box  # the box's extent, mapped back to the slice grid
+        fr = res.encoded.frame
+        assert np.ptp(rect[:, 1]) == pytest.approx((y1 - y0) / fr.scale) and np.ptp(rect[:, 2]) == pytest.approx((x1 - x0) / fr.scale)
+    ses.move_point(2, (2.0, 20.0, 15.0))
+    list(ses.refresh_iter([2], ses.new_generation()))
+    shapes, feats = ses.prompt_shapes()
+    assert list(feats["kind"]) == ["cog-box", "cog-box", "moved", "cog-box"]
+    np.testing.assert_allclose(shapes[2].mean(axis=0), (2.0, 20.0, 15.0), atol=1e-6)
+    # A point prompt has no box.
+    ses.change_settings(ses.settings.replace(prompt="cog-point"))
+    list(ses.refresh_iter(ses.order_from(0), ses.generation))
+    assert ses.prompt_shapes()[0] == []
+    c = ses.mask_counts()
+    assert c == {"slices": 4, "anatomy": 4, "prompted": 4, "dropped": 0, "kept": 4}
+    res.decision[1] = False
+    assert ses.mask_counts()["dropped"] == 1 and ses.mask_counts()["kept"] == 3
+
+
+def test_moved_points_carried_to_a_new_session_are_decoded_with_it():
+    res = _result(axis=0, shape=(3, 50, 60))
+    ses = LiveSession(res, disc_backbone(), (0, 1, 2))
+    xy = ses.move_point(1, (1.0, 10.0, 45.0))
+    again = LiveSession(_result(axis=0, shape=(3, 50, 60)), disc_backbone(), (0, 1, 2), overrides=ses.overrides)
+    assert again.overrides == {1: xy} and again.stale == {1}
+    list(again.refresh_iter(sorted(again.stale), again.generation))
+    np.testing.assert_allclose(again.point(1), (1.0, 10.0, 45.0), atol=1e-6)
+    assert again.points()[1]["moved"].tolist() == [False, True, False]
+    # Out-of-range slices (another volume's) are not carried.
+    assert LiveSession(_result(axis=0, shape=(3, 50, 60)), disc_backbone(), overrides={7: (1.0, 2.0)}).overrides == {}
+
+
 def test_ranked_slices():
     assert ranked_slices(np.array([0.1, 0.9, 0.5, 2.0]), np.array([True, True, True, False])) == [1, 2, 0, 3]
 

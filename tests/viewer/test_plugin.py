@@ -56,7 +56,7 @@ def test_widget_from_plugins_menu_works_through_the_viewer_proxy(make_napari_vie
     result = _result(axis=0, shape=(4, 30, 40))
     live = widget.show_result(result, widget.viewer.layers["vol"], disc_backbone())
     names = [layer.name for layer in viewer.layers]
-    assert names == ["vol", "vol anomaly", "vol mask", "vol CoG"]
+    assert names == ["vol", "vol anomaly", "vol mask", "vol prompt box", "vol CoG"]
     before = viewer.layers["vol CoG"].data.copy()
     widget.gamma.value = 1.0
     qtbot.waitUntil(lambda: not live.busy, timeout=30_000)

@@ -9,10 +9,42 @@ import torch
 from ..errors import WeightsError
 from .base import Backbone, Decoded, Prompt, pick_device
 
-__all__ = ["BACKBONES", "Backbone", "Decoded", "Prompt", "load_backbone", "pick_device"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "Decoded",
+    "Prompt",
+    "load_backbone",
+    "pick_device",
+    "default_prompt_for",
+    "point_prompts_work_for",
+    "iou_tracks_quality_for",
+]
 
 #: Backbone names (their prompt defaults: :data:`napari_mias_sam.prompts.BACKBONE_PROMPTS`).
 BACKBONES = ("litemedsam", "sam-vit_b", "sam-vit_l", "sam-vit_h")
+#: Decoders whose IoU head does not track mask quality (it reads about the same for empty, leaking
+#: and good masks): what the viewer says about them before any weights are loaded.
+_IOU_UNINFORMATIVE = frozenset({"litemedsam"})
+
+
+def default_prompt_for(name: str) -> str:
+    """The prompt type a run uses with this backbone (the table: :data:`..prompts.BACKBONE_PROMPTS`)."""
+    from ..prompts import default_prompt_for as from_table
+
+    return from_table(name)
+
+
+def point_prompts_work_for(name: str) -> bool:
+    """False for a backbone trained with box prompts only (the table: :data:`..prompts.BACKBONE_PROMPTS`)."""
+    from ..prompts import point_prompts_work
+
+    return point_prompts_work(name)
+
+
+def iou_tracks_quality_for(name: str) -> bool:
+    """False where the decoder's predicted IoU says nothing about the mask's quality (LiteMedSAM)."""
+    return name not in _IOU_UNINFORMATIVE
 
 
 def load_backbone(

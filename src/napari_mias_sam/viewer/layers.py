@@ -36,6 +36,7 @@ from ..io import Volume, is_nifti, load_labels, load_volume, nifti_stem, save_ni
 
 __all__ = [
     "WORLD_FROM_RAS",
+    "WORLD_AXIS_LABELS",
     "RAS_FROM_WORLD",
     "GEOMETRY_KEYS",
     "MAX_LABELS",
@@ -57,6 +58,9 @@ WORLD_FROM_RAS = np.array(
     [[0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
 )
 RAS_FROM_WORLD = np.linalg.inv(WORLD_FROM_RAS)
+
+#: Names of the world axes (S, P, L): the slices met moving along each, for the viewer's sliders.
+WORLD_AXIS_LABELS = ("axial", "coronal", "sagittal")
 
 #: Keys of ``layer.metadata`` that carry the source geometry.
 GEOMETRY_KEYS = ("affine", "header", "path", "display_axes", "source_shape")
@@ -181,6 +185,7 @@ def read_nifti_layers(path: str | os.PathLike) -> list[tuple[np.ndarray, dict, s
             "name": name,
             "affine": layer_affine(vol.affine, axes),
             "metadata": geometry_metadata(vol, axes),
+            "axis_labels": WORLD_AXIS_LABELS,
         }
         if kind == "image":
             kwargs.update(colormap="gray", contrast_limits=_robust_limits(data))

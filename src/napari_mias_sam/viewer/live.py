@@ -82,7 +82,14 @@ class SliceUpdate:
 class LiveSession:
     """One result, its backbone, user-moved prompt points and the display axis order."""
 
-    def __init__(self, result: SegmentationResult, backbone, display_axes: tuple[int, ...] = (0, 1, 2)) -> None:
+    def __init__(
+        self,
+        result: SegmentationResult,
+        backbone,
+        display_axes: tuple[int, ...] = (0, 1, 2),
+        *,
+        overrides: dict[int, tuple[float, float]] | None = None,
+    ) -> None:
         self.result = result
         self.backbone = backbone
         self.axes = tuple(int(a) for a in display_axes)
@@ -92,6 +99,9 @@ class LiveSession:
         self.generation = 0
         self.stale: set[int] = set()  # slices whose logits do not match the settings yet
         self._marks: dict[int, int] = {}  # per-slice count of 'made stale' events
+        if overrides:  # moved points carried over from an earlier run of the same volume
+            self.overrides = {int(s): (float(x), float(y)) for s, (x, y) in overrides.items() if 0 <= int(s) < self.n_slices}
+            self.mark_stale(self.overrides)
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -161,6 +171,48 @@ class LiveSession:
             feats["moved"].append(s in self.overrides)
         coords = np.asarray(rows, dtype=float).reshape(-1, 3)
         return coords, {k: np.asarray(v) for k, v in feats.items()}
+
+    def box_corners(self, s: int) -> list[np.ndarray]:
+        """The box prompt(s) of slice ``s`` as (4, 3) display-order corner arrays (none for a
+        point prompt or no prompt)."""
+        p = self.result.prompts[s]
+        if p is None or p.kind == "point":
+            return []
+        boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
+        fr = self.result.encoded.frame
+        rest = [a for a in range(3) if a != self.result.axis]
+        out = []
+        for x0, y0, x1, y1 in boxes:  # type: ignore[misc]
+            corners = []
+            for y, x in ((y0, x0), (y0, x1), (y1, x1), (y1, x0)):
+                ijk = [0.0, 0.0, 0.0]
+                ijk[self.result.axis] = float(s)
+                ijk[rest[0]], ijk[rest[1]] = fr.to_slice(y, x)
+                corners.append(self.file_to_display(ijk))
+            out.append(np.asarray(corners, dtype=float))
+        return out
+
+    def prompt_shapes(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Every slice's box prompt(s) in display order and their features: slice, kind (the
+        prompt type, or ``moved`` for a box re-centred on a user-moved point)."""
+        shapes, feats = [], {"slice": [], "kind": []}
+        for s in range(self.n_slices):
+            kind = "moved" if s in self.overrides else str(self.settings.prompt)
+            for corners in self.box_corners(s):
+                shapes.append(corners)
+                feats["slice"].append(s)
+                feats["kind"].append(kind)
+        return shapes, {"slice": np.asarray(feats["slice"], dtype=int), "kind": np.asarray(feats["kind"], dtype=object)}
+
+    def mask_counts(self) -> dict[str, int]:
+        """How many slices hold anatomy, were prompted, were dropped by the slice decision, and
+        kept a non-empty mask (with the mask choice in force)."""
+        r = self.result
+        prompted = [s for s in range(self.n_slices) if r.prompts[s] is not None]
+        dropped = [s for s in prompted if not r.decision[s]]
+        kept = [s for s in prompted if r.decision[s] and bool(r.slice_mask(s, self.settings.mask_index).any())]
+        return {"slices": self.n_slices, "anatomy": int(np.sum(r.encoded.foreground)), "prompted": len(prompted),
+                "dropped": len(dropped), "kept": len(kept)}
 
     def ious(self, s: int) -> np.ndarray:
         """The three predicted IoUs of slice ``s`` (NaN without a prompt)."""

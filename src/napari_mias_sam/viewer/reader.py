@@ -30,4 +30,14 @@ def read_nifti(path: str | os.PathLike | list) -> list[tuple]:
     layers: list[tuple] = []
     for p in paths:
         layers.extend(read_nifti_layers(p))
+    if not _layers_take_axis_labels():  # napari < 0.6: the sliders keep their numbers
+        layers = [(data, {k: v for k, v in kw.items() if k != "axis_labels"}, kind) for data, kw, kind in layers]
     return layers
+
+
+def _layers_take_axis_labels() -> bool:
+    import inspect
+
+    from napari.layers import Image
+
+    return "axis_labels" in inspect.signature(Image.__init__).parameters

@@ -3,6 +3,11 @@ selected image layer in a background worker, and live QA (``widget_live``).
 
 A thin layer: every computation is a call into the same modules the ``mias-sam`` command line
 uses (``backbones``, ``file_steps``, ``bank``, ``pipeline``, ``viewer.live``, ``viewer.layers``).
+
+Size: over 450 lines because the dock's controls, their layout, tooltips and wiring live in one
+class; its bank and live parts are separate modules (``widget_bank``, ``widget_live``) that reach
+it only through the ``BankHost`` / ``LiveHost`` protocols. Next cut when it grows: the section
+builders.
 """
 
 from functools import partial
@@ -23,16 +28,18 @@ from magicgui.widgets import (
 )
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import QGroupBox, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from superqt import QCollapsible
 
 from .widget_bank import BankMixin, path_or_none
-from .widget_live import LiveController, is_output_layer
+from .widget_live import LiveController, is_output_layer, plural
+from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
 from .. import defaults
-from ..backbones import BACKBONES
+from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
-from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_prompt_for, point_prompts_work
+from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_prompt_for
 from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, SegmentSettings
 from ..reference_io import encoding_of
 
@@ -41,24 +48,47 @@ __all__ = ["MiasSamWidget"]
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _display_name(backbone: str) -> str:
-    return {"litemedsam": "LiteMedSAM"}.get(backbone, backbone)
-
-
 def _wrapping(label: Label) -> None:
     """Let a long text label wrap to the dock's width instead of widening it."""
     label.native.setWordWrap(True)
     label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
 
 
-def _section(title: str, *widgets) -> tuple[QGroupBox, Container]:
-    box = QGroupBox(title)
-    lay = QVBoxLayout(box)
-    lay.setContentsMargins(4, 4, 4, 4)
+def _row(*widgets, labels: bool = False) -> Container:
+    """Controls side by side, flush with the rows above and below."""
+    row = Container(widgets=list(widgets), layout="horizontal", labels=labels)
+    row.native.layout().setContentsMargins(0, 0, 0, 0)
+    return row
+
+
+def _section(title: str, *widgets) -> tuple[QCollapsible, Container]:
+    """A collapsible section (click its title to fold it) holding a magicgui container."""
+    box = QCollapsible(title, expandedIcon="▼", collapsedIcon="▶")
+    box.setDuration(0)
+    box.content().layout().setContentsMargins(0, 0, 0, 0)
     cont = Container(widgets=list(widgets))
     cont.native.layout().setContentsMargins(0, 0, 0, 0)
-    lay.addWidget(cont.native)
+    box.addWidget(cont.native)
+    box.expand(animate=False)
     return box, cont
+
+
+def _same_grid(a, b) -> bool:
+    """Two results of the same volume grid and slicing (a moved point means the same there)."""
+    return a.volume.shape == b.volume.shape and a.axis == b.axis and a.n_slices == b.n_slices
+
+
+def _file_list_summary(paths) -> str:
+    """'3 files: normal_01.nii.gz, ... in /folder' (names readable where the line edit cuts them)."""
+    from pathlib import Path
+
+    ps = [Path(str(p)) for p in (paths or ()) if str(p) not in ("", ".")]
+    if not ps:
+        return "no normal volumes chosen"
+    names = ", ".join(p.name for p in ps[:6]) + (f", ... (+{len(ps) - 6})" if len(ps) > 6 else "")
+    folders = {str(p.parent) for p in ps}
+    where = f" in {folders.pop()}" if len(folders) == 1 else f" in {len(folders)} folders"
+    return f"{len(ps)} file{'s' if len(ps) != 1 else ''}: {names}{where}"
 
 
 class MiasSamWidget(BankMixin, QWidget):
@@ -85,6 +115,7 @@ class MiasSamWidget(BankMixin, QWidget):
         # -- bank -------------------------------------------------------------------------------
         self.normal_files = FileEdit(mode="rm", filter="*.nii *.nii.gz", label="normal volumes",
                                      tooltip="lesion-free NIfTI volumes for the memory bank")
+        self.normals_info = Label(value="no normal volumes chosen")
         self.normal_folder = FileEdit(mode="d", label="or a folder", tooltip="a folder of normal NIfTI volumes, or a BMAD dataset folder")
         self.preprocess = ComboBox(choices=sorted(PREPROCESS_PRESETS), value="mri", label="intensities")
         self.layout_choice = ComboBox(choices=PATCH_LAYOUTS, value="paper1024", label="patch features")
@@ -97,6 +128,7 @@ class MiasSamWidget(BankMixin, QWidget):
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
         self.prompt = ComboBox(choices=PROMPT_TYPES, value=default_prompt_for("litemedsam"), label="prompt")
+        self.prompt_note = Label(value="")
         self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
         self.mask = RadioButtons(choices=[1, 2, 3], value=defaults.MASK_INDEX, orientation="horizontal", label="mask",
@@ -113,33 +145,42 @@ class MiasSamWidget(BankMixin, QWidget):
         self.status = Label(value="")
         # -- compare ----------------------------------------------------------------------------
         self.gt = ComboBox(choices=self._labels_choices, nullable=True, value=None, label="ground truth")
-        self.show_errors = CheckBox(value=False, text="show false positives / negatives")
+        self.show_errors = CheckBox(value=False, text="show false positives (yellow) / negatives (magenta)",
+                                    tooltip="outlines of the mask's false positives and false negatives against the ground truth")
         self.dice_info = Label(value="Dice: choose a ground-truth Labels layer")
+        self.counts_info = Label(value="")
+        self._counts = self._live_state = ""
+        self.message = MessageBar()
         self.profile = ProfilePlot()
         self.next_btn = PushButton(text="Next most anomalous slice")
 
-        for lab in (self.bank_info, self.iou_info, self.status, self.dice_info):
+        for lab in (self.bank_info, self.normals_info, self.prompt_note, self.iou_info, self.status, self.dice_info,
+                    self.counts_info):
             _wrapping(lab)
+        self.prompt_note.visible = False
         boxes = [
             _section("Model", self.backbone_choice, self.checkpoint, self.device),
-            _section("Memory bank", self.normal_files, self.normal_folder, self.preprocess, self.layout_choice,
-                     Container(widgets=[self.sample_normals_btn, self.build_btn], layout="horizontal", labels=False),
-                     self.bank_path, Container(widgets=[self.load_btn, self.save_btn], layout="horizontal", labels=False),
+            _section("Memory bank", self.normal_files, self.normals_info, self.normal_folder, self.preprocess,
+                     self.layout_choice,
+                     _row(self.sample_normals_btn, self.build_btn), self.bank_path, _row(self.load_btn, self.save_btn),
                      self.bank_info),
-            _section("Run", self.image, self.prompt, self.gamma, self.mask, self.iou_info, self.normalisation, self.k,
-                     self.slice_decision, self.batch_size,
-                     Container(widgets=[self.run_btn, self.cancel_btn], layout="horizontal", labels=False),
-                     self.reset_points_btn, self.progress, self.status),
+            _section("Run", self.image, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
+                     self.normalisation, _row(self.k, self.batch_size, labels=True), self.slice_decision,
+                     _row(self.run_btn, self.cancel_btn, self.reset_points_btn),
+                     self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, self.show_errors, self.dice_info),
         ]
         self._containers = [c for _, c in boxes]
+        self.sections = {box.text(): box for box, _ in boxes}  # by title (a folded bank section adds its summary)
         inner = QWidget()
         lay = QVBoxLayout(inner)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.setSpacing(0)
         for box, _ in boxes:
             lay.addWidget(box)
         compare_box = boxes[-1][0]
-        compare_box.layout().addWidget(self.profile)
-        compare_box.layout().addWidget(self.next_btn.native)
+        compare_box.addWidget(self.profile)
+        compare_box.addWidget(self.next_btn.native)
         lay.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -147,9 +188,12 @@ class MiasSamWidget(BankMixin, QWidget):
         scroll.setWidget(inner)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.message)  # above the sections: always in view
         outer.addWidget(scroll)
         self.setMinimumWidth(440)
         self.scroll = scroll
+        self._prompt_tooltips()
+        self._mask_tooltip()
 
         # Sliders and drags emit many values: apply live changes after a short pause.
         self._settings_timer = QTimer(self)
@@ -170,6 +214,7 @@ class MiasSamWidget(BankMixin, QWidget):
         for w in (self.gamma, self.mask, self.prompt, self.normalisation, self.k, self.slice_decision):
             w.changed.connect(lambda *_: self._settings_timer.start())
         self.prompt.changed.connect(self._prompt_hint)
+        self.normal_files.changed.connect(self._show_normals)
         self.gt.changed.connect(self._on_compare_changed)
         self.show_errors.changed.connect(self._on_compare_changed)
         self.profile.slice_clicked.connect(self._jump)
@@ -237,11 +282,88 @@ class MiasSamWidget(BankMixin, QWidget):
     def _on_backbone_changed(self, name: str) -> None:
         self.checkpoint.enabled = name != "litemedsam"
         self.prompt.value = default_prompt_for(name)
+        self._prompt_tooltips()
+        self._mask_tooltip()
+        self._prompt_hint(self.prompt.value)
+        if self.live is not None:
+            self.live.on_slice_changed()
+
+    def _point_prompts_work(self) -> bool:
+        return point_prompts_work_for(str(self.backbone_choice.value))
+
+    def iou_tracks_quality(self) -> bool:
+        """Whether the selected backbone's predicted IoU says anything about a mask's quality."""
+        return iou_tracks_quality_for(str(self.backbone_choice.value))
+
+    def _prompt_tooltips(self) -> None:
+        """Each prompt type's tooltip in the drop-down says what it is and whether it suits the backbone."""
+        box_only = not self._point_prompts_work()
+        name = str(self.backbone_choice.value)
+        what = {"cog-point": "the gamma-weighted centre of gravity as a point (the paper's prompt)",
+                "cog-box": "a box from the map's gamma-weighted centre and spread (no threshold)",
+                "max-point": "the map's maximum as a point (paper ablation)",
+                "threshold-box": "boxes around the map above 0.5 (paper ablation)"}
+        combo = self.prompt.native
+        for i in range(combo.count()):
+            kind = combo.itemText(i)
+            tip = what.get(kind, kind)
+            if box_only and kind in ("cog-point", "max-point"):
+                tip += f". Not for {name}: it was trained with box prompts only, a point gives near-empty masks."
+            combo.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+
+    def _mask_tooltip(self) -> None:
+        tip = "SAM's three masks, coarse (1) to fine (3); the paper uses 3."
+        if not self.iou_tracks_quality():
+            tip += (f" {self.backbone_choice.value}'s IoU head does not track mask quality (it reads about the "
+                    "same for empty, leaking and good masks), so its predicted IoU is not shown.")
+        else:
+            tip += " Each mask's predicted IoU for the current slice is shown below."
+        self.mask.tooltip = tip
 
     def _prompt_hint(self, value: str) -> None:
-        name = self.backbone_choice.value
-        if PROMPT_RULES[value].shape == "point" and not point_prompts_work(name):
-            self.status.value = f"{_display_name(name)} was trained with box prompts: point prompts give near-empty masks."
+        """A note under the prompt choice that stays while a point prompt is used on a box-only backbone."""
+        if not self._point_prompts_work() and PROMPT_RULES[value].shape == "point":
+            self.prompt_note.value = (f"⚠ {self.backbone_choice.value} was trained with box prompts only: "
+                                      f"{value} gives near-empty masks. Use cog-box.")
+            self.prompt_note.native.setStyleSheet("color: #f0b040;")
+            self.prompt_note.visible = True
+        else:
+            self.prompt_note.value = ""
+            self.prompt_note.visible = False
+
+    def _show_normals(self, *_args) -> None:
+        self.normals_info.value = _file_list_summary(self.normal_files.value)
+
+    # -- messages ---------------------------------------------------------------------------------
+    def show_message(self, text: str, level: str = "info") -> None:
+        """A message that stays in the dock (above the sections) until it is replaced or cleared."""
+        self.message.show_message(text, level)
+
+    def report_error(self, text: str) -> None:
+        """A user error: its full text in the dock, and a notification."""
+        self.message.show_message(text, "error")
+        show_error(f"MIAS-SAM: {text}")
+
+    def show_counts(self, text: str) -> None:
+        """How many slices kept a mask (after a run and after every live update)."""
+        self._counts = text
+        self._show_live_info()
+
+    def show_live_state(self, text: str) -> None:
+        """Where the live updates stand ("updating slices...", "up to date"); the run's status stays."""
+        self._live_state = text
+        self._show_live_info()
+
+    def _show_live_info(self) -> None:
+        state = f"live updates: {self._live_state}" if self._live_state else ""
+        self.counts_info.value = "; ".join(t for t in (self._counts, state) if t)
+
+    def fold_bank_section(self, summary: str = "") -> None:
+        """Fold the memory-bank section (a bank is in use: make room for the QA); its title keeps
+        a one-line summary of the bank."""
+        sec = self.sections["Memory bank"]
+        sec.setText("Memory bank" + (f": {summary}" if summary else ""))
+        sec.collapse(animate=False)
 
     def _busy(self, busy: bool) -> None:
         for b in (self.build_btn, self.load_btn, self.save_btn, self.run_btn):
@@ -252,7 +374,7 @@ class MiasSamWidget(BankMixin, QWidget):
         """Run ``func(progress, cancelled)`` in the background, then ``on_done(value)`` on the
         GUI thread (``value`` is a :class:`Failed` when it raised); ``None`` while busy."""
         if self.job is not None and not self.job.done:
-            show_error("MIAS-SAM is busy with another job; wait for it or cancel it.")
+            self.report_error("MIAS-SAM is busy with another job; wait for it or cancel it.")
             return None
         self._busy(True)
         self.progress.value = 0
@@ -267,13 +389,14 @@ class MiasSamWidget(BankMixin, QWidget):
     def job_failed(self, what: str, value) -> bool:
         """Report a failed or cancelled job (status line and notification); ``True`` if it was."""
         if not isinstance(value, Failed):
+            self.message.clear("error")
             return False
         if isinstance(value.exc, Cancelled):
             self.status.value = f"{what} cancelled; nothing was changed."
             show_info(f"MIAS-SAM: {what} cancelled; nothing was changed.")
         else:
-            self.status.value = f"{what} failed: {value.exc}"
-            show_error(f"MIAS-SAM: {value.exc}")
+            self.status.value = f"{what} failed."
+            self.report_error(f"{what} failed: {value.exc}")
         return True
 
     def settings_pending(self) -> bool:
@@ -298,7 +421,8 @@ class MiasSamWidget(BankMixin, QWidget):
             if layer.rgb:
                 raise InputError(f"layer '{layer.name}' is RGB; MIAS-SAM needs a single-channel 3D volume.")
             if self.bank is None:
-                raise InputError("no memory bank: build one from normal volumes or load a bank folder first.")
+                raise InputError("no memory bank: build one from normal volumes (Memory bank > Build bank) "
+                                 "or load a saved bank folder (Load bank) first.")
             key = self.selected_backbone_key(encoding_of(self.bank.backbone))
             if self.bank.backbone.get("name") != key[0]:
                 raise BankMismatchError(
@@ -312,16 +436,18 @@ class MiasSamWidget(BankMixin, QWidget):
             volume, axes = volume_from_layer(layer.data, layer.metadata, layer_data_to_world(layer), name=layer.name)
             settings = self.current_settings()
         except (MiasSamError, ValueError) as exc:
-            show_error(f"MIAS-SAM: {exc}")
+            self.report_error(str(exc))
             return None
         from ..cache import EmbeddingCache
         from ..pipeline import segment_volume
 
         bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
+        previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
 
         def job(progress, cancelled):
             bb = self.get_backbone(key, progress)
-            res = segment_volume(volume, bank, bb, settings, cache=cache, batch_size=batch, progress=progress, cancelled=cancelled)
+            res = segment_volume(volume, bank, bb, settings, cache=cache, reuse=previous, batch_size=batch,
+                                 progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
             # napari's Points/Labels layers import pandas and scipy.linalg on first use: do it here,
@@ -338,16 +464,24 @@ class MiasSamWidget(BankMixin, QWidget):
         if self.job_failed("the run", value):
             return
         backbone, self.backbone_key, result = value
-        self.show_result(result, layer, backbone, axes)
+        previous = self.live if (self.live is not None and self.live.source is layer) else None
+        moved = previous.session.overrides if previous is not None and _same_grid(previous.session.result, result) else {}
+        self.show_result(result, layer, backbone, axes, moved_points=moved)
         t = result.timings
-        cached = " (embeddings from the cache)" if result.encoded.from_cache else ""
-        self.status.value = (f"done in {sum(t.values()):.1f} s{cached}: {int(result.encoded.foreground.sum())} slices "
-                             f"prompted. Tune gamma, the mask and the prompt, or drag a CoG point.")
+        how = ("anomaly maps reused" if result.maps_reused else
+               "embeddings from the cache" if result.encoded.from_cache else "")
+        took = sum(t.values())
+        kept = f"; {plural(len(moved), 'moved point')} kept (Reset moved points drops them)" if moved else ""
+        self.status.value = (f"done in {took:.1f} s{f' ({how})' if how else ''}{kept}. Tune gamma, the mask and "
+                             f"the prompt, or drag a CoG point.")
+        self.message.clear("warning")
+        self._prompt_hint(self.prompt.value)
         self.progress.value = self.progress.max
 
-    def show_result(self, result, layer, backbone, axes=None) -> "LiveController":
+    def show_result(self, result, layer, backbone, axes=None, *, moved_points: Optional[dict] = None) -> "LiveController":
         """Show a :class:`~napari_mias_sam.pipeline.SegmentationResult` of ``layer`` (from a run
-        here or from a script) as the three output layers, and start live QA on it."""
+        here or from a script) as the output layers, and start live QA on it. ``moved_points``
+        (slice -> model-frame (x, y)), e.g. from the previous run, are re-applied and re-decoded."""
         from .live import LiveSession
         from .layers import volume_from_layer
 
@@ -362,7 +496,12 @@ class MiasSamWidget(BankMixin, QWidget):
             with w.changed.blocked():
                 w.value = v
         reuse = previous.layers if (previous is not None and previous.source == layer) else None
-        self.live = LiveController(self, LiveSession(result, backbone, axes), layer, reuse=reuse)
+        session = LiveSession(result, backbone, axes, overrides=moved_points)
+        self.live = LiveController(self, session, layer, reuse=reuse)
+        if session.stale:  # the moved points: decode those slices with them
+            self.live.refresh(order=sorted(session.stale))
+        else:
+            self.show_counts(self.live.counts_text())
         return self.live
 
     # -- live QA (delegated to the controller) -------------------------------------------------------

@@ -6,8 +6,6 @@ the bundled sample normals), load, save, and show where the bank came from.
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
-from napari.utils.notifications import show_error
-
 from ..paths import sample_data_dir
 from ..backbones import BACKBONES
 from ..errors import InputError, MiasSamError
@@ -41,6 +39,10 @@ class BankHost(Protocol):
 
     def get_backbone(self, key: tuple, progress: Callable) -> Any: ...
 
+    def report_error(self, text: str) -> None: ...
+
+    def fold_bank_section(self, summary: str = "") -> None: ...
+
 
 def path_or_none(value):
     """A path from a file control's value; ``None`` for an empty one."""
@@ -58,11 +60,13 @@ class BankMixin:
         self.bank = bank
         where = f"\nfolder: {bank.path}" if bank.path else "\nnot saved yet"
         self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}"
+        saved = Path(bank.path).name if bank.path else "not saved"
+        self.fold_bank_section(f"{bank.ntotal:,} patches, {bank.backbone.get('name')} ({saved})")
 
     def use_sample_normals(self) -> None:
         normals = sorted(sample_data_dir().glob("normal_*.nii.gz"))
         if not normals:
-            show_error(f"MIAS-SAM: no sample normal volumes in {sample_data_dir()}.")
+            self.report_error(f"no sample normal volumes in {sample_data_dir()}.")
             return
         self.normal_files.value = tuple(normals)
         self.preprocess.value = "mri"
@@ -77,7 +81,7 @@ class BankMixin:
                 raise InputError("choose normal (lesion-free) volumes or a folder of them to build the memory bank from.")
             key = self.selected_backbone_key()
         except MiasSamError as exc:
-            show_error(f"MIAS-SAM: {exc}")
+            self.report_error(str(exc))
             return
         from ..settings import PREPROCESS_PRESETS as presets
         from ..file_steps import build_bank_from_files
@@ -102,7 +106,7 @@ class BankMixin:
     def load_bank(self) -> None:
         path = path_or_none(self.bank_path.value)
         if path is None:
-            show_error("MIAS-SAM: choose the bank folder to load.")
+            self.report_error("choose the bank folder to load (bank folder), then press Load bank.")
             return
         from ..bank import load_bank
 
@@ -119,10 +123,10 @@ class BankMixin:
     def save_bank(self) -> None:
         path = path_or_none(self.bank_path.value)
         if self.bank is None:
-            show_error("MIAS-SAM: no memory bank to save; build one first.")
+            self.report_error("no memory bank to save; build one first.")
             return
         if path is None:
-            show_error("MIAS-SAM: choose the folder to save the bank to.")
+            self.report_error("choose the folder to save the bank to (bank folder), then press Save bank.")
             return
         bank = self.bank
 

@@ -5,6 +5,10 @@ false-positive / false-negative overlay and the per-slice profile.
 The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods and the pure helpers of
 :mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
+
+Size: about 500 lines because one controller owns every output layer of a run and keeps them in
+step (layers, points, background re-decoding, comparison, profile); the computations themselves are
+in :mod:`napari_mias_sam.viewer.live`.
 """
 
 import time
@@ -13,7 +17,6 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import napari
-from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 
 from .widget_threads import start_generator
@@ -21,11 +24,15 @@ from .live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, FN, FP, LiveSession,
 from ..evaluation.metrics import dice
 from .layers import GEOMETRY_KEYS, geometry_metadata
 
-__all__ = ["LiveHost", "LiveController", "is_output_layer", "OUTPUT_KEY"]
+__all__ = ["LiveHost", "LiveController", "is_output_layer", "OUTPUT_KEY", "plural"]
 
 OUTPUT_KEY = "mias_sam"  # layer.metadata key marking (and describing) MIAS-SAM outputs
 MASK_COLOR = "lime"
-POINT_COLOR = "red"
+POINT_COLOR = "red"  # a computed prompt centre
+MOVED_COLOR = "orange"  # a prompt centre the user moved (kept until "Reset moved points")
+BOX_COLOR = "white"  # the box prompt sent to the decoder
+GT_COLOR = "cyan"  # the ground truth's outline
+ERROR_COLORS = {"FP": "yellow", "FN": "magenta"}
 
 
 def is_output_layer(layer) -> bool:
@@ -36,6 +43,19 @@ def _direct_colormap(colors: dict):
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colors})
+
+
+def _point_colors(moved) -> np.ndarray:
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    moved = np.asarray(moved, dtype=bool).reshape(-1)
+    red, orange = transform_color(POINT_COLOR)[0], transform_color(MOVED_COLOR)[0]
+    return np.where(moved[:, None], orange, red) if moved.size else np.zeros((0, 4))
+
+
+def plural(n: int, word: str) -> str:
+    """'1 moved point', '2 moved points'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _fmt(v) -> str:
@@ -57,6 +77,16 @@ class LiveHost(Protocol):
 
     def settings_pending(self) -> bool: ...
 
+    def iou_tracks_quality(self) -> bool: ...
+
+    def report_error(self, text: str) -> None: ...
+
+    def show_message(self, text: str, level: str = "info") -> None: ...
+
+    def show_counts(self, text: str) -> None: ...
+
+    def show_live_state(self, text: str) -> None: ...
+
 
 class LiveController:
     """Owns the output layers of one run and keeps them in step with the session."""
@@ -76,6 +106,7 @@ class LiveController:
         self._last_refresh = 0.0
         self._rank_pos = -1
         self._volume_stats: Optional[dict] = None
+        self._styled: list = []  # ground-truth layers already given their outline style
         self._move_timer = QTimer()
         self._move_timer.setSingleShot(True)
         self._move_timer.setInterval(200)
@@ -87,8 +118,11 @@ class LiveController:
     # -- layers ---------------------------------------------------------------------------------
     def _transform(self) -> dict:
         s = self.source
-        return {"affine": s.affine.affine_matrix, "scale": s.scale, "translate": s.translate,
-                "rotate": s.rotate, "shear": s.shear}
+        out = {"affine": s.affine.affine_matrix, "scale": s.scale, "translate": s.translate,
+               "rotate": s.rotate, "shear": s.shear}
+        if getattr(s, "axis_labels", None) is not None:  # napari >= 0.6: the sliders' anatomical names
+            out["axis_labels"] = tuple(s.axis_labels)
+        return out
 
     def _metadata(self, role: str) -> dict:
         src = self.source.metadata or {}
@@ -126,16 +160,59 @@ class LiveController:
         mask = self._put("mask", reuse, "labels", ses.mask_display(), f"{name} mask", opacity=0.5)
         mask.colormap = _direct_colormap({1: MASK_COLOR})
         mask.events.paint.connect(self._on_painted)  # hand edits of the mask count in the Dice
+        self._show_boxes(reuse)
         coords, feats = ses.points()
         pts = self._put("points", reuse, "points", coords, f"{name} CoG", features=feats, face_color=POINT_COLOR,
                         border_color="white", size=self._point_size())
-        pts.face_color = POINT_COLOR
+        pts.face_color = _point_colors(feats["moved"])
         self._snapshot = pts.data.copy()
         pts.events.data.connect(self._on_points_data)
         if "errors" in reuse and reuse["errors"] in self.viewer.layers:
             self.viewer.layers.remove(reuse["errors"])
+        self._order_layers()
         self.viewer.layers.selection.active = pts
-        self.w.profile.set_data(ses.result.image_scores, ses.result.encoded.foreground, ses.result.decision_threshold)
+        r = ses.result
+        self.w.profile.set_data(r.image_scores, r.encoded.foreground, r.decision_threshold,
+                                dropped=r.encoded.foreground & ~np.asarray(r.decision, bool))
+
+    def _show_boxes(self, reuse: dict) -> None:
+        """The Shapes layer of box prompts (one rectangle per prompted slice, ``kind`` in its
+        features), between the mask and the CoG points."""
+        old = reuse.get("boxes")
+        if old is not None and old in self.viewer.layers:
+            self.layers["boxes"] = old
+            old.metadata = self._metadata("boxes")
+        else:
+            self.layers["boxes"] = self.viewer.add_shapes(
+                ndim=3, name=f"{self.source.name} prompt box", metadata=self._metadata("boxes"), face_color="transparent",
+                edge_color=BOX_COLOR, edge_width=self._edge_width(), opacity=0.9, **self._transform())
+        self._rebuild_boxes()
+
+    def _edge_width(self) -> float:
+        return max(1.0, self._point_size() / 6)
+
+    def _rebuild_boxes(self) -> None:
+        layer = self.layers.get("boxes")
+        if layer is None or layer not in self.viewer.layers:
+            return
+        shapes, feats = self.session.prompt_shapes()
+        layer.data = []
+        if shapes:
+            colors = [MOVED_COLOR if k == "moved" else BOX_COLOR for k in feats["kind"]]
+            layer.add_rectangles(shapes, edge_width=self._edge_width(), edge_color=colors, face_color="transparent")
+        layer.features = feats
+        layer.refresh()
+
+    def _order_layers(self) -> None:
+        """Outputs over their source: map, mask, ground truth, FP/FN, boxes, and the CoG points on top."""
+        order = [self.layers.get("anomaly"), self.layers.get("mask"), self._gt_layer(), self.layers.get("errors"),
+                 self.layers.get("boxes"), self.layers.get("points")]
+        present = [lay for lay in order if lay is not None and lay in self.viewer.layers]
+        layers = self.viewer.layers
+        if list(layers[len(layers) - len(present):]) == present:
+            return
+        for lay in present:  # each to the top in turn: the points end on top
+            layers.move(layers.index(lay), len(layers))
 
     def _point_size(self) -> float:
         shape = [s for a, s in enumerate(self.source.data.shape) if a != self.session.display_axis]
@@ -192,20 +269,34 @@ class LiveController:
     def on_slice_changed(self) -> None:
         s = self.current_slice()
         self.w.profile.set_current(s)
-        ious = self.session.ious(s)
-        if np.isfinite(ious).any():
-            self.w.iou_info.value = f"predicted IoU, slice {s}: " + "   ".join(
-                f"mask {i + 1}: {_fmt(v)}" for i, v in enumerate(ious))
-        else:
-            self.w.iou_info.value = f"slice {s}: no prompt (no anatomy or no anomaly response)"
+        self.w.iou_info.value = self.slice_readout(s)
         self.update_compare(full=False)
+
+    def slice_readout(self, s: int) -> str:
+        """One line on slice ``s``: its prompt (moved or not, dropped by the slice decision) and,
+        where the backbone's IoU head tracks quality, each mask's predicted IoU."""
+        ses = self.session
+        p = ses.result.prompts[s]
+        if p is None:
+            return f"slice {s}: no prompt (no anatomy or no anomaly response)"
+        kind = "moved point" if s in ses.overrides else str(ses.settings.prompt)
+        text = f"slice {s}: {kind}"
+        if not ses.result.decision[s]:
+            return text + ", mask dropped by the slice decision"
+        ious = ses.ious(s)
+        if not self.w.iou_tracks_quality():
+            return text + " (IoU not shown: this backbone's IoU head does not track mask quality)"
+        if np.isfinite(ious).any():
+            text += "; predicted IoU " + "  ".join(f"mask {i + 1}: {_fmt(v)}" for i, v in enumerate(ious))
+        return text
 
     # -- refreshing from the session ------------------------------------------------------------------
     def apply_settings(self, settings) -> str:
         kind = self.session.change_settings(settings)
         if kind == CHANGE_RERUN:
-            self.w.status.value = ("k, normalisation and the slice decision change the anomaly maps: click Run again "
-                                   "(the embeddings are cached, so only the search and the decoder run).")
+            self.w.show_message("k, the normalisation and the slice decision change the anomaly maps: press "
+                                "Run MIAS-SAM again (the embeddings are cached; the nearest-neighbour search "
+                                "reruns only when k or the bank changed). Moved points are kept.", "warning")
         elif kind in (CHANGE_PROMPT, CHANGE_MASK):
             self.refresh()
         return kind
@@ -217,7 +308,7 @@ class LiveController:
             self._worker.quit()
         if order is None:
             order = self.session.order_from(self.current_slice())
-        self.w.status.value = "updating slices..."
+        self.w.show_live_state("updating slices...")
         self._active_gen = gen
         self.updated = []
         self._worker = start_generator(self.session.refresh_iter, order, gen,
@@ -242,6 +333,7 @@ class LiveController:
             self._last_refresh = now
             mask.refresh()
             self.layers["points"].refresh()
+            self._rebuild_boxes()
             if upd.s == self.current_slice():
                 self.on_slice_changed()
 
@@ -254,10 +346,24 @@ class LiveController:
             self.session.sync()
         self.layers["mask"].refresh()
         self._rebuild_points()
+        self._rebuild_boxes()
         self._refresh_metadata()
         self.on_slice_changed()
         self.update_compare(full=True)
-        self.w.status.value = "up to date" if not self.session.stale else f"{len(self.session.stale)} slices not updated yet"
+        self.w.show_live_state("up to date" if not self.session.stale else f"{len(self.session.stale)} slices not updated yet")
+        self.w.show_counts(self.counts_text())
+
+    def counts_text(self) -> str:
+        """How many slices kept a mask (and why the others did not)."""
+        c = self.session.mask_counts()
+        text = f"{c['kept']} of {c['prompted']} prompted slices kept a mask"
+        if c["dropped"]:
+            text += f"; the slice decision dropped {c['dropped']}"
+        if c["anatomy"] > c["prompted"]:
+            text += f"; {c['anatomy'] - c['prompted']} slices had no anomaly response"
+        if self.session.overrides:
+            text += f"; {plural(len(self.session.overrides), 'moved point')}"
+        return text
 
     # -- points ---------------------------------------------------------------------------------
     def _set_point(self, s: int, p) -> None:
@@ -271,6 +377,10 @@ class LiveController:
         try:
             pts.data[rows[0]] = p
             self._snapshot = pts.data.copy()
+            moved = s in self.session.overrides
+            if bool(pts.features["moved"].iloc[rows[0]]) != moved:
+                pts.features.loc[rows[0], "moved"] = moved
+                pts.face_color = _point_colors(pts.features["moved"].to_numpy())
         finally:
             self._updating_points = False
 
@@ -283,7 +393,7 @@ class LiveController:
         try:
             pts.data = coords
             pts.features = feats
-            pts.face_color = POINT_COLOR
+            pts.face_color = _point_colors(feats["moved"])
             self._snapshot = pts.data.copy()
         finally:
             self._updating_points = False
@@ -305,6 +415,12 @@ class LiveController:
         for i in moved:
             self.session.move_point(int(slices[i]), data[i])
         self._snapshot = data.copy()
+        self._updating_points = True
+        try:  # a moved point turns orange at once
+            pts.features.loc[moved, "moved"] = True
+            pts.face_color = _point_colors(pts.features["moved"].to_numpy())
+        finally:
+            self._updating_points = False
         self._move_timer.start()  # a drag sends many events: decode once it pauses
 
     def _apply_moves(self) -> None:
@@ -333,11 +449,13 @@ class LiveController:
             self._set_errors(None)
             return None
         if gt.data.shape != mask.data.shape:
-            show_error(f"MIAS-SAM: ground truth '{gt.name}' has shape {tuple(gt.data.shape)} but the mask has "
-                       f"{tuple(mask.data.shape)}; choose the ground truth of '{self.source.name}'.")
+            self.w.report_error(f"ground truth '{gt.name}' has shape {tuple(gt.data.shape)} but the mask has "
+                                f"{tuple(mask.data.shape)}; choose the ground truth of '{self.source.name}'.")
             self.w.gt.value = None
             return None
         ax, s = self.session.display_axis, self.current_slice()
+        if gt not in self._styled:
+            self._style_ground_truth(gt)
         if full or self._volume_stats is None:
             self._volume_stats = compare_with_gt(mask.data, gt.data, axis=ax, s=s)
             g = np.moveaxis(np.asarray(gt.data) != 0, ax, 0)
@@ -354,6 +472,24 @@ class LiveController:
         )
         return res
 
+    def _style_ground_truth(self, gt) -> None:
+        """Once per picked ground truth: a cyan outline (binary masks) drawn over the mask and the
+        map, under the FP/FN overlay and the prompts; the CoG points stay the active layer."""
+        self._styled.append(gt)
+        if gt.contour == 0:
+            gt.contour = 2
+        values = np.unique(np.asarray(gt.data)[:: max(1, gt.data.shape[0] // 16)])
+        if set(values.tolist()) <= {0, 1}:
+            gt.colormap = _direct_colormap({1: GT_COLOR})
+            gt.opacity = 1.0
+        self._order_layers()
+        self._keep_points_active()
+
+    def _keep_points_active(self) -> None:
+        pts = self.layers.get("points")
+        if pts is not None and pts in self.viewer.layers:
+            self.viewer.layers.selection.active = pts
+
     def _set_errors(self, overlay: Optional[np.ndarray]) -> None:
         layer = self.layers.get("errors")
         present = layer is not None and layer in self.viewer.layers
@@ -365,7 +501,10 @@ class LiveController:
         if present and layer.data.shape == overlay.shape:
             layer.data = overlay
             return
-        layer = self.viewer.add_labels(overlay, name=f"{self.source.name} FP (yellow) / FN (magenta)",
-                                       metadata=self._metadata("errors"), opacity=0.8, **self._transform())
-        layer.colormap = _direct_colormap({FP: "yellow", FN: "magenta"})
+        layer = self.viewer.add_labels(overlay, name=f"{self.source.name} FP/FN", metadata=self._metadata("errors"),
+                                       opacity=1.0, **self._transform())
+        layer.colormap = _direct_colormap({FP: ERROR_COLORS["FP"], FN: ERROR_COLORS["FN"]})
+        layer.contour = 1  # outlines: the mask and the anatomy stay visible under them
         self.layers["errors"] = layer
+        self._order_layers()
+        self._keep_points_active()

@@ -1,5 +1,6 @@
-"""A small per-slice anomaly-score profile: one bar per slice, the current slice outlined,
-ground-truth lesion slices ticked; clicking a bar jumps to that slice."""
+"""A small per-slice anomaly-score profile: one bar per slice with slice numbers under it, the
+current slice outlined, ground-truth lesion slices ticked, slices the slice decision dropped and
+slices without anatomy greyed; clicking a bar jumps to that slice."""
 
 from typing import Optional
 
@@ -8,7 +9,26 @@ from qtpy.QtCore import QRectF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-__all__ = ["ProfilePlot"]
+__all__ = ["ProfilePlot", "tick_slices"]
+
+KEPT = QColor(240, 120, 40)  # a slice whose mask is kept
+DROPPED = QColor(125, 125, 135)  # prompted, but the slice decision dropped its mask
+EMPTY = QColor(70, 70, 70)  # no anatomy: never prompted
+LESION = QColor(60, 200, 255)  # ground-truth lesion slice
+AXIS_H = 14  # pixels under the bars for the slice numbers
+TICK_H = 6  # pixels for the ground-truth ticks
+
+
+def tick_slices(n: int, width_px: float, min_px: float = 34.0) -> list[int]:
+    """Slice numbers to label on an axis of ``n`` slices ``width_px`` wide: a round step (1, 2, 5,
+    10, 20, 50...) so that labels are at least ``min_px`` apart, always including 0."""
+    if n <= 0:
+        return []
+    per = max(width_px / n, 1e-6)
+    for step in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000):
+        if step * per >= min_px:
+            break
+    return list(range(0, n, step))
 
 
 class ProfilePlot(QWidget):
@@ -20,17 +40,21 @@ class ProfilePlot(QWidget):
         super().__init__(parent)
         self.scores = np.zeros(0)
         self.foreground = np.zeros(0, bool)
+        self.dropped = np.zeros(0, bool)
         self.lesion = None  # bool per slice, from the ground truth
         self.current = -1
         self.threshold = None
-        self.setMinimumHeight(70)
-        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
-        self.setToolTip("Per-slice anomaly score (max patch distance). Click a bar to go to that slice; "
-                        "ticks below mark ground-truth lesion slices.")
+        self.setMinimumHeight(96)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setToolTip("Per-slice anomaly score (max patch distance), slice numbers below. Orange: mask kept; "
+                        "grey: dropped by the slice decision (dashed line: its threshold); dark: no anatomy. "
+                        "Blue ticks: ground-truth lesion slices. Click a bar to go to that slice.")
 
-    def set_data(self, scores, foreground=None, threshold=None) -> None:
+    def set_data(self, scores, foreground=None, threshold=None, dropped=None) -> None:
         self.scores = np.asarray(scores, dtype=float)
-        self.foreground = np.ones(len(self.scores), bool) if foreground is None else np.asarray(foreground, bool)
+        n = len(self.scores)
+        self.foreground = np.ones(n, bool) if foreground is None else np.asarray(foreground, bool)
+        self.dropped = np.zeros(n, bool) if dropped is None else np.asarray(dropped, bool)
         self.threshold = threshold
         self.update()
 
@@ -43,10 +67,10 @@ class ProfilePlot(QWidget):
             self.current = int(s)
             self.update()
 
-    def _bar_rect(self, i: int, n: int, top: float) -> QRectF:
-        w = self.width() / max(n, 1)
-        h = self.height() - 10
-        return QRectF(i * w, 0, max(w - 1, 1), h)
+    def bar_color(self, i: int) -> QColor:
+        if not self.foreground[i]:
+            return EMPTY
+        return DROPPED if self.dropped[i] else KEPT
 
     def slice_at(self, x: float) -> int:
         n = len(self.scores)
@@ -60,31 +84,40 @@ class ProfilePlot(QWidget):
         n = len(self.scores)
         if n == 0:
             p.setPen(QColor(150, 150, 150))
-            p.drawText(self.rect(), Qt.AlignCenter, "run MIAS-SAM to see the per-slice profile")
+            p.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "run MIAS-SAM to see the per-slice profile")
             p.end()
             return
-        h = self.height() - 10
+        h = self.height() - AXIS_H - TICK_H - 2  # bar area
         w = self.width() / n
         top = float(np.nanmax(self.scores)) if np.isfinite(self.scores).any() else 1.0
         top = top if top > 0 else 1.0
         for i, v in enumerate(self.scores):
             frac = 0.0 if not np.isfinite(v) else max(0.0, v / top)
             bh = frac * (h - 2)
-            color = QColor(240, 120, 40) if self.foreground[i] else QColor(90, 90, 90)
-            p.fillRect(QRectF(i * w, h - bh, max(w - 1, 1), bh), color)
+            p.fillRect(QRectF(i * w, h - bh, max(w - 1, 1), bh), self.bar_color(i))
             if self.lesion is not None and i < len(self.lesion) and self.lesion[i]:
-                p.fillRect(QRectF(i * w, h + 3, max(w - 1, 1), 5), QColor(60, 200, 255))
+                p.fillRect(QRectF(i * w, h + 1, max(w - 1, 1), TICK_H - 1), LESION)
         if self.threshold is not None and np.isfinite(self.threshold):
             y = h - max(0.0, self.threshold / top) * (h - 2)
-            p.setPen(QPen(QColor(200, 200, 200), 1, Qt.DashLine))
+            p.setPen(QPen(QColor(200, 200, 200), 1, Qt.PenStyle.DashLine))
             p.drawLine(0, int(y), self.width(), int(y))
+        # The slice axis: numbers under their bars.
+        p.setPen(QColor(170, 170, 170))
+        font = p.font()
+        font.setPointSizeF(max(6.0, font.pointSizeF() * 0.8))
+        p.setFont(font)
+        y0 = h + TICK_H
+        for s in tick_slices(n, self.width()):
+            cx = (s + 0.5) * w
+            p.drawLine(int(cx), y0, int(cx), y0 + 2)
+            p.drawText(QRectF(cx - 20, y0 + 1, 40, AXIS_H), Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, str(s))
         if 0 <= self.current < n:
             p.setPen(QPen(QColor(255, 255, 255), 2))
             p.drawRect(QRectF(self.current * w, 1, max(w - 1, 1), h - 1))
         p.end()
 
     def mousePressEvent(self, event) -> None:  # noqa: N802
-        pos = event.pos() if hasattr(event, "pos") else event.position()
+        pos = event.position() if hasattr(event, "position") else event.pos()
         s = self.slice_at(pos.x())
         if s >= 0:
             self.slice_clicked.emit(s)
