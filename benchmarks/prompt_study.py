@@ -30,7 +30,8 @@ from scipy import ndimage
 
 from napari_mias_sam import prompts as P
 from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, _baseline, _encode_units, _maps
+from napari_mias_sam.defaults import GAMMA
+from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, baseline_scores, encode_units, unit_maps
 from napari_mias_sam.evaluation.metrics import dice, paired_bootstrap
 from napari_mias_sam.pipeline import decode_one
 from napari_mias_sam.preprocess import from_frame, to_frame
@@ -62,12 +63,12 @@ def bounding_box(mask: np.ndarray) -> Box | None:
     return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
 
 
-def moment_box(amap: np.ndarray, *, gamma: float = 5.0, spread_gamma: float | None = None, n_sigma: float = 2.0,
+def moment_box(amap: np.ndarray, *, gamma: float = GAMMA, spread_gamma: float | None = None, n_sigma: float = 2.0,
                window: float | None = None) -> Box | None:
     """CoG +/- ``n_sigma`` weighted standard deviations. ``spread_gamma``: weight the spread with
     another exponent; ``window``: recompute centre and spread once, inside the first
     +/- ``window`` sigma box (one mean-shift step)."""
-    w = P._weights(amap, gamma)
+    w = P.cog_weights(amap, gamma)
     if w is None:
         return None
     rows, cols = np.indices(w.shape)
@@ -81,7 +82,7 @@ def moment_box(amap: np.ndarray, *, gamma: float = 5.0, spread_gamma: float | No
         return float(np.sqrt((wt * (cols - xc) ** 2).sum() / t)), float(np.sqrt((wt * (rows - yc) ** 2).sum() / t))
 
     xc, yc = moments(w)
-    ws = w if spread_gamma is None else P._weights(amap, spread_gamma)
+    ws = w if spread_gamma is None else P.cog_weights(amap, spread_gamma)
     sx, sy = spread(ws, xc, yc)
     if window is not None:
         inside = w * ((np.abs(cols - xc) <= window * sx) & (np.abs(rows - yc) <= window * sy))
@@ -93,9 +94,9 @@ def moment_box(amap: np.ndarray, *, gamma: float = 5.0, spread_gamma: float | No
     return max(0.0, xc - hx), max(0.0, yc - hy), min(hi[0], xc + hx), min(hi[1], yc + hy)
 
 
-def quantile_box(amap: np.ndarray, q: float = 0.02, gamma: float = 5.0) -> Box | None:
+def quantile_box(amap: np.ndarray, q: float = 0.02, gamma: float = GAMMA) -> Box | None:
     """Box between the ``q`` and ``1 - q`` weighted quantiles of the map's x and y marginals."""
-    w = P._weights(amap, gamma)
+    w = P.cog_weights(amap, gamma)
     if w is None:
         return None
 
@@ -115,7 +116,7 @@ def z_smoothed(maps: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 
 
 def slice_dices(unit: TestUnit, calibrated: np.ndarray, backbone,
-                gamma: float = 5.0) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
+                gamma: float = GAMMA) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
     """Per SAM variant (every variant but the baseline), the Dice of each anomalous slice of one
     unit (0 where a variant gives no mask), and per slice the default box's width and height over
     the ground truth's bounding box's."""
@@ -166,15 +167,15 @@ def slice_dices(unit: TestUnit, calibrated: np.ndarray, backbone,
 
 def study(units: list[TestUnit], bank, backbone, *, cache=None) -> dict:
     """Every variant's slice Dice and its paired comparison with the baseline."""
-    _encode_units(units, backbone, cache, None, 4)
+    encode_units(units, backbone, cache, None, 4)
     ctx = EvalContext(units, [bank], backbone, SegmentSettings(prompt="cog-box"), None, k_max=1)
     baseline: list[tuple[int, float]] = []  # (subject, Dice) per anomalous slice, in unit and slice order
-    _baseline(ctx, 0, 1, per_slice=baseline)
+    baseline_scores(ctx, 0, 1, per_slice=baseline)
     per: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
     per["baseline"] = [v for _, v in baseline]
     subject = [o for o, _ in baseline]
     ratios: list[tuple[float, float]] = []
-    for u, cal in zip(units, _maps(ctx, 0, 1, "calibrated")):
+    for u, cal in zip(units, unit_maps(ctx, 0, 1, "calibrated")):
         d, r = slice_dices(u, cal, backbone)
         ratios.extend(r)
         for name, values in d.items():

@@ -31,7 +31,7 @@ import numpy as np
 
 from napari_mias_sam import prompts as P
 from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, _encode_units, _maps, _scores
+from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, encode_units, unit_maps, unit_scores
 from napari_mias_sam.anomaly import image_scores
 from napari_mias_sam.evaluation.metrics import paired_bootstrap, paper_slice_dice, volume_dice
 from napari_mias_sam.pipeline import decode_one, slice_decision_threshold
@@ -133,7 +133,7 @@ def region_prediction(dec: Decoder, ui: int, u: TestUnit, maps: np.ndarray, leve
 
 def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | None = None, maps_only: bool = False,
           only: list[str] | None = None) -> dict:
-    _encode_units(units, backbone, cache, None, 4)
+    encode_units(units, backbone, cache, None, 4)
     ctx = EvalContext(units, [bank], backbone, SegmentSettings(prompt="cog-box"), None, k_max=1)
     maps_file = work / "maps.npz" if work else None
     if maps_file and maps_file.is_file():
@@ -142,8 +142,8 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
             ref = [z[f"ref{i}"] for i in range(len(units))]
             img = [z[f"img{i}"] for i in range(len(units))]
     else:
-        cal, ref = _maps(ctx, 0, 1, "calibrated"), _maps(ctx, 0, 1, "reference")
-        img = [image_scores(s) for s in _scores(ctx, 0, 1)]
+        cal, ref = unit_maps(ctx, 0, 1, "calibrated"), unit_maps(ctx, 0, 1, "reference")
+        img = [image_scores(s) for s in unit_scores(ctx, 0, 1)]
         if maps_file:
             np.savez(maps_file, **{f"cal{i}": m for i, m in enumerate(cal)}, **{f"ref{i}": m for i, m in enumerate(ref)},
                      **{f"img{i}": m for i, m in enumerate(img)})

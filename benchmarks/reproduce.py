@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             env, log, stdout=opt_json)
         options = json.loads(opt_json.read_text())
 
-    from napari_mias_sam.evaluation.benchmark import machine_info
+    from napari_mias_sam.machine import machine_info
 
     total = time.perf_counter() - t0
     machine = machine_info()

@@ -1,5 +1,5 @@
-"""Shared helpers of the core tests (tests/test_*.py, tests/bank/, tests/backbones/...): a deterministic fake backbone,
-synthetic 'anatomy' volumes, NIfTI writers, file fingerprints, and the real LiteMedSAM backbone
+"""Shared helpers of the core tests (tests/test_*.py, tests/bank/, tests/backbones/...): a counting
+backbone wrapper, synthetic 'anatomy' volumes, NIfTI writers, file fingerprints, and the real LiteMedSAM backbone
 loaded once per test session."""
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_mias_sam.backbones.base import Decoded, Prompt
 
 __all__ = [
-    "CoreFakeBackbone",
     "CountingBackbone",
     "litemedsam",
     "anatomy_volume",
@@ -27,58 +25,6 @@ __all__ = [
     "snapshot",
     "frames_from_seed",
 ]
-
-
-class CoreFakeBackbone:
-    """Deterministic stand-in for a SAM-like backbone.
-
-    ``encode``: the frame is 4x4 average-pooled to 64 x 64 and passed through a fixed per-channel
-    affine map and tanh, so embeddings depend (smoothly, non-linearly) on the pixels and equal
-    frames give equal embeddings. ``decode``: mask logits +10 inside the prompt's box (for a point,
-    a square of half-side 4/8/12 pixels for masks 3/2/1), -10 outside; IoUs (0.5, 0.6, 0.7).
-    ``calls`` / ``frames_encoded`` count the work done by ``encode``.
-    """
-
-    default_prompt = "cog-box"
-    point_prompts_work = True
-    precision = "fp32"
-
-    def __init__(self, name: str = "fake", sha: str = "fake-weights-0001", seed: int = 0, channels: int = 256) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.name = name
-        self.weights_sha256 = sha
-        self.device = torch.device("cpu")
-        self.a = torch.randn(channels, generator=g) * 3.0
-        self.b = torch.randn(channels, generator=g) * 0.5
-        self.calls = 0
-        self.frames_encoded = 0
-        self.decode_calls = 0
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        self.frames_encoded += len(frames)
-        x = F.avg_pool2d(frames[:, None].float(), 4)  # (N, 1, 64, 64)
-        return torch.tanh(self.a[None, :, None, None] * x + self.b[None, :, None, None])
-
-    def decode(self, embedding: torch.Tensor, prompt: Prompt, mask_input=None) -> Decoded:
-        self.decode_calls += 1
-        assert tuple(embedding.shape[-3:]) == (256, 64, 64)
-        logits = np.full((3, 256, 256), -10.0, np.float32)
-        if prompt.kind == "point":
-            x, y = prompt.point
-            boxes = [[(x - h, y - h, x + h, y + h)] for h in (12, 8, 4)]
-        else:
-            bx = [prompt.box] if prompt.kind == "box" else list(prompt.boxes)
-            boxes = [bx, bx, bx]
-        for m in range(3):
-            for x0, y0, x1, y1 in boxes[m]:
-                r0, r1 = int(np.clip(np.floor(y0), 0, 255)), int(np.clip(np.ceil(y1), 0, 255))
-                c0, c1 = int(np.clip(np.floor(x0), 0, 255)), int(np.clip(np.ceil(x1), 0, 255))
-                logits[m, r0 : r1 + 1, c0 : c1 + 1] = 10.0
-        return Decoded(logits=logits, iou=np.array([0.5, 0.6, 0.7], np.float32))
-
-    def describe(self) -> dict:
-        return {"name": self.name, "weights_sha256": self.weights_sha256, "architecture": "core test fake", "input_size": 256}
 
 
 class CountingBackbone:

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fake_backbone import FakeBackbone
+from fakes import intensity_disc_fake
 from napari_mias_sam.settings import Preprocessing
 from napari_mias_sam.file_steps import build_bank_from_files
 
@@ -47,6 +47,6 @@ def write_eval_set(d: Path):
         nib.save(nib.Nifti1Image(g, aff), d / f"t{i}_seg.nii.gz")
         imgs.append(d / f"t{i}.nii.gz")
         gts.append(d / f"t{i}_seg.nii.gz")
-    bb = FakeBackbone()
+    bb = intensity_disc_fake()
     bank = build_bank_from_files(normals, bb, preprocessing=Preprocessing())
     return bb, bank, imgs, gts

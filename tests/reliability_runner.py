@@ -1,4 +1,4 @@
-"""Runs ``mias-sam`` in a subprocess with the fake backbone (tests/fake_backbone.py), for the
+"""Runs ``mias-sam`` in a subprocess with the fake backbone (tests/fakes.py), for the
 concurrency and kill tests of test_reliability_catalogue.py.
 
 ``python reliability_runner.py ARGS...`` = ``mias-sam ARGS...``. Environment:
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import napari_mias_sam.backbones as backbones  # noqa: E402
-from fake_backbone import FakeBackbone  # noqa: E402
+from fakes import FakeBackbone  # noqa: E402
 
 _real_load = backbones.load_backbone
 

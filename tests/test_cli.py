@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import napari_mias_sam.backbones as backbones_mod
-from core_fixtures import CoreFakeBackbone, anatomy_volume, disk, sha256, snapshot, write_nifti
+from fakes import FakeBackbone
+from core_fixtures import anatomy_volume, disk, sha256, snapshot, write_nifti
 from napari_mias_sam.cli import build_parser, main
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -20,7 +21,7 @@ AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 
 def fake_loader(sha: str = "fake-weights-0001"):
     def load(name="litemedsam", checkpoint=None, device=None, **kwargs):
-        return CoreFakeBackbone(name=name, sha=sha)
+        return FakeBackbone(name=name, sha=sha)
 
     return load
 

@@ -8,7 +8,7 @@ import numpy as np
 import nibabel as nib
 import pytest
 
-from core_fixtures import CoreFakeBackbone
+from fakes import FakeBackbone
 from dataset_fixtures import brats2021_root, brats2023_root, lits_root
 from napari_mias_sam.dataset_sources import build_bank_from_dataset, check_disjoint, load_case
 from napari_mias_sam.datasets import find_cases
@@ -28,7 +28,7 @@ def _expected(seg_path, margin, normal=(0,)):
 
 
 def test_bank_takes_lesion_free_slices_beyond_the_margin(roots, tmp_path):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     sub = tmp_path / "train.txt"
     sub.write_text("BraTS2021_00001\nBraTS2021_00003\n")
     bank = build_bank_from_dataset(roots["b21"], fake, modality="flair", margin=2, subjects=sub, layout="mean256")
@@ -50,7 +50,7 @@ def test_bank_takes_lesion_free_slices_beyond_the_margin(roots, tmp_path):
 
 
 def test_bank_saved_and_test_subjects_kept_apart(roots, tmp_path):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     test = tmp_path / "test.txt"
     test.write_text("BraTS-GLI-00001-000\n")
     bank = build_bank_from_dataset(roots["b23"], fake, modality="t2f", exclude=test, layout="mean256")
@@ -63,7 +63,7 @@ def test_bank_saved_and_test_subjects_kept_apart(roots, tmp_path):
 
 
 def test_lits_bank_with_the_liver_roi(roots):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     bank = build_bank_from_dataset(roots["lits"], fake, roi="liver", layout="mean256")
     ds = bank.manifest["dataset"]
     assert ds["layout"] == "lits" and ds["modality"] == "ct" and ds["preprocess"] == "ct-abdomen"
@@ -89,7 +89,7 @@ def test_lits_bank_with_the_liver_roi(roots):
 
 
 def test_dataset_bank_refusals(roots, tmp_path):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     with pytest.raises(InputError, match="has no ct image"):
         build_bank_from_dataset(roots["b21"], fake, modality="ct")
     with pytest.raises(InputError, match="--roi liver"):

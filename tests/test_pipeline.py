@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from core_fixtures import CoreFakeBackbone, CountingBackbone, anatomy_volume, disk, sha256, snapshot, write_nifti
+from fakes import FakeBackbone
+from core_fixtures import CountingBackbone, anatomy_volume, disk, sha256, snapshot, write_nifti
 from napari_mias_sam.anomaly import maps_from_scores
 from napari_mias_sam.backbones.base import Prompt
 from napari_mias_sam.bank import load_bank
@@ -34,7 +35,7 @@ def world(tmp_path_factory):
     """Two normal volumes, a fake-backbone bank, and a test volume with a blob and an empty slice."""
     root = tmp_path_factory.mktemp("pipeline")
     normals = [write_nifti(root / "normals" / f"n{i}.nii.gz", anatomy_volume((64, 64, 4), seed=i) * 300, AFFINE) for i in (1, 2)]
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     bank = build_bank_from_files(normals, fake, preprocessing=PREPROCESS_PRESETS["mri"], layout="mean256")
     bank.save(root / "bank")
     data = anatomy_volume((64, 64, 4), seed=3, blob={"centre": (40, 24), "radius": 6, "value": 1.0, "slices": [1, 2]}) * 300
@@ -44,7 +45,7 @@ def world(tmp_path_factory):
 
 
 def test_segment_volume_with_an_empty_slice(world):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     vol = load_volume(world["case"])
     res = segment_volume(vol, world["bank"], fake, SegmentSettings(prompt="cog-point"))
     assert res.settings.prompt == "cog-point"  # the paper's per-slice prompt, on request
@@ -73,7 +74,7 @@ def test_segment_volume_with_an_empty_slice(world):
 
 
 def test_points_rows_map_the_prompt_back_to_voxels(world):
-    res = segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone(), SegmentSettings(prompt="cog-box"))
+    res = segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone(), SegmentSettings(prompt="cog-box"))
     rows = res.points_rows()
     assert [r["slice"] for r in rows] == [0, 1, 2, 3] and list(rows[0]) == CSV_COLUMNS
     assert rows[3]["prompt"] == "none" and rows[3]["i"] == "" and rows[3]["anomalous"] == 0
@@ -89,14 +90,14 @@ def test_points_rows_map_the_prompt_back_to_voxels(world):
 def test_constant_volume_is_an_input_error(world, tmp_path):
     p = write_nifti(tmp_path / "flat.nii.gz", np.full((16, 16, 3), 42.0, np.float32))
     before = sha256(p)
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     with pytest.raises(InputError, match=r"flat\.nii\.gz: every voxel has the same value \(42\)"):
         segment_volume(load_volume(p), world["bank"], fake)
     assert fake.calls == 0 and sha256(p) == before
 
 
 def test_bank_of_another_backbone_is_refused_before_any_work(world):
-    other = CoreFakeBackbone(sha="other-weights-9999")
+    other = FakeBackbone(sha="other-weights-9999")
     with pytest.raises(BankMismatchError, match="fake-weights.*other-weight"):
         segment_volume(load_volume(world["case"]), world["bank"], other)
     assert other.calls == 0
@@ -109,12 +110,12 @@ def test_cancel_stops_the_run(world):
         seen.append(stage)
 
     with pytest.raises(Cancelled):
-        segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone(), progress=progress, cancelled=lambda: True)
+        segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone(), progress=progress, cancelled=lambda: True)
     assert seen == []
 
 
 def test_redecode_slice_with_a_moved_point(world):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     res = segment_volume(load_volume(world["case"]), world["bank"], fake, SegmentSettings(prompt="cog-point"))
     redecode_slice(res, fake, 1, point=(100.0, 50.0))
     assert res.prompts[1] == Prompt("point", point=(100.0, 50.0))
@@ -132,7 +133,7 @@ def test_redecode_slice_with_a_moved_point(world):
 # --------------------------------------------------------------------------- outputs
 def test_write_outputs_and_refusals(world, tmp_path):
     vol = load_volume(world["case"])
-    res = segment_volume(vol, world["bank"], CoreFakeBackbone())
+    res = segment_volume(vol, world["bank"], FakeBackbone())
     out = tmp_path / "out"
     paths = write_outputs(res, out)
     assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
@@ -165,7 +166,7 @@ def test_write_outputs_and_refusals(world, tmp_path):
 def test_failed_output_write_leaves_no_partial_set(world, tmp_path, monkeypatch):
     from napari_mias_sam import file_steps
 
-    res = segment_volume(load_volume(world["case"]), world["bank"], CoreFakeBackbone())
+    res = segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone())
     real_save = file_steps.save_nifti
     calls = []
 
@@ -226,7 +227,7 @@ def test_cache_put_get_round_trip_and_keys(tmp_path):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "pickle-header"])
 def test_damaged_cache_entry_is_ignored_and_recomputed(world, tmp_path, damage):
     cache = EmbeddingCache(tmp_path / "cache")
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     vol = load_volume(world["case"])
     prep = PREPROCESS_PRESETS["mri"]
     first = encode_volume(vol, bb, prep, cache=cache)
@@ -253,7 +254,7 @@ def test_damaged_cache_entry_is_ignored_and_recomputed(world, tmp_path, damage):
 
 def test_segment_volume_reuses_cached_embeddings(world, tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     vol = load_volume(world["case"])
     r1 = segment_volume(vol, world["bank"], bb, cache=cache)
     assert bb.encode_calls >= 1 and not r1.encoded.from_cache
@@ -263,7 +264,7 @@ def test_segment_volume_reuses_cached_embeddings(world, tmp_path):
     np.testing.assert_array_equal(r1.mask_volume(), r2.mask_volume())
     np.testing.assert_array_equal(r1.anomaly_volume(), r2.anomaly_volume())
     # another backbone identity never reads these entries
-    other = CountingBackbone(CoreFakeBackbone(sha="other"))
+    other = CountingBackbone(FakeBackbone(sha="other"))
     encode_volume(vol, other, PREPROCESS_PRESETS["mri"], cache=cache)
     assert other.encode_calls >= 1
 
@@ -272,7 +273,7 @@ def test_second_bank_from_the_cache_skips_the_encoder_and_matches(world, tmp_pat
     """build-bank --cache: a bank of another layout from the same volumes reads the cached
     embeddings (no encode call) and equals a build from them; a cached re-build is identical."""
     cache = EmbeddingCache(tmp_path / "cache")
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     prep = PREPROCESS_PRESETS["mri"]
     first = build_bank_from_files(world["normals"], bb, preprocessing=prep, layout="paper1024", cache=cache)
     calls = bb.encode_calls
@@ -294,7 +295,7 @@ def test_rerun_reuses_the_anomaly_maps_when_bank_and_k_are_unchanged(world, monk
     searches = []
     search = bank.search
     monkeypatch.setattr(bank, "search", lambda *a, **k: (searches.append(1), search(*a, **k))[1])
-    bb = CountingBackbone(CoreFakeBackbone())
+    bb = CountingBackbone(FakeBackbone())
     vol = load_volume(world["case"])
     first = segment_volume(vol, bank, bb)
     n_search, n_encode = len(searches), bb.encode_calls
@@ -302,7 +303,7 @@ def test_rerun_reuses_the_anomaly_maps_when_bank_and_k_are_unchanged(world, monk
     again = segment_volume(load_volume(world["case"]), bank, bb, SegmentSettings(gamma=2.0, normalisation="reference"),
                            reuse=first)
     assert again.maps_reused and len(searches) == n_search and bb.encode_calls == n_encode
-    full = segment_volume(load_volume(world["case"]), bank, CoreFakeBackbone(), SegmentSettings(gamma=2.0, normalisation="reference"))
+    full = segment_volume(load_volume(world["case"]), bank, FakeBackbone(), SegmentSettings(gamma=2.0, normalisation="reference"))
     np.testing.assert_array_equal(again.maps, full.maps)
     np.testing.assert_array_equal(again.mask_volume(), full.mask_volume())
     # k changed: the search runs again (the embeddings are still reused)
@@ -317,7 +318,7 @@ def test_rerun_reuses_the_anomaly_maps_when_bank_and_k_are_unchanged(world, monk
 def test_regions_prompt_uses_bank_levels_only(world):
     """The regions prompt: regions found with levels from the bank's calibration only; one
     decode per region piece; slices without a region get no prompt, no decision and no mask."""
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     res = segment_volume(load_volume(world["case"]), world["bank"], fake, SegmentSettings(prompt="regions"))
     assert res.settings.prompt == "regions"
     assert res.region_levels == bank_levels(world["bank"], 1)
@@ -340,7 +341,7 @@ def test_two_lesions_on_one_slice_get_two_boxes_and_normal_slices_nothing():
     levels = NormalLevels(seed=1.2, extent=0.8, extent_quantile=50.0)
     regions = anomalous_regions(maps, levels)
     enc = EncodedVolume(torch.zeros(3, 256, 64, 64), torch.zeros(3, 256, 256), np.ones(3, bool), 0, Frame(256, 256), "")
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     prompts, logits, ious = decode_all(enc, maps, fake, SegmentSettings(prompt="regions"), regions=regions)
     assert prompts[0] is None and prompts[2] is None and (logits[[0, 2]] == 0).all()
     assert prompts[1].kind == "boxes" and len(prompts[1].boxes) == 2 and fake.decode_calls == 2

@@ -1,6 +1,6 @@
 """``mias-sam segment`` on PNG slices (BMAD users' way): outputs per slice and one prompts CSV,
 reference normalisation over the slices of one call, refusals with exit 2 and nothing written,
-no overwriting without --overwrite, atomic writes. The fake backbone (tests/fake_backbone.py)
+no overwriting without --overwrite, atomic writes. The fake backbone (tests/fakes.py)
 stands in where speed matters; the last test runs the real LiteMedSAM on a few PNGs."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 
 import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import sha256, snapshot
-from fake_backbone import FakeBackbone
+from fakes import intensity_disc_fake
 from napari_mias_sam.cli import main
 
 SIZE = 64
@@ -42,7 +42,7 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
 
 
 def fake_loader(name="fake", checkpoint=None, device=None, **kwargs):
-    return FakeBackbone()
+    return intensity_disc_fake()
 
 
 @pytest.fixture(autouse=True)
@@ -232,7 +232,7 @@ def test_api_outputs_match_cli(pngs, tmp_path):
 
     files = png_inputs([pngs["test"]])
     assert files == pngs["files"]
-    res = segment_pngs(files, load_bank(pngs["bank"]), FakeBackbone(), SegmentSettings(normalisation="reference"))
+    res = segment_pngs(files, load_bank(pngs["bank"]), intensity_disc_fake(), SegmentSettings(normalisation="reference"))
     paths = write_png_outputs(res, files, tmp_path / "api")
     assert main(["segment", str(pngs["test"]), "--bank", str(pngs["bank"]), "--out", str(tmp_path / "cli"),
                  "--normalisation", "reference"]) == 0

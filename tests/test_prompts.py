@@ -8,7 +8,7 @@ import pytest
 
 from napari_mias_sam.backbones.base import Prompt
 from napari_mias_sam.prompts import centre_of_gravity, cog_box, cog_point, make_prompt, max_point, threshold_boxes
-from napari_mias_sam.settings import PROMPT_TYPES
+from napari_mias_sam.prompts import BACKBONE_PROMPTS, PROMPT_RULES, PROMPT_TYPES, default_prompt_for, point_prompts_work
 
 
 def gaussian(shape, centre_xy, sigma_xy):
@@ -158,3 +158,28 @@ def test_make_prompt_kinds_and_empty_maps():
     assert make_prompt(m, "threshold-box") == Prompt("box", box=(20.0, 10.0, 20.0, 10.0))
     with pytest.raises(ValueError, match="unknown prompt type"):
         make_prompt(m, "centroid")
+
+
+# ------------------------------------------------------------------ the prompt table
+
+
+def test_every_prompt_rule_gives_its_declared_shape_and_reads_what_it_declares():
+    amap = np.zeros((64, 64))
+    amap[10:20, 30:44] = 1.0
+    amap[40:50, 5:12] = 0.8
+    for name, rule in PROMPT_RULES.items():
+        p = make_prompt(amap, name)
+        assert p is not None and p.kind in (rule.shape, rule.shape + "es"), (name, p)
+        # a setting the rule does not read does not change its prompt; one it reads can
+        for setting, values in (("gamma", (1.0, 8.0)), ("threshold", (0.5, 0.9))):
+            a, b = (make_prompt(amap, name, **{setting: v}) for v in values)
+            assert (a != b) == (setting in rule.reads), (name, setting)
+    assert PROMPT_TYPES == tuple(PROMPT_RULES)
+
+
+def test_backbone_prompt_defaults_come_from_the_table():
+    assert default_prompt_for("litemedsam") == BACKBONE_PROMPTS["litemedsam"].default == "cog-box"
+    assert not point_prompts_work("litemedsam")
+    for name in ("sam-vit_b", "sam-vit_l", "sam-vit_h", "a-test-fake"):
+        assert default_prompt_for(name) == "cog-point" and point_prompts_work(name)
+    assert all(r.default in PROMPT_RULES for r in BACKBONE_PROMPTS.values())

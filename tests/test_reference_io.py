@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fake_backbone import FakeBackbone
+from fakes import intensity_disc_fake
 from napari_mias_sam.bank import SliceGroup, build_bank, check_compatible
 from napari_mias_sam.errors import BankMismatchError, WeightsError
 from napari_mias_sam.preprocess import to_frame
@@ -80,7 +80,7 @@ def test_mask_logits_follow_postprocess_masks():
 
 def test_encoding_helpers():
     assert encoding_of({}) == "standard" and encoding_of({"encoding": "reference"}) == "reference"
-    fb = FakeBackbone()
+    fb = intensity_disc_fake()
     assert encoding_of(fb) == "standard" and embedding_dtype(fb) == torch.float16
     fb.encoding = "reference"
     assert embedding_dtype(fb) == torch.float32
@@ -88,9 +88,9 @@ def test_encoding_helpers():
 
 def test_bank_and_run_of_different_encodings_are_refused():
     frames = to_frame(SLICE[None].repeat(2, 0) / 255.0)
-    bank = build_bank([SliceGroup("g", 2, lambda: (frames, 0))], FakeBackbone(), preprocessing={"mode": "png"},
+    bank = build_bank([SliceGroup("g", 2, lambda: (frames, 0))], intensity_disc_fake(), preprocessing={"mode": "png"},
                       calibration_slices=1)
-    info = FakeBackbone().describe()
+    info = intensity_disc_fake().describe()
     check_compatible(bank, info)
     check_compatible(bank, dict(info, encoding="standard"))  # banks from before the setting are standard
     with pytest.raises(BankMismatchError, match="'standard' encoding.*'reference'"):

@@ -3,7 +3,7 @@
 One table, :data:`CASES`: bad volumes and ground truths, damaged or foreign banks, output
 locations that are files / under files / immutable, existing outputs, bad options and resource
 limits, missing or garbage weights. Each case runs ``mias-sam`` in-process with the fake backbone
-(tests/fake_backbone.py) on tiny volumes and asserts the exit code, the one-line message, that
+(tests/fakes.py) on tiny volumes and asserts the exit code, the one-line message, that
 every input is byte-identical afterwards and that nothing stray was left (no output, no
 temporary, no lock). Beside the table: a batch where one volume fails during the work, two runs
 racing for the same outputs (subprocesses), SIGTERM / SIGINT / SIGKILL at several points of a
@@ -31,7 +31,7 @@ import torch
 
 import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import anatomy_volume, disk, snapshot, write_nifti
-from fake_backbone import FakeBackbone
+from fakes import FakeBackbone
 from napari_mias_sam.cli import main
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])

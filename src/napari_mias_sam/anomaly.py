@@ -12,7 +12,14 @@ from scipy import ndimage
 from .patches import GRID
 from .preprocess import FRAME
 
-__all__ = ["Calibration", "maps_from_scores", "normalise_maps", "image_scores"]
+__all__ = ["Calibration", "mean_of_k_nearest", "maps_from_scores", "normalise_maps", "image_scores"]
+
+
+def mean_of_k_nearest(dist: np.ndarray, k: int, axis: int = -1) -> np.ndarray:
+    """A patch's score: the mean squared L2 distance to its ``k`` nearest bank patches (``dist``
+    holds each patch's sorted distances along ``axis``, at least ``k`` of them)."""
+    axis = axis % dist.ndim
+    return dist[(slice(None),) * axis + (slice(0, k),)].mean(axis=axis)
 
 
 @dataclass(frozen=True)

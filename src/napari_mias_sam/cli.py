@@ -1,5 +1,8 @@
-"""``mias-sam``: build-bank, segment, demo, info. Every command prints progress on stderr and
-exits non-zero with a one-line reason on bad input."""
+"""``mias-sam``: build-bank, segment, demo, evaluate, benchmark, info. Every command prints
+progress on stderr and exits non-zero with a one-line reason on bad input.
+
+Size: one module on purpose (about 520 lines): the whole command line, every parser and its thin
+handler, reads top to bottom; the work is in the modules each handler imports."""
 
 from __future__ import annotations
 
@@ -78,9 +81,16 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bank import INDEX_TYPES
+    from . import defaults
+    from .bank import INDEX_TABLE, INDEX_TYPES
+    from .prompts import BACKBONE_PROMPTS, PROMPT_TYPES
     from .reference_io import ENCODINGS
-    from .settings import PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES
+    from .settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS
+
+    def sweep(values) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
+    backbone_prompts = ", ".join(f"{r.default} for {n}" for n, r in BACKBONE_PROMPTS.items())
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="mias-sam", description="MIAS-SAM: threshold-free anomaly segmentation of 3D medical volumes.", formatter_class=fmt)
@@ -99,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
     b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
     b.add_argument("--index", choices=INDEX_TYPES, default="flat",
-                   help="faiss index: flat (exact, default); flat-fp16 / flat-sq8 (every vector searched, stored in 2 / 1 "
-                        "bytes per value); ivf / ivf-fp16 (inverted file: approximate, faster on large banks)")
+                   help="faiss index: " + "; ".join(f"{t.name} ({t.help})" for t in INDEX_TABLE.values()))
     b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
                    help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
     b.add_argument("--cache", action="store_true",
@@ -126,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", required=True, type=Path, help="memory bank folder (from build-bank)")
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
-    s.add_argument("--gamma", type=float, default=5.0, help="centre-of-gravity exponent (default 5)")
-    s.add_argument("--mask", type=int, choices=(1, 2, 3), default=3, help="which of SAM's 3 masks (default 3)")
-    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
-                   help="prompt type (default: the backbone's: cog-point for SAM, cog-box for LiteMedSAM; regions: one box "
-                        "per anomalous 3D region, levels from the bank's normal calibration; cog-point with "
-                        "--normalisation reference is the paper's recipe)")
-    s.add_argument("--k", type=int, default=1, help="nearest bank patches averaged per patch (default 1, as the reference)")
-    s.add_argument("--normalisation", choices=("calibrated", "reference"), default="calibrated",
+    s.add_argument("--gamma", type=float, default=defaults.GAMMA, help=f"centre-of-gravity exponent (default {defaults.GAMMA:g})")
+    s.add_argument("--mask", type=int, choices=(1, 2, 3), default=defaults.MASK_INDEX,
+                   help=f"which of SAM's 3 masks (default {defaults.MASK_INDEX})")
+    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help=f"prompt type (default: the backbone's: {backbone_prompts}; regions: one box per anomalous 3D "
+                        "region, levels from the bank's normal calibration; cog-point with --normalisation reference "
+                        "is the paper's recipe)")
+    s.add_argument("--k", type=int, default=defaults.K, help=f"nearest bank patches averaged per patch (default {defaults.K}, as the reference)")
+    s.add_argument("--normalisation", choices=NORMALISATIONS, default=defaults.NORMALISATION,
                    help="calibrated: from the bank's normal data (default); reference: min-max over the volume (paper)")
     s.add_argument("--slice-decision", action="store_true", help="keep a slice's mask only if its image score exceeds every held-out normal slice's")
     s.add_argument("--axis", default=None, help="slicing axis (default: the bank's)")
@@ -164,11 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gts", nargs="+", type=Path, help="ground truths, one per --images volume, same order")
     e.add_argument("--split", default="test", help="BMAD split to read: test (default) or valid")
     e.add_argument("--out", required=True, type=Path, help="folder for results.csv/.md/.json and plots")
-    e.add_argument("--gammas", default="1,2,3,5,8", help="gamma sweep (default 1,2,3,5,8)")
-    e.add_argument("--ks", default="1,3,5", help="k values (default 1,3,5)")
-    e.add_argument("--prompts", default="regions,cog-point,cog-box,max-point,threshold-box", help="prompt types to compare")
-    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
-                   help="default prompt (default: the backbone's per-slice prompt)")
+    e.add_argument("--gammas", default=sweep(defaults.GAMMA_SWEEP), help=f"gamma sweep (default {sweep(defaults.GAMMA_SWEEP)})")
+    e.add_argument("--ks", default=sweep(defaults.K_SWEEP), help=f"k values (default {sweep(defaults.K_SWEEP)})")
+    e.add_argument("--prompts", default=",".join(PROMPT_TYPES), help=f"prompt types to compare (default {','.join(PROMPT_TYPES)})")
+    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's per-slice prompt)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     e.add_argument("--overwrite", action="store_true", help="replace existing results (results.csv/.md/.json and plots) in --out")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -287,7 +295,7 @@ def _dataset_input(a: argparse.Namespace) -> Path | None:
 def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -> None:
     """Before a build: how much memory the bank will take (stderr), and a warning if it will not fit."""
     from .bank import estimate_bank_memory
-    from .evaluation.benchmark import _ram_bytes
+    from .machine import ram_bytes
     from .patches import GRID
     from .settings import PREPROCESS_PRESETS
     from .model_inputs import normal_groups
@@ -303,7 +311,7 @@ def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -
         groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or "mri"], a.axis)
     n_slices = sum(g.n for g in groups)
     est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
-    total, avail = _ram_bytes()
+    total, avail = ram_bytes()
     print(f"memory estimate: up to {n_slices:,} slices -> {est['patches']:,} patches x {est['feature_dim']}-d, "
           f"index {a.index}: {_gb(est['index_bytes'])} (build peak {_gb(est['build_peak_bytes'])}"
           + (f"; this machine has {_gb(avail)} available of {_gb(total)})" if avail else ")"), file=sys.stderr)
@@ -332,7 +340,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def cmd_benchmark(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
-    from .evaluation.benchmark import bank_accuracy, format_report, run_benchmark
+    from .evaluation.bank_options import bank_accuracy
+    from .evaluation.benchmark import format_report, run_benchmark
 
     for name in ("encode_slices", "decode_slices", "knn_queries"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
@@ -341,7 +350,7 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
     if a.accuracy:
         from .paths import sample_data_dir
         from .backbones import load_backbone
-        from .evaluation.benchmark import accuracy_files
+        from .evaluation.bank_options import accuracy_files
         from .cache import EmbeddingCache
 
         normals, cases = accuracy_files(a.sample_dir or sample_data_dir())
@@ -594,8 +603,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation.report import markdown_tables, report_outputs, write_report
     from .output_claims import check_output_folder
     from .run_guards import check_device, check_knn_memory, check_precision
+    from .prompts import PROMPT_TYPES
     from .reference_io import encoding_of
-    from .settings import PROMPT_TYPES, SegmentSettings
+    from .settings import SegmentSettings
 
     if a.images and not a.gts:
         raise InputError("--images needs --gts (one ground truth per volume).")

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from .anomaly import normalise_maps
 from .backbones import load_backbone
@@ -17,7 +16,6 @@ from .evaluation.scoring import cog_hits, threshold_baseline_masks
 from .io import load_labels, load_volume
 from .evaluation.metrics import slice_dice, volume_dice
 from .pipeline import segment_volume
-from .preprocess import from_frame
 from .settings import PREPROCESS_PRESETS, SegmentSettings
 from .file_steps import build_bank_from_files, write_outputs
 from .paths import sample_data_dir
@@ -78,7 +76,7 @@ def run_demo(out: Path, *, device: str = "cpu", batch_size: int = 4, progress: C
     pred = result.mask_volume() > 0
     sd = slice_dice(pred, gt_bin, axis=result.axis)
     ref_maps = normalise_maps(result.raw_maps, "reference", valid=result.encoded.foreground)
-    base = threshold_baseline_masks(ref_maps, result.encoded.foreground, result.encoded.frame, result.axis, 0.5)
+    base = threshold_baseline_masks(ref_maps, result.encoded.foreground, result.encoded.frame, result.axis)
     sd_base = slice_dice(base, gt_bin, axis=result.axis)
     hits, n_lesion = cog_hits(result, gt_bin)
     return {

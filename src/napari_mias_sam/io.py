@@ -24,12 +24,10 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "find_volumes",
-    "read_png_slices",
     "read_png_files",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PNG_SUFFIXES = (".png",)
 
 
 @dataclass
@@ -225,19 +223,6 @@ def find_volumes(inputs: list[str | os.PathLike]) -> list[Path]:
         else:
             raise InputError(f"{p}: no such file or folder.")
     return found
-
-
-def read_png_slices(folder: str | os.PathLike, *, as_mask: bool = False) -> tuple[list[Path], list[np.ndarray]]:
-    """Read every PNG in ``folder`` (sorted by name) as a 2D array.
-
-    Images become float32 grey levels in [0, 1] (colour is averaged to grey); with ``as_mask``
-    they become boolean masks (``> 0``, as BMAD's multi-level masks need).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PNG_SUFFIXES)
-    return files, read_png_files(files, as_mask=as_mask)
 
 
 def read_png_files(files: list[Path], *, as_mask: bool = False) -> list[np.ndarray]:

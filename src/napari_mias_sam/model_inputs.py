@@ -1,4 +1,5 @@
-"""Normal data for memory banks: NIfTI volumes (files or folders) and BMAD-style PNG slice folders."""
+"""What goes into the model: every volume's path to model frames (:func:`volume_frames`), and normal
+data for memory banks (NIfTI volumes, folders of them, BMAD-style PNG slice folders) as slice groups."""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@
 Progress is reported through a callback ``progress(stage, done, total)`` and cancellation through
 ``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
 is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
+
+Size: one module on purpose (about 510 lines): the one path a volume takes, stage by stage, and the
+result it returns, so that a reader follows a run without changing files.
 """
 
 from __future__ import annotations
@@ -15,16 +18,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .anomaly import image_scores, maps_from_scores, normalise_maps
+from .anomaly import image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
 from .backbones.base import Prompt
-from .backbones import default_prompt_for
 from .bank import MemoryBank, check_compatible
 from .cache import EmbeddingCache, frames_key
 from .errors import Cancelled, InputError, MiasSamError
 from .io import Volume
 from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
-from .prompts import make_prompt
+from .prompts import default_prompt_for, make_prompt
 from .reference_io import embedding_dtype, encoding_of
 from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, slice_regions
 from .settings import VOLUME_PROMPT, Preprocessing, SegmentSettings, to_dict
@@ -165,7 +167,7 @@ def score_volume(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256)."""
     d = neighbour_distances(embeddings, bank, k=k, batch_size=batch_size, progress=progress, cancelled=cancelled)
-    scores = d.mean(axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
+    scores = mean_of_k_nearest(d, k, axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
     return scores, maps_from_scores(scores, sigma=sigma)
 
 

@@ -70,12 +70,12 @@ def knn_search_bytes(n_slices: int, k: int, ntotal: int) -> int:
 
 def check_knn_memory(k: int, n_slices: int, ntotal: int, *, what: str = "--k") -> None:
     """Refuse ``k`` larger than the bank, or whose search would not fit in the available memory."""
-    from .evaluation.benchmark import _ram_bytes
+    from .machine import ram_bytes
 
     if k > ntotal:
         raise InputError(f"{what} {k}: the bank holds only {ntotal:,} patches; k must be at most that (the method uses 1).")
     need = knn_search_bytes(n_slices, k, ntotal)
-    _, avail = _ram_bytes()
+    _, avail = ram_bytes()
     if avail and need > MEMORY_SHARE * avail:
         raise InputError(f"{what} {k}: the nearest-neighbour search of {n_slices} slices would need about "
                          f"{need / 1e9:.1f} GB, more than this machine has available ({avail / 1e9:.1f} GB); use a "

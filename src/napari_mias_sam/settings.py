@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import defaults
+from .prompts import PROMPT_TYPES
+
 __all__ = [
     "PREPROCESS_PRESETS",
     "PROMPT_TYPES",
@@ -17,16 +20,12 @@ __all__ = [
     "to_dict",
 ]
 
-PromptType = Literal["regions", "cog-point", "cog-box", "max-point", "threshold-box"]
-PROMPT_TYPES: tuple[str, ...] = ("regions", "cog-point", "cog-box", "max-point", "threshold-box")
 #: The default prompt for volumes whatever the backbone, or ``None`` for the backbone's per-slice
 #: prompt (``cog-box`` for LiteMedSAM, ``cog-point`` for SAM). ``regions`` (one box per anomalous
 #: 3D region, levels from the bank's normal calibration, :mod:`napari_mias_sam.regions`) becomes
 #: the default only once the development study (docs/results.md) shows it wins.
 VOLUME_PROMPT: str | None = None
-PatchLayout = Literal["paper1024", "mean256"]
 PATCH_LAYOUTS: tuple[str, ...] = ("paper1024", "mean256")
-Normalisation = Literal["calibrated", "reference"]
 NORMALISATIONS: tuple[str, ...] = ("calibrated", "reference")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -69,18 +68,19 @@ PREPROCESS_PRESETS: dict[str, Preprocessing] = {
 class SegmentSettings:
     """Settings of one segmentation run (the bank fixes backbone, layout and preprocessing).
 
-    ``prompt=None`` means the default: :data:`VOLUME_PROMPT` for volumes when it is set, else
-    the backbone's per-slice prompt, as in the paper (``cog-point`` for SAM, ``cog-box`` for
-    LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask).
+    ``prompt=None`` means the default: :data:`VOLUME_PROMPT` for volumes when it is set, else the
+    backbone's per-slice prompt (:data:`~napari_mias_sam.prompts.BACKBONE_PROMPTS`: ``cog-point`` for
+    SAM, ``cog-box`` for LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask).
+    The defaults come from :mod:`~napari_mias_sam.defaults`.
     """
 
-    gamma: float = 5.0
-    mask_index: int = 3
+    gamma: float = defaults.GAMMA
+    mask_index: int = defaults.MASK_INDEX
     prompt: str | None = None
-    k: int = 1
-    sigma: float = 4.0
-    normalisation: str = "calibrated"
-    threshold: float = 0.5  # used by the threshold-box ablation only
+    k: int = defaults.K
+    sigma: float = defaults.SIGMA
+    normalisation: str = defaults.NORMALISATION
+    threshold: float = defaults.BASELINE_THRESHOLD  # used by the threshold-box ablation only
     slice_decision: bool = False
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from core_fixtures import anatomy_volume, frames_from_seed, litemedsam
-from napari_mias_sam.backbones import BACKBONES, default_prompt_for, load_backbone, pick_device
+from napari_mias_sam.backbones import BACKBONES, load_backbone, pick_device
+from napari_mias_sam.prompts import default_prompt_for
 from napari_mias_sam.backbones.base import Prompt
 from napari_mias_sam.bank import SliceGroup, build_bank, check_compatible
 from napari_mias_sam.errors import BankMismatchError, MiasSamError, WeightsError

@@ -164,12 +164,12 @@ def test_litemedsam_fast_paths_match_eager(mias_cache_dir):
 def test_decode_all_batches_where_the_backbone_can(monkeypatch):
     """decode_all groups single-box prompts into decode_batch calls (GPU default, or asked for),
     decodes the rest one by one, and gives the same result as slice-by-slice decoding."""
-    from core_fixtures import CoreFakeBackbone
+    from fakes import FakeBackbone
     from napari_mias_sam.pipeline import EncodedVolume, decode_all
     from napari_mias_sam.preprocess import Frame
     from napari_mias_sam.settings import SegmentSettings
 
-    class Batching(CoreFakeBackbone):
+    class Batching(FakeBackbone):
         batch_calls: list[int] = []
 
         @staticmethod

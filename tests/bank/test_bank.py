@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from core_fixtures import CoreFakeBackbone, frames_from_seed, snapshot
+from fakes import FakeBackbone
+from core_fixtures import frames_from_seed, snapshot
 from napari_mias_sam.bank import store as bank_mod
 from napari_mias_sam.bank import MemoryBank, SliceGroup, build_bank, check_compatible, load_bank
 from napari_mias_sam.errors import BankMismatchError, InputError
@@ -61,7 +62,7 @@ def test_patch_scores_equal_bruteforce_numpy():
 
 
 def test_build_bank_indexes_the_backbone_patches_and_scores_match_bruteforce():
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     g1, g2 = frames_from_seed(2, 11), frames_from_seed(3, 12)
     bank = build_bank([group("a", g1, skipped=1), group("b", g2)], fake, layout="mean256", preprocessing=PREP, batch_size=2)
     expected = torch.cat([patch_features(fake.encode(g1), "mean256"), patch_features(fake.encode(g2), "mean256")]).reshape(-1, 256).numpy()
@@ -82,7 +83,7 @@ def test_build_bank_indexes_the_backbone_patches_and_scores_match_bruteforce():
 
 
 def test_build_bank_refuses_empty_input():
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     with pytest.raises(InputError, match="no normal sources"):
         build_bank([], fake, preprocessing=PREP)
     with pytest.raises(InputError, match="no normal slices with anatomy"):
@@ -95,7 +96,7 @@ def test_build_bank_refuses_empty_input():
 def test_calibration_leaves_the_own_source_out():
     """Group A holds three identical slices: scored against a bank that still held A, their
     nearest-neighbour distances would all be 0. The calibration must exclude A for A's slices."""
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     a = frames_from_seed(1, 1).repeat(3, 1, 1)
     b = frames_from_seed(3, 2)
     bank = build_bank([group("A", a), group("B", b)], fake, layout="mean256", preprocessing=PREP)
@@ -124,7 +125,7 @@ def test_calibration_leaves_the_own_source_out():
 
 
 def test_calibration_with_one_source_leaves_neighbouring_slices_out():
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     frames = frames_from_seed(4, 5)
     bank = build_bank([group("only", frames)], fake, layout="mean256", preprocessing=PREP)
     cal = bank.manifest["calibration"]
@@ -144,7 +145,7 @@ def test_bank_without_calibration_refuses_calibrated_use():
 # --------------------------------------------------------------------------- save / load
 @pytest.fixture(scope="module")
 def small_bank():
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     return build_bank(
         [group("a", frames_from_seed(2, 21)), group("b", frames_from_seed(2, 22))], fake, layout="mean256", preprocessing=PREP
     )
@@ -181,7 +182,7 @@ def test_save_refuses_existing_and_non_bank_folders(small_bank, tmp_path):
 
 
 def test_overwrite_replaces_a_bank_atomically(small_bank, tmp_path, monkeypatch):
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     path = small_bank.save(tmp_path / "bank")
     bigger = build_bank([group("c", frames_from_seed(3, 31)), group("d", frames_from_seed(1, 32))], fake, layout="mean256", preprocessing=PREP)
     bigger.save(path, overwrite=True)
@@ -255,7 +256,7 @@ def test_index_manifest_mismatch_is_an_input_error(saved_bank, tmp_path):
 
 def test_bank_of_another_backbone_is_refused(saved_bank):
     bank = load_bank(saved_bank)
-    same = CoreFakeBackbone().describe()
+    same = FakeBackbone().describe()
     check_compatible(bank, same)  # same name and weights: accepted
     check_compatible(bank, same, preprocessing={"mode": "minmax"})
 

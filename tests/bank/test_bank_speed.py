@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from core_fixtures import CoreFakeBackbone, frames_from_seed
+from fakes import FakeBackbone
+from core_fixtures import frames_from_seed
 from napari_mias_sam.bank import build as bank_build, store as bank_store
 from napari_mias_sam.bank import INDEX_TYPES, MemoryBank, SliceGroup, build_bank, estimate_bank_memory, load_bank
 from napari_mias_sam.bank.coreset import coreset_indices, coreset_size
@@ -76,7 +77,7 @@ def test_coreset_cluster_representatives():
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
 def test_index_types_round_trip_and_neighbours(tmp_path, index_type):
     # one fake source of 6 slices: 6,144 mean256 patches
-    bb = CoreFakeBackbone()
+    bb = FakeBackbone()
     frames = frames_from_seed(6, seed=3)
     bank = build_bank([group("a", frames[:3]), group("b", frames[3:])], bb, layout="mean256", preprocessing=PREP,
                       index_type=index_type, calibration_slices=2)
@@ -103,7 +104,7 @@ def test_index_types_round_trip_and_neighbours(tmp_path, index_type):
 
 
 def test_unknown_index_type_and_bad_ratio():
-    bb = CoreFakeBackbone()
+    bb = FakeBackbone()
     with pytest.raises(InputError, match="unknown index type"):
         build_bank([group("a", frames_from_seed(2, seed=0))], bb, layout="mean256", preprocessing=PREP, index_type="hnsw")
     with pytest.raises(InputError, match="coreset ratio"):
@@ -174,7 +175,7 @@ def test_bank_search_uses_torch_searcher_when_attached():
 
 # --------------------------------------------------------------------------- coreset builds
 def test_coreset_build_ratio_calibration_and_manifest(tmp_path):
-    bb = CoreFakeBackbone()
+    bb = FakeBackbone()
     frames = frames_from_seed(6, seed=5)
     full = build_bank([group("a", frames[:3]), group("b", frames[3:])], bb, layout="mean256", preprocessing=PREP, calibration_slices=2)
     bank = build_bank([group("a", frames[:3]), group("b", frames[3:])], bb, layout="mean256", preprocessing=PREP,
@@ -195,7 +196,7 @@ def test_coreset_build_ratio_calibration_and_manifest(tmp_path):
 def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
     # one source: calibration leaves out the slice and its neighbours; with a coreset their bank
     # ids are found from the kept-patches-per-slice offsets, not slice * 1024
-    bb = CoreFakeBackbone()
+    bb = FakeBackbone()
     frames = frames_from_seed(12, seed=6)
     seen = []
     real = bank_build.torch_knn
@@ -217,7 +218,7 @@ def test_score_volume_through_the_torch_searcher_equals_faiss():
     with fp32 re-rank, features made on the search device)."""
     from napari_mias_sam.pipeline import score_volume
 
-    bb = CoreFakeBackbone()
+    bb = FakeBackbone()
     frames = frames_from_seed(6, seed=8)
     bank = build_bank([group("a", frames[:3]), group("b", frames[3:])], bb, layout="paper1024", preprocessing=PREP,
                       calibration_slices=2)

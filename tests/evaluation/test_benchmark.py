@@ -9,14 +9,17 @@ import json
 import numpy as np
 import pytest
 
-from core_fixtures import CoreFakeBackbone, write_nifti
+from fakes import FakeBackbone
+from core_fixtures import write_nifti
 from napari_mias_sam.evaluation import benchmark as bm
+from napari_mias_sam.evaluation.bank_options import bank_accuracy
 from napari_mias_sam.cli import main
+from napari_mias_sam.machine import ram_bytes
 
 
 @pytest.fixture
 def fake_backbone(monkeypatch):
-    bb = CoreFakeBackbone()
+    bb = FakeBackbone()
     import napari_mias_sam.backbones as backbones
 
     monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: bb)
@@ -55,7 +58,7 @@ def test_quick_benchmark_report(fake_backbone):
 
 
 def test_cpu_banks_over_the_memory_budget_are_extrapolated_not_built(fake_backbone):
-    _, avail = bm._ram_bytes()
+    _, avail = ram_bytes()
     if not avail:
         pytest.skip("available memory unknown on this OS")
     budget = 20e6  # a 3,000 x 1,024 fp32 bank (12 MB) fits, a 9,000 one (37 MB) does not
@@ -113,7 +116,7 @@ def test_the_gpu_knn_code_path_runs_on_the_cpu(fake_backbone):
 
 def test_accuracy_files_reads_both_layouts(tmp_path):
     """benchmark --accuracy: the benchmark's train/test layout and the sample's, paired by name."""
-    from napari_mias_sam.evaluation.benchmark import accuracy_files
+    from napari_mias_sam.evaluation.bank_options import accuracy_files
     from napari_mias_sam.errors import InputError
 
     bench = tmp_path / "bench"
@@ -157,9 +160,9 @@ def test_bank_accuracy_pools_slice_dice_like_the_paper(tmp_path):
         yy, xx = np.indices(img.shape[:2])
         gt[..., slices] = (((yy - 30) ** 2 + (xx - 18) ** 2) <= 36)[..., None]
         cases.append((write_nifti(tmp_path / f"c{i}.nii.gz", img), write_nifti(tmp_path / f"c{i}_seg.nii.gz", gt)))
-    fake = CoreFakeBackbone()
+    fake = FakeBackbone()
     opts = ({"index_type": "flat"}, {"index_type": "flat-sq8"}, {"index_type": "flat", "coreset_ratio": 0.5})
-    rep = bm.bank_accuracy(normals, cases, options=opts, backbone=fake, layout="mean256")
+    rep = bank_accuracy(normals, cases, options=opts, backbone=fake, layout="mean256")
     exact, sq8, core = rep["results"]
     assert exact["dice_points_vs_exact"] == 0 and exact["patches"] == 6 * 1024 and core["patches"] <= 3 * 1024 + 2
     prep = PREPROCESS_PRESETS["mri"]

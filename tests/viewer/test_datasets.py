@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import wait_until
-from core_fixtures import CoreFakeBackbone
+from fakes import FakeBackbone
 from dataset_fixtures import brats2021_root, brats2023_root, lits_root, write
 from napari_mias_sam.viewer.reader import napari_get_reader
 from napari_mias_sam.errors import InputError
@@ -112,7 +112,7 @@ def _widget(viewer, backbone):
 
 def test_widget_builds_a_bank_from_a_dataset_with_cancel(make_napari_viewer, qtbot, roots, errors):
     viewer = make_napari_viewer()
-    widget = _widget(viewer, CoreFakeBackbone(name="litemedsam"))
+    widget = _widget(viewer, FakeBackbone(name="litemedsam"))
     (roots["base"] / "train.txt").write_text("BraTS2021_00002\nBraTS2021_00003\n")
     widget.dataset_root.value = roots["b21"]
     assert "BraTS 2021" in widget.status.value and widget.preprocess.value == "mri"
@@ -150,7 +150,7 @@ def test_widget_scores_lits_with_its_lesion_label(make_napari_viewer, qtbot, roo
     metadata) it counts the liver; the FP/FN overlay follows."""
     from napari_mias_sam.dataset_sources import build_bank_from_dataset
 
-    fake = CoreFakeBackbone(name="litemedsam")
+    fake = FakeBackbone(name="litemedsam")
     (roots["base"] / "lits-train.txt").write_text("volume-0\nvolume-1\n")
     bank = build_bank_from_dataset(roots["lits"], fake, subjects=roots["base"] / "lits-train.txt", layout="mean256")
     viewer = make_napari_viewer()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mias_sam.backbones.base import Decoded
+from fakes import FakeBackbone
 from napari_mias_sam.io import Volume
 from napari_mias_sam.viewer.live import (
     CHANGE_MASK,
@@ -27,26 +27,9 @@ from napari_mias_sam.preprocess import Frame
 from napari_mias_sam.settings import SegmentSettings
 
 
-class DiscBackbone:
+def disc_backbone() -> FakeBackbone:
     """Decodes a prompt to three discs (radius 30, 15, 8 frame pixels) around its centre."""
-
-    name = "disc"
-    weights_sha256 = "none"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def decode(self, embedding, prompt, mask_input=None) -> Decoded:
-        self.calls += 1
-        if prompt.kind == "point":
-            x, y = prompt.point
-        else:
-            x0, y0, x1, y1 = prompt.box
-            x, y = (x0 + x1) / 2, (y0 + y1) / 2
-        rr, cc = np.mgrid[:256, :256]
-        d = np.hypot(rr - y, cc - x)
-        return Decoded(logits=np.stack([r - d for r in (30.0, 15.0, 8.0)]).astype(np.float32),
-                       iou=np.array([0.5, 0.6, 0.7], np.float32))
+    return FakeBackbone(name="disc", sha="none", masks="discs", radii=(30.0, 15.0, 8.0))
 
 
 def _result(axis: int = 2, shape=(40, 30, 4)) -> SegmentationResult:
@@ -61,7 +44,7 @@ def _result(axis: int = 2, shape=(40, 30, 4)) -> SegmentationResult:
     enc = EncodedVolume(embeddings=torch.zeros((n, 256, 64, 64), dtype=torch.float16), frames=torch.zeros((n, 256, 256)),
                         foreground=np.ones(n, bool), axis=axis, frame=frame, key="k")
     settings = SegmentSettings(prompt="cog-point")
-    bb = DiscBackbone()
+    bb = disc_backbone()
     prompts, logits, ious = decode_all(enc, maps, bb, settings)
     return SegmentationResult(
         volume=Volume(data=np.zeros(shape, np.float32), affine=np.eye(4)), encoded=enc, settings=settings,
@@ -83,7 +66,7 @@ def test_classify_change():
 
 def test_prompt_change_redecodes_every_slice_current_first():
     res = _result()
-    bb = DiscBackbone()
+    bb = disc_backbone()
     ses = LiveSession(res, bb, (2, 1, 0))
     p0 = [ses.point(s) for s in range(4)]
     assert ses.change_settings(res.settings.replace(gamma=1.0)) == CHANGE_PROMPT
@@ -91,7 +74,7 @@ def test_prompt_change_redecodes_every_slice_current_first():
     order = ses.order_from(2)
     assert order == [2, 1, 3, 0]
     updates = list(ses.refresh_iter(order, ses.generation))
-    assert [u.s for u in updates] == order and bb.calls == 4 and not ses.stale
+    assert [u.s for u in updates] == order and bb.decode_calls == 4 and not ses.stale
     moved = [np.linalg.norm(np.subtract(ses.point(s), p0[s])) for s in range(4)]
     assert min(moved) > 1.0  # gamma 1 pulls the CoG towards the second blob
     # Display order: the pipeline axis (file axis 2) is display axis 0.
@@ -102,7 +85,7 @@ def test_prompt_change_redecodes_every_slice_current_first():
 
 def test_superseded_pass_stops_and_mask_change_needs_no_decoder():
     res = _result()
-    bb = DiscBackbone()
+    bb = disc_backbone()
     ses = LiveSession(res, bb)
     ses.change_settings(res.settings.replace(gamma=2.0))
     old = ses.refresh_iter(ses.order_from(0), ses.generation)
@@ -111,17 +94,17 @@ def test_superseded_pass_stops_and_mask_change_needs_no_decoder():
     assert list(old) == []  # the old pass gives up
     assert ses.stale == {0, 1, 2, 3}
     list(ses.refresh_iter(ses.order_from(0), ses.generation))
-    calls = bb.calls
+    calls = bb.decode_calls
     m3 = ses.mask_display().copy()
     assert ses.change_settings(ses.settings.replace(mask_index=1)) == CHANGE_MASK
     list(ses.refresh_iter(ses.order_from(0), ses.new_generation()))
-    assert bb.calls == calls
+    assert bb.decode_calls == calls
     assert ses.mask_display().sum() > m3.sum()  # mask 1 is the largest disc
 
 
 def test_moved_point_becomes_the_prompt_and_survives_settings_changes():
     res = _result(axis=0, shape=(3, 50, 60))
-    bb = DiscBackbone()
+    bb = disc_backbone()
     ses = LiveSession(res, bb, (0, 1, 2))
     target = (1.0, 10.0, 45.0)  # display = file order here: slice 1, row 10, column 45
     xy = ses.move_point(1, target)
@@ -160,7 +143,7 @@ def test_box_prompts_as_display_rectangles_and_mask_counts():
     """Each box prompt becomes a (4, 3) display-order rectangle on its slice whose centre is the
     prompt centre; a moved point's box is of kind 'moved'; counts of kept and dropped masks."""
     res = _result(axis=2, shape=(40, 30, 4))
-    bb = DiscBackbone()
+    bb = disc_backbone()
     ses = LiveSession(res, bb, (2, 0, 1))
     ses.change_settings(res.settings.replace(prompt="cog-box"))
     list(ses.refresh_iter(ses.order_from(0), ses.generation))
@@ -189,15 +172,15 @@ def test_box_prompts_as_display_rectangles_and_mask_counts():
 
 def test_moved_points_carried_to_a_new_session_are_decoded_with_it():
     res = _result(axis=0, shape=(3, 50, 60))
-    ses = LiveSession(res, DiscBackbone(), (0, 1, 2))
+    ses = LiveSession(res, disc_backbone(), (0, 1, 2))
     xy = ses.move_point(1, (1.0, 10.0, 45.0))
-    again = LiveSession(_result(axis=0, shape=(3, 50, 60)), DiscBackbone(), (0, 1, 2), overrides=ses.overrides)
+    again = LiveSession(_result(axis=0, shape=(3, 50, 60)), disc_backbone(), (0, 1, 2), overrides=ses.overrides)
     assert again.overrides == {1: xy} and again.stale == {1}
     list(again.refresh_iter(sorted(again.stale), again.generation))
     np.testing.assert_allclose(again.point(1), (1.0, 10.0, 45.0), atol=1e-6)
     assert again.points()[1]["moved"].tolist() == [False, True, False]
     # Out-of-range slices (another volume's) are not carried.
-    assert LiveSession(_result(axis=0, shape=(3, 50, 60)), DiscBackbone(), overrides={7: (1.0, 2.0)}).overrides == {}
+    assert LiveSession(_result(axis=0, shape=(3, 50, 60)), disc_backbone(), overrides={7: (1.0, 2.0)}).overrides == {}
 
 
 def test_ranked_slices():

@@ -43,7 +43,7 @@ def test_npe2_validate_command():
 def test_widget_from_plugins_menu_works_through_the_viewer_proxy(make_napari_viewer, qtbot):
     """napari hands plugin widgets a proxy of the viewer that warns on private attribute access;
     the widget's live QA must work through it without touching private attributes."""
-    from test_live import DiscBackbone, _result
+    from test_live import _result, disc_backbone
 
     from napari_mias_sam.viewer.widget import MiasSamWidget
 
@@ -54,7 +54,7 @@ def test_widget_from_plugins_menu_works_through_the_viewer_proxy(make_napari_vie
     image = viewer.add_image(np.random.default_rng(0).random((4, 30, 40)).astype(np.float32), name="vol")
     # A result with the pipeline slicing along data axis 0 (fast fake decoder).
     result = _result(axis=0, shape=(4, 30, 40))
-    live = widget.show_result(result, widget.viewer.layers["vol"], DiscBackbone())
+    live = widget.show_result(result, widget.viewer.layers["vol"], disc_backbone())
     names = [layer.name for layer in viewer.layers]
     assert names == ["vol", "vol anomaly", "vol mask", "vol prompt box", "vol CoG"]
     before = viewer.layers["vol CoG"].data.copy()
@@ -100,7 +100,7 @@ def test_backbone_loads_after_the_canvas_exists(tmp_path):
         "import napari\n"
         "v = napari.Viewer(show=False)\n"
         "dock, w = v.window.add_plugin_dock_widget('napari-mias-sam', 'MIAS-SAM')\n"
-        "bb = w._get_backbone(('litemedsam', None, 'cpu', 'standard'), lambda *a: None)\n"
+        "bb = w.get_backbone(('litemedsam', None, 'cpu', 'standard'), lambda *a: None)\n"
         "print('loaded', bb.name)\n"
         "v.close()\n"
     )

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import wait_until
 from core_fixtures import anatomy_volume, write_nifti
-from fake_backbone import FakeBackbone
+from fakes import FakeBackbone
 
 pytestmark = [
     pytest.mark.usefixtures("mias_cache_dir"),

@@ -348,9 +348,9 @@ def test_a_run_takes_its_banks_encoding(make_napari_viewer, monkeypatch, tmp_pat
     ckpt.write_bytes(b"not read here")
     widget.backbone_choice.value = "sam-vit_b"
     widget.checkpoint.value = str(ckpt)
-    key = widget._backbone_key("reference")
+    key = widget.selected_backbone_key("reference")
     assert key == ("sam-vit_b", str(ckpt), str(widget.device.value), "reference")
-    assert widget._backbone_key() != key  # a standard run needs another backbone
+    assert widget.selected_backbone_key() != key  # a standard run needs another backbone
     seen = {}
     monkeypatch.setattr(backbones_mod, "load_backbone", lambda *a, **k: seen.update(k) or "loaded")
-    assert widget._get_backbone(key, lambda *a: None) == "loaded" and seen["encoding"] == "reference"
+    assert widget.get_backbone(key, lambda *a: None) == "loaded" and seen["encoding"] == "reference"

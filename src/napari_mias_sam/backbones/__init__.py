@@ -21,23 +21,25 @@ __all__ = [
     "iou_tracks_quality_for",
 ]
 
+#: Backbone names (their prompt defaults: :data:`napari_mias_sam.prompts.BACKBONE_PROMPTS`).
 BACKBONES = ("litemedsam", "sam-vit_b", "sam-vit_l", "sam-vit_h")
-_DEFAULT_PROMPTS = {"litemedsam": "cog-box", "sam-vit_b": "cog-point", "sam-vit_l": "cog-point", "sam-vit_h": "cog-point"}
-#: Backbones whose decoder was trained with box prompts only (point prompts give near-empty masks)
-#: and whose IoU head does not track mask quality (it reads about the same for empty, leaking and
-#: good masks): what the viewer says about them before any weights are loaded.
-_BOX_ONLY = frozenset({"litemedsam"})
+#: Decoders whose IoU head does not track mask quality (it reads about the same for empty, leaking
+#: and good masks): what the viewer says about them before any weights are loaded.
 _IOU_UNINFORMATIVE = frozenset({"litemedsam"})
 
 
 def default_prompt_for(name: str) -> str:
-    """The prompt type that works with a backbone (LiteMedSAM was trained with boxes only)."""
-    return _DEFAULT_PROMPTS.get(name, "cog-point")
+    """The prompt type a run uses with this backbone (the table: :data:`..prompts.BACKBONE_PROMPTS`)."""
+    from ..prompts import default_prompt_for as from_table
+
+    return from_table(name)
 
 
 def point_prompts_work_for(name: str) -> bool:
-    """False for a backbone trained with box prompts only (LiteMedSAM)."""
-    return name not in _BOX_ONLY
+    """False for a backbone trained with box prompts only (the table: :data:`..prompts.BACKBONE_PROMPTS`)."""
+    from ..prompts import point_prompts_work
+
+    return point_prompts_work(name)
 
 
 def iou_tracks_quality_for(name: str) -> bool:

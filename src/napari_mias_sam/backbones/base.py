@@ -45,8 +45,6 @@ class Backbone(Protocol):
 
     name: str
     weights_sha256: str
-    default_prompt: str
-    point_prompts_work: bool
     device: torch.device
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,6 @@ class LiteMedSAM(SamLikeBackbone):
     """
 
     name = "litemedsam"
-    default_prompt = "cog-box"
-    point_prompts_work = False
     input_size = 256
 
     def __init__(

@@ -32,8 +32,6 @@ class SamBackbone(SamLikeBackbone):
     the 1024 grid as ``SamPredictor`` does; :mod:`napari_mias_sam.reference_io`). It needs fp32.
     """
 
-    default_prompt = "cog-point"
-    point_prompts_work = True
     input_size = 1024
 
     def __init__(

@@ -25,13 +25,18 @@ class SamLikeBackbone:
 
     name = "samlike"
     weights_sha256 = ""
-    default_prompt = "cog-point"
-    point_prompts_work = True
     input_size = FRAME
     #: CPU fast path (see :mod:`.fast_cpu`): "auto", "onnx", "torch" or "off".
     fast = "off"
     #: How slices reach the encoder (:mod:`napari_mias_sam.reference_io`); only SAM offers ``reference``.
     encoding = "standard"
+
+    @property
+    def point_prompts_work(self) -> bool:
+        """Whether this decoder was trained with point prompts (the table in :mod:`..prompts`)."""
+        from ..prompts import point_prompts_work
+
+        return point_prompts_work(self.name)
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, precision: str = "fp32") -> None:
         self.model = model.eval().to(device)

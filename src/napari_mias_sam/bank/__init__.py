@@ -6,10 +6,10 @@ JSON schema), building and calibration, and the exact torch kNN and coreset sele
 from __future__ import annotations
 
 from .build import CALIBRATION_KS, build_bank
+from .indexes import INDEX_TABLE, INDEX_TYPES
 from .store import (
     BANK_FORMAT,
     BANK_FORMAT_VERSION,
-    INDEX_TYPES,
     MemoryBank,
     SliceGroup,
     bank_output,
@@ -22,6 +22,7 @@ __all__ = [
     "BANK_FORMAT",
     "BANK_FORMAT_VERSION",
     "CALIBRATION_KS",
+    "INDEX_TABLE",
     "INDEX_TYPES",
     "MemoryBank",
     "SliceGroup",

@@ -11,11 +11,12 @@ import faiss
 import numpy as np
 import torch
 
-from ..anomaly import maps_from_scores
+from ..anomaly import maps_from_scores, mean_of_k_nearest
 from ..errors import Cancelled, InputError
 from ..patches import GRID, feature_dim, patch_features
 from ..settings import PATCH_LAYOUTS
 from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
+from .indexes import IndexSink, check_index_type
 from .knn import TorchSearcher, torch_knn
 from .store import (
     BANK_FORMAT,
@@ -26,8 +27,6 @@ from .store import (
     MemoryBank,
     ProgressFn,
     SliceGroup,
-    _check_index_type,
-    _IndexSink,
 )
 
 __all__ = ["build_bank", "CALIBRATION_KS"]
@@ -74,7 +73,7 @@ def build_bank(
     """
     if layout not in PATCH_LAYOUTS:
         raise InputError(f"unknown patch layout {layout!r}; choose one of {', '.join(PATCH_LAYOUTS)}")
-    _check_index_type(index_type)
+    check_index_type(index_type)
     if coreset_ratio is not None and not 0.0 < coreset_ratio <= 1.0:
         raise InputError(f"coreset ratio must be in (0, 1], got {coreset_ratio!r}")
     groups = list(groups)
@@ -84,7 +83,7 @@ def build_bank(
     d = feature_dim(layout)
     per_slice = GRID * GRID
     expected = sum(g.n for g in groups) * per_slice
-    sink = _IndexSink(d, index_type, expected if coreset_ratio is None else math.ceil(expected * coreset_ratio))
+    sink = IndexSink(d, index_type, expected if coreset_ratio is None else math.ceil(expected * coreset_ratio))
     device = getattr(backbone, "device", None)
     on_gpu = device is not None and torch.device(device).type == "cuda"
     chunk_patches = CORESET_CHUNK if on_gpu else CORESET_CHUNK_CPU
@@ -244,7 +243,7 @@ def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: Tor
     stack = np.stack(per_slice)  # (S, kmax, 32, 32)
     per_k = {}
     for k in CALIBRATION_KS:
-        scores = stack[:, :k].mean(axis=1)
+        scores = mean_of_k_nearest(stack, k, axis=1)
         maps = maps_from_scores(scores, sigma=sigma)
         slice_max = maps.reshape(len(maps), -1).max(axis=1)
         per_k[str(k)] = {

@@ -20,11 +20,12 @@ import faiss
 import numpy as np
 import torch
 
-from ..anomaly import Calibration
+from ..anomaly import Calibration, mean_of_k_nearest
 from ..errors import BankMismatchError, InputError
-from .knn import TorchSearcher
 from ..patches import GRID, feature_dim
 from .manifest_schema import index_file_inside, validate_manifest
+from .indexes import TRAIN_MAX, check_index_type, index_bytes, set_nprobe
+from .knn import TorchSearcher
 
 __all__ = [
     "BANK_FORMAT",
@@ -33,7 +34,6 @@ __all__ = [
     "MemoryBank",
     "load_bank",
     "check_compatible",
-    "INDEX_TYPES",
     "estimate_bank_memory",
     "bank_output",
 ]
@@ -42,13 +42,6 @@ BANK_FORMAT = "napari-mias-sam memory bank"
 BANK_FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
-#: faiss index types: exact flat L2 in fp32 / fp16 / 8-bit scalar quantisation, and inverted
-#: files (IVF: a coarse k-means partition; a search visits ``nprobe`` of ``nlist`` cells).
-INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "ivf", "ivf-fp16")
-_FACTORY = {"flat": "Flat", "flat-fp16": "SQfp16", "flat-sq8": "SQ8", "ivf": "IVF{nlist},Flat", "ivf-fp16": "IVF{nlist},SQfp16"}
-_BYTES_PER_DIM = {"flat": 4, "flat-fp16": 2, "flat-sq8": 1, "ivf": 4, "ivf-fp16": 2}
-#: Vectors buffered at the start of a build to train SQ8 / IVF indexes (1 GiB at 1,024-d fp32).
-TRAIN_MAX = 262_144
 #: A coreset is selected within chunks of at most this many patches of one source (256 slices
 #: on a GPU, 32 on a CPU): bounds the memory (1 GiB at 1,024-d) and the cost of greedy
 #: selection, which grows with chunk size x kept patches (one pass over the chunk per pick).
@@ -72,101 +65,6 @@ class SliceGroup:
     path: str | None = None  # the source file or folder, recorded in the manifest
 
 
-def _check_index_type(index_type: str) -> None:
-    if index_type not in INDEX_TYPES:
-        raise InputError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-
-
-def _new_index(d: int, index_type: str) -> faiss.Index:
-    """A flat index that needs no training (``flat`` and ``flat-fp16``)."""
-    _check_index_type(index_type)
-    if index_type == "flat":
-        return faiss.IndexFlatL2(d)
-    if index_type == "flat-fp16":
-        return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-    raise InputError(f"index type {index_type!r} must be trained first")
-
-
-def ivf_nlist(expected: int, n_train: int) -> int:
-    """IVF cells for a bank of about ``expected`` vectors: 4 sqrt(N) (faiss's guideline), at most
-    one cell per 39 training vectors (fewer leaves k-means cells empty)."""
-    return int(max(1, min(round(4 * math.sqrt(max(expected, 1))), n_train // 39)))
-
-
-def ivf_default_nprobe(nlist: int) -> int:
-    """Cells visited per query by default: 1/8 of them, at least 8 and at most 256."""
-    return int(min(nlist, max(8, min(256, math.ceil(nlist / 8)))))
-
-
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Set ``nprobe`` on an IVF index (CPU or GPU, plain or wrapped); no-op for flat indexes."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = int(nprobe)
-        return
-    gpu_params = getattr(faiss, "GpuParameterSpace", None)
-    if gpu_params is not None:
-        try:  # a GPU IVF index (or replicas of one)
-            gpu_params().set_index_parameter(index, "nprobe", int(nprobe))
-        except Exception:
-            pass  # not an IVF index: nothing to set
-
-
-def _trained_index(d: int, index_type: str, data: np.ndarray, expected: int) -> tuple[faiss.Index, dict]:
-    """A new SQ8 / IVF index trained on ``data`` (at most :data:`TRAIN_MAX` rows of it, evenly
-    spread), and what the manifest records about it."""
-    if len(data) > TRAIN_MAX:
-        data = data[np.linspace(0, len(data) - 1, TRAIN_MAX).round().astype(np.int64)]
-    info: dict = {"trained_on": int(len(data))}
-    desc = _FACTORY[index_type]
-    if index_type.startswith("ivf"):
-        nlist = ivf_nlist(expected, len(data))
-        desc = desc.format(nlist=nlist)
-        info.update(nlist=nlist, nprobe=ivf_default_nprobe(nlist))
-    index = faiss.index_factory(d, desc, faiss.METRIC_L2)
-    index.train(np.ascontiguousarray(data, dtype=np.float32))
-    if "nprobe" in info:
-        set_nprobe(index, info["nprobe"])
-    return index, info
-
-
-class _IndexSink:
-    """Receives a build's patch vectors in order (ids are assigned in that order). Index types
-    that need training buffer the first vectors (up to :data:`TRAIN_MAX`), train on them, then
-    stream like the flat ones."""
-
-    def __init__(self, d: int, index_type: str, expected: int) -> None:
-        _check_index_type(index_type)
-        self.d, self.index_type, self.expected = d, index_type, max(int(expected), 1)
-        self.info: dict = {}
-        self.index: faiss.Index | None = _new_index(d, index_type) if index_type in ("flat", "flat-fp16") else None
-        self._buffer: list[np.ndarray] = []
-        self._buffered = 0
-        self.count = 0
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.d)
-        self.count += len(x)
-        if self.index is not None:
-            self.index.add(x)
-            return
-        self._buffer.append(x)
-        self._buffered += len(x)
-        if self._buffered >= min(TRAIN_MAX, self.expected):
-            self._train()
-
-    def _train(self) -> None:
-        data = np.concatenate(self._buffer)
-        self._buffer, self._buffered = [], 0
-        self.index, self.info = _trained_index(self.d, self.index_type, data, self.expected)
-        self.index.add(data)
-
-    def finish(self) -> faiss.Index | None:
-        if self.index is None and self._buffered:
-            self._train()
-        return self.index
-
-
 def estimate_bank_memory(n_patches: int, layout: str = "paper1024", index_type: str = "flat", *, coreset_ratio: float | None = None) -> dict:
     """Bytes a bank of ``n_patches`` encoded patches needs (after a coreset with ``coreset_ratio``).
 
@@ -175,28 +73,22 @@ def estimate_bank_memory(n_patches: int, layout: str = "paper1024", index_type: 
     features, or the IVF / SQ8 training buffer); ``gpu_search``: device memory of the torch GPU
     search (an fp16 copy for the distance product plus an fp32 copy for the exact re-rank).
     """
-    _check_index_type(index_type)
+    row = check_index_type(index_type)
     d = feature_dim(layout)
     n = int(n_patches if coreset_ratio is None else math.ceil(n_patches * coreset_ratio))
-    per = d * _BYTES_PER_DIM[index_type]
-    extra = 0
-    nlist = None
-    if index_type.startswith("ivf"):
-        nlist = ivf_nlist(n, min(n, TRAIN_MAX))
-        extra = n * 8 + nlist * d * 4  # inverted-list ids (int64) + centroids
-    index_bytes = n * per + extra
+    size, nlist = index_bytes(n, d, index_type)
     buffers = []
     if coreset_ratio is not None:
         buffers.append(min(n_patches, CORESET_CHUNK) * d * 4)
-    if index_type in ("flat-sq8", "ivf", "ivf-fp16"):
+    if row.trained:
         buffers.append(min(n, TRAIN_MAX) * d * 4)
     return {
         "patches": n,
         "feature_dim": d,
         "index_type": index_type,
         "nlist": nlist,
-        "index_bytes": int(index_bytes),
-        "build_peak_bytes": int(index_bytes + max(buffers, default=0)),
+        "index_bytes": size,
+        "build_peak_bytes": int(size + max(buffers, default=0)),
         "gpu_search_bytes": int(n * d * (2 + 4) + n * 4),
     }
 
@@ -323,7 +215,7 @@ class MemoryBank:
         """(N, 1024, D) patch features -> (N, 32, 32) scores: mean squared L2 to the k nearest."""
         n = features.shape[0]
         d = self.search(features.reshape(-1, features.shape[-1]), k)
-        return d.mean(axis=1).reshape(n, GRID, GRID).astype(np.float32)
+        return mean_of_k_nearest(d, k, axis=1).reshape(n, GRID, GRID).astype(np.float32)
 
     def use_gpu(self, device: torch.device | str | None = None) -> bool:
         """Search on a GPU from now on: faiss's GPU index when faiss was built with GPU support

@@ -16,11 +16,6 @@ scaling of one.
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
-import os
-import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["BENCH_SHAPE", "DEFAULT_SIZES", "machine_info", "synthetic_volume", "run_benchmark", "format_report", "accuracy_files",
-           "bank_accuracy"]
+from ..machine import machine_info, peak_rss_mb, ram_bytes
+
+__all__ = ["BENCH_SHAPE", "DEFAULT_SIZES", "synthetic_volume", "run_benchmark", "format_report"]
 
 BENCH_SHAPE = (240, 240, 155)
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 7_680_000)
@@ -38,68 +34,6 @@ DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 7_680_000)
 CPU_KNN_FLOP_BUDGET = 4e11
 
 ProgressFn = Callable[[str, int, int], None]
-
-
-# -- machine and memory ---------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> tuple[int | None, int | None]:
-    """(total, available) physical memory in bytes where the OS says (Linux /proc/meminfo)."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        total = int(info["MemTotal"].split()[0]) * 1024
-        avail = int(info.get("MemAvailable", info["MemFree"]).split()[0]) * 1024
-        return total, avail
-    except (OSError, KeyError, ValueError):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
-        except (ValueError, OSError, AttributeError):
-            return None, None
-
-
-def machine_info(device: torch.device | None = None) -> dict:
-    """What the numbers were measured on: CPU, cores, threads, memory, GPU, library versions, date."""
-    import faiss
-
-    total, _ = _ram_bytes()
-    info = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gib": None if total is None else round(total / 2**30, 1),
-        "torch": torch.__version__,
-        "faiss": getattr(faiss, "__version__", "?"),
-        "faiss_gpus": int(getattr(faiss, "get_num_gpus", lambda: 0)()),
-        "cuda": bool(torch.cuda.is_available()),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except Exception:
-        info["onnxruntime"] = None
-    if device is not None and device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-    return info
-
-
-def _peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)  # Linux: kB, macOS: bytes
 
 
 class _Clock:
@@ -120,7 +54,7 @@ class _Clock:
         t0 = time.perf_counter()
         out = fn()
         self._sync()
-        rec = {"seconds": round(time.perf_counter() - t0, 4), "peak_rss_mb": _peak_rss_mb(), **extra}
+        rec = {"seconds": round(time.perf_counter() - t0, 4), "peak_rss_mb": peak_rss_mb(), **extra}
         if self.device.type == "cuda":
             rec["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         self.stages[name] = rec
@@ -152,13 +86,13 @@ def _cpu_index(n: int, d: int, index_type: str, seed: int):
     """A faiss index of ``n`` random vectors, built in blocks (host memory: the index + a block)."""
     import faiss
 
-    from ..bank.store import _new_index, _trained_index
+    from ..bank.indexes import INDEX_TABLE, new_index, trained_index
 
-    if index_type in ("flat", "flat-fp16"):
-        index = _new_index(d, index_type)
+    if not INDEX_TABLE[index_type].trained:
+        index = new_index(d, index_type)
     else:
         train = next(_random_blocks(min(n, 65_536), d, device=torch.device("cpu"), seed=seed + 1, block=65_536)).numpy()
-        index, _ = _trained_index(d, index_type, train, n)
+        index, _ = trained_index(d, index_type, train, n)
     for blk in _random_blocks(n, d, device=torch.device("cpu"), seed=seed):
         index.add(np.ascontiguousarray(blk.numpy()))
     assert isinstance(index, faiss.Index)
@@ -166,9 +100,9 @@ def _cpu_index(n: int, d: int, index_type: str, seed: int):
 
 
 def _bytes_per_vector(index_type: str, d: int) -> int:
-    from ..bank.store import _BYTES_PER_DIM
+    from ..bank.indexes import INDEX_TABLE
 
-    return d * _BYTES_PER_DIM[index_type]
+    return d * INDEX_TABLE[index_type].bytes_per_dim
 
 
 def run_benchmark(
@@ -210,7 +144,9 @@ def run_benchmark(
     from ..prompts import make_prompt
     from ..settings import PREPROCESS_PRESETS
     from ..model_inputs import volume_frames
-    from ..backbones import default_prompt_for, pick_device
+    from ..backbones import pick_device
+    from ..defaults import GAMMA_SWEEP
+    from ..prompts import default_prompt_for
 
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
@@ -272,7 +208,7 @@ def run_benchmark(
 
         # -- kNN
         knn_rows = []
-        _, avail = _ram_bytes()
+        _, avail = ram_bytes()
         budget = (avail or 8 * 2**30) * memory_fraction
         measured_cpu: list[dict] = []
         if knn_backend not in ("auto", "faiss", "torch"):
@@ -341,7 +277,7 @@ def run_benchmark(
         frame = Frame(shape[0], shape[1])
         live = []
         s_live = len(fg_idx) // 2
-        for gamma in (1.0, 2.0, 3.0, 5.0, 8.0):
+        for gamma in GAMMA_SWEEP:
             t0 = time.perf_counter()
             p = make_prompt(maps[fg_idx[s_live]], kind, gamma=gamma)
             lg, _ = decode_one(bb, emb_all[s_live], p)
@@ -361,7 +297,7 @@ def run_benchmark(
         clock.run("write", write)
 
     report["stages"] = clock.stages
-    report["peak_rss_mb"] = _peak_rss_mb()
+    report["peak_rss_mb"] = peak_rss_mb()
     if on_gpu:
         report["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved(dev) / 2**20, 1)
     report["totals"] = _totals(report, on_gpu)
@@ -490,120 +426,3 @@ def format_report(rep: dict) -> str:
         lines.append(f"    bank {t['bank_patches']:>12,}: {t['volume_s']:>8.2f} s  (decode {t['decode']}; {t['is']})")
     lines.append(f"  peak RSS {rep['peak_rss_mb']} MB" + (f"; CUDA max reserved {rep['cuda_max_reserved_mb']} MB" if "cuda_max_reserved_mb" in rep else ""))
     return "\n".join(lines)
-
-
-# -- the Dice cost of bank options -----------------------------------------------------------
-def accuracy_files(folder: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
-    """Normal volumes and (image, ground truth) pairs of a data folder: the benchmark's layout
-    (``train/*.nii.gz``, ``test/images/X``, ``test/labels/X``) or the bundled sample's
-    (``normal_*.nii.gz``, ``case_*.nii.gz`` with ``case_*_seg.nii.gz``)."""
-    from ..errors import InputError
-
-    folder = Path(folder)
-    if (folder / "train").is_dir() and (folder / "test" / "images").is_dir():
-        normals = sorted((folder / "train").glob("*.nii*"))
-        images = sorted((folder / "test" / "images").glob("*.nii*"))
-        cases = [(i, folder / "test" / "labels" / i.name) for i in images]
-        missing = [str(g) for _, g in cases if not g.is_file()]
-        if missing:
-            raise InputError(f"{folder}: test images without a ground truth in test/labels/: {', '.join(missing[:3])}")
-    else:
-        normals = sorted(folder.glob("normal_*.nii.gz"))
-        cases = [(c, c.with_name(c.name.replace(".nii.gz", "_seg.nii.gz"))) for c in sorted(folder.glob("case_*.nii.gz"))
-                 if not c.name.endswith("_seg.nii.gz")]
-        cases = [c for c in cases if c[1].is_file()]
-    if not normals or not cases:
-        raise InputError(f"{folder}: needs normal volumes and test cases with ground truth "
-                         "(train/ + test/images/ + test/labels/, or normal_*.nii.gz + case_*.nii.gz + case_*_seg.nii.gz)")
-    return normals, cases
-
-
-def bank_accuracy(
-    normals: list[Path],
-    cases: list[tuple[Path, Path]],
-    *,
-    options: tuple[dict, ...] | None = None,
-    backbone=None,
-    layout: str = "paper1024",
-    cache=None,
-    progress: ProgressFn | None = None,
-) -> dict:
-    """Segment ``cases`` (image, ground truth) with banks built from ``normals`` using each bank
-    option (index type, nprobe, coreset ratio) and compare with the exact flat bank: slice and
-    volume Dice against the ground truth, Dice between the option's masks and the exact bank's,
-    the largest anomaly-map difference, and the recall of the exact nearest neighbour (k=1).
-
-    Every volume is encoded once (the options share the embeddings); with ``cache`` (an
-    :class:`~napari_mias_sam.cache.EmbeddingCache`) embeddings also come from and go to it.
-    """
-    from ..backbones import load_backbone
-    from ..bank import build_bank
-    from .scoring import gt_metrics
-    from ..io import load_labels, load_volume
-    from .metrics import dice
-    from ..pipeline import encode_volume, preprocessing_from_bank, segment_volume
-    from ..settings import PREPROCESS_PRESETS, to_dict
-    from ..model_inputs import volume_groups
-
-    options = options or (
-        {"index_type": "flat"},
-        {"index_type": "flat-fp16"},
-        {"index_type": "flat-sq8"},
-        {"index_type": "ivf"},
-        {"index_type": "ivf-fp16"},
-        {"index_type": "flat", "coreset_ratio": 0.25},
-        {"index_type": "flat", "coreset_ratio": 0.1},
-        {"index_type": "flat", "coreset_ratio": 0.01},
-    )
-    bb = backbone or load_backbone("litemedsam", device="cpu")
-    prep = PREPROCESS_PRESETS["mri"]
-    memo: dict[bytes, torch.Tensor] = {}
-
-    encode = bb.encode
-    if cache is not None:
-        from ..cache import cached_encoder
-
-        encode = cached_encoder(bb, cache)
-
-    def embed(frames: torch.Tensor) -> torch.Tensor:  # encode each distinct batch once across options
-        key = frames.numpy().tobytes()
-        if key not in memo:
-            memo[key] = encode(frames)
-        return memo[key]
-
-    vols = [(load_volume(i), load_labels(g, like=load_volume(i)).data > 0, Path(i).name) for i, g in cases]
-    encoded = None
-    results: list[dict] = []
-    exact: dict[str, object] = {}
-    for oi, opt in enumerate(options):
-        if progress:
-            progress("bank options", oi, len(options))
-        t0 = time.perf_counter()
-        bank = build_bank(volume_groups([Path(p) for p in normals], prep), bb, layout=layout, preprocessing=to_dict(prep),
-                          embed=embed, **opt)
-        build_s = time.perf_counter() - t0
-        if encoded is None:
-            encoded = [encode_volume(v, bb, preprocessing_from_bank(bank), axis=2, cache=cache) for v, _, _ in vols]
-        row = {"option": dict(opt), "patches": bank.ntotal, "nprobe": bank.nprobe, "build_s": round(build_s, 2), "cases": {}}
-        for (v, gt, name), enc in zip(vols, encoded):
-            res = segment_volume(v, bank, bb, encoded=enc)
-            m = gt_metrics(res, gt)
-            c = {"slice_dice": m["slice_dice"], "volume_dice": m["volume_dice"], "per_slice_dice": list(m["per_slice_dice"].values())}
-            if oi == 0:
-                exact[name] = res
-            else:
-                ref = exact[name]
-                c["mask_dice_vs_exact"] = dice(res.mask_volume() > 0, ref.mask_volume() > 0)  # type: ignore[attr-defined]
-                c["max_map_diff_vs_exact"] = float(np.abs(res.maps - ref.maps).max())  # type: ignore[attr-defined]
-                c["nn_recall_vs_exact"] = float(np.mean(np.isclose(res.scores, ref.scores, rtol=1e-4, atol=1e-6)))  # type: ignore[attr-defined]
-            row["cases"][name] = c
-        # the paper's slice Dice over the whole test set: the mean over every anomalous slice
-        pooled = [v for c in row["cases"].values() for v in c.pop("per_slice_dice")]
-        row["mean_slice_dice"] = float(np.mean(pooled)) if pooled else float("nan")
-        row["mean_volume_dice"] = float(np.mean([c["volume_dice"] for c in row["cases"].values()]))
-        results.append(row)
-    base = results[0]["mean_slice_dice"]
-    for r in results:
-        r["dice_points_vs_exact"] = round(100 * (r["mean_slice_dice"] - base), 2)
-    return {"machine": machine_info(), "normals": [str(p) for p in normals], "cases": [str(c[0]) for c in cases],
-            "backbone": bb.describe(), "layout": layout, "results": results}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..defaults import BASELINE_THRESHOLD
 from ..preprocess import Frame, from_frame
 
-__all__ = ["cog_hits", "threshold_baseline_masks", "gt_metrics"]
+__all__ = ["cog_hits", "baseline_slices", "threshold_baseline_masks", "gt_metrics"]
 
 
 def cog_hits(result, gt: np.ndarray) -> tuple[int, int]:
@@ -25,11 +26,19 @@ def cog_hits(result, gt: np.ndarray) -> tuple[int, int]:
     return hits, n
 
 
-def threshold_baseline_masks(maps: np.ndarray, foreground: np.ndarray, frame: Frame, axis: int, threshold: float = 0.5) -> np.ndarray:
-    """The thresholding baseline: normalised frame maps > threshold, on the input's voxel grid."""
+def baseline_slices(maps: np.ndarray, foreground: np.ndarray, frame: Frame,
+                    threshold: float = BASELINE_THRESHOLD) -> np.ndarray:
+    """The thresholding baseline (the paper's, and the only one here): normalised frame maps
+    (N, 256, 256) > ``threshold`` on the input's slice grid (N, H, W), slices without anatomy off."""
     per_slice = from_frame(maps, frame) > threshold
     per_slice[~foreground] = False
-    return np.ascontiguousarray(np.moveaxis(per_slice, 0, axis))
+    return per_slice
+
+
+def threshold_baseline_masks(maps: np.ndarray, foreground: np.ndarray, frame: Frame, axis: int,
+                             threshold: float = BASELINE_THRESHOLD) -> np.ndarray:
+    """:func:`baseline_slices` as a volume on the input's voxel grid (slices along ``axis``)."""
+    return np.ascontiguousarray(np.moveaxis(baseline_slices(maps, foreground, frame, threshold), 0, axis))
 
 
 def gt_metrics(result, gt: np.ndarray) -> dict:

@@ -15,23 +15,26 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..anomaly import image_scores, maps_from_scores
-from ..backbones import default_prompt_for
+from .. import defaults
+from ..anomaly import image_scores, maps_from_scores, mean_of_k_nearest
 from ..bank import MemoryBank, check_compatible
 from ..cache import EmbeddingCache
 from ..datasets import LesionLabels, lesion_mask
 from ..errors import InputError
 from ..io import Volume, load_labels, load_volume
+from .scoring import baseline_slices
 from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
 from ..patches import GRID
 from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
 from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
+from ..prompts import PROMPT_TYPES, default_prompt_for
 from ..reference_io import encoding_of
 from ..regions import anomalous_regions, bank_levels
-from ..settings import VOLUME_PROMPT, SegmentSettings
+from ..settings import NORMALISATIONS, VOLUME_PROMPT, SegmentSettings
 from ..model_inputs import volume_frames
 
-__all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "evaluate"]
+__all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "EvalContext",
+           "encode_units", "unit_scores", "unit_maps", "baseline_scores", "evaluate"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -92,10 +95,10 @@ def units_from_slices(images: list[np.ndarray], masks: list[np.ndarray], labels:
 class Ablations:
     """Which one-factor-at-a-time ablations to run (the default row is always run)."""
 
-    prompts: tuple[str, ...] = ("regions", "cog-point", "cog-box", "max-point", "threshold-box")
-    gammas: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 8.0)
-    ks: tuple[int, ...] = (1, 3, 5)
-    normalisations: tuple[str, ...] = ("calibrated", "reference")
+    prompts: tuple[str, ...] = PROMPT_TYPES
+    gammas: tuple[float, ...] = defaults.GAMMA_SWEEP
+    ks: tuple[int, ...] = defaults.K_SWEEP
+    normalisations: tuple[str, ...] = NORMALISATIONS
     masks: tuple[int, ...] = (1, 2, 3)
 
 
@@ -119,7 +122,7 @@ class EvalContext:
     passes: dict = field(default_factory=dict)  # (bank, k, norm, prompt, gamma) -> _Pass
 
 
-def _encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None, progress: ProgressFn | None, batch_size: int) -> None:
+def encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None, progress: ProgressFn | None, batch_size: int) -> None:
     total = sum(len(u.frames) for u in units)
     done = 0
     for u in units:
@@ -143,19 +146,19 @@ def _neighbour_distances(ctx: EvalContext, b: int) -> list[np.ndarray]:
     return ctx.scores[(b, "dist")]
 
 
-def _scores(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
+def unit_scores(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
     """Per unit, (N, 32, 32) patch scores: mean squared distance to the k nearest bank patches."""
     if (b, k) not in ctx.scores:
-        ctx.scores[(b, k)] = [d[:, :, :k].mean(axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
+        ctx.scores[(b, k)] = [mean_of_k_nearest(d, k, axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
                               for d in _neighbour_distances(ctx, b)]
     return ctx.scores[(b, k)]
 
 
-def _maps(ctx: EvalContext, b: int, k: int, norm: str) -> list[np.ndarray]:
+def unit_maps(ctx: EvalContext, b: int, k: int, norm: str) -> list[np.ndarray]:
     """Normalised frame maps per unit; 'reference' min-max spans the whole test set (paper)."""
     if (b, k, norm) in ctx.maps:
         return ctx.maps[(b, k, norm)]
-    raw = [maps_from_scores(s, sigma=ctx.base.sigma) for s in _scores(ctx, b, k)]
+    raw = [maps_from_scores(s, sigma=ctx.base.sigma) for s in unit_scores(ctx, b, k)]
     if norm == "calibrated":
         cal = ctx.banks[b].calibration(k)
         out = [cal.apply(m) for m in raw]
@@ -177,7 +180,7 @@ def _regions(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
     if (b, k, "regions") not in ctx.maps:
         levels = bank_levels(ctx.banks[b], k)
         ctx.maps[(b, k, "regions")] = [anomalous_regions(m, levels, foreground=u.foreground, three_d=u.is_volume)
-                                       for m, u in zip(_maps(ctx, b, k, "calibrated"), ctx.units)]
+                                       for m, u in zip(unit_maps(ctx, b, k, "calibrated"), ctx.units)]
     return ctx.maps[(b, k, "regions")]
 
 
@@ -185,7 +188,7 @@ def _decode_pass(ctx: EvalContext, b: int, k: int, norm: str, prompt: str, gamma
     key = (b, k, norm, prompt, gamma)
     if key in ctx.passes:
         return ctx.passes[key]
-    maps = _maps(ctx, b, k, norm)
+    maps = unit_maps(ctx, b, k, norm)
     st = ctx.base.replace(prompt=prompt, gamma=gamma, k=k, normalisation=norm)
     regions = _regions(ctx, b, k) if prompt == "regions" else [None] * len(ctx.units)
     logits, ious, prompts = [], [], []
@@ -212,7 +215,7 @@ def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int,
     ``per_slice``: if given, receives (unit index, slice Dice) of every anomalous slice."""
     thr = slice_decision_threshold(ctx.banks[b], k)
     preds, preds_dec, gts, labels, vd, vd_dec, owner = [], [], [], [], [], [], []
-    for u, lg, pr, sc in zip(ctx.units, pas.logits, pas.prompts, _scores(ctx, b, k)):
+    for u, lg, pr, sc in zip(ctx.units, pas.logits, pas.prompts, unit_scores(ctx, b, k)):
         has_prompt = np.array([p is not None for p in pr])
         keep = u.foreground & has_prompt
         m = _masks(u, lg, mask_index, keep)
@@ -241,9 +244,9 @@ def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int,
 
 
 def _detection_metrics(ctx: EvalContext, b: int, k: int) -> dict:
-    maps = _maps(ctx, b, k, "reference")
+    maps = unit_maps(ctx, b, k, "reference")
     grid_maps, gts, img_s, labels = [], [], [], []
-    for u, m, sc in zip(ctx.units, maps, _scores(ctx, b, k)):
+    for u, m, sc in zip(ctx.units, maps, unit_scores(ctx, b, k)):
         grid_maps.extend(from_frame(m, u.frame))
         gts.extend(u.gt)
         img_s.extend(image_scores(sc))
@@ -258,14 +261,14 @@ def _detection_metrics(ctx: EvalContext, b: int, k: int) -> dict:
     return out
 
 
-def _baseline(ctx: EvalContext, b: int, k: int, threshold: float = 0.5, per_slice: list | None = None) -> dict:
-    """The thresholding baseline: reference-normalised map > 0.5, no SAM. ``per_slice``: as in
-    :func:`_segmentation_metrics`."""
-    maps = _maps(ctx, b, k, "reference")
+def baseline_scores(ctx: EvalContext, b: int, k: int, threshold: float = defaults.BASELINE_THRESHOLD,
+                    per_slice: list | None = None) -> dict:
+    """Slice and volume Dice of the thresholding baseline (:func:`.scoring.baseline_slices` on the
+    reference-normalised maps, no SAM). ``per_slice``: as in :func:`_segmentation_metrics`."""
+    maps = unit_maps(ctx, b, k, "reference")
     preds, gts, labels, vd, owner = [], [], [], [], []
     for u, m in zip(ctx.units, maps):
-        p = from_frame(m, u.frame) > threshold
-        p[~u.foreground] = False
+        p = baseline_slices(m, u.foreground, u.frame, threshold)
         preds.extend(p)
         gts.extend(u.gt)
         labels.extend(u.labels)
@@ -306,7 +309,7 @@ def evaluate(
         base = base.replace(prompt=(VOLUME_PROMPT if all(u.is_volume for u in units) else None) or default_prompt_for(backbone.name))
     abl = ablations or Ablations()
     t0 = time.perf_counter()
-    _encode_units(units, backbone, cache, progress, batch_size)
+    encode_units(units, backbone, cache, progress, batch_size)
     t_enc = time.perf_counter() - t0
     ctx = EvalContext(units, banks, backbone, base, progress, k_max=max((base.k, *abl.ks)))
     rows: list[dict] = []
@@ -340,7 +343,7 @@ def evaluate(
         for k in sorted({d.k, *abl.ks}):
             det = {"bank": _bank_name(banks[b]), "layout": banks[b].layout, "k": k}
             det.update(_detection_metrics(ctx, b, k))
-            det["baseline_threshold_0.5"] = _baseline(ctx, b, k, per_slice=theirs if (b, k) == (0, d.k) else None)
+            det["baseline_threshold_0.5"] = baseline_scores(ctx, b, k, per_slice=theirs if (b, k) == (0, d.k) else None)
             detection.append(det)
 
     # The default against the 0.5-threshold baseline, slice by slice (paired bootstrap intervals)

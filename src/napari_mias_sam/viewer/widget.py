@@ -3,6 +3,11 @@ selected image layer in a background worker, and live QA (``widget_live``).
 
 A thin layer: every computation is a call into the same modules the ``mias-sam`` command line
 uses (``backbones``, ``file_steps``, ``bank``, ``pipeline``, ``viewer.live``, ``viewer.layers``).
+
+Size: over 450 lines because the dock's controls, their layout, tooltips and wiring live in one
+class; its bank and live parts are separate modules (``widget_bank``, ``widget_live``) that reach
+it only through the ``BankHost`` / ``LiveHost`` protocols. Next cut when it grows: the section
+builders.
 """
 
 from functools import partial
@@ -26,16 +31,18 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
-from .widget_bank import BankMixin, _path_or_none
+from .widget_bank import BankMixin, path_or_none
 from .widget_dataset import DatasetMixin
 from .widget_files import FilesMixin
 from .widget_live import LiveController, is_output_layer, plural
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
-from ..backbones import BACKBONES, default_prompt_for, iou_tracks_quality_for, point_prompts_work_for
+from .. import defaults
+from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
-from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, PROMPT_TYPES, VOLUME_PROMPT, SegmentSettings
+from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_prompt_for
+from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, VOLUME_PROMPT, SegmentSettings
 from ..reference_io import encoding_of
 
 __all__ = ["MiasSamWidget"]
@@ -131,13 +138,13 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.image = ComboBox(choices=self._image_choices, label="image layer")
         self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for("litemedsam"), label="prompt")
         self.prompt_note = Label(value="")
-        self.gamma = FloatSlider(value=5.0, min=0.5, max=20.0, step=0.5, label="gamma",
+        self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
-        self.mask = RadioButtons(choices=[1, 2, 3], value=3, orientation="horizontal", label="mask",
+        self.mask = RadioButtons(choices=[1, 2, 3], value=defaults.MASK_INDEX, orientation="horizontal", label="mask",
                                  tooltip="SAM's three masks, coarse (1) to fine (3); the paper uses 3")
         self.iou_info = Label(value="predicted IoU: -")
-        self.normalisation = ComboBox(choices=NORMALISATIONS, value="calibrated", label="normalisation")
-        self.k = SpinBox(value=1, min=1, max=5, label="k neighbours")
+        self.normalisation = ComboBox(choices=NORMALISATIONS, value=defaults.NORMALISATION, label="normalisation")
+        self.k = SpinBox(value=defaults.K, min=1, max=5, label="k neighbours")
         self.slice_decision = CheckBox(value=False, text="keep masks only on slices scored anomalous")
         self.batch_size = SpinBox(value=4, min=1, max=64, label="batch size")
         self.run_btn = PushButton(text="Run MIAS-SAM")
@@ -249,13 +256,14 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             k=int(self.k.value), normalisation=str(self.normalisation.value), slice_decision=bool(self.slice_decision.value),
         )
 
-    def _backbone_key(self, encoding: str = "standard") -> tuple:
-        """(backbone, checkpoint, device, encoding) of the controls; ``encoding``: a run takes its
-        bank's (a SAM bank built with ``--encoding reference`` runs as the paper's code)."""
+    def selected_backbone_key(self, encoding: str = "standard") -> tuple:
+        """(backbone, checkpoint, device, encoding) the controls select (or the pinned backbone's);
+        ``encoding``: a run takes its bank's (a SAM bank built with ``--encoding reference`` runs as
+        the paper's code). A one-line :class:`InputError` when a SAM backbone has no checkpoint file."""
         if self._pinned and self.backbone is not None and self.backbone_key is not None:
             return self.backbone_key
         name = str(self.backbone_choice.value)
-        ckpt = _path_or_none(self.checkpoint.value) if name != "litemedsam" else None
+        ckpt = path_or_none(self.checkpoint.value) if name != "litemedsam" else None
         if name != "litemedsam" and ckpt is None:
             from ..weights import local_file
 
@@ -275,7 +283,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.backbone_key = (backbone.name, str(getattr(backbone, "weights_path", "")) or None, device, encoding_of(backbone))
         self._pinned = True
 
-    def _get_backbone(self, key: tuple, progress):
+    def get_backbone(self, key: tuple, progress):
         """The backbone for ``key`` (runs in the worker thread; loads it when needed)."""
         if self.backbone is not None and self.backbone_key == key:
             return self.backbone
@@ -333,7 +341,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     def _prompt_hint(self, value: str) -> None:
         """A note under the prompt choice that stays while a point prompt is used on a box-only backbone."""
-        if not self._point_prompts_work() and value in ("cog-point", "max-point"):
+        if not self._point_prompts_work() and PROMPT_RULES[value].shape == "point":
             self.prompt_note.value = (f"⚠ {self.backbone_choice.value} was trained with box prompts only: "
                                       f"{value} gives near-empty masks. Use cog-box.")
             self.prompt_note.native.setStyleSheet("color: #f0b040;")
@@ -381,7 +389,9 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             b.enabled = not busy
         self.cancel_btn.enabled = busy
 
-    def _start(self, func, on_done) -> Optional[Job]:
+    def start_job(self, func, on_done) -> Optional[Job]:
+        """Run ``func(progress, cancelled)`` in the background, then ``on_done(value)`` on the
+        GUI thread (``value`` is a :class:`Failed` when it raised); ``None`` while busy."""
         if self.job is not None and not self.job.done:
             self.report_error("MIAS-SAM is busy with another job; wait for it or cancel it.")
             return None
@@ -395,7 +405,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.progress.value = min(int(done), int(total))
         self.status.value = f"{stage}: {done}/{total}"
 
-    def _failed(self, what: str, value) -> bool:
+    def job_failed(self, what: str, value) -> bool:
+        """Report a failed or cancelled job (status line and notification); ``True`` if it was."""
         if not isinstance(value, Failed):
             self.message.clear("error")
             return False
@@ -406,6 +417,10 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             self.status.value = f"{what} failed."
             self.report_error(f"{what} failed: {value.exc}")
         return True
+
+    def settings_pending(self) -> bool:
+        """Whether a settings change is waiting to be applied to the live result."""
+        return self._settings_timer.isActive()
 
     def cancel(self) -> None:
         if self.job is not None and not self.job.done:
@@ -429,7 +444,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             if self.bank is None:
                 raise InputError("no memory bank: build one from normal volumes (Memory bank > Build bank) "
                                  "or load a saved bank folder (Load bank) first.")
-            key = self._backbone_key(encoding_of(self.bank.backbone))
+            key = self.selected_backbone_key(encoding_of(self.bank.backbone))
             if self.bank.backbone.get("name") != key[0]:
                 raise BankMismatchError(
                     f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
@@ -457,7 +472,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         def job(progress, cancelled):
             from ..dataset_sources import roi_for_bank
 
-            bb = self._get_backbone(key, progress)
+            bb = self.get_backbone(key, progress)
             res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, reuse=previous,
                                  batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
@@ -470,10 +485,10 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             return bb, key, res
 
         self.status.value = f"running on '{layer.name}'..."
-        return self._start(job, partial(self._run_done, layer, axes))
+        return self.start_job(job, partial(self._run_done, layer, axes))
 
     def _run_done(self, layer, axes, value) -> None:
-        if self._failed("the run", value):
+        if self.job_failed("the run", value):
             return
         backbone, self.backbone_key, result = value
         previous = self.live if (self.live is not None and self.live.source is layer) else None

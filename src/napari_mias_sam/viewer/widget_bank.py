@@ -1,16 +1,51 @@
 """The memory-bank part of the MIAS-SAM widget: build from normal volumes (files, a folder, or
-the bundled sample normals), load, save, and show where the bank came from."""
+the bundled sample normals), load, save, and show where the bank came from.
+
+:class:`BankMixin` uses only what :class:`BankHost` declares (a test checks it)."""
 
 from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 from ..paths import sample_data_dir
 from ..backbones import BACKBONES
 from ..errors import InputError, MiasSamError
 
-__all__ = ["BankMixin"]
+__all__ = ["BankHost", "BankMixin", "path_or_none"]
 
 
-def _path_or_none(value):
+@runtime_checkable
+class BankHost(Protocol):
+    """What :class:`BankMixin` needs from the widget it is mixed into: its controls, the bank and
+    backbone it holds, and four methods. Nothing else (no private attributes)."""
+
+    bank: Any
+    backbone: Any
+    backbone_key: Optional[tuple]
+    status: Any
+    bank_info: Any
+    bank_path: Any
+    normal_files: Any
+    normal_folder: Any
+    preprocess: Any
+    layout_choice: Any
+    batch_size: Any
+    backbone_choice: Any
+
+    def start_job(self, func: Callable, on_done: Callable) -> Any: ...
+
+    def job_failed(self, what: str, value: Any) -> bool: ...
+
+    def selected_backbone_key(self, encoding: str = "standard") -> tuple: ...
+
+    def get_backbone(self, key: tuple, progress: Callable) -> Any: ...
+
+    def report_error(self, text: str) -> None: ...
+
+    def fold_bank_section(self, summary: str = "") -> None: ...
+
+
+def path_or_none(value):
+    """A path from a file control's value; ``None`` for an empty one."""
     if value is None:
         return None
     s = str(value)
@@ -40,13 +75,13 @@ class BankMixin:
 
     def build_bank(self) -> None:
         try:
-            inputs = [Path(p) for p in (self.normal_files.value or ()) if _path_or_none(p)]
-            folder = _path_or_none(self.normal_folder.value)
+            inputs = [Path(p) for p in (self.normal_files.value or ()) if path_or_none(p)]
+            folder = path_or_none(self.normal_folder.value)
             if folder is not None:
                 inputs.append(folder)
             if not inputs:
                 raise InputError("choose normal (lesion-free) volumes or a folder of them to build the memory bank from.")
-            key = self._backbone_key()
+            key = self.selected_backbone_key()
         except MiasSamError as exc:
             self.report_error(str(exc))
             return
@@ -56,31 +91,31 @@ class BankMixin:
         prep, layout, batch = presets[self.preprocess.value], self.layout_choice.value, int(self.batch_size.value)
 
         def job(progress, cancelled):
-            bb = self._get_backbone(key, progress)
+            bb = self.get_backbone(key, progress)
             bank = build_bank_from_files(inputs, bb, preprocessing=prep, layout=layout, batch_size=batch,
                                          progress=progress, cancelled=cancelled)
             return bb, key, bank
 
-        self._start(job, self._bank_built)
+        self.start_job(job, self._bank_built)
 
     def _bank_built(self, value) -> None:
-        if self._failed("bank build", value):
+        if self.job_failed("bank build", value):
             return
         self.backbone, self.backbone_key, bank = value
         self.set_bank(bank)
         self.status.value = f"memory bank built: {bank.ntotal:,} patches. Save it to reuse it."
 
     def load_bank(self) -> None:
-        path = _path_or_none(self.bank_path.value)
+        path = path_or_none(self.bank_path.value)
         if path is None:
             self.report_error("choose the bank folder to load (bank folder), then press Load bank.")
             return
         from ..bank import load_bank
 
-        self._start(lambda progress, cancelled: load_bank(path), self._bank_loaded)
+        self.start_job(lambda progress, cancelled: load_bank(path), self._bank_loaded)
 
     def _bank_loaded(self, value) -> None:
-        if self._failed("loading the bank", value):
+        if self.job_failed("loading the bank", value):
             return
         self.set_bank(value)
         self.status.value = f"memory bank loaded from {value.path}"
@@ -88,7 +123,7 @@ class BankMixin:
             self.backbone_choice.value = value.backbone["name"]
 
     def save_bank(self) -> None:
-        path = _path_or_none(self.bank_path.value)
+        path = path_or_none(self.bank_path.value)
         if self.bank is None:
             self.report_error("no memory bank to save; build one first.")
             return
@@ -102,10 +137,10 @@ class BankMixin:
                 path.rmdir()  # an empty folder picked in the dialog: the bank takes its place
             return bank.save(path)
 
-        self._start(job, self._bank_saved)
+        self.start_job(job, self._bank_saved)
 
     def _bank_saved(self, value) -> None:
-        if self._failed("saving the bank", value):
+        if self.job_failed("saving the bank", value):
             return
         self.set_bank(self.bank)
         self.status.value = f"memory bank saved to {value}"

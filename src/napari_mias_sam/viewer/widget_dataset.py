@@ -14,7 +14,7 @@ from magicgui.widgets import ComboBox, FileEdit, LineEdit, PushButton, SpinBox
 from ..datasets import dataset_kind, find_cases, looks_like_dataset, parse_lesion_labels
 from ..errors import InputError, MiasSamError
 from .case_layers import CT_WINDOWS
-from .widget_bank import _path_or_none
+from .widget_bank import path_or_none
 
 __all__ = ["DatasetMixin", "MODALITY_CHOICES"]
 
@@ -55,7 +55,7 @@ class DatasetMixin:
 
     # -- dataset bank -------------------------------------------------------------------------------
     def _on_dataset_root(self, *_args) -> None:
-        root = _path_or_none(self.dataset_root.value)
+        root = path_or_none(self.dataset_root.value)
         if root is None or not looks_like_dataset(root):
             return
         try:
@@ -70,30 +70,30 @@ class DatasetMixin:
     def build_bank_from_dataset(self):
         """Build the bank from the dataset folder's lesion-free slices in the background."""
         try:
-            root = _path_or_none(self.dataset_root.value)
+            root = path_or_none(self.dataset_root.value)
             if root is None:
                 raise InputError("choose a dataset folder (a BraTS root or case folder, or a LiTS folder).")
             if not looks_like_dataset(root):
                 raise InputError(f"{root}: holds no BraTS case folders or LiTS volume-N/segmentation-N files.")
-            key = self._backbone_key()
+            key = self.selected_backbone_key()
         except MiasSamError as exc:
             self.report_error(str(exc))
             return None
         from ..dataset_sources import build_bank_from_dataset
 
         mod = None if self.ds_modality.value == "auto" else str(self.ds_modality.value)
-        subjects, exclude = _path_or_none(self.ds_subjects.value), _path_or_none(self.ds_exclude.value)
+        subjects, exclude = path_or_none(self.ds_subjects.value), path_or_none(self.ds_exclude.value)
         roi = None if self.ds_roi.value == "none" else str(self.ds_roi.value)
         opts = dict(modality=mod, margin=int(self.ds_margin.value), subjects=subjects, exclude=exclude, roi=roi,
                     preprocess=str(self.preprocess.value), layout=self.layout_choice.value, batch_size=int(self.batch_size.value))
 
         def job(progress, cancelled):
-            bb = self._get_backbone(key, progress)
+            bb = self.get_backbone(key, progress)
             bank = build_bank_from_dataset(root, bb, progress=progress, cancelled=cancelled, **opts)
             return bb, key, bank
 
         self.status.value = f"building a bank from the lesion-free slices of {root.name}..."
-        return self._start(job, self._bank_built)
+        return self.start_job(job, self._bank_built)
 
     # -- lesion labels of the ground truth ------------------------------------------------------------
     def gt_lesion_labels(self, gt_layer) -> Optional[tuple]:

@@ -45,10 +45,10 @@ class FilesMixin:
             progress(f"download {name}", 0, 1)
             return name, fetch(name)
 
-        return self._start(job, self._weights_fetched)
+        return self.start_job(job, self._weights_fetched)
 
     def _weights_fetched(self, value) -> None:
-        if self._failed("the download", value):
+        if self.job_failed("the download", value):
             return
         from ..weights import registry
 

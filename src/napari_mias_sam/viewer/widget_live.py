@@ -3,12 +3,17 @@ points re-decoded in the background (current slice first), Dice against a ground
 false-positive / false-negative overlay and the per-slice profile.
 
 The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods and the pure helpers of
-:mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers.
+:mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
+:class:`LiveHost` declares of the widget (a test checks it).
+
+Size: about 500 lines because one controller owns every output layer of a run and keeps them in
+step (layers, points, background re-decoding, comparison, profile); the computations themselves are
+in :mod:`napari_mias_sam.viewer.live`.
 """
 
 import time
 from functools import partial
-from typing import Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import napari
@@ -20,7 +25,7 @@ from ..datasets import lesion_mask
 from ..evaluation.metrics import dice
 from .layers import GEOMETRY_KEYS, geometry_metadata
 
-__all__ = ["LiveController", "is_output_layer", "OUTPUT_KEY", "plural"]
+__all__ = ["LiveHost", "LiveController", "is_output_layer", "OUTPUT_KEY", "plural"]
 
 OUTPUT_KEY = "mias_sam"  # layer.metadata key marking (and describing) MIAS-SAM outputs
 MASK_COLOR = "lime"
@@ -58,10 +63,36 @@ def _fmt(v) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
+@runtime_checkable
+class LiveHost(Protocol):
+    """What :class:`LiveController` needs from the widget: the viewer, the controls it reads or
+    writes, and whether a settings change is still waiting. Nothing else."""
+
+    viewer: Any
+    status: Any
+    iou_info: Any
+    dice_info: Any
+    gt: Any
+    show_errors: Any
+    profile: Any
+
+    def settings_pending(self) -> bool: ...
+
+    def iou_tracks_quality(self) -> bool: ...
+
+    def report_error(self, text: str) -> None: ...
+
+    def show_message(self, text: str, level: str = "info") -> None: ...
+
+    def show_counts(self, text: str) -> None: ...
+
+    def show_live_state(self, text: str) -> None: ...
+
+
 class LiveController:
     """Owns the output layers of one run and keeps them in step with the session."""
 
-    def __init__(self, widget, session: LiveSession, source, *, reuse: Optional[dict] = None) -> None:
+    def __init__(self, widget: LiveHost, session: LiveSession, source, *, reuse: Optional[dict] = None) -> None:
         self.w = widget
         self.viewer: napari.Viewer = widget.viewer
         self.session = session
@@ -295,7 +326,7 @@ class LiveController:
     def busy(self) -> bool:
         """True from a change until its background pass has updated the layers (or a debounce
         timer still holds a change)."""
-        return self._active_gen is not None or self._move_timer.isActive() or self.w._settings_timer.isActive()
+        return self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
 
     def _on_update(self, gen: int, upd) -> None:
         if gen != self.session.generation or self.layers.get("mask") not in self.viewer.layers:

@@ -1,0 +1,34 @@
+"""The defaults of a run, defined once: the CLI, the widget, the evaluation and the benchmark
+import them from here (a leaf module: it imports nothing).
+
+The paper's values: the centre of gravity weighs the anomaly map by I^gamma with gamma 5; SAM
+gives three masks, the third (finest) is used; each patch's distance is to its nearest bank
+patch (k 1); the thresholding baseline binarises the normalised map at 0.5.
+"""
+
+__all__ = [
+    "GAMMA",
+    "MASK_INDEX",
+    "K",
+    "SIGMA",
+    "NORMALISATION",
+    "BASELINE_THRESHOLD",
+    "GAMMA_SWEEP",
+    "K_SWEEP",
+]
+
+#: Centre-of-gravity exponent (Eq. 2 of the paper).
+GAMMA = 5.0
+#: Which of SAM's three masks, 1-based as in the paper (3 = the finest).
+MASK_INDEX = 3
+#: Nearest bank patches averaged per test patch (1, as the reference code).
+K = 1
+#: Gaussian smoothing of the anomaly maps, in 256 x 256 frame pixels.
+SIGMA = 4.0
+#: How distances become a map: "calibrated" (the bank's normal statistics) or "reference" (min-max).
+NORMALISATION = "calibrated"
+#: The thresholding baseline (and the threshold-box ablation): normalised map > 0.5.
+BASELINE_THRESHOLD = 0.5
+#: The evaluation's sweeps (``mias-sam evaluate --gammas / --ks``; the benchmark's gamma rows).
+GAMMA_SWEEP: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 8.0)
+K_SWEEP: tuple[int, ...] = (1, 3, 5)
