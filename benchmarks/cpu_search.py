@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from napari_mias_sam.evaluation.benchmark import _cpu_model
+    from napari_mias_sam.machine import cpu_model
 
     started = dt.datetime.now(dt.timezone.utc)
     load_before = os.getloadavg()
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     first = next(iter(results.values()))
     print(f"# Exact CPU search (k = 1, squared L2), {dt.date.today().isoformat()} "
-          f"{started:%H:%M} UTC, {_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}")
+          f"{started:%H:%M} UTC, {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}")
     print(f"# torch {first['torch']} ({first['torch_threads']} threads); command: python benchmarks/cpu_search.py "
           + " ".join(sys.argv[1:]))
     print(f"# load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")

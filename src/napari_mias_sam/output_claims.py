@@ -13,6 +13,9 @@ write them to temporary files and move them into place together.
   save into a folder removes those whose process is gone, or that are older than a day when the
   owner cannot be checked (another host, or an unnamed leftover of an older version).
 - Files and folders are created with the user's umask, as ``open()`` and ``mkdir`` would.
+
+Size: one module on purpose (about 470 lines): the folder check, the lock, the exclusive names, the
+journal and the sweep are one protocol whose steps must agree on the same names and order.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ def _attributes_of(tree: ast.AST, base: str, sub: str | None = None) -> set[str]
 def _provided_by_widget() -> set[str]:
     cls = _class(VIEWER / "widget.py", "MiasSamWidget")
     names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    for path, base in ((VIEWER / "widget_dataset.py", "DatasetMixin"), (VIEWER / "widget_files.py", "FilesMixin")):
+        names |= {n.name for n in _class(path, base).body if isinstance(n, ast.FunctionDef)}  # the widget's other bases
     for node in ast.walk(cls):
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             for t in node.targets if isinstance(node, ast.Assign) else [node.target]:

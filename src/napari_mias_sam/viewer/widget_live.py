@@ -88,6 +88,8 @@ class LiveHost(Protocol):
 
     def show_live_state(self, text: str) -> None: ...
 
+    def gt_lesion_labels(self, gt_layer: Any) -> Optional[tuple]: ...
+
 
 class LiveController:
     """Owns the output layers of one run and keeps them in step with the session."""
