@@ -247,6 +247,12 @@ def test_dock_fits_1080p_with_the_qa_in_view(shown, qtbot, sample_subset):
     for w in (widget.profile, widget.next_btn.native):
         top = w.mapTo(view, w.rect().topLeft()).y()
         assert 0 <= top and top + w.height() <= view.height(), (type(w).__name__, top, w.height(), view.height())
+    # Nothing widens the dock past its width (a bank named by its content hash once cut every row).
+    long_summary = "43,008 patches, litemedsam (sample-litemedsam-0123456789abcdef0123)"
+    widget.fold_bank_section(long_summary)
+    qtbot.wait(100)
+    assert section(widget, "Memory bank").text().endswith("…") and long_summary in section(widget, "Memory bank").toolTip()
+    assert scroll.widget().minimumSizeHint().width() <= view.width(), (scroll.widget().minimumSizeHint().width(), view.width())
     # Sections fold and unfold from their title.
     click_section(qtbot, widget, "Memory bank")
     assert section(widget, "Memory bank").isExpanded()

@@ -50,6 +50,10 @@ __all__ = ["MiasSamWidget"]
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+#: Longest section title shown in full; longer ones are elided (the dock must fit a 1080p screen).
+TITLE_CHARS = 44
+
+
 def _wrapping(label: Label) -> None:
     """Let a long text label wrap to the dock's width instead of widening it."""
     label.native.setWordWrap(True)
@@ -174,11 +178,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             _section("Memory bank", self.normal_files, self.normals_info, self.normal_folder, self.preprocess,
                      self.layout_choice,
                      _row(self.sample_normals_btn, self.build_btn), *dataset_controls, self.bank_path, _row(self.load_btn, self.save_btn),
-                     self.bank_info),
+                     self.bank_info, self.cache_info),
             _section("Run", self.image, self.ct_window, self.prompt, self.prompt_note, self.gamma, self.mask, self.iou_info,
                      self.normalisation, _row(self.k, self.batch_size, labels=True), self.slice_decision,
                      _row(self.run_btn, self.cancel_btn, self.reset_points_btn),
-                     self.progress, self.status, self.counts_info, self.cache_info),
+                     self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
         ]
         self._containers = [c for _, c in boxes]
@@ -381,7 +385,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         """Fold the memory-bank section (a bank is in use: make room for the QA); its title keeps
         a one-line summary of the bank."""
         sec = self.sections["Memory bank"]
-        sec.setText("Memory bank" + (f": {summary}" if summary else ""))
+        title = "Memory bank" + (f": {summary}" if summary else "")
+        # a long title (a bank named after its content hash) would widen the whole dock: elide it,
+        # the full text stays in the tooltip
+        sec.setText(title if len(title) <= TITLE_CHARS else title[:TITLE_CHARS - 1] + "…")
+        sec.setToolTip(title)
         sec.collapse(animate=False)
 
     def _busy(self, busy: bool) -> None:
