@@ -25,7 +25,7 @@ SLICE_AXES = ("axial", "coronal", "sagittal", "0", "1", "2")
 
 def _schema() -> dict:
     from ..settings import PATCH_LAYOUTS
-    from .store import INDEX_TYPES
+    from .indexes import INDEX_TYPES
 
     num = {"type": "number"}
     count = {"type": "integer", "minimum": 0}
