@@ -21,7 +21,7 @@ def test_brats_root_to_bank_to_case_dice(tmp_path, mias_cache_dir, capsys):
     assert main(["build-bank", str(root), "--modality", "flair", "--margin", "2", "--exclude-subjects",
                  str(tmp_path / "test.txt"), "--out", str(bank), "--device", "cpu", "--json"]) == 0
     built = json.loads(capsys.readouterr().out)
-    assert "from 19 slices of 2 sources" in built["summary"]  # case_02's 5 lesion-free slices + normal_01's 14
+    assert "from 17 slices of 2 sources" in built["summary"]  # normal_01's 14 + case_02's 3 (0-2: more than 2 from its lesion on 5-13)
     rc = main(["segment", str(root / "BraTS2021_00001"), "--bank", str(bank), "--out", str(tmp_path / "out"),
                "--device", "cpu", "--json"])
     cap = capsys.readouterr()
@@ -30,6 +30,6 @@ def test_brats_root_to_bank_to_case_dice(tmp_path, mias_cache_dir, capsys):
     assert rep["outputs"]["mask"].endswith("BraTS2021_00001_flair_mask.nii.gz")
     assert rep["lesion_labels"]["counted"] == [1, 2, 4]
     m = rep["metrics"]
-    # The sample's lesion (bright, large) on 8 slices; a cross-subject bank of 19 slices.
+    # The sample's lesion (bright, large) on 8 slices; a cross-subject bank of 17 slices.
     assert m["lesion_slices"] == 8 and m["cog_inside_lesion"]["hits"] >= 6, m
     assert m["slice_dice"] > 0.4, m

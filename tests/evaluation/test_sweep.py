@@ -149,7 +149,7 @@ def test_evaluate_cli_bad_input(capsys, tmp_path):
 def test_one_search_per_bank_gives_every_k_the_pipeline_scores(volumes):
     """The sweep searches each bank once with the largest k; every k's scores equal the
     pipeline's own (score_volume with that k)."""
-    from napari_mias_sam.evaluation.sweep import EvalContext, _scores
+    from napari_mias_sam.evaluation.sweep import EvalContext, unit_scores
     from napari_mias_sam.pipeline import score_volume
     from napari_mias_sam.settings import SegmentSettings
 
@@ -162,7 +162,7 @@ def test_one_search_per_bank_gives_every_k_the_pipeline_scores(volumes):
     bank.search = lambda x, k=1, **kw: calls.append(k) or search(x, k, **kw)
     try:
         ctx = EvalContext(units, [bank], bb, SegmentSettings(), k_max=3)
-        got = {k: _scores(ctx, 0, k) for k in (1, 2, 3)}
+        got = {k: unit_scores(ctx, 0, k) for k in (1, 2, 3)}
     finally:
         del bank.search
     assert calls and set(calls) == {3} and len(calls) == sum(-(-len(u.frames) // 8) for u in units)
