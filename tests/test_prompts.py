@@ -148,7 +148,7 @@ def test_threshold_boxes_two_blobs_exact():
 
 def test_make_prompt_kinds_and_empty_maps():
     m = np.zeros((64, 64))
-    for kind in PROMPT_TYPES:
+    for kind in (k for k in PROMPT_TYPES if PROMPT_RULES[k].scope == "slice"):  # regions: made per volume
         assert make_prompt(m, kind) is None, kind
         assert make_prompt(np.full((64, 64), np.nan), kind) is None, kind
     m[10, 20] = 1.0
@@ -168,6 +168,10 @@ def test_every_prompt_rule_gives_its_declared_shape_and_reads_what_it_declares()
     amap[10:20, 30:44] = 1.0
     amap[40:50, 5:12] = 0.8
     for name, rule in PROMPT_RULES.items():
+        if rule.scope == "volume":  # made by the pipeline from the whole volume, never from one map
+            with pytest.raises(ValueError, match="per volume"):
+                make_prompt(amap, name)
+            continue
         p = make_prompt(amap, name)
         assert p is not None and p.kind in (rule.shape, rule.shape + "es"), (name, p)
         # a setting the rule does not read does not change its prompt; one it reads can

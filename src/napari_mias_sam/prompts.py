@@ -137,13 +137,16 @@ class PromptRule:
     """One prompt type: its ``name`` (CLI, widget, results), the prompt ``shape`` it gives the
     decoder (``"point"`` or ``"box"``; threshold-box may give several boxes), the settings it
     ``reads`` (``"gamma"``, ``"threshold"``), a one-line ``description``, and the function
-    ``make(amap, gamma, threshold) -> Prompt | None``."""
+    ``make(amap, gamma, threshold) -> Prompt | None``. ``scope`` is ``"slice"`` for a rule made
+    from one slice's map, ``"volume"`` for one made from the whole volume (``regions``: the
+    pipeline makes it, :func:`make_prompt` refuses it)."""
 
     name: str
     shape: str
     reads: tuple[str, ...]
     description: str
     make: Callable[[np.ndarray, float, float], Prompt | None]
+    scope: str = "slice"
 
 
 #: Every prompt type, in the order the CLI, the widget and the evaluation's ablation list them.
@@ -152,7 +155,8 @@ PROMPT_RULES: dict[str, PromptRule] = {
     r.name: r
     for r in (
         PromptRule("regions", "box", ("calibration",),
-                   "one box per anomalous 3D region (levels from the bank's normal calibration; volumes only)", _per_volume),
+                   "one box per anomalous 3D region (levels from the bank's normal calibration; volumes only)", _per_volume,
+                   scope="volume"),
         PromptRule("cog-point", "point", ("gamma",), "gamma-weighted centre of gravity (Eq. 2 of the paper)", _cog_point),
         PromptRule("cog-box", "box", ("gamma",), "box of the gamma-weighted moments: centre +/- 2 sigma", _cog_box),
         PromptRule("max-point", "point", (), "the pixel of maximum anomaly (paper ablation)", _max_point),
