@@ -25,10 +25,8 @@ pytestmark = [
 def errors(monkeypatch):
     shown: list[str] = []
     import napari_mias_sam.viewer.widget as w
-    import napari_mias_sam.viewer.widget_bank as wb
 
-    for module in (w, wb):
-        monkeypatch.setattr(module, "show_error", shown.append)
+    monkeypatch.setattr(w, "show_error", shown.append)  # every user error goes through the widget's report_error
     return shown
 
 
