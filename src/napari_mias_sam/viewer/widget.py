@@ -60,6 +60,11 @@ def _wrapping(label: Label) -> None:
     label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
 
 
+def _is_point_prompt(kind: str) -> bool:
+    """Whether a prompt type gives the decoder a point (the prompt table says)."""
+    return kind in PROMPT_RULES and PROMPT_RULES[kind].shape == "point"
+
+
 def _row(*widgets, labels: bool = False) -> Container:
     """Controls side by side, flush with the rows above and below."""
     row = Container(widgets=list(widgets), layout="horizontal", labels=labels)
@@ -322,15 +327,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         """Each prompt type's tooltip in the drop-down says what it is and whether it suits the backbone."""
         box_only = not self._point_prompts_work()
         name = str(self.backbone_choice.value)
-        what = {"cog-point": "the gamma-weighted centre of gravity as a point (the paper's prompt)",
-                "cog-box": "a box from the map's gamma-weighted centre and spread (no threshold)",
-                "max-point": "the map's maximum as a point (paper ablation)",
-                "threshold-box": "boxes around the map above 0.5 (paper ablation)"}
         combo = self.prompt.native
         for i in range(combo.count()):
             kind = combo.itemText(i)
-            tip = what.get(kind, kind)
-            if box_only and kind in ("cog-point", "max-point"):
+            tip = PROMPT_RULES[kind].description if kind in PROMPT_RULES else kind
+            if box_only and _is_point_prompt(kind):
                 tip += f". Not for {name}: it was trained with box prompts only, a point gives near-empty masks."
             combo.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
 
