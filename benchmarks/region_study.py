@@ -1,4 +1,4 @@
-"""Region study on a development split: per-region prompts, mask-map agreement and 3D regions
+"""Region study on a development split: per-region box prompts, their levels, boxes and masks,
 against the 0.5-threshold baseline, in slice Dice AND volume Dice (issue 12).
 
 Run it on data that is NOT the benchmark's test set (a different seed), with the benchmark's bank::
@@ -8,8 +8,9 @@ Run it on data that is NOT the benchmark's test set (a different seed), with the
         --gts dev/test/labels/*.nii.gz --work /tmp/region-study
 
 Every variant predicts whole volumes (every slice, lesion-free ones included) from the same
-cached embeddings and anomaly maps as ``mias-sam evaluate`` (k = 1, mask 3 unless the variant
-says otherwise). Every level a variant uses comes from the bank's calibration (held-out normal
+cached embeddings and anomaly maps as ``mias-sam evaluate`` (k = 1). The ``shipped default`` row
+runs the product's own code (:func:`napari_mias_sam.regions.decode_regions`); the other rows vary
+one factor of it at a time (:data:`VARIANTS`). Every level a variant uses comes from the bank's calibration (held-out normal
 slices), none from the test volumes and none is read from the labels. ``--work`` keeps the maps
 and the decoded masks, so a second run only recomputes the region logic. Printed: one row per
 variant, slice Dice (paper: mean over anomalous slices), volume Dice (mean over subjects, the
@@ -25,6 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,9 @@ from napari_mias_sam.anomaly import image_scores
 from napari_mias_sam.evaluation.metrics import paired_bootstrap, paper_slice_dice, volume_dice
 from napari_mias_sam.pipeline import decode_one, slice_decision_threshold
 from napari_mias_sam.preprocess import from_frame
-from napari_mias_sam.regions import NormalLevels, agreeing_mask, anomalous_regions, normal_levels, region_piece, slice_regions
+from napari_mias_sam.defaults import REGIONS_MASK
+from napari_mias_sam.regions import (CORE_PAD, EXTENT_QUANTILE, SEED_QUANTILE, NormalLevels, anomalous_regions, bank_levels,
+                                     decode_regions, normal_levels, region_cores, region_piece, slice_regions)
 from napari_mias_sam.settings import SegmentSettings
 
 
@@ -45,6 +49,7 @@ class Decoder:
 
     def __init__(self, backbone, units: list[TestUnit], work: Path | None):
         self.bb, self.units, self.work = backbone, units, work
+        self.tags = [_unit_tag(u) for u in units]
         self.mem: dict[str, np.ndarray] = {}
         self.new = 0
         self.file = work / "decodes.npz" if work else None
@@ -54,7 +59,7 @@ class Decoder:
 
     def masks(self, u: int, s: int, box: tuple[float, float, float, float]) -> np.ndarray:
         """(3, 256, 256) bool masks of the decoder for one box prompt."""
-        key = f"{self.units[u].name}|{s}|" + ",".join(f"{v:.1f}" for v in box)
+        key = f"{self.tags[u]}|{s}|" + ",".join(f"{v:.1f}" for v in box)
         if key not in self.mem:
             lg = decode_one(self.bb, self.units[u].embeddings[s], Prompt("box", box=tuple(float(v) for v in box)))[0]
             self.mem[key] = np.packbits(lg.astype(np.float32) > 0, axis=-1)
@@ -73,85 +78,113 @@ def to_grid(frame_masks: np.ndarray, u: TestUnit) -> np.ndarray:
     return from_frame(frame_masks.astype(np.float32), u.frame) > 0.5
 
 
-def choose(masks: np.ndarray, piece: np.ndarray, rule: str, agree: float = 0.5) -> np.ndarray:
-    """The mask kept for one region piece. ``rule``: ``m3`` (the third mask), ``agree`` (the
-    product's mask-map agreement, :func:`agreeing_mask`), ``clip`` (the third mask inside the
-    piece), ``piece`` (the region itself)."""
-    if rule == "m3":
-        return masks[2]
-    if rule == "clip":
-        return masks[2] & piece
-    if rule == "piece":
-        return piece
-    return agreeing_mask(masks, piece, 2, agree)
+def _unit_tag(u: TestUnit) -> str:
+    """A unit's content hash (its encoder frames): its maps are kept under it."""
+    return hashlib.sha256(u.frames.numpy().tobytes()).hexdigest()[:12]
 
 
-def region_prediction(dec: Decoder, ui: int, u: TestUnit, maps: np.ndarray, levels: NormalLevels, *, three_d: bool,
-                      rule: str, pad: float = 0.0, agree: float = 0.5, carry: bool = False) -> tuple[np.ndarray, int]:
-    """Frame masks (N, 256, 256) of one unit from per-region box prompts, and the decodes used.
-    ``carry``: each 3D region starts at its most anomalous slice; a neighbour slice's box is the
-    bounding box of the mask just made (padded 2 px) while the region is present there."""
-    lab = anomalous_regions(maps, levels, foreground=u.foreground, three_d=three_d)
+@dataclass(frozen=True)
+class Variant:
+    """One region design: levels (percentiles of the held-out normal peaks), how a piece's box is
+    made, which decoder mask is kept, whether it is clipped to its piece, 3D or per-slice regions."""
+
+    seed: float = SEED_QUANTILE
+    extent: float = EXTENT_QUANTILE
+    box: str = "core"  # "core": the piece's pixels above the core level, padded; "region": the piece's own box
+    core: float | None = None  # the core level's percentile (None: the seed's)
+    pad: float = CORE_PAD
+    mask: int = REGIONS_MASK
+    clip: bool = True
+    three_d: bool = True
+    no_sam: bool = False  # the region itself as the mask
+
+    def levels(self, entry: dict) -> NormalLevels:
+        return normal_levels(entry, extent_quantile=self.extent, seed_quantile=self.seed)
+
+
+def region_prediction(dec: Decoder, ui: int, u: TestUnit, maps: np.ndarray, entry: dict, v: Variant) -> tuple[np.ndarray, int]:
+    """Frame masks (N, 256, 256) of one unit with one box per region piece, and the decodes used."""
+    lv = v.levels(entry)
+    lab = anomalous_regions(maps, lv, foreground=u.foreground, three_d=v.three_d)
+    core_level = lv.seed if v.core is None else normal_levels(entry, seed_quantile=v.core).seed
     out = np.zeros(maps.shape, bool)
     n_dec = 0
-    if carry:
-        for r in range(1, int(lab.max()) + 1):
-            present = np.flatnonzero((lab == r).reshape(len(lab), -1).any(1))
-            peaks = [float(maps[s][lab[s] == r].max()) for s in present]
-            start = int(present[int(np.argmax(peaks))])
-
-            def step(s: int, prev: np.ndarray | None) -> np.ndarray:
-                piece = lab[s] == r
-                src = prev if prev is not None and prev.any() else piece
-                rows, cols = np.flatnonzero(src.any(1)), np.flatnonzero(src.any(0))
-                p = 2.0 if src is prev else 0.0
-                box = (max(0.0, cols[0] - p), max(0.0, rows[0] - p), min(255.0, cols[-1] + p), min(255.0, rows[-1] + p))
-                m = choose(dec.masks(ui, int(s), box), piece, rule, agree)
-                out[s] |= m
-                return m
-
-            first = step(start, None)
-            n_dec += 1
-            for direction in (-1, 1):
-                prev, s = first, start + direction
-                while 0 <= s < len(lab) and (lab[s] == r).any():
-                    prev = step(s, prev)
-                    n_dec += 1
-                    s += direction
-        return out, n_dec
     for s in np.flatnonzero(lab.reshape(len(lab), -1).any(1)):
-        for reg in slice_regions(lab[s], maps[s], pad=pad):
+        core = (lab[s] > 0) & (maps[s] > core_level) if v.box == "core" else None
+        for reg in slice_regions(lab[s], maps[s], core=core, pad=v.pad):
             piece = region_piece(lab[s], reg)
-            if rule == "piece":
+            if v.no_sam:
                 out[s] |= piece
                 continue
-            m = dec.masks(ui, int(s), reg.box)
+            m = dec.masks(ui, int(s), reg.box)[v.mask - 1]
             n_dec += 1
-            out[s] |= choose(m, piece, rule, agree)
+            out[s] |= (m & piece) if v.clip else m
     return out, n_dec
+
+
+def product_prediction(bb, u: TestUnit, maps: np.ndarray, levels: NormalLevels) -> tuple[np.ndarray, int]:
+    """The shipped default (``segment`` on a volume): the product's own region and decode code."""
+    lab = anomalous_regions(maps, levels, foreground=u.foreground, three_d=u.is_volume)
+    cores = region_cores(maps, lab, levels)
+    out = np.zeros(maps.shape, bool)
+    n = 0
+    for s in np.flatnonzero(lab.reshape(len(lab), -1).any(1)):
+        lg, _, prompt = decode_regions(bb, u.embeddings[s], lab[s], maps[s], core=cores[s])
+        out[s] = lg[REGIONS_MASK - 1].astype(np.float32) > 0
+        n += 1 if prompt is None or prompt.kind == "box" else len(prompt.boxes)
+    return out, n
+
+
+#: The variants the study scores (docs/results.md lists them all): one factor at a time around the
+#: chosen design, then the previous session's design and its neighbours.
+VARIANTS: dict[str, Variant] = {
+    "regions (the default)": Variant(),
+    "mask 2": Variant(mask=2),
+    "mask 3": Variant(mask=3),
+    "no clip": Variant(clip=False),
+    "region box (no core)": Variant(box="region"),
+    "core pad 4": Variant(pad=4.0),
+    "core pad 8": Variant(pad=8.0),
+    "core pad 16": Variant(pad=16.0),
+    "core at q95": Variant(core=95.0),
+    "core at q100": Variant(core=100.0),
+    "seed q100": Variant(seed=100.0),
+    "seed q95": Variant(seed=95.0),
+    "extent q90": Variant(extent=90.0),
+    "extent q93": Variant(extent=93.0),
+    "extent q97": Variant(extent=97.0),
+    "2D regions": Variant(three_d=False),
+    "regions, no SAM": Variant(no_sam=True),
+    "dev half 1's pick: core pad 8, mask 2": Variant(pad=8.0, mask=2),
+    "previous: seed q100, extent q90, region box, mask 3, clip": Variant(seed=100.0, extent=90.0, box="region", mask=3),
+}
 
 
 def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | None = None, maps_only: bool = False,
           only: list[str] | None = None) -> dict:
     encode_units(units, backbone, cache, None, 4)
-    ctx = EvalContext(units, [bank], backbone, SegmentSettings(prompt="cog-box"), None, k_max=1)
-    maps_file = work / "maps.npz" if work else None
-    if maps_file and maps_file.is_file():
-        with np.load(maps_file, allow_pickle=False) as z:
-            cal = [z[f"cal{i}"] for i in range(len(units))]
-            ref = [z[f"ref{i}"] for i in range(len(units))]
-            img = [z[f"img{i}"] for i in range(len(units))]
-    else:
-        cal, ref = unit_maps(ctx, 0, 1, "calibrated"), unit_maps(ctx, 0, 1, "reference")
-        img = [image_scores(s) for s in unit_scores(ctx, 0, 1)]
-        if maps_file:
-            np.savez(maps_file, **{f"cal{i}": m for i, m in enumerate(cal)}, **{f"ref{i}": m for i, m in enumerate(ref)},
-                     **{f"img{i}": m for i, m in enumerate(img)})
+    ctx = EvalContext(units, [bank], backbone, SegmentSettings(prompt="cog-box", mask_index=3), None, k_max=1)
+    files = [work / f"maps-{u.name}-{_unit_tag(u)}.npz" for u in units] if work else [None] * len(units)
+    todo = [i for i, f in enumerate(files) if f is None or not f.is_file()]
+    if todo:  # one search for every unit (the maps of a unit do not depend on the others)
+        cal_all, ref_all = unit_maps(ctx, 0, 1, "calibrated"), unit_maps(ctx, 0, 1, "reference")
+        img_all = [image_scores(s) for s in unit_scores(ctx, 0, 1)]
+        for i in todo:
+            if files[i] is not None:
+                np.savez(files[i], cal=cal_all[i], ref=ref_all[i], img=img_all[i])
+    cal, ref, img = [], [], []
+    for i, f in enumerate(files):
+        if f is not None and f.is_file():
+            with np.load(f, allow_pickle=False) as z:
+                cal.append(z["cal"]), ref.append(z["ref"]), img.append(z["img"])
+        else:
+            cal.append(cal_all[i]), ref.append(ref_all[i]), img.append(img_all[i])
     if maps_only:
         return {}
     dec = Decoder(backbone, units, work)
     entry = bank.manifest["calibration"]["per_k"]["1"]
     thr = slice_decision_threshold(bank, 1)
+    levels = bank_levels(bank, 1)
 
     def cog(ui: int, decision: bool) -> tuple[np.ndarray, int]:
         u, m = units[ui], cal[ui]
@@ -168,30 +201,12 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
 
     variants: dict[str, tuple[str, Callable[[int], tuple[np.ndarray, int]]]] = {
         "baseline": ("reference-normalised map > 0.5, no SAM (min-max over the test set)", lambda ui: (ref[ui], 0)),
-        "cog-box": ("the current default: CoG box on every slice with anatomy, mask 3", lambda ui: cog(ui, False)),
-        "cog-box + decision": ("the current default with --slice-decision", lambda ui: cog(ui, True)),
+        "shipped default": ("`mias-sam segment` on a volume: regions.decode_regions, mask 1", lambda ui: product_prediction(backbone, units[ui], cal[ui], levels)),
+        "cog-box": ("the previous default: CoG box on every slice with anatomy, mask 3", lambda ui: cog(ui, False)),
+        "cog-box + decision": ("the previous default with --slice-decision", lambda ui: cog(ui, True)),
     }
-    lv: dict[str, NormalLevels] = {}
-    for eq in (0.0, 50.0, 90.0, 100.0):
-        lv[f"q{eq:g}"] = normal_levels(entry, extent_quantile=eq)
-    lv["s99 q50"] = normal_levels(entry, extent_quantile=50.0, seed_quantile=99.0)
-
-    def reg(name: str, what: str, key: str, **kw) -> None:
-        variants[name] = (what, lambda ui, key=key, kw=kw: region_prediction(dec, ui, units[ui], cal[ui], lv[key], **kw))
-
-    for key in ("q0", "q50", "q90", "q100"):
-        reg(f"regions 3D {key}: map", f"hysteresis regions (seed: max normal peak, extent: {key} of normal peaks) as the mask, no SAM", key, three_d=True, rule="piece")
-    for key in ("q0", "q50", "q90", "q100"):
-        reg(f"regions 3D {key}: mask 3", f"one box per region piece (3D, extent {key}), mask 3, united", key, three_d=True, rule="m3")
-    for key in ("q50", "q100"):
-        reg(f"regions 2D {key}: mask 3", f"one box per region piece (2D, extent {key}), mask 3, united", key, three_d=False, rule="m3")
-    for key in ("q0", "q50", "q90", "q100"):
-        reg(f"regions 3D {key}: agree", f"as mask 3, but a mask less than half inside its region is replaced by mask 2, 1 or the region", key, three_d=True, rule="agree")
-    for key in ("q0", "q50", "q90"):
-        reg(f"regions 3D {key}: clip", f"mask 3 clipped to its region piece", key, three_d=True, rule="clip")
-    reg("regions 3D q50: agree, pad 4", "3D q50 agree, boxes padded by 4 px", "q50", three_d=True, rule="agree", pad=4.0)
-    reg("regions 3D q50: carry, agree", "3D q50, each region from its most anomalous slice, neighbours boxed by the previous mask, agree", "q50", three_d=True, rule="agree", carry=True)
-    reg("regions 3D s99 q50: agree", "seed at the 99th percentile of normal peaks (1.0), extent q50, agree", "s99 q50", three_d=True, rule="agree")
+    for name, v in VARIANTS.items():
+        variants[name] = (repr(v), lambda ui, v=v: region_prediction(dec, ui, units[ui], cal[ui], entry, v))
 
     if only:
         unknown = [n for n in only if n not in variants]
@@ -204,6 +219,7 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
     subject: list[int] = []
     for name, (what, fn) in variants.items():
         preds, gts, labels, vd, owner, fp, ndec = [], [], [], [], [], 0, 0
+        t0 = time.perf_counter()
         for ui, u in enumerate(units):
             fm, n = fn(ui)
             ndec += n
@@ -221,7 +237,8 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
             subject = [owner[i] for i in sorted(sd["per_slice"])]
         per_vol[name] = vd
         results[name] = {"what": what, "slice_dice": sd["mean"], "volume_dice": float(np.mean(vd)), "fp_slices": fp,
-                         "decodes_per_volume": ndec / len(units), "volume_dice_per_subject": [round(v, 4) for v in vd]}
+                         "decodes_per_volume": ndec / len(units), "volume_dice_per_subject": [round(v, 4) for v in vd],
+                         "seconds_per_volume": (time.perf_counter() - t0) / len(units)}
         dec.save()
         print(f"{name}: slice {100 * sd['mean']:.2f} volume {100 * np.mean(vd):.2f} fp {fp} decodes {ndec}", flush=True)
     vol_ids = list(range(len(units)))
@@ -232,8 +249,10 @@ def study(units: list[TestUnit], bank, backbone, *, cache=None, work: Path | Non
         cv = paired_bootstrap(per_vol[name], per_vol["baseline"], groups=vol_ids)
         results[name].update(slice_diff=c["difference"], slice_ci_subjects=c["ci95_groups"], slice_ci_slices=c["ci95"],
                              volume_diff=cv["difference"], volume_ci_subjects=cv["ci95_groups"])
-    return {"rows": results, "levels": {k: v.as_dict() for k, v in lv.items()}, "anomalous_slices": len(subject),
-            "subjects": len(set(subject)), "volumes": len(units), "slice_decision_threshold": thr}
+    lv = {"default": levels.as_dict()}
+    return {"rows": results, "levels": lv, "anomalous_slices": len(subject),
+            "subjects": len(set(subject)), "volumes": len(units), "slice_decision_threshold": thr,
+            "normal_peaks": len(entry.get("slice_max_map") or [])}
 
 
 def markdown(res: dict) -> str:
@@ -249,7 +268,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {100 * r['slice_dice']:.2f} | {100 * r['slice_diff']:+.2f} [{100 * cs[0]:+.2f}, {100 * cs[1]:+.2f}] | "
                      f"{100 * r['volume_dice']:.2f} | {100 * r['volume_diff']:+.2f} [{100 * cv[0]:+.2f}, {100 * cv[1]:+.2f}] | "
                      f"{r['fp_slices']} | {r['decodes_per_volume']:.1f} |")
-    lines += ["", "Levels (calibrated map units): " + "; ".join(f"{k}: seed {v['seed']:.3f}, extent {v['extent']:.3f}" for k, v in res["levels"].items())]
+    lines += ["", "Levels of the default (calibrated map units): " + "; ".join(f"seed {v['seed']:.3f}, extent {v['extent']:.3f}" for v in res["levels"].values())
+              + f" (from {res['normal_peaks']} held-out normal slices' peaks)"]
     return "\n".join(lines)
 
 
@@ -282,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = None
     if a.work:
-        tag = hashlib.sha256(("|".join(map(str, a.images)) + str(a.bank.resolve())).encode()).hexdigest()[:12]
-        work = a.work / tag
+        work = a.work / hashlib.sha256(str(a.bank.resolve()).encode()).hexdigest()[:12]
         work.mkdir(parents=True, exist_ok=True)
     res = study(units, bank, bb, cache=EmbeddingCache(), work=work, maps_only=a.maps_only,
                 only=a.variants.split(",") if a.variants else None)

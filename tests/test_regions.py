@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mias_sam.regions import anomalous_regions, normal_levels, slice_regions
+from napari_mias_sam.regions import CORE_PAD, anomalous_regions, decode_regions, normal_levels, region_cores, slice_regions
+from napari_mias_sam.backbones.base import Decoded
 
 # A calibration entry as build-bank writes it: raw map levels and held-out normal slices' peaks.
 ENTRY = {"low": 1.0, "high": 3.0, "slice_max_map": [2.0, 2.2, 2.6, 3.0, 3.4]}
@@ -17,18 +18,19 @@ def blob(shape, centre, radius, value):
 
 
 def test_levels_come_from_the_normal_peaks_only():
-    lv = normal_levels(ENTRY, extent_quantile=50)
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)
     # calibrated peaks: (p - 1) / 2 -> 0.5, 0.6, 0.8, 1.0, 1.2
     assert lv.seed == pytest.approx(1.2)  # no held-out normal slice went above it
     assert lv.extent == pytest.approx(0.8)  # the median normal peak
     assert normal_levels(ENTRY, extent_quantile=0).extent == pytest.approx(0.5)
-    assert normal_levels(ENTRY).extent == pytest.approx(1.12)  # default: the 90th percentile of normal peaks
+    default = normal_levels(ENTRY)  # the 97th and 95th percentiles of the normal peaks (linear interpolation)
+    assert default.seed == pytest.approx(1.176) and default.extent == pytest.approx(1.16)
     with pytest.raises(ValueError, match="no held-out normal slice peaks"):
         normal_levels({"low": 0, "high": 1, "slice_max_map": []})
 
 
 def test_two_lesions_on_one_slice_are_two_regions_and_normal_slices_get_none():
-    lv = normal_levels(ENTRY, extent_quantile=50)
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)
     maps = np.zeros((3, 64, 64), np.float32)
     maps[1] = blob((64, 64), (16, 16), 5, 2.0) + blob((64, 64), (45, 48), 6, 1.6)
     maps[0] = blob((64, 64), (30, 30), 8, 1.1)  # raised, but below what normal slices reach
@@ -42,7 +44,7 @@ def test_two_lesions_on_one_slice_are_two_regions_and_normal_slices_get_none():
 
 
 def test_3d_regions_carry_to_neighbours_above_the_extent_level():
-    lv = normal_levels(ENTRY, extent_quantile=50)
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)
     maps = np.zeros((4, 32, 32), np.float32)
     maps[1] = blob((32, 32), (16, 16), 4, 1.5)  # a seed: above every normal peak
     maps[2] = blob((32, 32), (16, 17), 4, 1.0)  # below the seed, above the extent: carried in 3D
@@ -59,3 +61,30 @@ def test_foreground_and_empty_maps():
     maps = np.full((2, 16, 16), 5.0, np.float32)
     assert not anomalous_regions(maps, lv, foreground=np.array([False, False])).any()
     assert not anomalous_regions(np.zeros((2, 16, 16)), lv).any()
+
+
+def test_box_prompts_surround_the_core_and_masks_stay_inside_their_region():
+    """A wide, low region with a small hot core: the box is the core's box widened by one patch
+    radius (not the whole region), and a decoder mask that spills out is clipped to the region."""
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)  # extent 0.8, seed 1.2
+    m = np.zeros((1, 128, 128), np.float32)
+    m[0] = blob((128, 128), (64, 64), 40, 1.0) + blob((128, 128), (60, 70), 4, 0.5)  # core: the 1.5 blob
+    lab = anomalous_regions(m, lv, three_d=True)
+    cores = region_cores(m, lab, lv)
+    assert cores.sum() == blob((128, 128), (60, 70), 4, 1).sum()
+    (reg,) = slice_regions(lab[0], m[0], core=cores[0])
+    assert reg.extent_box == (24.0, 24.0, 104.0, 104.0)
+    assert reg.box == (66 - CORE_PAD, 56 - CORE_PAD, 74 + CORE_PAD, 64 + CORE_PAD)
+    (whole,) = slice_regions(lab[0], m[0])  # without cores: the region's own box
+    assert whole.box == whole.extent_box
+
+    class Spill:  # a decoder whose every mask covers the whole frame
+        def decode(self, emb, prompt):
+            self.prompt = prompt
+            return Decoded(logits=np.full((3, 128, 128), 4.0, np.float32), iou=np.array([0.5, 0.6, 0.7], np.float32))
+
+    dec = Spill()
+    logits, ious, prompt = decode_regions(dec, np.zeros((256, 64, 64), np.float32), lab[0], m[0], core=cores[0])
+    assert prompt.box == reg.box == dec.prompt.box
+    assert ((logits > 0) == (lab[0] > 0)[None]).all()  # clipped to the region, each of the 3 masks
+    assert ious.tolist() == pytest.approx([0.5, 0.6, 0.7])

@@ -136,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
     s.add_argument("--gamma", type=float, default=defaults.GAMMA, help=f"centre-of-gravity exponent (default {defaults.GAMMA:g})")
-    s.add_argument("--mask", type=int, choices=(1, 2, 3), default=defaults.MASK_INDEX,
-                   help=f"which of SAM's 3 masks (default {defaults.MASK_INDEX})")
-    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help=f"prompt type (default: the backbone's: {backbone_prompts}; regions: one box per anomalous 3D "
-                        "region, levels from the bank's normal calibration; cog-point with --normalisation reference "
-                        "is the paper's recipe)")
+    s.add_argument("--mask", type=int, choices=(1, 2, 3), default=None,
+                   help=f"which of SAM's 3 masks (default: {defaults.REGIONS_MASK} with the regions prompt, "
+                        f"{defaults.MASK_INDEX} (the paper's) with the others)")
+    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
+                   help="prompt type (default for volumes: regions, one box per anomalous 3D region, levels from the "
+                        f"bank's normal calibration; for PNG slices the backbone's: {backbone_prompts}; "
+                        "--prompt cog-point --mask 3 --normalisation reference is the paper's recipe)")
     s.add_argument("--k", type=int, default=defaults.K, help=f"nearest bank patches averaged per patch (default {defaults.K}, as the reference)")
     s.add_argument("--normalisation", choices=NORMALISATIONS, default=defaults.NORMALISATION,
                    help="calibrated: from the bank's normal data (default); reference: min-max over the volume (paper)")

@@ -9,6 +9,7 @@ patch (k 1); the thresholding baseline binarises the normalised map at 0.5.
 __all__ = [
     "GAMMA",
     "MASK_INDEX",
+    "REGIONS_MASK",
     "K",
     "SIGMA",
     "NORMALISATION",
@@ -21,6 +22,10 @@ __all__ = [
 GAMMA = 5.0
 #: Which of SAM's three masks, 1-based as in the paper (3 = the finest).
 MASK_INDEX = 3
+#: The mask used with the regions prompt (the volumes' default): the decoder's first (coarsest),
+#: clipped to its region. With one box per region the third mask is often a sub-part of the
+#: lesion; the development study (docs/results.md) chose 1 (also the most stable of the three).
+REGIONS_MASK = 1
 #: Nearest bank patches averaged per test patch (1, as the reference code).
 K = 1
 #: Gaussian smoothing of the anomaly maps, in 256 x 256 frame pixels.

@@ -26,10 +26,10 @@ from .errors import Cancelled, InputError, MiasSamError
 from .io import Volume
 from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
-from .prompts import default_prompt_for, make_prompt
+from .prompts import make_prompt
 from .reference_io import embedding_dtype, encoding_of
-from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, slice_regions
-from .settings import VOLUME_PROMPT, Preprocessing, SegmentSettings, to_dict
+from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, region_cores, slice_regions
+from .settings import Preprocessing, SegmentSettings, resolve_defaults, to_dict
 from .model_inputs import volume_frames
 
 __all__ = [
@@ -217,6 +217,7 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)
     maps_reused: bool = False  # patch scores and raw maps taken from an earlier result (no kNN search)
     regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
+    region_cores: np.ndarray | None = None  # (N, 256, 256) bool: region pixels above the seed level
     region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
 
     @property
@@ -340,6 +341,7 @@ def decode_all(
     settings: SegmentSettings,
     *,
     regions: np.ndarray | None = None,
+    cores: np.ndarray | None = None,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
@@ -348,7 +350,8 @@ def decode_all(
 
     With ``settings.prompt == "regions"``, ``regions`` (the labels of
     :func:`~napari_mias_sam.regions.anomalous_regions`) gives each slice one box per region
-    piece (:func:`~napari_mias_sam.regions.decode_regions`); slices without a region get nothing.
+    piece, around its ``cores`` (:func:`~napari_mias_sam.regions.decode_regions`); slices without
+    a region get nothing.
 
     ``batch_size`` slices are decoded together where the backbone offers ``decode_batch`` (one
     point or one box per slice, no map as mask input). ``None``: 1 (slice by slice, the exact
@@ -377,7 +380,8 @@ def decode_all(
         for s in range(n):
             _check(cancelled)
             if encoded.foreground[s] and regions[s].any():
-                logits[s], ious[s], prompts[s] = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s])
+                logits[s], ious[s], prompts[s] = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s],
+                                                                core=None if cores is None else cores[s])
             if progress:
                 progress("prompt and decode", s + 1, n)
         return prompts, logits, ious
@@ -420,10 +424,13 @@ def redecode_slice(
         return
     if st.prompt == "regions" and point is None:
         labels = region_labels(result)
-        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(backbone, result.encoded.embeddings[s], labels[s], result.maps[s])
+        cores = result.region_cores
+        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(
+            backbone, result.encoded.embeddings[s], labels[s], result.maps[s], core=None if cores is None else cores[s])
         return
     if st.prompt == "regions":  # a moved point: one box of the slice's largest region's size there
-        regs = slice_regions(region_labels(result)[s], result.maps[s])
+        regs = slice_regions(region_labels(result)[s], result.maps[s],
+                             core=None if result.region_cores is None else result.region_cores[s])
         big = max(regs, key=lambda r: (r.box[2] - r.box[0]) * (r.box[3] - r.box[1])) if regs else None
         prompt = Prompt("box", box=big.box) if big is not None else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
     else:
@@ -451,19 +458,21 @@ def segment_volume(
     encoded: EncodedVolume | None = None,
     reuse: SegmentationResult | None = None,
     batch_size: int = 4,
+    slice_set: bool = False,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
     """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
+
+    ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
+    settings resolve to the paper's per-slice prompt instead of 3D regions.
 
     ``reuse``: an earlier result. When it was made from the same slices (same content, axis and
     backbone) its embeddings are used, and when the bank, k and sigma are also the same its patch
     scores and raw maps too: only the normalisation, the prompts and the decoder run again
     (``maps_reused`` is then True).
     """
-    settings = settings or SegmentSettings()
-    if settings.prompt is None:
-        settings = settings.replace(prompt=VOLUME_PROMPT or default_prompt_for(backbone.name))
+    settings = resolve_defaults(settings or SegmentSettings(), backbone.name, volume=not slice_set)
     info = backbone.describe()
     check_compatible(bank, info)
     prep = preprocessing_from_bank(bank)
@@ -491,7 +500,7 @@ def segment_volume(
     calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
     maps = normalise_maps(raw, settings.normalisation, calibration, valid=fg)
     maps[~fg] = 0.0
-    regions, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
+    regions, cores, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
     img = image_scores(scores)
     decision = fg.copy()
     if settings.prompt == "regions":
@@ -501,13 +510,14 @@ def segment_volume(
         threshold = slice_decision_threshold(bank, settings.k)
         decision &= img > threshold
     t2 = time.perf_counter()
-    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, progress=progress, cancelled=cancelled)
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, progress=progress,
+                                       cancelled=cancelled)
     t["prompt_and_decode_s"] = time.perf_counter() - t2
     return SegmentationResult(
         volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
-        maps_reused=reused, regions=regions, region_levels=levels,
+        maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels,
     )
 
 
@@ -538,10 +548,11 @@ def _same_bank(a: dict, b: dict) -> bool:
 
 
 def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, settings: SegmentSettings, *,
-                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, NormalLevels | None]:
-    """The volume's anomalous 3D regions on its calibrated maps, with the bank's normal levels.
+                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None, NormalLevels | None]:
+    """The volume's anomalous 3D regions on its calibrated maps, their cores (pixels above the seed
+    level) and the bank's normal levels.
 
-    ``(None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
+    ``(None, None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
     try:
         levels = bank_levels(bank, settings.k)
         cal = calibrated if calibrated is not None else bank.calibration(settings.k).apply(raw)
@@ -549,8 +560,9 @@ def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, sett
         if settings.prompt == "regions":
             raise InputError(f"{bank.path or 'bank'}: holds no normal calibration, which the regions prompt needs; "
                              "rebuild the bank, or choose --prompt cog-box / cog-point.") from None
-        return None, None
-    return anomalous_regions(cal, levels, foreground=foreground), levels
+        return None, None, None
+    labels = anomalous_regions(cal, levels, foreground=foreground)
+    return labels, region_cores(cal, labels, levels), levels
 
 
 def region_labels(result: SegmentationResult) -> np.ndarray:

@@ -136,7 +136,8 @@ def segment_pngs(
     encoded = EncodedVolume(embeddings=emb, frames=frames, foreground=foreground_slices(stack), axis=0,
                             frame=Frame(h, w), key=key, from_cache=hit)
     volume = Volume(data=stack, affine=np.eye(4), path=None, meta={"png_slices": [str(p) for p in pngs]})
-    return segment_volume(volume, bank, backbone, settings, axis=0, encoded=encoded, progress=progress, cancelled=cancelled)
+    return segment_volume(volume, bank, backbone, settings, axis=0, encoded=encoded, slice_set=True, progress=progress,
+                          cancelled=cancelled)
 
 
 def prompt_rows(result: SegmentationResult, pngs: list[Path]) -> list[dict]:

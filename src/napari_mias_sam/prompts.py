@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from .backbones.base import Prompt
-from .defaults import BASELINE_THRESHOLD, GAMMA
+from .defaults import BASELINE_THRESHOLD, GAMMA, MASK_INDEX, REGIONS_MASK
 
 __all__ = [
     "PromptRule",
@@ -18,6 +18,7 @@ __all__ = [
     "PROMPT_TYPES",
     "BACKBONE_PROMPTS",
     "default_prompt_for",
+    "default_mask_for",
     "point_prompts_work",
     "cog_weights",
     "centre_of_gravity",
@@ -139,7 +140,9 @@ class PromptRule:
     ``reads`` (``"gamma"``, ``"threshold"``), a one-line ``description``, and the function
     ``make(amap, gamma, threshold) -> Prompt | None``. ``scope`` is ``"slice"`` for a rule made
     from one slice's map, ``"volume"`` for one made from the whole volume (``regions``: the
-    pipeline makes it, :func:`make_prompt` refuses it)."""
+    pipeline makes it, :func:`make_prompt` refuses it). ``default_mask``: which of the decoder's
+    three masks a run uses with this prompt when none is chosen (1-based; the paper's 3 for its
+    per-slice prompts)."""
 
     name: str
     shape: str
@@ -147,6 +150,7 @@ class PromptRule:
     description: str
     make: Callable[[np.ndarray, float, float], Prompt | None]
     scope: str = "slice"
+    default_mask: int = MASK_INDEX
 
 
 #: Every prompt type, in the order the CLI, the widget and the evaluation's ablation list them.
@@ -156,7 +160,7 @@ PROMPT_RULES: dict[str, PromptRule] = {
     for r in (
         PromptRule("regions", "box", ("calibration",),
                    "one box per anomalous 3D region (levels from the bank's normal calibration; volumes only)", _per_volume,
-                   scope="volume"),
+                   scope="volume", default_mask=REGIONS_MASK),
         PromptRule("cog-point", "point", ("gamma",), "gamma-weighted centre of gravity (Eq. 2 of the paper)", _cog_point),
         PromptRule("cog-box", "box", ("gamma",), "box of the gamma-weighted moments: centre +/- 2 sigma", _cog_box),
         PromptRule("max-point", "point", (), "the pixel of maximum anomaly (paper ablation)", _max_point),
@@ -192,6 +196,12 @@ def _backbone_row(backbone_name: str) -> BackbonePrompts:
 def default_prompt_for(backbone_name: str) -> str:
     """The prompt type a run uses with this backbone when none is chosen."""
     return _backbone_row(backbone_name).default
+
+
+def default_mask_for(prompt: str) -> int:
+    """The decoder mask (1-based) a run uses with this prompt type when none is chosen."""
+    rule = PROMPT_RULES.get(prompt)
+    return rule.default_mask if rule is not None else MASK_INDEX
 
 
 def point_prompts_work(backbone_name: str) -> bool:

@@ -4,15 +4,22 @@ A calibrated map is 0 on typical normal tissue and 1 at the 99th percentile of h
 slices' peaks (:class:`~napari_mias_sam.anomaly.Calibration`). The bank also records every
 held-out normal slice's peak, so two levels need no test data and no user setting:
 
-- ``seed``: the highest peak any held-out normal slice reached. A region exists only where the
-  map goes above it (no normal slice did).
-- ``extent``: a lower quantile of the same peaks (the 90th percentile by default, the best of
-  0, 50, 90 and 100 on the development split): where a region ends.
+- ``seed``: a high quantile of held-out normal slices' peaks (the 97th percentile: about one
+  normal slice in 30 reaches it). A region exists only where the map goes above it.
+- ``extent``: a lower quantile of the same peaks (the 95th percentile): where a region ends.
+
+Both quantiles were chosen on the development split (docs/results.md, every variant tried).
 
 Regions are hysteresis components: connected components of ``map > extent`` that contain a
 seed pixel. In 3D (the default for volumes) a component found on one slice carries to its
 neighbours for as long as the map stays above ``extent``, so a lesion is one object and slices
 where the map is back at normal levels get no region at all.
+
+Each region piece on a slice is one box prompt: the bounding box of its core (the pixels above
+``seed``) widened by how far the map spreads a hot spot (:data:`CORE_PAD`: the 5x5 patch's
+half-width plus the smoothing sigma), or the piece's own box where the core does not reach this
+slice. The decoder's masks are clipped to the piece they were prompted from, and the pieces'
+masks are united (the regions prompt uses the decoder's first mask, ``defaults.REGIONS_MASK``).
 """
 
 from __future__ import annotations
@@ -23,16 +30,19 @@ import numpy as np
 from scipy import ndimage
 
 from .backbones.base import Prompt
+from .defaults import SIGMA
 
 __all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "SliceRegion", "slice_regions",
-           "region_piece", "agreeing_mask", "regions_prompt", "decode_regions", "EXTENT_QUANTILE", "AGREE"]
+           "region_piece", "region_cores", "regions_prompt", "decode_regions", "SEED_QUANTILE", "EXTENT_QUANTILE", "CORE_PAD"]
 
-#: Where a region ends: this percentile of held-out normal slices' calibrated peaks (chosen on the
-#: development split, docs/results.md).
-EXTENT_QUANTILE = 90.0
-#: Mask-map agreement: a decoder mask is kept for a region only if at least this share of it lies
-#: inside the region (a majority; chosen on the development split).
-AGREE: float | None = 0.5
+#: Where a region starts: this percentile of held-out normal slices' calibrated peaks.
+SEED_QUANTILE = 97.0
+#: Where a region ends: this (lower) percentile of the same peaks.
+EXTENT_QUANTILE = 95.0
+#: A box prompt reaches this far (frame pixels) beyond its region's core: how far the map spreads
+#: one hot spot, the 5x5 patch's half-width (2 embedding cells of 256 / 64 = 4 frame pixels) plus
+#: the map's Gaussian smoothing (sigma 4 frame pixels).
+CORE_PAD = 2 * 4.0 + SIGMA
 
 Box = tuple[float, float, float, float]
 
@@ -49,11 +59,11 @@ class NormalLevels:
         return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile}
 
 
-def normal_levels(calibration_entry: dict, *, extent_quantile: float = EXTENT_QUANTILE, seed_quantile: float = 100.0) -> NormalLevels:
+def normal_levels(calibration_entry: dict, *, extent_quantile: float = EXTENT_QUANTILE,
+                  seed_quantile: float = SEED_QUANTILE) -> NormalLevels:
     """Levels from one ``bank.manifest['calibration']['per_k'][k]`` entry.
 
-    ``seed`` = the ``seed_quantile`` percentile (default: the max) over held-out normal slices of
-    their calibrated peak; ``extent`` = the ``extent_quantile`` percentile of the same peaks
+    ``seed`` = the ``seed_quantile`` percentile over held-out normal slices of their calibrated peak; ``extent`` = the ``extent_quantile`` percentile of the same peaks
     (never above ``seed``).
     """
     peaks = np.asarray(calibration_entry.get("slice_max_map") or [], dtype=np.float64)
@@ -109,29 +119,50 @@ def anomalous_regions(maps: np.ndarray, levels: NormalLevels, *, foreground: np.
 
 @dataclass(frozen=True)
 class SliceRegion:
-    """One region's part on one slice: its label, its bounding box (x0, y0, x1, y1) and peak."""
+    """One region's part on one slice: its label, its box prompt (x0, y0, x1, y1), the piece's
+    own bounding box ``extent_box``, its peak and area (frame pixels)."""
 
     label: int
     box: Box
     peak: float
     area: int
+    extent_box: Box
 
 
-def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, pad: float = 0.0) -> list[SliceRegion]:
-    """The regions present on one slice (each 2D piece of a label is one prompt), largest peak first."""
+def _bbox(mask: np.ndarray, pad: float, shape: tuple[int, int]) -> Box:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    h, w = shape
+    return (max(0.0, cols[0] - pad), max(0.0, rows[0] - pad), min(w - 1.0, cols[-1] + pad), min(h - 1.0, rows[-1] + pad))
+
+
+def region_cores(maps: np.ndarray, labels: np.ndarray, levels: NormalLevels) -> np.ndarray:
+    """(N, H, W) bool: the regions' pixels where calibrated ``maps`` exceed the seed level."""
+    return (np.asarray(labels) > 0) & (np.asarray(maps) > levels.seed)
+
+
+def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, core: np.ndarray | None = None,
+                  pad: float = CORE_PAD) -> list[SliceRegion]:
+    """The regions present on one slice (each 2D piece of a label is one prompt), largest peak first.
+
+    ``core``: the slice's :func:`region_cores`; a piece's box prompt is the bounding box of its
+    core pixels widened by ``pad``. Without ``core``, or where the piece holds no core pixel, the
+    piece's own bounding box is the prompt.
+    """
     out: list[SliceRegion] = []
-    h, w = labels_2d.shape
+    shape = labels_2d.shape
     for lab in np.unique(labels_2d):
         if lab == 0:
             continue
-        pieces, n = ndimage.label(labels_2d == lab)
+        pieces, _ = ndimage.label(labels_2d == lab)
         for i, sl in enumerate(ndimage.find_objects(pieces), start=1):
             if sl is None:
                 continue
-            r, c = sl
-            piece = pieces[sl] == i
-            box = (max(0.0, c.start - pad), max(0.0, r.start - pad), min(w - 1.0, c.stop - 1 + pad), min(h - 1.0, r.stop - 1 + pad))
-            out.append(SliceRegion(int(lab), box, float(map_2d[sl][piece].max()), int(piece.sum())))
+            piece = pieces == i
+            values = map_2d[piece]
+            extent_box = _bbox(piece, 0.0, shape)
+            inner = piece & core if core is not None else None
+            box = _bbox(inner, pad, shape) if inner is not None and inner.any() else extent_box
+            out.append(SliceRegion(int(lab), box, float(values.max()), int(piece.sum()), extent_box))
     out.sort(key=lambda r: -r.peak)
     return out
 
@@ -147,22 +178,10 @@ def bank_levels(bank, k: int = 1, **kwargs) -> NormalLevels:
 
 
 def region_piece(labels_2d: np.ndarray, region: SliceRegion) -> np.ndarray:
-    """The region's pixels inside its box on this slice (bool, frame)."""
+    """The region's pixels inside its own bounding box on this slice (bool, frame)."""
     piece = np.zeros(labels_2d.shape, bool)
-    x0, y0, x1, y1 = (int(round(v)) for v in region.box)
+    x0, y0, x1, y1 = (int(round(v)) for v in region.extent_box)
     piece[y0:y1 + 1, x0:x1 + 1] = labels_2d[y0:y1 + 1, x0:x1 + 1] == region.label
-    return piece
-
-
-def agreeing_mask(masks: np.ndarray, piece: np.ndarray, first: int, agree: float = 0.5) -> np.ndarray:
-    """Mask-map agreement for one region: decoder mask ``first`` (0-based) if at least ``agree``
-    of it lies inside the region it was prompted from; else the finest other mask that does;
-    else the region itself (a mask that leaves its hot region is never kept)."""
-    for i in (first, *[j for j in (2, 1, 0) if j != first]):
-        m = masks[i]
-        area = int(m.sum())
-        if area > 0 and int((m & piece).sum()) >= agree * area:
-            return m
     return piece
 
 
@@ -176,15 +195,15 @@ def regions_prompt(regions: list[SliceRegion]) -> Prompt | None:
 
 
 def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarray, *,
-                   agree: float | None = AGREE) -> tuple[np.ndarray, np.ndarray, Prompt | None]:
-    """Decode one slice with one box per region piece and unite the masks.
+                   core: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Prompt | None]:
+    """Decode one slice with one box per region piece (:func:`slice_regions`) and unite the masks.
 
     Returns (logits (3, 256, 256) float16, predicted IoUs (3,), the prompt). Slot ``i`` of the
-    logits is the union, over regions, of decoder mask ``i + 1``, each passed through the
-    mask-map agreement (:func:`agreeing_mask`) unless ``agree`` is ``None``; a region replaced
-    by itself contributes logits +1 inside it and -1 outside. IoUs: the best region's per slot.
+    logits is the union, over regions, of decoder mask ``i + 1`` clipped to the piece it was
+    prompted from (outside the piece its logits are capped at -1, so it is never foreground).
+    IoUs: the best region's per slot.
     """
-    regions = slice_regions(labels_2d, map_2d)
+    regions = slice_regions(labels_2d, map_2d, core=core)
     shape = (3, *labels_2d.shape)
     if not regions:
         return np.zeros(shape, np.float16), np.full(3, np.nan, np.float32), None
@@ -195,12 +214,5 @@ def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarra
         out = backbone.decode(emb, Prompt("box", box=reg.box))
         lg = np.asarray(out.logits, np.float32)
         ious = np.maximum(ious, np.asarray(out.iou, np.float32))
-        if agree is None:
-            logits = np.maximum(logits, lg)
-            continue
-        masks, piece = lg > 0, region_piece(labels_2d, reg)
-        for i in range(3):
-            chosen = agreeing_mask(masks, piece, i, agree)
-            j = next((j for j in range(3) if chosen is masks[j]), None)
-            logits[i] = np.maximum(logits[i], lg[j] if j is not None else np.where(piece, 1.0, -1.0))
+        logits = np.maximum(logits, np.where(region_piece(labels_2d, reg)[None], lg, np.minimum(lg, -1.0)))
     return logits.astype(np.float16), ious, regions_prompt(regions)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import defaults
-from .prompts import PROMPT_TYPES
+from .prompts import PROMPT_TYPES, default_mask_for, default_prompt_for
 
 __all__ = [
     "PREPROCESS_PRESETS",
@@ -18,13 +18,15 @@ __all__ = [
     "Preprocessing",
     "SegmentSettings",
     "to_dict",
+    "resolve_defaults",
 ]
 
 #: The default prompt for volumes whatever the backbone, or ``None`` for the backbone's per-slice
-#: prompt (``cog-box`` for LiteMedSAM, ``cog-point`` for SAM). ``regions`` (one box per anomalous
-#: 3D region, levels from the bank's normal calibration, :mod:`napari_mias_sam.regions`) becomes
-#: the default only once the development study (docs/results.md) shows it wins.
-VOLUME_PROMPT: str | None = None
+#: prompt (``cog-box`` for LiteMedSAM, ``cog-point`` for SAM): ``regions``, one box per anomalous
+#: 3D region with levels from the bank's normal calibration (:mod:`napari_mias_sam.regions`), the
+#: winner of the development study (docs/results.md). 2D slice sets (BMAD PNGs) keep the paper's
+#: per-slice prompt.
+VOLUME_PROMPT: str | None = "regions"
 PATCH_LAYOUTS: tuple[str, ...] = ("paper1024", "mean256")
 NORMALISATIONS: tuple[str, ...] = ("calibrated", "reference")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -70,12 +72,13 @@ class SegmentSettings:
 
     ``prompt=None`` means the default: :data:`VOLUME_PROMPT` for volumes when it is set, else the
     backbone's per-slice prompt (:data:`~napari_mias_sam.prompts.BACKBONE_PROMPTS`: ``cog-point`` for
-    SAM, ``cog-box`` for LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask).
-    The defaults come from :mod:`~napari_mias_sam.defaults`.
+    SAM, ``cog-box`` for LiteMedSAM). ``mask_index`` is 1-based as in the paper (3 = the finest mask);
+    ``None`` means the prompt's default (3, or 1 for ``regions``). :func:`resolve_defaults` makes
+    both concrete. The defaults come from :mod:`~napari_mias_sam.defaults`.
     """
 
     gamma: float = defaults.GAMMA
-    mask_index: int = defaults.MASK_INDEX
+    mask_index: int | None = None
     prompt: str | None = None
     k: int = defaults.K
     sigma: float = defaults.SIGMA
@@ -88,7 +91,7 @@ class SegmentSettings:
         if not (self.gamma > 0 and self.gamma < 1e3):
             raise ValueError(f"gamma must be a number above 0 and below 1000 (the paper uses 5; larger values "
                              f"make the centre of gravity the map's maximum), got {self.gamma!r}")
-        if self.mask_index not in (1, 2, 3):
+        if self.mask_index is not None and self.mask_index not in (1, 2, 3):
             raise ValueError(f"mask index must be 1, 2 or 3, got {self.mask_index!r}")
         if self.prompt is not None and self.prompt not in PROMPT_TYPES:
             raise ValueError(f"prompt must be one of {', '.join(PROMPT_TYPES)}, got {self.prompt!r}")
@@ -103,6 +106,16 @@ class SegmentSettings:
 
     def replace(self, **changes: Any) -> "SegmentSettings":
         return dataclasses.replace(self, **changes)
+
+
+def resolve_defaults(settings: SegmentSettings, backbone_name: str, *, volume: bool = True) -> SegmentSettings:
+    """``settings`` with a concrete prompt and mask: an unset prompt becomes :data:`VOLUME_PROMPT`
+    for a volume (else the backbone's per-slice prompt), an unset mask that prompt's default."""
+    if settings.prompt is None:
+        settings = settings.replace(prompt=(VOLUME_PROMPT if volume else None) or default_prompt_for(backbone_name))
+    if settings.mask_index is None:
+        settings = settings.replace(mask_index=default_mask_for(settings.prompt))
+    return settings
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

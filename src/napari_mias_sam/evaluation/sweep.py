@@ -27,10 +27,10 @@ from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pix
 from ..patches import GRID
 from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
 from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
-from ..prompts import PROMPT_TYPES, default_prompt_for
+from ..prompts import PROMPT_TYPES, default_mask_for
 from ..reference_io import encoding_of
-from ..regions import anomalous_regions, bank_levels
-from ..settings import NORMALISATIONS, VOLUME_PROMPT, SegmentSettings
+from ..regions import anomalous_regions, bank_levels, region_cores
+from ..settings import NORMALISATIONS, SegmentSettings, resolve_defaults
 from ..model_inputs import volume_frames
 
 __all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "EvalContext",
@@ -173,14 +173,17 @@ def unit_maps(ctx: EvalContext, b: int, k: int, norm: str) -> list[np.ndarray]:
     return out
 
 
-def _regions(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
+def _regions(ctx: EvalContext, b: int, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per unit, the anomalous-region labels of its calibrated maps with the bank's normal levels
-    (3D for a volume, slice by slice for a group of 2D slices). Whatever the normalisation of a
-    pass, regions are found on the calibrated maps: their levels are calibrated ones."""
+    (3D for a volume, slice by slice for a group of 2D slices) and their cores. Whatever the
+    normalisation of a pass, regions are found on the calibrated maps: their levels are calibrated ones."""
     if (b, k, "regions") not in ctx.maps:
         levels = bank_levels(ctx.banks[b], k)
-        ctx.maps[(b, k, "regions")] = [anomalous_regions(m, levels, foreground=u.foreground, three_d=u.is_volume)
-                                       for m, u in zip(unit_maps(ctx, b, k, "calibrated"), ctx.units)]
+        out = []
+        for m, u in zip(unit_maps(ctx, b, k, "calibrated"), ctx.units):
+            lab = anomalous_regions(m, levels, foreground=u.foreground, three_d=u.is_volume)
+            out.append((lab, region_cores(m, lab, levels)))
+        ctx.maps[(b, k, "regions")] = out
     return ctx.maps[(b, k, "regions")]
 
 
@@ -190,11 +193,11 @@ def _decode_pass(ctx: EvalContext, b: int, k: int, norm: str, prompt: str, gamma
         return ctx.passes[key]
     maps = unit_maps(ctx, b, k, norm)
     st = ctx.base.replace(prompt=prompt, gamma=gamma, k=k, normalisation=norm)
-    regions = _regions(ctx, b, k) if prompt == "regions" else [None] * len(ctx.units)
+    regions = _regions(ctx, b, k) if prompt == "regions" else [(None, None)] * len(ctx.units)
     logits, ious, prompts = [], [], []
-    for u, m, r in zip(ctx.units, maps, regions):
+    for u, m, (r, c) in zip(ctx.units, maps, regions):
         enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
-        p, lg, io = decode_all(enc, m, ctx.backbone, st, regions=r)
+        p, lg, io = decode_all(enc, m, ctx.backbone, st, regions=r, cores=c)
         logits.append(lg)
         ious.append(io)
         prompts.append(p)
@@ -304,9 +307,9 @@ def evaluate(
     info = backbone.describe()
     for bk in banks:
         check_compatible(bk, info)
-    base = base or SegmentSettings()
-    if base.prompt is None:  # volumes: the regions prompt; 2D slice sets: the paper's per-slice prompt
-        base = base.replace(prompt=(VOLUME_PROMPT if all(u.is_volume for u in units) else None) or default_prompt_for(backbone.name))
+    # volumes: the regions prompt (mask 1); 2D slice sets: the paper's per-slice prompt (mask 3)
+    chosen_mask = base.mask_index if base is not None else None
+    base = resolve_defaults(base or SegmentSettings(), backbone.name, volume=all(u.is_volume for u in units))
     abl = ablations or Ablations()
     t0 = time.perf_counter()
     encode_units(units, backbone, cache, progress, batch_size)
@@ -327,8 +330,8 @@ def evaluate(
     add("default", "default", 0, d.k, d.normalisation, d.prompt, d.gamma, d.mask_index, per_slice=mine)
     for m in abl.masks:
         add("mask", m, 0, d.k, d.normalisation, d.prompt, d.gamma, m)
-    for p in abl.prompts:
-        add("prompt", p, 0, d.k, d.normalisation, p, d.gamma, d.mask_index)
+    for p in abl.prompts:  # each prompt with its own default mask unless the run chose one
+        add("prompt", p, 0, d.k, d.normalisation, p, d.gamma, chosen_mask or default_mask_for(p))
     for g in abl.gammas:
         add("gamma", g, 0, d.k, d.normalisation, d.prompt, g, d.mask_index)
     for n in abl.normalisations:

@@ -41,7 +41,7 @@ from .widget_threads import Failed, Job, avoid_triton_llvm_crash
 from .. import defaults
 from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
-from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_prompt_for
+from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_mask_for, default_prompt_for
 from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, VOLUME_PROMPT, SegmentSettings
 from ..reference_io import encoding_of
 
@@ -149,7 +149,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.prompt_note = Label(value="")
         self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
-        self.mask = RadioButtons(choices=[1, 2, 3], value=defaults.MASK_INDEX, orientation="horizontal", label="mask",
+        self.mask = RadioButtons(choices=[1, 2, 3], value=default_mask_for(self.prompt.value), orientation="horizontal", label="mask",
                                  tooltip="SAM's three masks, coarse (1) to fine (3); the paper uses 3")
         self.iou_info = Label(value="predicted IoU: -")
         self.normalisation = ComboBox(choices=NORMALISATIONS, value=defaults.NORMALISATION, label="normalisation")
@@ -236,6 +236,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         for w in (self.gamma, self.mask, self.prompt, self.normalisation, self.k, self.slice_decision):
             w.changed.connect(lambda *_: self._settings_timer.start())
         self.prompt.changed.connect(self._prompt_hint)
+        self.prompt.changed.connect(self._prompt_mask)
         self.normal_files.changed.connect(self._show_normals)
         self.gt.changed.connect(self._on_gt_selected)
         self.gt.changed.connect(self._on_compare_changed)
@@ -336,13 +337,19 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             combo.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
 
     def _mask_tooltip(self) -> None:
-        tip = "SAM's three masks, coarse (1) to fine (3); the paper uses 3."
+        tip = ("SAM's three masks, coarse (1) to fine (3); the paper uses 3 with its per-slice prompts, the regions "
+               "prompt uses 1 (clipped to its region).")
         if not self.iou_tracks_quality():
             tip += (f" {self.backbone_choice.value}'s IoU head does not track mask quality (it reads about the "
                     "same for empty, leaking and good masks), so its predicted IoU is not shown.")
         else:
             tip += " Each mask's predicted IoU for the current slice is shown below."
         self.mask.tooltip = tip
+
+    def _prompt_mask(self, value: str) -> None:
+        """Choosing a prompt type selects its default mask (2 for regions, the paper's 3 otherwise);
+        pick another mask after it."""
+        self.mask.value = default_mask_for(str(value))
 
     def _prompt_hint(self, value: str) -> None:
         """A note under the prompt choice that stays while a point prompt is used on a box-only backbone."""
