@@ -80,8 +80,10 @@ def test_evaluate_rows_and_report(volumes, tmp_path):
     groups = [r["ablation"] for r in res["rows"]]
     assert groups.count("mask") == 3 and groups.count("prompt") == 2 and groups.count("gamma") == 2
     default = res["rows"][0]
-    same = [r for r in res["rows"] if r["ablation"] == "mask" and r["value"] == "3"][0]
+    assert (default["prompt"], default["mask"]) == ("regions", 1)  # volumes: the regions prompt with its mask
+    same = [r for r in res["rows"] if r["ablation"] == "mask" and r["value"] == "1"][0]
     assert default["slice_dice"] == same["slice_dice"]  # the same decode pass, the same number
+    assert {r["value"]: r["mask"] for r in res["rows"] if r["ablation"] == "prompt"} == {"cog-point": 3, "max-point": 3}
     assert len(default["volume_dice_per_subject"]) == 2
     assert res["data"] == {"units": ["t0", "t1"], "slices": 12, "anomalous_slices": 4, "volumes": 2}
     det = res["detection"][0]
