@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..output_claims import OutputSet
+from ..regions import EXTENT_QUANTILE, SEED_QUANTILE
 
 __all__ = ["write_report", "markdown_tables", "report_outputs", "REPORT_NAMES"]
 
@@ -71,9 +72,10 @@ def markdown_tables(res: dict) -> str:
     ds = res["default_settings"]
     out.append(f"\nDefault: prompt {ds['prompt']}, gamma {ds['gamma']:g}, mask {ds['mask']}, k {ds['k']}, "
                f"normalisation {ds['normalisation']}. "
-               + ("The regions prompt gives one box per anomalous region: where the calibrated map exceeds every "
-                  "held-out normal slice's peak, extended in 3D while it stays above the 90th percentile of their peaks (levels from "
-                  "the bank's calibration only); a mask that leaves its region is replaced by another mask or the region. "
+               + ("The regions prompt gives one box per anomalous region: where the calibrated map exceeds the "
+                  f"{SEED_QUANTILE:g}th percentile of held-out normal slices' peaks, extended in 3D while it stays above their "
+                  f"{EXTENT_QUANTILE:g}th (levels from the bank's calibration only); each box surrounds the region's core, "
+                  "and its mask is clipped to the region. "
                   if ds["prompt"] == "regions" else "")
                + "Slice Dice follows the paper (mean over anomalous slices). "
                "The slice decision keeps a slice's mask only if its image score exceeds every held-out normal "
