@@ -22,6 +22,7 @@ from napari_mias_sam.cli import main
 from napari_mias_sam.io import load_volume
 from napari_mias_sam.pipeline import segment_volume
 from napari_mias_sam.file_steps import write_outputs
+from napari_mias_sam.regions import normal_peak_count
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ def e2e(tmp_path_factory):
     return {
         "root": root, "bank": bank, "result": result, "api_paths": api_paths, "gt": gt, "case": case,
         "build_report": build_report, "seg_report": seg_report, "loads": loads, "counters": counters,
-        "inputs_before": inputs_before,
+        "inputs_before": inputs_before, "lite": lite,
     }
 
 
@@ -117,7 +118,8 @@ def test_written_outputs(e2e):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and list(rows[0]) == CSV_COLUMNS
     assert [int(r["slice"]) for r in rows] == [0, 1, 2] and all(r["prompt"] == "box" for r in rows)
-    assert res.settings.prompt == "cog-box"  # LiteMedSAM's default
+    # a bank of 4 held-out normal slices is too few for the regions prompt's levels: LiteMedSAM's per-slice default
+    assert normal_peak_count(e2e["bank"]) == 4 and res.settings.prompt == "cog-box" and res.settings.mask_index == 3
     assert np.isfinite(res.ious).all() and res.logits.shape == (3, 3, 256, 256)
     assert snapshot(e2e["root"] / "cases") | {
         f"normals/{k}": v for k, v in snapshot(e2e["root"] / "normals").items()} == e2e["inputs_before"]
@@ -159,3 +161,4 @@ def test_cli_segment_json_with_gt_reuses_the_cache(e2e):
     assert [c.encode_calls for c in e2e["counters"]] == [2, 0]  # build-bank: 2 volumes of 2 slices; segment: 0
     np.testing.assert_array_equal(pred, e2e["result"].mask_volume() > 0)
     assert e2e["loads"] == [("litemedsam", None), ("litemedsam", None)]
+

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mias_sam.regions import CORE_PAD, anomalous_regions, decode_regions, normal_levels, region_cores, slice_regions
+from napari_mias_sam.regions import (CORE_PAD, MIN_NORMAL_PEAKS, anomalous_regions, decode_regions, normal_levels, normal_peak_count,
+                                     region_cores, regions_supported, slice_regions)
+from napari_mias_sam.settings import SegmentSettings, resolve_defaults
 from napari_mias_sam.backbones.base import Decoded
 
 # A calibration entry as build-bank writes it: raw map levels and held-out normal slices' peaks.
@@ -88,3 +90,25 @@ def test_box_prompts_surround_the_core_and_masks_stay_inside_their_region():
     assert prompt.box == reg.box == dec.prompt.box
     assert ((logits > 0) == (lab[0] > 0)[None]).all()  # clipped to the region, each of the 3 masks
     assert ious.tolist() == pytest.approx([0.5, 0.6, 0.7])
+
+
+class _Bank:
+    """What the default-prompt choice reads of a bank: its calibration's held-out normal peaks."""
+
+    def __init__(self, n_peaks: int):
+        self.manifest = {"calibration": {"per_k": {"1": {"low": 0.0, "high": 1.0, "slice_max_map": [0.5] * n_peaks}}}}
+
+
+@pytest.mark.parametrize("peaks, volume, prompt, mask", [
+    (MIN_NORMAL_PEAKS, True, "regions", 1),  # enough normal peaks: 3D regions, decoder mask 1
+    (MIN_NORMAL_PEAKS - 1, True, "cog-box", 3),  # too few to tell the 97th percentile from the max
+    (500, False, "cog-box", 3),  # 2D slice sets keep the paper's per-slice prompt and mask
+])
+def test_volume_default_prompt_and_mask(peaks, volume, prompt, mask):
+    bank = _Bank(peaks)
+    assert MIN_NORMAL_PEAKS == 34 and normal_peak_count(bank) == peaks
+    st = resolve_defaults(SegmentSettings(), "litemedsam", volume=volume, regions_ok=regions_supported(bank))
+    assert (st.prompt, st.mask_index) == (prompt, mask)
+    chosen = resolve_defaults(SegmentSettings(mask_index=3, prompt="regions"), "litemedsam", regions_ok=False)
+    assert (chosen.prompt, chosen.mask_index) == ("regions", 3)  # what the user chose is kept
+    assert resolve_defaults(SegmentSettings(), "sam-vit_b", volume=False).prompt == "cog-point"

@@ -26,9 +26,9 @@ from .errors import Cancelled, InputError, MiasSamError
 from .io import Volume
 from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
-from .prompts import make_prompt
+from .prompts import default_mask_for, make_prompt
 from .reference_io import embedding_dtype, encoding_of
-from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, region_cores, slice_regions
+from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, region_cores, regions_supported, slice_regions
 from .settings import Preprocessing, SegmentSettings, resolve_defaults, to_dict
 from .model_inputs import volume_frames
 
@@ -219,6 +219,10 @@ class SegmentationResult:
     regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
     region_cores: np.ndarray | None = None  # (N, 256, 256) bool: region pixels above the seed level
     region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
+
+    def __post_init__(self) -> None:
+        if self.settings.mask_index is None and self.settings.prompt is not None:  # the prompt's default mask
+            self.settings = self.settings.replace(mask_index=default_mask_for(self.settings.prompt))
 
     @property
     def axis(self) -> int:
@@ -418,6 +422,8 @@ def redecode_slice(
     with a box prompt type the box is re-centred on it with the same size).
     """
     if settings is not None:
+        if settings.mask_index is None:
+            settings = settings.replace(mask_index=default_mask_for(settings.prompt or result.settings.prompt))
         result.settings = settings
     st = result.settings
     if not result.encoded.foreground[s]:
@@ -465,14 +471,16 @@ def segment_volume(
     """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
 
     ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
-    settings resolve to the paper's per-slice prompt instead of 3D regions.
+    settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
+    of too few held-out normal slices, :func:`~napari_mias_sam.regions.regions_supported`).
 
     ``reuse``: an earlier result. When it was made from the same slices (same content, axis and
     backbone) its embeddings are used, and when the bank, k and sigma are also the same its patch
     scores and raw maps too: only the normalisation, the prompts and the decoder run again
     (``maps_reused`` is then True).
     """
-    settings = resolve_defaults(settings or SegmentSettings(), backbone.name, volume=not slice_set)
+    settings = settings or SegmentSettings()
+    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
     info = backbone.describe()
     check_compatible(bank, info)
     prep = preprocessing_from_bank(bank)

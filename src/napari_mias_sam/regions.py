@@ -8,7 +8,9 @@ held-out normal slice's peak, so two levels need no test data and no user settin
   normal slice in 30 reaches it). A region exists only where the map goes above it.
 - ``extent``: a lower quantile of the same peaks (the 95th percentile): where a region ends.
 
-Both quantiles were chosen on the development split (docs/results.md, every variant tried).
+Both quantiles were chosen on the development split (docs/results.md, every variant tried). A
+bank whose calibration holds fewer than :data:`MIN_NORMAL_PEAKS` held-out slices cannot tell its
+97th percentile from its maximum; volumes segmented with it default to the per-slice prompt.
 
 Regions are hysteresis components: connected components of ``map > extent`` that contain a
 seed pixel. In 3D (the default for volumes) a component found on one slice carries to its
@@ -24,6 +26,7 @@ masks are united (the regions prompt uses the decoder's first mask, ``defaults.R
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +36,8 @@ from .backbones.base import Prompt
 from .defaults import SIGMA
 
 __all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "SliceRegion", "slice_regions",
-           "region_piece", "region_cores", "regions_prompt", "decode_regions", "SEED_QUANTILE", "EXTENT_QUANTILE", "CORE_PAD"]
+           "region_piece", "region_cores", "regions_prompt", "decode_regions", "SEED_QUANTILE", "EXTENT_QUANTILE", "CORE_PAD",
+           "MIN_NORMAL_PEAKS", "normal_peak_count", "regions_supported"]
 
 #: Where a region starts: this percentile of held-out normal slices' calibrated peaks.
 SEED_QUANTILE = 97.0
@@ -43,6 +47,9 @@ EXTENT_QUANTILE = 95.0
 #: one hot spot, the 5x5 patch's half-width (2 embedding cells of 256 / 64 = 4 frame pixels) plus
 #: the map's Gaussian smoothing (sigma 4 frame pixels).
 CORE_PAD = 2 * 4.0 + SIGMA
+#: The fewest held-out normal peaks whose 97th percentile is not simply their maximum (1 / 3 %):
+#: with fewer, the volumes' default falls back to the backbone's per-slice prompt.
+MIN_NORMAL_PEAKS = math.ceil(100.0 / (100.0 - SEED_QUANTILE))
 
 Box = tuple[float, float, float, float]
 
@@ -175,6 +182,19 @@ def bank_levels(bank, k: int = 1, **kwargs) -> NormalLevels:
                          "need the held-out normal slices' peaks (rebuild the bank from normal slices).")
     key = str(k) if str(k) in per_k else str(max([int(x) for x in per_k if int(x) <= max(k, 1)] or [min(int(x) for x in per_k)]))
     return normal_levels(per_k[key], **kwargs)
+
+
+def normal_peak_count(bank, k: int = 1) -> int:
+    """How many held-out normal slices' peaks the bank's calibration holds (for ``k``, else k = 1)."""
+    per_k = (bank.manifest.get("calibration") or {}).get("per_k", {})
+    entry = per_k.get(str(k)) or per_k.get("1") or {}
+    return len(entry.get("slice_max_map") or [])
+
+
+def regions_supported(bank, k: int = 1) -> bool:
+    """Whether the bank's calibration holds enough normal peaks (:data:`MIN_NORMAL_PEAKS`) for the
+    regions prompt to be the volumes' default."""
+    return normal_peak_count(bank, k) >= MIN_NORMAL_PEAKS
 
 
 def region_piece(labels_2d: np.ndarray, region: SliceRegion) -> np.ndarray:

@@ -108,11 +108,15 @@ class SegmentSettings:
         return dataclasses.replace(self, **changes)
 
 
-def resolve_defaults(settings: SegmentSettings, backbone_name: str, *, volume: bool = True) -> SegmentSettings:
+def resolve_defaults(settings: SegmentSettings, backbone_name: str, *, volume: bool = True,
+                     regions_ok: bool = True) -> SegmentSettings:
     """``settings`` with a concrete prompt and mask: an unset prompt becomes :data:`VOLUME_PROMPT`
-    for a volume (else the backbone's per-slice prompt), an unset mask that prompt's default."""
+    for a volume whose bank supports it (``regions_ok``: enough held-out normal peaks, see
+    :func:`~napari_mias_sam.regions.regions_supported`), else the backbone's per-slice prompt; an
+    unset mask becomes that prompt's default."""
     if settings.prompt is None:
-        settings = settings.replace(prompt=(VOLUME_PROMPT if volume else None) or default_prompt_for(backbone_name))
+        use_volume_prompt = volume and (regions_ok or VOLUME_PROMPT != "regions")
+        settings = settings.replace(prompt=(VOLUME_PROMPT if use_volume_prompt else None) or default_prompt_for(backbone_name))
     if settings.mask_index is None:
         settings = settings.replace(mask_index=default_mask_for(settings.prompt))
     return settings

@@ -29,7 +29,7 @@ from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_dista
 from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from ..prompts import PROMPT_TYPES, default_mask_for
 from ..reference_io import encoding_of
-from ..regions import anomalous_regions, bank_levels, region_cores
+from ..regions import anomalous_regions, bank_levels, region_cores, regions_supported
 from ..settings import NORMALISATIONS, SegmentSettings, resolve_defaults
 from ..model_inputs import volume_frames
 
@@ -309,7 +309,8 @@ def evaluate(
         check_compatible(bk, info)
     # volumes: the regions prompt (mask 1); 2D slice sets: the paper's per-slice prompt (mask 3)
     chosen_mask = base.mask_index if base is not None else None
-    base = resolve_defaults(base or SegmentSettings(), backbone.name, volume=all(u.is_volume for u in units))
+    base = base or SegmentSettings()
+    base = resolve_defaults(base, backbone.name, volume=all(u.is_volume for u in units), regions_ok=regions_supported(banks[0], base.k))
     abl = ablations or Ablations()
     t0 = time.perf_counter()
     encode_units(units, backbone, cache, progress, batch_size)

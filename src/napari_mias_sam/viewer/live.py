@@ -29,6 +29,7 @@ import numpy as np
 from ..evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
 from ..pipeline import SegmentationResult, redecode_slice
+from ..prompts import default_mask_for
 from ..settings import SegmentSettings, to_dict
 
 __all__ = [
@@ -233,7 +234,10 @@ class LiveSession:
             self.stale.add(int(s))
 
     def change_settings(self, settings: SegmentSettings) -> str:
-        """Adopt new settings; returns the change kind. A prompt change marks every slice stale."""
+        """Adopt new settings; returns the change kind. A prompt change marks every slice stale.
+        An unset mask is the prompt's default (1 for regions, 3 otherwise)."""
+        if settings.mask_index is None:
+            settings = settings.replace(mask_index=default_mask_for(settings.prompt or self.settings.prompt))
         kind = classify_change(self.settings, settings)
         if kind in (CHANGE_RERUN, CHANGE_NONE):
             return kind

@@ -42,7 +42,8 @@ from .. import defaults
 from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
 from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
 from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_mask_for, default_prompt_for
-from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, VOLUME_PROMPT, SegmentSettings
+from ..regions import regions_supported
+from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, VOLUME_PROMPT, SegmentSettings, resolve_defaults
 from ..reference_io import encoding_of
 
 __all__ = ["MiasSamWidget"]
@@ -308,9 +309,16 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
     def _unpin(self, *_args) -> None:
         self._pinned = False
 
+    def volume_default_prompt(self) -> str:
+        """The prompt a volume gets by default with the selected backbone and the bank in use:
+        regions when the bank holds enough held-out normal slices for its levels (or no bank is
+        loaded yet), else the backbone's per-slice prompt."""
+        ok = self.bank is None or regions_supported(self.bank)
+        return str(resolve_defaults(SegmentSettings(), str(self.backbone_choice.value), regions_ok=ok).prompt)
+
     def _on_backbone_changed(self, name: str) -> None:
         self.checkpoint.enabled = name != "litemedsam"
-        self.prompt.value = VOLUME_PROMPT or default_prompt_for(name)
+        self.prompt.value = self.volume_default_prompt()
         self._prompt_tooltips()
         self._mask_tooltip()
         self._prompt_hint(self.prompt.value)

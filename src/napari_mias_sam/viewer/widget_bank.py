@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 from ..paths import sample_data_dir
 from ..backbones import BACKBONES
 from ..errors import InputError, MiasSamError
+from ..regions import regions_supported
 
 __all__ = ["BankHost", "BankMixin", "path_or_none"]
 
@@ -30,6 +31,7 @@ class BankHost(Protocol):
     layout_choice: Any
     batch_size: Any
     backbone_choice: Any
+    prompt: Any
 
     def start_job(self, func: Callable, on_done: Callable) -> Any: ...
 
@@ -40,6 +42,8 @@ class BankHost(Protocol):
     def get_backbone(self, key: tuple, progress: Callable) -> Any: ...
 
     def report_error(self, text: str) -> None: ...
+
+    def volume_default_prompt(self) -> str: ...
 
     def fold_bank_section(self, summary: str = "") -> None: ...
 
@@ -64,6 +68,8 @@ class BankMixin:
         self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}"
         saved = Path(bank.path).name if bank.path else "not saved"
         self.fold_bank_section(f"{bank.ntotal:,} patches, {bank.backbone.get('name')} ({saved})")
+        if self.prompt.value == "regions" and not regions_supported(bank):  # too few normal slices for its levels
+            self.prompt.value = self.volume_default_prompt()
 
     def use_sample_normals(self) -> None:
         normals = sorted(sample_data_dir().glob("normal_*.nii.gz"))
