@@ -19,7 +19,7 @@ from .qa_review import REPORT_NAMES, report_text
 
 __all__ = ["displacement_plot", "write_qa_report"]
 
-_W, _H, _L, _R, _T, _B = 720, 480, 80, 20, 40, 60  # size and margins (pixels)
+_W, _H, _L, _R, _T, _B = 720, 480, 80, 20, 60, 60  # size and margins (pixels)
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -54,7 +54,7 @@ def displacement_plot(summary: dict) -> Image.Image:
     xlo, xhi = min(xs), max(xs)
     pad = (xhi - xlo) * 0.08 or 0.5
     xlo, xhi = xlo - pad, xhi + pad
-    ylo, yhi = 0.0, max(ys) * 1.1 or 1.0
+    ylo, yhi = 0.0, max(ys) * 1.3 or 1.0  # headroom for the legend
 
     def px(x: float, y: float) -> tuple[float, float]:
         return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y0 - (y - ylo) / (yhi - ylo) * (y0 - y1)
@@ -68,7 +68,7 @@ def displacement_plot(summary: dict) -> Image.Image:
         d.line((x0 - 5, v, x0, v), fill="black")
         d.text((x0 - 8, v), f"{t:g}", fill="black", font=small, anchor="rm")
     d.text(((x0 + x1) / 2, _H - 18), "slice anomaly score (image score)", fill="black", font=small, anchor="mm")
-    d.text((8, y1 - 22), "displacement (mm)", fill="black", font=small)
+    d.text((8, y1 - 24), "displacement (mm)", fill="black", font=small)
     volumes = sorted({c["volume"] for c in pts})
     for c in pts:
         u, v = px(c["image_score"], c["displacement_mm"])
@@ -93,4 +93,4 @@ def write_qa_report(summary: dict, out: str | Path, *, overwrite: bool = False, 
         outs.temp("qa_report.md").write_text(report_text(summary), encoding="utf-8")
         displacement_plot(summary).save(outs.temp("qa_displacement.png"), format="PNG")
         outs.commit()
-    return {n.split(".")[0].replace("qa_", ""): str(out / n) for n in REPORT_NAMES}
+    return {kind: str(out / n) for kind, n in zip(("json", "markdown", "plot"), REPORT_NAMES)}
