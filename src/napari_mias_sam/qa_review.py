@@ -35,6 +35,7 @@ __all__ = [
     "QA_SUFFIX",
     "QaTable",
     "qa_name",
+    "is_results_folder",
     "qa_csv_text",
     "read_qa",
     "check_same_volume",
@@ -60,6 +61,12 @@ _BOOLS = ("has_lesion", "in_lesion_before", "in_lesion_after")
 
 def qa_name(stem: str) -> str:
     return f"{stem}{QA_SUFFIX}"
+
+
+def is_results_folder(path: str | Path) -> bool:
+    """A folder holding a saved review (``*_qa.csv``)."""
+    p = Path(path)
+    return p.is_dir() and any(p.glob(f"*{QA_SUFFIX}"))
 
 
 def _cell(v: Any) -> Any:

@@ -15,11 +15,18 @@ from ..evaluation.metrics import dice, volume_dice
 from ..errors import InputError
 from ..file_steps import output_paths, write_outputs
 from ..output_claims import OutputSet
-from ..qa_review import QaTable, check_same_volume, qa_csv_text, qa_name, read_qa
+from ..qa_review import QA_SUFFIX, QaTable, check_same_volume, qa_csv_text, qa_name, read_qa
+from .layers import WORLD_AXIS_LABELS, display_axes, layer_affine, read_nifti_layers
 from ..settings import to_dict
 from .live import LiveSession
 
-__all__ = ["qa_rows", "volume_fields", "apply_table", "in_mask", "save_results", "results_names"]
+__all__ = ["qa_rows", "volume_fields", "apply_table", "in_mask", "save_results", "results_names", "STATUS_COLORS",
+           "QA_LAYER_KEY", "QA_KEY", "qa_points_layer", "results_folder_layers"]
+
+#: Point colours by review status (pending: the computed prompt's red).
+STATUS_COLORS = {"pending": "red", "accepted": "lime", "corrected": "orange", "rejected": "gray", "": "red"}
+QA_LAYER_KEY = "mias_sam_qa"  # metadata of a CoG layer read from a QA file: {"path", "volume", "shape"}
+QA_KEY = "qa_rows"  # the CoG layer's metadata["mias_sam"] entry holding the QA table (what the writer saves)
 
 
 def volume_fields(session: LiveSession) -> dict:
@@ -126,3 +133,49 @@ def save_results(session: LiveSession, rows: list[dict], folder: str | os.PathLi
         paths = write_outputs(r, folder, stem=stem, overwrite=overwrite, claim=outs)
     paths["qa"] = folder / qa_name(stem)
     return paths
+
+
+# -- opening a saved review ----------------------------------------------------------------------
+def qa_points_layer(path: str | os.PathLike) -> tuple:
+    """A ``<stem>_qa.csv`` as a napari Points ``LayerDataTuple``: one point per prompted slice where
+    its saved prompt centre is (placed by the saved affine, over the volume's other layers), the QA
+    columns as features, coloured by status. Running MIAS-SAM on that volume then applies the review."""
+    table = read_qa(path)
+    if table.affine is None:
+        raise InputError(f"{path}: the QA file has no affine; save it again from the viewer.")
+    axes = display_axes(table.affine)
+    rows = [r for r in table.rows if r["status"] and None not in (r["i"], r["j"], r["k"])]
+    coords = np.asarray([[(r["i"], r["j"], r["k"])[a] for a in axes] for r in rows], dtype=float).reshape(-1, 3)
+    feats = {c: [np.nan if r[c] is None else r[c] for r in rows] for c in
+             ("slice", "image_score", "predicted_iou", "orig_i", "orig_j", "orig_k", "displacement_mm",
+              "slice_dice_before", "slice_dice_after")}
+    feats["status"] = [r["status"] for r in rows]
+    feats["moved"] = [(r["displacement_mm"] or 0.0) > 1e-3 for r in rows]
+    for c in ("in_lesion_before", "in_lesion_after"):
+        feats[c] = [np.nan if r[c] is None else float(r[c]) for r in rows]
+    meta = {QA_LAYER_KEY: {"path": str(Path(path).resolve()), "volume": table.volume, "shape": list(table.shape)},
+            "affine": table.affine, "display_axes": axes, "source_shape": table.shape}
+    kwargs = {"name": f"{table.volume} CoG (review)", "affine": layer_affine(table.affine, axes), "features": feats,
+              "face_color": [STATUS_COLORS.get(st, "red") for st in feats["status"]] or "red", "border_color": "white",
+              "size": max(3.0, 0.04 * max(table.shape)),
+              "metadata": meta, "axis_labels": WORLD_AXIS_LABELS}
+    return (coords, kwargs, "points")
+
+
+def results_folder_layers(folder: str | os.PathLike) -> list[tuple]:
+    """A folder saved by 'Save results': each volume's mask (Labels), anomaly map (Image) and
+    reviewed prompts (Points, from its ``<stem>_qa.csv``)."""
+    out: list[tuple] = []
+    for qa in sorted(Path(folder).glob(f"*{QA_SUFFIX}")):
+        stem = qa.name[: -len(QA_SUFFIX)]
+        paths = output_paths(folder, stem)
+        if paths["anomaly"].is_file():
+            data, kw, _ = read_nifti_layers(paths["anomaly"], kind="image")[0]
+            kw.update(name=f"{stem} anomaly", colormap="inferno", blending="additive", opacity=0.8)
+            out.append((data, kw, "image"))
+        if paths["mask"].is_file():
+            data, kw, _ = read_nifti_layers(paths["mask"], kind="labels")[0]
+            kw.update(name=f"{stem} mask", opacity=0.5)
+            out.append((data, kw, "labels"))
+        out.append(qa_points_layer(qa))
+    return out
