@@ -72,3 +72,13 @@ def test_the_widget_provides_both_interfaces():
     for path, proto in ((VIEWER / "widget_bank.py", "BankHost"), (VIEWER / "widget_live.py", "LiveHost")):
         missing = _protocol_members(path, proto) - provided
         assert not missing, f"MiasSamWidget lacks {proto} members: {sorted(missing)}"
+
+
+def test_review_controller_uses_only_the_review_host_interface():
+    path = VIEWER / "widget_review.py"
+    host = _protocol_members(path, "ReviewHost")
+    ctrl = _class(path, "ReviewController")
+    used = _attributes_of(ctrl, "self", "w") | _attributes_of(ctrl, "widget")
+    assert used <= host, f"ReviewController uses widget members ReviewHost does not declare: {sorted(used - host)}"
+    missing = host - _provided_by_widget()
+    assert not missing, f"MiasSamWidget lacks ReviewHost members: {sorted(missing)}"

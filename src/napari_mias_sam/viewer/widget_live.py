@@ -97,6 +97,7 @@ class LiveController:
         self._worker = None
         self._active_gen: Optional[int] = None  # generation of the newest background pass, until it ends
         self.updated: list = []  # slices shown by the latest background pass, in order
+        self._unshown: set = set()  # slices a pass was asked to show and none has shown yet
         self._updating_points = False
         self._snapshot: Optional[np.ndarray] = None
         self._last_refresh = 0.0
@@ -313,6 +314,9 @@ class LiveController:
             self._worker.quit()
         if order is None:
             order = self.session.order_from(self.current_slice())
+        # A superseded pass may have decoded a slice without showing it: the new pass shows it.
+        order = list(order) + sorted(self._unshown - set(order))
+        self._unshown |= set(order)
         self.w.show_live_state("updating slices...")
         self._active_gen = gen
         self.updated = []
@@ -331,6 +335,7 @@ class LiveController:
             return
         mask = self.layers["mask"]
         self.updated.append(upd.s)
+        self._unshown.discard(upd.s)
         mask.data[self.session.slice_index(upd.s)] = upd.mask
         self._set_point(upd.s, upd.point)
         now = time.perf_counter()
