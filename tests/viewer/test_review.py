@@ -37,6 +37,8 @@ def test_statuses_accept_reject_reset_and_next_pending():
     ses.move_point(1, (1.0, 10.0, 45.0))  # a drag corrects
     assert ses.status(1) == "corrected"
     assert ses.review(1, "accept") == [] and ses.status(1) == "corrected"  # accepting keeps the correction
+    # The method's own centre of a corrected slice: without the decoder, the same as with it.
+    np.testing.assert_allclose(ses.method_slice(1, with_mask=False)[0], ses.method_slice(1)[0], atol=1e-9)
     assert ses.review_counts() == {"pending": 1, "accepted": 1, "corrected": 1, "rejected": 1, "prompted": 4}
     assert ses.next_pending(0) == 3 and ses.next_pending(3) == 3  # round the volume, back to itself
     assert ses.next_pending(0, -1) == 3

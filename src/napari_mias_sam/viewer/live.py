@@ -33,6 +33,7 @@ from ..evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
 from ..pipeline import SegmentationResult, redecode_slice
 from ..preprocess import from_frame
+from ..prompts import make_prompt
 from ..settings import SegmentSettings, to_dict
 
 __all__ = [
@@ -339,6 +340,14 @@ class LiveSession:
             plain = s not in self.overrides
             if plain and (not with_mask or self.status(s) != "rejected"):
                 return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
+            st = self.settings
+            if not with_mask and s not in self._method and st.prompt != "regions":  # the centre needs no decoder
+                keep = r.prompts[s]
+                r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
+                try:
+                    return r.cog_voxel(s), None
+                finally:
+                    r.prompts[s] = keep
             if s not in self._method:
                 keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
                 try:
