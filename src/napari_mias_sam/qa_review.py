@@ -239,7 +239,7 @@ def report_text(summary: dict) -> str:
             "median correction (mm) | slice Dice before | after | volume Dice before | after |")
     lines = [head, "|" + "---|" * 13]
     for p in summary["volumes"] + [summary["overall"]]:
-        name = p["volume"] if p["volume"] != "all" else f"**all ({p['volumes']} volumes)**"
+        name = p["volume"] if p["volume"] != "all" else f"**all ({p['volumes']} volume{'s' if p['volumes'] != 1 else ''})**"
         lines.append(
             f"| {name} | {p['reviewed']} of {p['prompted']} | {p['accepted']} | {p['corrected']} | {p['rejected']} | "
             f"{p['pending']} | {_f(p['hit_rate_before'], True)} | {_f(p['hit_rate_after'], True)} | "

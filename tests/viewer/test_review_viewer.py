@@ -37,6 +37,21 @@ def _colour(points, s: int) -> np.ndarray:
     return points.face_color[list(points.features["slice"]).index(s)]
 
 
+def _docked(viewer, image, bank, backbone):
+    """The widget docked from the plugin menu, holding ``backbone`` and ``bank``, ``image`` chosen."""
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "MIAS-SAM")
+    widget.use_backbone(backbone, device="cpu")
+    widget.set_bank(bank)
+    widget.image.value = image
+    return widget
+
+
+def _run(qtbot, widget, timeout: float = 300) -> None:
+    click(qtbot, widget, "Run MIAS-SAM")
+    wait_until(qtbot, lambda: widget.job.done, timeout=timeout)
+    _settle(qtbot, widget)
+
+
 def _mask_slice(viewer, widget, s: int) -> np.ndarray:
     return np.asarray(_layer(viewer, " mask").data[widget.live.session.slice_index(s)])
 
@@ -100,9 +115,7 @@ def test_review_by_keys_save_rerun_and_reopen(shown, qtbot, tmp_path, make_napar
     assert (tmp_path / "cog_qa.csv").read_text() == (tmp_path / "results" / "case_01_qa.csv").read_text()
 
     # A rerun (the real button) keeps the corrections and the rejection.
-    click(qtbot, widget, "Run MIAS-SAM")
-    wait_until(qtbot, lambda: widget.job.done, timeout=300)
-    _settle(qtbot, widget)
+    _run(qtbot, widget)
     ses2 = widget.live.session
     assert ses2 is not ses and [ses2.status(s) for s in range(3)] == ["accepted", "rejected", "corrected"]
     assert not _mask_slice(viewer, widget, 1).any()
@@ -117,13 +130,8 @@ def test_review_by_keys_save_rerun_and_reopen(shown, qtbot, tmp_path, make_napar
     assert list(pts2.features["status"]) == ["accepted", "rejected", "corrected"]
     np.testing.assert_allclose(pts2.data, _layer(viewer, " CoG").data, atol=0.02)
     np.testing.assert_allclose(pts2.data_to_world(pts2.data[0]), _layer(viewer, " CoG").data_to_world(_layer(viewer, " CoG").data[0]), atol=0.02)
-    _, w2 = v2.window.add_plugin_dock_widget(PLUGIN, "MIAS-SAM")
-    w2.use_backbone(lite_backbone, device="cpu")
-    w2.set_bank(sample_bank)
-    w2.image.value = img2
-    click(qtbot, w2, "Run MIAS-SAM")
-    wait_until(qtbot, lambda: w2.job.done, timeout=300)
-    _settle(qtbot, w2)
+    w2 = _docked(v2, img2, sample_bank, lite_backbone)
+    _run(qtbot, w2)
     ses3 = w2.live.session
     assert [ses3.status(s) for s in range(3)] == ["accepted", "rejected", "corrected"]
     assert "review restored from" in w2.status.value
@@ -150,13 +158,8 @@ def test_the_bundled_case_reviewed_from_the_keyboard(make_napari_viewer, qtbot, 
     viewer = make_napari_viewer(show=True)
     (image,) = viewer.open(str(SAMPLE_DIR / "case_01.nii.gz"), plugin=PLUGIN)
     (gt,) = viewer.open(str(SAMPLE_DIR / "case_01_seg.nii.gz"), plugin=PLUGIN)
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "MIAS-SAM")
-    widget.use_backbone(lite_backbone, device="cpu")
-    widget.set_bank(whole_case_bank)
-    widget.image.value = image
-    click(qtbot, widget, "Run MIAS-SAM")
-    wait_until(qtbot, lambda: widget.job.done, timeout=600)
-    _settle(qtbot, widget)
+    widget = _docked(viewer, image, whole_case_bank, lite_backbone)
+    _run(qtbot, widget, timeout=600)
     choose(widget, "ground truth", gt.name)
     _settle(qtbot, widget)
     live, ses = widget.live, widget.live.session
