@@ -1,13 +1,14 @@
 """The MIAS-SAM dock widget: backbone and device, memory bank (build / load / save), a run on the
-selected image layer in a background worker, and live QA (``widget_live``).
+selected image layer in a background worker, live QA (``widget_live``) and the review of the
+prompts (``widget_review``).
 
 A thin layer: every computation is a call into the same modules the ``mias-sam`` command line
 uses (``backbones``, ``file_steps``, ``bank``, ``pipeline``, ``viewer.live``, ``viewer.layers``).
 
 Size: over 450 lines because the dock's controls, their layout, tooltips and wiring live in one
-class; its bank and live parts are separate modules (``widget_bank``, ``widget_live``) that reach
-it only through the ``BankHost`` / ``LiveHost`` protocols. Next cut when it grows: the section
-builders.
+class; its bank, live and review parts are separate modules (``widget_bank``, ``widget_live``,
+``widget_review``) that reach it only through the ``BankHost`` / ``LiveHost`` / ``ReviewHost``
+protocols. Next cut when it grows: the section builders.
 """
 
 from functools import partial
@@ -512,7 +513,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         same = previous is not None and _same_grid(previous.session.result, result)
         moved = previous.session.overrides if same else {}
         self.show_result(result, layer, backbone, axes, moved_points=moved, statuses=previous.session.statuses if same else None)
-        restored = self._restore_review() if previous is None else ""
+        restored = self.live.review.restore_opened() if previous is None else ""
         t = result.timings
         how = ("anomaly maps reused" if result.maps_reused else
                "embeddings from the cache" if result.encoded.from_cache else "")
@@ -578,29 +579,6 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             self.report_error("nothing to save yet: run MIAS-SAM on an image layer first.")
             return None
         return self.live.review.save()
-
-    def _restore_review(self) -> str:
-        """A review opened from a results folder or a <stem>_qa.csv (a Points layer the plugin's
-        reader made) for the volume just run is applied to it; returns a note for the status line."""
-        from .review import QA_LAYER_KEY, apply_table
-        from ..qa_review import read_qa
-
-        ses = self.live.session
-        for lay in self.viewer.layers:
-            qa = lay.metadata.get(QA_LAYER_KEY) if isinstance(lay.metadata, dict) else None
-            if not qa or qa.get("volume") != ses.result.volume.name:
-                continue
-            try:
-                stale = apply_table(ses, read_qa(qa["path"]))
-            except MiasSamError as exc:
-                self.report_error(str(exc))
-                return ""
-            self.live.show_statuses()
-            if stale:
-                self.live.refresh(order=stale)
-            c = ses.review_counts()
-            return f"; review restored from {qa['path']} ({c['prompted'] - c['pending']} of {c['prompted']} reviewed)"
-        return ""
 
     def _jump(self, s: int) -> None:
         if self.live is not None:

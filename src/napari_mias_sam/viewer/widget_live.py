@@ -6,9 +6,9 @@ The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods an
 :mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
 
-Size: about 500 lines because one controller owns every output layer of a run and keeps them in
+Size: about 550 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
-in :mod:`napari_mias_sam.viewer.live`.
+in :mod:`napari_mias_sam.viewer.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
 
 import time

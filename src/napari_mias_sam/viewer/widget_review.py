@@ -19,7 +19,8 @@ import numpy as np
 from ..datasets import lesion_mask
 from ..errors import InputError, MiasSamError
 from .layers import from_display
-from .review import QA_KEY, STATUS_COLORS, qa_rows, save_results
+from .review import QA_KEY, QA_LAYER_KEY, STATUS_COLORS, apply_table, qa_rows, save_results
+from ..qa_review import read_qa
 
 __all__ = ["ReviewHost", "ReviewController", "status_colors", "STATUS_COLORS", "REVIEW_KEYS", "QA_KEY"]
 
@@ -164,3 +165,24 @@ class ReviewController:
             return None
         self.w.show_message(f"saved {', '.join(p.name for p in paths.values())} in {folder}")
         return paths
+
+    def restore_opened(self) -> str:
+        """Apply a review opened from a results folder or a ``<stem>_qa.csv`` (a Points layer the
+        plugin's reader made) for this run's volume; returns a note for the status line."""
+        ses = self.session
+        for lay in self.w.viewer.layers:
+            qa = lay.metadata.get(QA_LAYER_KEY) if isinstance(lay.metadata, dict) else None
+            if not qa or qa.get("volume") != ses.result.volume.name:
+                continue
+            try:
+                stale = apply_table(ses, read_qa(qa["path"]))
+            except MiasSamError as exc:
+                self.w.report_error(str(exc))
+                return ""
+            self.live.show_statuses()
+            if stale:
+                self.live.refresh(order=stale)
+            self.show_info()
+            c = ses.review_counts()
+            return f"; review restored from {qa['path']} ({c['prompted'] - c['pending']} of {c['prompted']} reviewed)"
+        return ""
