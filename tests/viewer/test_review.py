@@ -161,3 +161,24 @@ def test_bad_qa_files_are_refused_with_one_line(tmp_path):
         save_results(ses, qa_rows(ses), tmp_path / "res")
     assert (tmp_path / "res" / "volume_mask.nii.gz").read_bytes() == b"someone else's"
     assert set(QA_COLUMNS) >= set(head)
+
+
+def test_a_qa_file_opens_as_the_reviewed_points_where_the_session_had_them(tmp_path):
+    from napari_mias_sam.viewer.review import QA_LAYER_KEY, qa_points_layer
+
+    ses = _session()
+    ses.move_point(1, (1.0, 10.0, 45.0))
+    ses.review(2, "reject")
+    _decode(ses)
+    path = tmp_path / "volume_qa.csv"
+    path.write_text(qa_csv_text(qa_rows(ses)))
+    data, kwargs, kind = qa_points_layer(path)
+    from napari_mias_sam.viewer.layers import display_axes
+
+    axes = display_axes(ses.result.volume.affine)  # the order the reader gives the volume's image layer
+    assert kind == "points" and kwargs["name"] == "volume CoG (review)"
+    want = [np.asarray(ses.result.cog_voxel(s))[list(axes)] for s in range(4)]
+    np.testing.assert_allclose(data, want, atol=0.01)
+    assert list(kwargs["features"]["status"]) == ["pending", "corrected", "rejected", "pending"]
+    assert kwargs["face_color"] == ["red", "orange", "gray", "red"]
+    assert kwargs["metadata"][QA_LAYER_KEY]["volume"] == "volume"
