@@ -25,10 +25,7 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font (the bitmap one takes no anchors)
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
