@@ -134,8 +134,9 @@ def read_qa(path: str | Path) -> QaTable:
     reader = csv.DictReader(_io.StringIO(text))
     missing = [c for c in QA_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-        raise InputError(f"{path}: not a MIAS-SAM QA file: missing column{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(missing)}; save it from the viewer (File > Save Selected Layers on the CoG layer).")
+        named = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise InputError(f"{path}: not a MIAS-SAM QA file: missing column{'s' if len(missing) > 1 else ''} {named}; "
+                         "save it from the viewer (File > Save Selected Layers on the CoG layer).")
     rows = [_parse_row(path, n, r) for n, r in enumerate(reader, start=2)]
     if not rows:
         raise InputError(f"{path}: the QA file has no rows.")
