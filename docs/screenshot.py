@@ -13,7 +13,10 @@ second call only loads it) or loads ``--bank``, presses Run, picks the ground tr
 * ``docs/images/viewer.png`` (README) and ``qa-1-run.png``: the run done, the slice with the largest lesion;
 * ``qa-2-gamma.png``: gamma 2 (wider boxes, the prompt pulled towards weaker responses);
 * ``qa-3-moved-point.png``: gamma back to 5 and the CoG point dragged onto the lesion (orange);
-* ``qa-4-fp-fn.png``: the false-positive / false-negative outlines.
+* ``qa-4-fp-fn.png``: the false-positive / false-negative outlines;
+* ``qa-5-review.png``: every slice's prompt reviewed as the keys do (``r`` on slices the ground
+  truth shows lesion-free, ``a`` on the others, the dragged one stays corrected), the dock's
+  *Review prompts* section in view; the results are saved and summarised with ``mias-sam qa-report``.
 
 It prints the wall time of the first run (``--fresh-embeddings``: with an empty embedding cache, so
 the encoder runs), of a rerun with the same bank and k (the anomaly maps are reused: only the
@@ -192,6 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     widget.show_errors.native.click()
     _pump(app)
     shot("qa-4-fp-fn.png")
+
+    # Review every prompt as the keys on the CoG layer do (r / a, n to the next pending slice).
+    widget.show_errors.native.click()
+    _pump(app)
+    ses = live.session
+    lesion_slices = set(np.flatnonzero(g.reshape(g.shape[0], -1).any(axis=1)).tolist())
+    t0 = time.perf_counter()
+    for t in range(ses.n_slices):
+        if ses.status(t) == "pending":
+            live.jump_to(t)
+            live.review.act("accept" if t in lesion_slices else "reject")
+    _wait(app, lambda: not live.busy)
+    times["review by keys (acts, no think time)"] = time.perf_counter() - t0
+    live.jump_to(s)
+    viewer.layers.selection.active = points
+    widget.scroll.verticalScrollBar().setValue(widget.scroll.verticalScrollBar().maximum())
+    print(f"review: {widget.review_info.value.splitlines()[0]}")
+    shot("qa-5-review.png")
+    results = Path(tempfile.mkdtemp(prefix="mias-sam-review-"))
+    widget.results_folder.value = results
+    widget.save_results_btn.native.click()
+    from napari_mias_sam.cli import main as cli
+
+    cli(["qa-report", str(results)])
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\nmeasured {stamp} on {platform.machine()} {platform.processor() or ''} with {os.cpu_count()} CPUs "

@@ -1,5 +1,6 @@
 """``mias-sam weights`` (list, fetch, check) and ``mias-sam cache`` (info, clear, limit): the files
-the tool keeps for the user."""
+the tool keeps for the user; ``mias-sam qa-report``: the summary of prompt reviews saved from the
+viewer (``<stem>_qa.csv``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ then: mias-sam build-bank normals/ --out banks/sam --backbone sam-vit_b   (uses 
   mias-sam cache limit 8G                      # cap the embedding cache at 8 GiB (least recently used go first)
   mias-sam cache clear                         # remove the cached embeddings
   mias-sam cache clear --all                   # everything in the cache folder, downloaded weights included""",
+    "qa-report": """examples:
+  mias-sam qa-report results/case_01_qa.csv           # one volume's review, as a table
+  mias-sam qa-report results/ --out results/report    # every *_qa.csv in a folder: JSON, Markdown, plot
+  mias-sam qa-report reviews/*_qa.csv --json          # the summary as JSON on stdout""",
 }
 
 
@@ -49,6 +54,16 @@ def add_parsers(sub, fmt) -> None:
     cc.add_argument("--all", action="store_true", help="remove everything in the cache folder (downloaded weights, ONNX exports too)")
     cl = csub.add_parser("limit", help="set the embedding cache's size limit (e.g. 500M, 8G)")
     cl.add_argument("size", help="bytes with an optional K/M/G suffix (binary units)")
+
+    q = sub.add_parser("qa-report", help="summarise prompt reviews saved from the viewer (<stem>_qa.csv)",
+                       epilog=EXAMPLES["qa-report"], formatter_class=fmt,
+                       description="Per volume and overall: slices reviewed, accepted / corrected / rejected, the prompt "
+                       "centre's hit rate inside the lesion before and after review, the median displacement of "
+                       "corrections (mm), slice and volume Dice before and after review.")
+    q.add_argument("files", nargs="+", type=Path, help="QA files (<stem>_qa.csv) or folders holding them")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.add_argument("--out", type=Path, help="also write qa_report.json, qa_report.md and qa_displacement.png there")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
 
 
 def _size(text: str) -> int:
@@ -148,4 +163,38 @@ def cmd_cache(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"weights": cmd_weights, "cache": cmd_cache}
+def qa_files(paths: list[Path]) -> list[Path]:
+    """The QA files named, and those in the folders named (``*_qa.csv``); one line when none."""
+    from .qa_review import QA_SUFFIX
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.glob(f"*{QA_SUFFIX}"))
+            if not found:
+                raise InputError(f"{p}: no *{QA_SUFFIX} file in this folder; save the review from the viewer first.")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
+
+
+def cmd_qa_report(a: argparse.Namespace) -> int:
+    from .qa_review import read_qa, report_text, summarise
+
+    files = qa_files(a.files)
+    summary = summarise([read_qa(f) for f in files])  # every file checked before anything is written
+    if a.out is not None:
+        from .qa_report import write_qa_report
+
+        summary["outputs"] = write_qa_report(summary, a.out, overwrite=a.overwrite, inputs=files)
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(report_text(summary), end="")
+        if a.out is not None:
+            print("wrote " + ", ".join(summary["outputs"].values()))
+    return 0
+
+
+COMMANDS = {"weights": cmd_weights, "cache": cmd_cache, "qa-report": cmd_qa_report}

@@ -20,8 +20,8 @@ def test_manifest_validates_on_the_installed_package():
     mf.validate_imports()  # every python_name imports and resolves
     c = mf.contributions
     assert {r.command for r in c.readers} == {f"{PLUGIN}.get_reader"}
-    assert set(c.readers[0].filename_patterns) == {"*.nii", "*.nii.gz"}
-    assert {tuple(w.layer_types) for w in c.writers} == {("labels",), ("image",)}
+    assert set(c.readers[0].filename_patterns) == {"*.nii", "*.nii.gz", "*_qa.csv"}  # + a prompt review
+    assert {tuple(w.layer_types) for w in c.writers} == {("labels",), ("image",), ("points",)}
     assert {s.key for s in c.sample_data} >= {"case_01"}
     assert [w.display_name for w in c.widgets] == ["MIAS-SAM"]
     assert [m.command for m in c.menus["napari/layers/segment"]] == [f"{PLUGIN}.widget"]

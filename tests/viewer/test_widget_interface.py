@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 VIEWER = Path(__file__).resolve().parents[2] / "src" / "napari_mias_sam" / "viewer"
 
 
@@ -58,17 +60,21 @@ def test_bank_mixin_uses_only_the_bank_host_interface():
     assert not [m for m in host if m.startswith("_")]
 
 
-def test_live_controller_uses_only_the_live_host_interface():
-    path = VIEWER / "widget_live.py"
-    host = _protocol_members(path, "LiveHost")
-    ctrl = _class(path, "LiveController")
+@pytest.mark.parametrize("module, host_name, controller", [("widget_live.py", "LiveHost", "LiveController"),
+                                                         ("widget_review.py", "ReviewHost", "ReviewController")])
+def test_controllers_use_only_their_host_interface(module, host_name, controller):
+    path = VIEWER / module
+    host = _protocol_members(path, host_name)
+    ctrl = _class(path, controller)
     used = _attributes_of(ctrl, "self", "w") | _attributes_of(ctrl, "widget")
-    assert used <= host, f"LiveController uses widget members LiveHost does not declare: {sorted(used - host)}"
+    assert used <= host, f"{controller} uses widget members {host_name} does not declare: {sorted(used - host)}"
     assert not [m for m in host if m.startswith("_")]
 
 
-def test_the_widget_provides_both_interfaces():
+def test_the_widget_provides_every_host_interface():
     provided = _provided_by_widget()
-    for path, proto in ((VIEWER / "widget_bank.py", "BankHost"), (VIEWER / "widget_live.py", "LiveHost")):
+    for path, proto in ((VIEWER / "widget_bank.py", "BankHost"), (VIEWER / "widget_live.py", "LiveHost"),
+                        (VIEWER / "widget_review.py", "ReviewHost")):
         missing = _protocol_members(path, proto) - provided
         assert not missing, f"MiasSamWidget lacks {proto} members: {sorted(missing)}"
+

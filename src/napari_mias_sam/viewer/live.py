@@ -7,7 +7,10 @@ backbone that made it, and turns viewer actions into pipeline calls:
   embeddings and maps (:func:`~napari_mias_sam.pipeline.redecode_slice`; no encoder, no kNN);
 * a new mask index only re-reads the cached decoder logits;
 * a CoG point moved by the user becomes that slice's prompt (kept across later changes until
-  :meth:`LiveSession.reset_points`).
+  :meth:`LiveSession.reset_points`);
+* each prompted slice has a review status (:data:`~napari_mias_sam.qa_review.STATUSES`): moving
+  its point makes it ``corrected``; :meth:`LiveSession.review` accepts, rejects (the slice's mask
+  is cleared and stays cleared through later decodes and reruns) or resets it.
 
 Every method that decodes takes the session lock, and a *generation* number lets a background
 pass give up as soon as a newer change supersedes it, so slices are never decoded with stale
@@ -29,7 +32,8 @@ import numpy as np
 from ..evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
 from ..pipeline import SegmentationResult, redecode_slice
-from ..prompts import default_mask_for
+from ..preprocess import from_frame
+from ..prompts import default_mask_for, make_prompt
 from ..settings import SegmentSettings, to_dict
 
 __all__ = [
@@ -90,6 +94,7 @@ class LiveSession:
         display_axes: tuple[int, ...] = (0, 1, 2),
         *,
         overrides: dict[int, tuple[float, float]] | None = None,
+        statuses: dict[int, str] | None = None,
     ) -> None:
         self.result = result
         self.backbone = backbone
@@ -100,9 +105,15 @@ class LiveSession:
         self.generation = 0
         self.stale: set[int] = set()  # slices whose logits do not match the settings yet
         self._marks: dict[int, int] = {}  # per-slice count of 'made stale' events
+        self.statuses: dict[int, str] = {}  # slice -> review status (absent: pending)
+        self._method: dict[int, tuple] = {}  # slice -> the method's own (prompt, logits) under the settings in force
         if overrides:  # moved points carried over from an earlier run of the same volume
             self.overrides = {int(s): (float(x), float(y)) for s, (x, y) in overrides.items() if 0 <= int(s) < self.n_slices}
             self.mark_stale(self.overrides)
+        for s, st in (statuses or {}).items():  # the review carried over (rejected slices are cleared)
+            if 0 <= int(s) < self.n_slices and st != "pending" and self.result.prompts[int(s)] is not None:
+                self.statuses[int(s)] = str(st)
+        self.mark_stale([s for s, st in self.statuses.items() if st == "rejected"])
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -158,9 +169,10 @@ class LiveSession:
         return None if ijk is None else self.file_to_display(ijk)
 
     def points(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """All prompt centres (M, 3) in display order and their features (slice, score, IoU, moved)."""
+        """All prompt centres (M, 3) in display order and their features (slice, score, IoU, moved,
+        review status)."""
         m = self.settings.mask_index - 1
-        rows, feats = [], {"slice": [], "image_score": [], "predicted_iou": [], "moved": []}
+        rows, feats = [], {"slice": [], "image_score": [], "predicted_iou": [], "moved": [], "status": []}
         for s in range(self.n_slices):
             p = self.point(s)
             if p is None:
@@ -170,6 +182,7 @@ class LiveSession:
             feats["image_score"].append(float(self.result.image_scores[s]))
             feats["predicted_iou"].append(float(self.result.ious[s, m]))
             feats["moved"].append(s in self.overrides)
+            feats["status"].append(self.status(s))
         coords = np.asarray(rows, dtype=float).reshape(-1, 3)
         return coords, {k: np.asarray(v) for k, v in feats.items()}
 
@@ -242,6 +255,7 @@ class LiveSession:
         if kind in (CHANGE_RERUN, CHANGE_NONE):
             return kind
         self.settings = settings
+        self._method = {}
         if kind == CHANGE_PROMPT:
             self.mark_stale(range(self.n_slices))
             self.new_generation()
@@ -257,6 +271,7 @@ class LiveSession:
         hi = fr.size - 1.0
         xy = (float(np.clip(x, 0.0, hi)), float(np.clip(y, 0.0, hi)))
         self.overrides[int(s)] = xy
+        self.statuses[int(s)] = "corrected"
         self.mark_stale([int(s)])
         return xy
 
@@ -264,8 +279,91 @@ class LiveSession:
         """Forget user-moved points; returns the slices that became stale."""
         slices = sorted(self.overrides)
         self.overrides = {}
+        for s in slices:  # a corrected slice is pending again
+            if self.statuses.get(s) == "corrected":
+                self.statuses.pop(s)
         self.mark_stale(slices)
         return slices
+
+    # -- review -----------------------------------------------------------------------------------
+    def status(self, s: int) -> str:
+        """Slice ``s``'s review status ('' without a prompt)."""
+        if self.result.prompts[s] is None:
+            return ""
+        return self.statuses.get(int(s), "corrected" if int(s) in self.overrides else "pending")
+
+    def review(self, s: int, action: str) -> list[int]:
+        """``accept``, ``reject`` or ``reset`` slice ``s``; returns the slices that became stale
+        (a rejected slice's mask is cleared by its next decode; accepting or resetting it decodes it
+        again). A slice without a prompt has nothing to review (nothing happens)."""
+        s = int(s)
+        if self.result.prompts[s] is None:
+            return []
+        was = self.status(s)
+        if action == "accept":
+            self.statuses[s] = "corrected" if s in self.overrides else "accepted"
+            stale = [s] if was == "rejected" else []
+        elif action == "reject":
+            self.statuses[s] = "rejected"
+            stale = [s]
+        elif action == "reset":
+            self.statuses.pop(s, None)
+            stale = [s] if (s in self.overrides or was == "rejected") else []
+            self.overrides.pop(s, None)
+        else:
+            raise ValueError(f"unknown review action {action!r}: accept, reject or reset")
+        self.mark_stale(stale)
+        return stale
+
+    def review_counts(self) -> dict[str, int]:
+        """How many prompted slices are pending, accepted, corrected, rejected (and prompted)."""
+        sts = [self.status(s) for s in range(self.n_slices)]
+        out = {k: sts.count(k) for k in ("pending", "accepted", "corrected", "rejected")}
+        out["prompted"] = sum(out.values())
+        return out
+
+    def next_pending(self, s: int, step: int = 1) -> int | None:
+        """The next (``step`` 1) or previous (-1) prompted slice still pending after ``s``, going
+        round the volume; None when none is pending."""
+        n = self.n_slices
+        for d in range(1, n + 1):
+            t = (int(s) + step * d) % n
+            if self.status(t) == "pending":
+                return t
+        return None
+
+    def method_slice(self, s: int, with_mask: bool = True) -> tuple[tuple[float, float, float] | None, np.ndarray | None]:
+        """The method's own prompt centre (file voxel indices) and slice mask (None unless
+        ``with_mask``) for slice ``s`` under the settings in force, whatever the review did there (a
+        moved point, a rejection): the "before" of the QA table. Decodes at most once per slice and
+        settings (cached)."""
+        s = int(s)
+        with self.lock:
+            r = self.result
+            plain = s not in self.overrides
+            if plain and (not with_mask or self.status(s) != "rejected"):
+                return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
+            st = self.settings
+            if not with_mask and s not in self._method and st.prompt != "regions":  # the centre needs no decoder
+                keep = r.prompts[s]
+                r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
+                try:
+                    return r.cog_voxel(s), None
+                finally:
+                    r.prompts[s] = keep
+            if s not in self._method:
+                keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
+                try:
+                    redecode_slice(r, self.backbone, s, settings=self.settings)
+                    self._method[s] = (r.cog_voxel(s), r.logits[s].copy())
+                finally:
+                    r.prompts[s], r.logits[s], r.ious[s], r.settings = keep
+            ijk, logits = self._method[s]
+            if not with_mask:
+                return ijk, None
+            fr = r.encoded.frame
+            mask = from_frame(logits[None, self.settings.mask_index - 1].astype(np.float32), fr)[0] > 0
+            return ijk, mask & bool(r.decision[s])
 
     def redecode(self, s: int, generation: int | None = None) -> bool:
         """Re-prompt and re-decode slice ``s`` with the current settings and its moved point.
@@ -278,6 +376,8 @@ class LiveSession:
                 return False
             mark = self._marks.get(s, 0)
             redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s))
+            if self.status(s) == "rejected":  # "no anomaly here": the prompt stays, the mask is cleared
+                self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
                 self.stale.discard(s)
         return True
@@ -313,6 +413,7 @@ class LiveSession:
         md = self.result.metadata()
         md["settings"] = to_dict(self.settings)
         md["moved_points"] = {str(s): [round(x, 3), round(y, 3)] for s, (x, y) in sorted(self.overrides.items())}
+        md["review"] = {str(s): st for s, st in sorted(self.statuses.items())}
         md["stale_slices"] = sorted(self.stale)
         md["display_axes"] = list(self.axes)
         return md

@@ -1,13 +1,14 @@
 """The MIAS-SAM dock widget: backbone and device, memory bank (build / load / save), a run on the
-selected image layer in a background worker, and live QA (``widget_live``).
+selected image layer in a background worker, live QA (``widget_live``) and the review of the
+prompts (``widget_review``).
 
 A thin layer: every computation is a call into the same modules the ``mias-sam`` command line
 uses (``backbones``, ``file_steps``, ``bank``, ``pipeline``, ``viewer.live``, ``viewer.layers``).
 
 Size: over 450 lines because the dock's controls, their layout, tooltips and wiring live in one
-class; its bank and live parts are separate modules (``widget_bank``, ``widget_live``) that reach
-it only through the ``BankHost`` / ``LiveHost`` protocols. Next cut when it grows: the section
-builders.
+class; its bank, live and review parts are separate modules (``widget_bank``, ``widget_live``,
+``widget_review``) that reach it only through the ``BankHost`` / ``LiveHost`` / ``ReviewHost``
+protocols. Next cut when it grows: the section builders.
 """
 
 from functools import partial
@@ -174,9 +175,15 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.message = MessageBar()
         self.profile = ProfilePlot()
         self.next_btn = PushButton(text="Next most anomalous slice")
+        # -- review -----------------------------------------------------------------------------
+        self.review_info = Label(value="run MIAS-SAM, then review each slice's prompt from the keyboard (a, r, u, n, b)")
+        self.results_folder = FileEdit(mode="d", label="results folder",
+                                       tooltip="where 'Save results' writes <stem>_mask.nii.gz, _anomaly.nii.gz, _points.csv and _qa.csv")
+        self.save_results_btn = PushButton(text="Save results",
+                                           tooltip="the reviewed mask (rejected slices cleared), the anomaly map and the review (<stem>_qa.csv)")
 
         for lab in (self.bank_info, self.normals_info, self.prompt_note, self.iou_info, self.status, self.dice_info,
-                    self.counts_info, self.cache_info):
+                    self.counts_info, self.cache_info, self.review_info):
             _wrapping(lab)
         self.prompt_note.visible = False
         boxes = [
@@ -190,6 +197,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                      _row(self.run_btn, self.cancel_btn, self.reset_points_btn),
                      self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
+            _section("Review prompts", self.review_info, self.results_folder, self.save_results_btn),
         ]
         self._containers = [c for _, c in boxes]
         self.sections = {box.text(): box for box, _ in boxes}  # by title (a folded bank section adds its summary)
@@ -199,7 +207,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         lay.setSpacing(0)
         for box, _ in boxes:
             lay.addWidget(box)
-        compare_box = boxes[-1][0]
+        compare_box = boxes[-2][0]
         compare_box.addWidget(self.profile)
         compare_box.addWidget(self.next_btn.native)
         lay.addStretch(1)
@@ -234,6 +242,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.run_btn.changed.connect(self.run)
         self.cancel_btn.changed.connect(self.cancel)
         self.reset_points_btn.changed.connect(self.reset_points)
+        self.save_results_btn.changed.connect(self.save_results)
         for w in (self.gamma, self.mask, self.prompt, self.normalisation, self.k, self.slice_decision):
             w.changed.connect(lambda *_: self._settings_timer.start())
         self.prompt.changed.connect(self._prompt_hint)
@@ -516,23 +525,28 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             return
         backbone, self.backbone_key, result = value
         previous = self.live if (self.live is not None and self.live.source is layer) else None
-        moved = previous.session.overrides if previous is not None and _same_grid(previous.session.result, result) else {}
-        self.show_result(result, layer, backbone, axes, moved_points=moved)
+        same = previous is not None and _same_grid(previous.session.result, result)
+        moved = previous.session.overrides if same else {}
+        self.show_result(result, layer, backbone, axes, moved_points=moved, statuses=previous.session.statuses if same else None)
+        restored = self.live.review.restore_opened() if previous is None else ""
         t = result.timings
         how = ("anomaly maps reused" if result.maps_reused else
                "embeddings from the cache" if result.encoded.from_cache else "")
         took = sum(t.values())
         kept = f"; {plural(len(moved), 'moved point')} kept (Reset moved points drops them)" if moved else ""
+        kept += restored
         self.status.value = (f"done in {took:.1f} s{f' ({how})' if how else ''}{kept}. Tune gamma, the mask and "
                              f"the prompt, or drag a CoG point.")
         self.message.clear("warning")
         self._prompt_hint(self.prompt.value)
         self.progress.value = self.progress.max
 
-    def show_result(self, result, layer, backbone, axes=None, *, moved_points: Optional[dict] = None) -> "LiveController":
+    def show_result(self, result, layer, backbone, axes=None, *, moved_points: Optional[dict] = None,
+                    statuses: Optional[dict] = None) -> "LiveController":
         """Show a :class:`~napari_mias_sam.pipeline.SegmentationResult` of ``layer`` (from a run
         here or from a script) as the output layers, and start live QA on it. ``moved_points``
-        (slice -> model-frame (x, y)), e.g. from the previous run, are re-applied and re-decoded."""
+        (slice -> model-frame (x, y)), e.g. from the previous run, are re-applied and re-decoded, and
+        the review ``statuses`` (slice -> status) carried (rejected slices stay cleared)."""
         from .live import LiveSession
         from .layers import volume_from_layer
 
@@ -547,7 +561,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             with w.changed.blocked():
                 w.value = v
         reuse = previous.layers if (previous is not None and previous.source == layer) else None
-        session = LiveSession(result, backbone, axes, overrides=moved_points)
+        session = LiveSession(result, backbone, axes, overrides=moved_points, statuses=statuses)
         self.live = LiveController(self, session, layer, reuse=reuse)
         if session.stale:  # the moved points: decode those slices with them
             self.live.refresh(order=sorted(session.stale))
@@ -571,6 +585,15 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
     def _on_compare_changed(self, *_args) -> None:
         if self.live is not None:
             self.live.update_compare(full=True)
+            self.live.review.update_qa()
+
+    # -- review ---------------------------------------------------------------------------------
+    def save_results(self) -> Optional[dict]:
+        """'Save results': the reviewed mask, the anomaly map, <stem>_points.csv and <stem>_qa.csv."""
+        if self.live is None:
+            self.report_error("nothing to save yet: run MIAS-SAM on an image layer first.")
+            return None
+        return self.live.review.save()
 
     def _jump(self, s: int) -> None:
         if self.live is not None:

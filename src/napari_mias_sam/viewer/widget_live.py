@@ -6,9 +6,9 @@ The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods an
 :mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
 
-Size: about 500 lines because one controller owns every output layer of a run and keeps them in
+Size: about 550 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
-in :mod:`napari_mias_sam.viewer.live`.
+in :mod:`napari_mias_sam.viewer.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
 
 import time
@@ -24,13 +24,14 @@ from .live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, FN, FP, LiveSession,
 from ..datasets import lesion_mask
 from ..evaluation.metrics import dice
 from .layers import GEOMETRY_KEYS, geometry_metadata
+from .widget_review import ReviewController, status_colors
 
 __all__ = ["LiveHost", "LiveController", "is_output_layer", "OUTPUT_KEY", "plural"]
 
 OUTPUT_KEY = "mias_sam"  # layer.metadata key marking (and describing) MIAS-SAM outputs
 MASK_COLOR = "lime"
-POINT_COLOR = "red"  # a computed prompt centre
-MOVED_COLOR = "orange"  # a prompt centre the user moved (kept until "Reset moved points")
+POINT_COLOR = "red"  # a computed prompt centre (review status pending; the others: widget_review.STATUS_COLORS)
+MOVED_COLOR = "orange"  # a prompt centre the user moved (kept until "Reset moved points"): corrected
 BOX_COLOR = "white"  # the box prompt sent to the decoder
 GT_COLOR = "cyan"  # the ground truth's outline
 ERROR_COLORS = {"FP": "yellow", "FN": "magenta"}
@@ -44,14 +45,6 @@ def _direct_colormap(colors: dict):
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colors})
-
-
-def _point_colors(moved) -> np.ndarray:
-    from napari.utils.colormaps.standardize_color import transform_color
-
-    moved = np.asarray(moved, dtype=bool).reshape(-1)
-    red, orange = transform_color(POINT_COLOR)[0], transform_color(MOVED_COLOR)[0]
-    return np.where(moved[:, None], orange, red) if moved.size else np.zeros((0, 4))
 
 
 def plural(n: int, word: str) -> str:
@@ -104,6 +97,7 @@ class LiveController:
         self._worker = None
         self._active_gen: Optional[int] = None  # generation of the newest background pass, until it ends
         self.updated: list = []  # slices shown by the latest background pass, in order
+        self._unshown: set = set()  # slices a pass was asked to show and none has shown yet
         self._updating_points = False
         self._snapshot: Optional[np.ndarray] = None
         self._last_refresh = 0.0
@@ -115,6 +109,7 @@ class LiveController:
         self._move_timer.setSingleShot(True)
         self._move_timer.setInterval(200)
         self._move_timer.timeout.connect(self._apply_moves)
+        self.review = ReviewController(widget, self)
         self._show(reuse or {})
         self.on_slice_changed()
         self.update_compare(full=True)
@@ -173,9 +168,10 @@ class LiveController:
         coords, feats = ses.points()
         pts = self._put("points", reuse, "points", coords, f"{name} CoG", features=feats, face_color=POINT_COLOR,
                         border_color="white", size=self._point_size())
-        pts.face_color = _point_colors(feats["moved"])
+        pts.face_color = status_colors(feats["status"])
         self._snapshot = pts.data.copy()
         pts.events.data.connect(self._on_points_data)
+        self.review.bind_keys(pts)
         if "errors" in reuse and reuse["errors"] in self.viewer.layers:
             self.viewer.layers.remove(reuse["errors"])
         self._order_layers()
@@ -280,6 +276,7 @@ class LiveController:
         self.w.profile.set_current(s)
         self.w.iou_info.value = self.slice_readout(s)
         self.update_compare(full=False)
+        self.review.show_info()
 
     def slice_readout(self, s: int) -> str:
         """One line on slice ``s``: its prompt (moved or not, dropped by the slice decision) and,
@@ -317,6 +314,9 @@ class LiveController:
             self._worker.quit()
         if order is None:
             order = self.session.order_from(self.current_slice())
+        # A superseded pass may have decoded a slice without showing it: the new pass shows it.
+        order = list(order) + sorted(self._unshown - set(order))
+        self._unshown |= set(order)
         self.w.show_live_state("updating slices...")
         self._active_gen = gen
         self.updated = []
@@ -335,6 +335,7 @@ class LiveController:
             return
         mask = self.layers["mask"]
         self.updated.append(upd.s)
+        self._unshown.discard(upd.s)
         mask.data[self.session.slice_index(upd.s)] = upd.mask
         self._set_point(upd.s, upd.point)
         now = time.perf_counter()
@@ -359,6 +360,8 @@ class LiveController:
         self._refresh_metadata()
         self.on_slice_changed()
         self.update_compare(full=True)
+        self.review.update_qa()
+        self.review.show_info()
         self.w.show_live_state("up to date" if not self.session.stale else f"{len(self.session.stale)} slices not updated yet")
         self.w.show_counts(self.counts_text())
 
@@ -386,10 +389,11 @@ class LiveController:
         try:
             pts.data[rows[0]] = p
             self._snapshot = pts.data.copy()
-            moved = s in self.session.overrides
-            if bool(pts.features["moved"].iloc[rows[0]]) != moved:
+            moved, status = s in self.session.overrides, self.session.status(s)
+            if bool(pts.features["moved"].iloc[rows[0]]) != moved or pts.features["status"].iloc[rows[0]] != status:
                 pts.features.loc[rows[0], "moved"] = moved
-                pts.face_color = _point_colors(pts.features["moved"].to_numpy())
+                pts.features.loc[rows[0], "status"] = status
+                pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
 
@@ -402,7 +406,7 @@ class LiveController:
         try:
             pts.data = coords
             pts.features = feats
-            pts.face_color = _point_colors(feats["moved"])
+            pts.face_color = status_colors(feats["status"])
             self._snapshot = pts.data.copy()
         finally:
             self._updating_points = False
@@ -425,12 +429,36 @@ class LiveController:
             self.session.move_point(int(slices[i]), data[i])
         self._snapshot = data.copy()
         self._updating_points = True
-        try:  # a moved point turns orange at once
+        try:  # a moved point turns orange (corrected) at once
             pts.features.loc[moved, "moved"] = True
-            pts.face_color = _point_colors(pts.features["moved"].to_numpy())
+            pts.features.loc[moved, "status"] = "corrected"
+            pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
         self._move_timer.start()  # a drag sends many events: decode once it pauses
+        self.review.show_info()
+
+    def show_statuses(self) -> None:
+        """The CoG points' review status (features and colours) from the session."""
+        pts = self.layers.get("points")
+        if pts is None or pts not in self.viewer.layers or not len(pts.data):
+            return
+        feats = pts.features.copy()
+        slices = feats["slice"].to_numpy()
+        feats["status"] = [self.session.status(int(s)) for s in slices]
+        feats["moved"] = [int(s) in self.session.overrides for s in slices]
+        self.set_points_features(feats)
+
+    def set_points_features(self, feats) -> None:
+        """New features for the CoG points (same rows), coloured by review status."""
+        pts = self.layers["points"]
+        self._updating_points = True
+        try:
+            pts.features = feats
+            pts.face_color = status_colors(feats["status"].to_numpy())
+        finally:
+            self._updating_points = False
+        pts.refresh()
 
     def _apply_moves(self) -> None:
         stale = sorted(self.session.stale, key=lambda s: abs(s - self.current_slice()))

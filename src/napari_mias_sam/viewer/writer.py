@@ -2,7 +2,8 @@
 
 A layer read by this plugin (or made by the MIAS-SAM widget) carries the source affine, header
 and axis order in its metadata, and is written back in the file's voxel order with that affine
-and header. Any other 3D layer is written in its own axis order with the affine of its napari
+and header. The CoG Points layer of a run is written as its review, ``<stem>_qa.csv``
+(:mod:`napari_mias_sam.qa_review`); other Points layers as napari's own CSV. Any other 3D layer is written in its own axis order with the affine of its napari
 transform (world (S, P, L) mm mapped back to RAS).
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .layers import write_layer
 
-__all__ = ["write_labels", "write_image", "layer_data_to_world"]
+__all__ = ["write_labels", "write_image", "write_points", "layer_data_to_world"]
 
 
 def _data_to_world(meta: dict[str, Any], ndim: int) -> np.ndarray | None:
@@ -63,3 +64,24 @@ def write_image(path: str, data: Any, meta: dict) -> list[str]:
 
         raise InputError("RGB layers cannot be saved as NIfTI volumes; save a single-channel layer.")
     return _write(path, data, meta, labels=False)
+
+
+def write_points(path: str, data: Any, meta: dict) -> list[str]:
+    """A MIAS-SAM CoG layer: its review as ``<name>_qa.csv`` (``_qa`` added to a name without it),
+    written atomically. Any other Points layer: napari's own points CSV."""
+    from ..output_claims import atomic_write_text
+    from ..qa_review import QA_SUFFIX, qa_csv_text
+    from .review import QA_KEY
+
+    info = (meta.get("metadata") or {}).get("mias_sam") or {}
+    rows = info.get(QA_KEY)
+    if not rows:
+        from napari_builtins.io import napari_write_points
+
+        out = napari_write_points(path, data, meta)
+        return [out] if out else []
+    target = str(path)
+    if not target.endswith(QA_SUFFIX):
+        target = (target[: -len(".csv")] if target.endswith(".csv") else target) + QA_SUFFIX
+    atomic_write_text(target, qa_csv_text(rows))
+    return [target]
