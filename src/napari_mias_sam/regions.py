@@ -70,8 +70,8 @@ def normal_levels(calibration_entry: dict, *, extent_quantile: float = EXTENT_QU
                   seed_quantile: float = SEED_QUANTILE) -> NormalLevels:
     """Levels from one ``bank.manifest['calibration']['per_k'][k]`` entry.
 
-    ``seed`` = the ``seed_quantile`` percentile over held-out normal slices of their calibrated peak; ``extent`` = the ``extent_quantile`` percentile of the same peaks
-    (never above ``seed``).
+    ``seed`` = the ``seed_quantile`` percentile over held-out normal slices of their calibrated
+    peak; ``extent`` = the ``extent_quantile`` percentile of the same peaks (never above ``seed``).
     """
     peaks = np.asarray(calibration_entry.get("slice_max_map") or [], dtype=np.float64)
     if peaks.size == 0:
