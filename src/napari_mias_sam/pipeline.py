@@ -253,17 +253,11 @@ class SegmentationResult:
         return self._to_volume(from_frame(self.maps, self.encoded.frame).astype(np.float32))
 
     def cog_voxel(self, s: int) -> tuple[float, float, float] | None:
-        """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k)."""
-        p = self.prompts[s]
-        if p is None:
-            return None
-        if p.kind == "point":
-            x, y = p.point  # type: ignore[misc]
-        else:
-            boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
-            x = float(np.mean([(b[0] + b[2]) / 2 for b in boxes]))  # type: ignore[index]
-            y = float(np.mean([(b[1] + b[3]) / 2 for b in boxes]))  # type: ignore[index]
-        return self._frame_to_voxel(s, x, y)
+        """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
+        With several boxes (one per region), the first one's: the most anomalous region's (a mean
+        of the centres would sit between two lesions, on neither)."""
+        centres = self.prompt_centres(s)
+        return centres[0] if centres else None
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
@@ -434,11 +428,10 @@ def redecode_slice(
         result.logits[s], result.ious[s], result.prompts[s] = decode_regions(
             backbone, result.encoded.embeddings[s], labels[s], result.maps[s], core=None if cores is None else cores[s])
         return
-    if st.prompt == "regions":  # a moved point: one box of the slice's largest region's size there
+    if st.prompt == "regions":  # a moved point: the box of the region it stood for (the most anomalous), re-centred
         regs = slice_regions(region_labels(result)[s], result.maps[s],
                              core=None if result.region_cores is None else result.region_cores[s])
-        big = max(regs, key=lambda r: (r.box[2] - r.box[0]) * (r.box[3] - r.box[1])) if regs else None
-        prompt = Prompt("box", box=big.box) if big is not None else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
+        prompt = Prompt("box", box=regs[0].box) if regs else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
     else:
         prompt = _slice_prompt(result.maps[s], st)
     if point is not None:
