@@ -364,7 +364,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.mask.tooltip = tip
 
     def _prompt_mask(self, value: str) -> None:
-        """Choosing a prompt type selects its default mask (2 for regions, the paper's 3 otherwise);
+        """Choosing a prompt type selects its default mask (1 for regions, the paper's 3 otherwise);
         pick another mask after it."""
         self.mask.value = default_mask_for(str(value))
 
