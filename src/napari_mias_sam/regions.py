@@ -136,10 +136,15 @@ class SliceRegion:
     extent_box: Box
 
 
-def _bbox(mask: np.ndarray, pad: float, shape: tuple[int, int]) -> Box:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+def _padded(box: Box, pad: float, shape: tuple[int, int]) -> Box:
     h, w = shape
-    return (max(0.0, cols[0] - pad), max(0.0, rows[0] - pad), min(w - 1.0, cols[-1] + pad), min(h - 1.0, rows[-1] + pad))
+    return (max(0.0, box[0] - pad), max(0.0, box[1] - pad), min(w - 1.0, box[2] + pad), min(h - 1.0, box[3] + pad))
+
+
+def _box_of(sl: tuple[slice, slice]) -> Box:
+    """A ``find_objects`` slice as an inclusive (x0, y0, x1, y1) box."""
+    r, c = sl
+    return (float(c.start), float(r.start), float(c.stop - 1), float(r.stop - 1))
 
 
 def region_cores(maps: np.ndarray, labels: np.ndarray, levels: NormalLevels) -> np.ndarray:
@@ -164,12 +169,15 @@ def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, core: np.ndarray
         for i, sl in enumerate(ndimage.find_objects(pieces), start=1):
             if sl is None:
                 continue
-            piece = pieces == i
-            values = map_2d[piece]
-            extent_box = _bbox(piece, 0.0, shape)
-            inner = piece & core if core is not None else None
-            box = _bbox(inner, pad, shape) if inner is not None and inner.any() else extent_box
-            out.append(SliceRegion(int(lab), box, float(values.max()), int(piece.sum()), extent_box))
+            piece = pieces[sl] == i  # within the piece's own bounding box
+            extent_box = _box_of(sl)
+            inner = piece & core[sl] if core is not None else None
+            box = extent_box
+            if inner is not None and inner.any():
+                x0, y0 = sl[1].start, sl[0].start
+                ib = _box_of(ndimage.find_objects(inner.astype(np.int8))[0])
+                box = _padded((ib[0] + x0, ib[1] + y0, ib[2] + x0, ib[3] + y0), pad, shape)
+            out.append(SliceRegion(int(lab), box, float(map_2d[sl][piece].max()), int(piece.sum()), extent_box))
     out.sort(key=lambda r: -r.peak)
     return out
 
