@@ -26,7 +26,7 @@ from .errors import Cancelled, InputError, MiasSamError
 from .io import Volume
 from .patches import GRID, patch_features
 from .preprocess import Frame, from_frame, resolve_axis
-from .prompts import default_mask_for, make_prompt
+from .prompts import make_prompt
 from .reference_io import embedding_dtype, encoding_of
 from .regions import NormalLevels, anomalous_regions, bank_levels, decode_regions, region_cores, regions_supported, slice_regions
 from .settings import Preprocessing, SegmentSettings, resolve_defaults, to_dict
@@ -221,8 +221,7 @@ class SegmentationResult:
     region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
 
     def __post_init__(self) -> None:
-        if self.settings.mask_index is None and self.settings.prompt is not None:  # the prompt's default mask
-            self.settings = self.settings.replace(mask_index=default_mask_for(self.settings.prompt))
+        self.settings = self.settings.with_default_mask()
 
     @property
     def axis(self) -> int:
@@ -416,9 +415,7 @@ def redecode_slice(
     with a box prompt type the box is re-centred on it with the same size).
     """
     if settings is not None:
-        if settings.mask_index is None:
-            settings = settings.replace(mask_index=default_mask_for(settings.prompt or result.settings.prompt))
-        result.settings = settings
+        result.settings = settings.with_default_mask(result.settings.prompt)
     st = result.settings
     if not result.encoded.foreground[s]:
         return

@@ -107,6 +107,14 @@ class SegmentSettings:
     def replace(self, **changes: Any) -> "SegmentSettings":
         return dataclasses.replace(self, **changes)
 
+    def with_default_mask(self, prompt: str | None = None) -> "SegmentSettings":
+        """These settings with an unset mask made the prompt's default (1 for regions, 3 otherwise);
+        ``prompt`` stands in for an unset prompt. Unchanged when a mask is set or no prompt is known."""
+        kind = self.prompt or prompt
+        if self.mask_index is not None or kind is None:
+            return self
+        return self.replace(mask_index=default_mask_for(kind))
+
 
 def resolve_defaults(settings: SegmentSettings, backbone_name: str, *, volume: bool = True,
                      regions_ok: bool = True) -> SegmentSettings:
@@ -117,9 +125,7 @@ def resolve_defaults(settings: SegmentSettings, backbone_name: str, *, volume: b
     if settings.prompt is None:
         use_volume_prompt = volume and (regions_ok or VOLUME_PROMPT != "regions")
         settings = settings.replace(prompt=(VOLUME_PROMPT if use_volume_prompt else None) or default_prompt_for(backbone_name))
-    if settings.mask_index is None:
-        settings = settings.replace(mask_index=default_mask_for(settings.prompt))
-    return settings
+    return settings.with_default_mask()
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
 from ..pipeline import SegmentationResult, redecode_slice
 from ..preprocess import from_frame
-from ..prompts import default_mask_for, make_prompt
+from ..prompts import make_prompt
 from ..settings import SegmentSettings, to_dict
 
 __all__ = [
@@ -249,8 +249,7 @@ class LiveSession:
     def change_settings(self, settings: SegmentSettings) -> str:
         """Adopt new settings; returns the change kind. A prompt change marks every slice stale.
         An unset mask is the prompt's default (1 for regions, 3 otherwise)."""
-        if settings.mask_index is None:
-            settings = settings.replace(mask_index=default_mask_for(settings.prompt or self.settings.prompt))
+        settings = settings.with_default_mask(self.settings.prompt)
         kind = classify_change(self.settings, settings)
         if kind in (CHANGE_RERUN, CHANGE_NONE):
             return kind
