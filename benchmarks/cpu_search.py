@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from napari_mias_sam.machine import cpu_model
+    from napari_mias_sam.core.machine import cpu_model
 
     started = dt.datetime.now(dt.timezone.utc)
     load_before = os.getloadavg()

@@ -1,4 +1,4 @@
-"""Checks the memory estimate behind the ``--k`` guard (napari_mias_sam.run_guards.knn_search_bytes)
+"""Checks the memory estimate behind the ``--k`` guard (napari_mias_sam.jobs.preflight.knn_search_bytes)
 against the measured peak of real ``mias-sam segment`` runs.
 
 A bank of 6 normal slices (6,144 patches, mean256 layout) and a 6-slice test volume, made here;
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from core_fixtures import anatomy_volume, write_nifti  # noqa: E402
-from napari_mias_sam.run_guards import knn_search_bytes  # noqa: E402
+from napari_mias_sam.jobs.preflight import knn_search_bytes  # noqa: E402
 
 RUNNER = ROOT / "tests" / "reliability_runner.py"
 

@@ -38,15 +38,17 @@ def crop_slices(src: Path, dst: Path, start: int, stop: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_mias_sam.paths import sample_data_dir
+    from napari_mias_sam.core.paths import sample_data_dir
     from napari_mias_sam.backbones.litemedsam import LiteMedSAM
     from napari_mias_sam.bank import build_bank
     from napari_mias_sam.evaluation.scoring import gt_metrics
-    from napari_mias_sam.io import load_labels, load_volume
+    from napari_mias_sam.data.volumes import load_labels, load_volume
     from napari_mias_sam.evaluation.metrics import dice
-    from napari_mias_sam.pipeline import encode_volume, preprocessing_from_bank, segment_volume
-    from napari_mias_sam.settings import PREPROCESS_PRESETS, to_dict
-    from napari_mias_sam.model_inputs import volume_groups
+    from napari_mias_sam.pipeline.segment import encode_volume, segment_volume
+    from napari_mias_sam.bank.store import preprocessing_from_bank
+    from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS
+    from napari_mias_sam.core.records import to_dict
+    from napari_mias_sam.pipeline.frames import volume_groups
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("precisions", nargs="*", default=["fp32", "bf16"], help="fp32 (first: the reference), bf16, fp16")

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from napari_mias_sam import prompts as P
-from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.defaults import GAMMA
+from napari_mias_sam.method import prompts as P
+from napari_mias_sam.method.prompts import Prompt
+from napari_mias_sam.core.defaults import GAMMA
 from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, baseline_scores, encode_units, unit_maps
 from napari_mias_sam.evaluation.metrics import dice, paired_bootstrap
-from napari_mias_sam.pipeline import decode_one
-from napari_mias_sam.preprocess import from_frame, to_frame
-from napari_mias_sam.settings import SegmentSettings
+from napari_mias_sam.pipeline.segment import decode_one
+from napari_mias_sam.method.preprocess import from_frame, to_frame
+from napari_mias_sam.pipeline.settings import SegmentSettings
 
 Box = tuple[float, float, float, float]
 #: (name, what it is, reads labels)
@@ -218,10 +218,10 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from napari_mias_sam.backbones import load_backbone
     from napari_mias_sam.bank import check_compatible, load_bank
-    from napari_mias_sam.cache import EmbeddingCache
-    from napari_mias_sam.errors import MiasSamError
+    from napari_mias_sam.pipeline.embedding_cache import EmbeddingCache
+    from napari_mias_sam.core.errors import MiasSamError
     from napari_mias_sam.evaluation.sweep import units_from_volumes
-    from napari_mias_sam.io import atomic_write_text
+    from napari_mias_sam.data.volumes import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bank", type=Path, required=True, help="the memory bank (e.g. the benchmark's paper1024)")

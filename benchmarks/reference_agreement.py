@@ -37,10 +37,11 @@ from PIL import Image
 from napari_mias_sam.backbones import load_backbone
 from napari_mias_sam.bank import load_bank
 from napari_mias_sam.evaluation.benchmark import machine_info
-from napari_mias_sam.errors import MiasSamError
-from napari_mias_sam.png_segment import png_inputs, segment_pngs
-from napari_mias_sam.settings import Preprocessing, SegmentSettings
-from napari_mias_sam.file_steps import build_bank_from_files
+from napari_mias_sam.core.errors import MiasSamError
+from napari_mias_sam.jobs.png_runs import png_inputs, segment_pngs
+from napari_mias_sam.method.preprocess import Preprocessing
+from napari_mias_sam.pipeline.settings import SegmentSettings
+from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 
 PAPER = SegmentSettings(prompt="cog-point", gamma=5.0, mask_index=3, k=1, normalisation="reference")
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"

@@ -9,7 +9,7 @@ Run it on data that is NOT the benchmark's test set (a different seed), with the
 
 Every variant predicts whole volumes (every slice, lesion-free ones included) from the same
 cached embeddings and anomaly maps as ``mias-sam evaluate`` (k = 1). The ``shipped default`` row
-runs the product's own code (:func:`napari_mias_sam.regions.decode_regions`); the other rows vary
+runs the product's own code (:func:`napari_mias_sam.method.regions.decode_regions`); the other rows vary
 one factor of it at a time (:data:`VARIANTS`). Every level a variant uses comes from the bank's calibration (held-out normal
 slices), none from the test volumes and none is read from the labels. ``--work`` keeps the maps
 and the decoded masks, so a second run only recomputes the region logic. Printed: one row per
@@ -31,17 +31,28 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_mias_sam import prompts as P
-from napari_mias_sam.backbones.base import Prompt
+from napari_mias_sam.method import prompts as P
+from napari_mias_sam.method.prompts import Prompt
 from napari_mias_sam.evaluation.sweep import EvalContext, TestUnit, encode_units, unit_maps, unit_scores
-from napari_mias_sam.anomaly import image_scores
+from napari_mias_sam.method.anomaly import image_scores
 from napari_mias_sam.evaluation.metrics import paired_bootstrap, paper_slice_dice, volume_dice
-from napari_mias_sam.pipeline import decode_one, slice_decision_threshold
-from napari_mias_sam.preprocess import from_frame
-from napari_mias_sam.defaults import REGIONS_MASK
-from napari_mias_sam.regions import (CORE_PAD, EXTENT_QUANTILE, SEED_QUANTILE, NormalLevels, anomalous_regions, bank_levels,
-                                     decode_regions, normal_levels, region_cores, region_piece, slice_regions)
-from napari_mias_sam.settings import SegmentSettings
+from napari_mias_sam.pipeline.segment import decode_one, slice_decision_threshold
+from napari_mias_sam.method.preprocess import from_frame
+from napari_mias_sam.core.defaults import REGIONS_MASK
+from napari_mias_sam.method.regions import (
+    CORE_PAD,
+    EXTENT_QUANTILE,
+    SEED_QUANTILE,
+    NormalLevels,
+    anomalous_regions,
+    bank_levels,
+    decode_regions,
+    normal_levels,
+    region_cores,
+    region_piece,
+    slice_regions,
+)
+from napari_mias_sam.pipeline.settings import SegmentSettings
 
 
 class Decoder:
@@ -278,10 +289,10 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from napari_mias_sam.backbones import load_backbone
     from napari_mias_sam.bank import check_compatible, load_bank
-    from napari_mias_sam.cache import EmbeddingCache
-    from napari_mias_sam.errors import MiasSamError
+    from napari_mias_sam.pipeline.embedding_cache import EmbeddingCache
+    from napari_mias_sam.core.errors import MiasSamError
     from napari_mias_sam.evaluation.sweep import units_from_volumes
-    from napari_mias_sam.io import atomic_write_text
+    from napari_mias_sam.data.volumes import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bank", type=Path, required=True)

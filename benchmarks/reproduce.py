@@ -40,7 +40,7 @@ def run(cmd: list[str], env: dict, log: list[dict], *, stdout: Path | None = Non
     """Run ``cmd`` (``mias-sam`` is this Python's module), print it, record its wall time."""
     shown = " ".join(shlex.quote(c) for c in cmd) + (f" > {shlex.quote(str(stdout))}" if stdout else "")
     print(f"\n$ {shown}", flush=True)
-    real = [sys.executable, "-m", "napari_mias_sam.cli", *cmd[1:]] if cmd[0] == "mias-sam" else cmd
+    real = [sys.executable, "-m", "napari_mias_sam.cli.commands", *cmd[1:]] if cmd[0] == "mias-sam" else cmd
     t0 = time.perf_counter()
     if stdout:
         with open(stdout, "w") as fh:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             env, log, stdout=opt_json)
         options = json.loads(opt_json.read_text())
 
-    from napari_mias_sam.machine import machine_info
+    from napari_mias_sam.core.machine import machine_info
 
     total = time.perf_counter() - t0
     machine = machine_info()

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from qtpy.QtWidgets import QApplication
 
-    from napari_mias_sam.paths import cache_dir
-    from napari_mias_sam.demo import sample_files
+    from napari_mias_sam.core.paths import cache_dir
+    from napari_mias_sam.jobs.demo import sample_files
 
     files = sample_files(a.sample)
     viewer = napari.Viewer(title="napari-mias-sam", show=True)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(tempfile.mkdtemp(prefix="mias-sam-review-"))
     widget.results_folder.value = results
     widget.save_results_btn.native.click()
-    from napari_mias_sam.cli import main as cli
+    from napari_mias_sam.cli.commands import main as cli
 
     cli(["qa-report", str(results)])
 

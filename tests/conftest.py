@@ -131,8 +131,8 @@ def sample_subset(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def sample_bank(sample_subset, lite_backbone, mias_cache_dir):
     """A memory bank of the 6 normal slices of ``sample_subset`` (LiteMedSAM, MRI preset)."""
-    from napari_mias_sam.settings import PREPROCESS_PRESETS
-    from napari_mias_sam.file_steps import build_bank_from_files
+    from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS
+    from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 
     return build_bank_from_files(sample_subset["normals"], lite_backbone, preprocessing=PREPROCESS_PRESETS["mri"])
 

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 
 from fakes import intensity_disc_fake
-from napari_mias_sam.settings import Preprocessing
-from napari_mias_sam.file_steps import build_bank_from_files
+from napari_mias_sam.method.preprocess import Preprocessing
+from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 
 YY, XX = np.mgrid[:48, :56]
 

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_mias_sam.backbones.base import Decoded, Prompt
+from napari_mias_sam.backbones.base import Decoded
+from napari_mias_sam.method.prompts import Prompt
 
 __all__ = ["FakeBackbone", "intensity_disc_fake"]
 

@@ -54,8 +54,8 @@ def _arm(where: str, nth: int, signame: str) -> None:
 
     import faiss
 
-    import napari_mias_sam.output_claims as oc
-    import napari_mias_sam.file_steps as wf
+    import napari_mias_sam.core.atomic_outputs as oc
+    import napari_mias_sam.jobs.outputs as wf
 
     if where == "save_nifti":
         wrap(wf, "save_nifti")
@@ -74,6 +74,6 @@ if __name__ == "__main__":
     if os.environ.get("MIAS_TEST_KILL"):
         w, n, s = os.environ["MIAS_TEST_KILL"].split(":")
         _arm(w, int(n), s)
-    from napari_mias_sam.cli import main
+    from napari_mias_sam.cli.commands import main
 
     sys.exit(main(sys.argv[1:]))

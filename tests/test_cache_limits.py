@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mias_sam.cache import DEFAULT_MAX_BYTES, EmbeddingCache, cache_limit
-from napari_mias_sam.cli import main
+from napari_mias_sam.pipeline.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache, cache_limit
+from napari_mias_sam.cli.commands import main
 
 ENTRY = torch.zeros(4, 8, 16, 16)  # 4 * 8 * 16 * 16 * 2 bytes (fp16) + the .npy header
 KEYS = [f"{i:064x}" for i in range(1, 6)]

@@ -14,7 +14,7 @@ import pytest
 import napari_mias_sam.backbones as backbones_mod
 from fakes import FakeBackbone
 from core_fixtures import anatomy_volume, disk, sha256, snapshot, write_nifti
-from napari_mias_sam.cli import build_parser, main
+from napari_mias_sam.cli.commands import build_parser, main
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 

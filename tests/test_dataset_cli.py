@@ -15,7 +15,7 @@ import pytest
 import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import snapshot
 from dataset_fixtures import brats2021_root, brats2023_root, brats_case, lits_root, write
-from napari_mias_sam.cli import main
+from napari_mias_sam.cli.commands import main
 from test_cli import fake_loader, one_line_error
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dataset_fixtures import brats2021_root
-from napari_mias_sam.cli import main
+from napari_mias_sam.cli.commands import main
 
 pytestmark = pytest.mark.slow
 

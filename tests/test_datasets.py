@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dataset_fixtures import brats2021_root, brats2023_root, brats_case, lits_case, lits_root, write
-from napari_mias_sam.datasets import (
+from napari_mias_sam.data.datasets import (
     canonical_modality,
     case_for_file,
     check_case,
@@ -20,7 +20,7 @@ from napari_mias_sam.datasets import (
     read_subject_list,
     select_cases,
 )
-from napari_mias_sam.errors import InputError
+from napari_mias_sam.core.errors import InputError
 
 
 @pytest.fixture(scope="module")

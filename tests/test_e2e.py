@@ -17,12 +17,12 @@ import pytest
 import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import CountingBackbone, anatomy_volume, disk, litemedsam, snapshot, write_nifti
 from napari_mias_sam.bank import load_bank
-from napari_mias_sam.cache import EmbeddingCache
-from napari_mias_sam.cli import main
-from napari_mias_sam.io import load_volume
-from napari_mias_sam.pipeline import segment_volume
-from napari_mias_sam.file_steps import write_outputs
-from napari_mias_sam.regions import normal_peak_count
+from napari_mias_sam.pipeline.embedding_cache import EmbeddingCache
+from napari_mias_sam.cli.commands import main
+from napari_mias_sam.data.volumes import load_volume
+from napari_mias_sam.pipeline.segment import segment_volume
+from napari_mias_sam.jobs.outputs import write_outputs
+from napari_mias_sam.method.regions import normal_peak_count
 
 pytestmark = pytest.mark.slow
 

@@ -146,7 +146,7 @@ def test_sample_data_and_napari_sample_menu_work_from_the_installed_wheel(wheel_
     ground truth as Labels, all from a folder outside the checkout."""
     code = (
         "import json, napari_mias_sam\n"
-        "from napari_mias_sam.paths import sample_data_dir\n"
+        "from napari_mias_sam.core.paths import sample_data_dir\n"
         "from npe2 import PluginManager\n"
         "pm = PluginManager.instance(); pm.discover()\n"
         "mf = pm.get_manifest('napari-mias-sam')\n"
@@ -174,7 +174,7 @@ def test_sample_data_from_a_zip_archive_is_copied_into_the_cache(wheel, tmp_path
     cache = tmp_path / "cache"
     code = (
         "import json, napari_mias_sam\n"
-        "from napari_mias_sam.paths import sample_data_dir\n"
+        "from napari_mias_sam.core.paths import sample_data_dir\n"
         "from napari_mias_sam.viewer.samples import case_01\n"
         "layers = case_01()\n"
         "print(json.dumps({'module': napari_mias_sam.__file__, 'sample_dir': str(sample_data_dir()),\n"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from core_fixtures import oblique_affine, sha256, snapshot, write_nifti
-from napari_mias_sam import io as mio
-from napari_mias_sam.errors import InputError
-from napari_mias_sam.io import (
+from napari_mias_sam.data import volumes as mio
+from napari_mias_sam.core.errors import InputError
+from napari_mias_sam.data.volumes import (
     atomic_write_text,
     check_same_grid,
     find_volumes,
@@ -22,8 +22,7 @@ from napari_mias_sam.io import (
     nifti_stem,
     save_nifti,
 )
-from napari_mias_sam.preprocess import normalise_intensities
-from napari_mias_sam.settings import PREPROCESS_PRESETS, Preprocessing
+from napari_mias_sam.method.preprocess import normalise_intensities, PREPROCESS_PRESETS, Preprocessing
 
 
 @pytest.fixture()

@@ -1,6 +1,7 @@
 """The package layout and its rules: every package folder ships in the wheel; the import-linter
-contract (the Qt fence) covers every compute module; .ci/run runs it and the README's test
-command; no module imports another module's private name."""
+contracts (the layers, and the Qt fence) cover every package and compute module; .ci/run runs them
+and the README's test command; no import cycle between modules (lazy imports included); at most 12
+modules at the package's top level; no module imports another module's private name."""
 
 from __future__ import annotations
 
@@ -117,3 +118,72 @@ def test_long_modules_say_why_in_their_docstring():
         if text.count("\n") > 460 and "Size:" not in (ast.get_docstring(ast.parse(text)) or ""):
             long.append(f"{p.relative_to(ROOT)} ({text.count(chr(10))} lines)")
     assert not long, "split these modules or give the reason in their docstring ('Size: ...'): " + ", ".join(long)
+
+
+def import_cycles(package: str) -> list[list[str]]:
+    """The import cycles between the modules of ``package`` (strongly connected components of its
+    import graph, imports inside functions included), each as a sorted list of module names."""
+    import grimp
+
+    graph = grimp.build_graph(package, cache_dir=None)
+    edges = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in sorted(edges):
+        if m not in index:
+            visit(m)
+    return cycles
+
+
+def test_no_import_cycle_between_modules():
+    cycles = import_cycles(PACKAGE)
+    assert not cycles, "break these import cycles (move the shared fact down a layer):\n" + "\n".join(map(str, cycles))
+
+
+def test_the_cycle_finder_finds_a_lazy_cycle(tmp_path, monkeypatch):
+    pkg = tmp_path / "cyclic_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import g\n")
+    (pkg / "c.py").write_text("def g():\n    from . import a\n")
+    (pkg / "d.py").write_text("from . import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles("cyclic_probe") == [["cyclic_probe.a", "cyclic_probe.b", "cyclic_probe.c"]]
+
+
+def test_at_most_twelve_modules_at_the_top_level():
+    top = sorted(p.name for p in SRC.glob("*.py"))
+    assert len(top) <= 12, f"{len(top)} modules at the package's top level; move them into a layer package: {top}"
+
+
+def test_the_layers_contract_names_every_package():
+    (contract,) = [c for c in _pyproject()["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    named = {name.strip() for layer in contract["layers"] for name in layer.split("|")}
+    packages = {f"{PACKAGE}.{p.parent.name}" for p in SRC.glob("*/__init__.py")}
+    assert packages == named, f"the layers contract in pyproject.toml and the packages differ: {sorted(packages ^ named)}"

@@ -1,4 +1,4 @@
-"""Output claiming (napari_mias_sam.output_claims): which leftovers the sweep removes and which it
+"""Output claiming (napari_mias_sam.core.atomic_outputs): which leftovers the sweep removes and which it
 keeps, locks between output sets, exclusive final names, and a dead run's commit finished."""
 
 from __future__ import annotations
@@ -10,9 +10,15 @@ import time
 
 import pytest
 
-from napari_mias_sam.errors import InputError
-from napari_mias_sam.output_claims import (HOST_TAG, STALE_AFTER_S, OutputBusyError, OutputSet, check_output_folder,
-                                           sweep_stale)
+from napari_mias_sam.core.errors import InputError
+from napari_mias_sam.core.atomic_outputs import (
+    HOST_TAG,
+    STALE_AFTER_S,
+    OutputBusyError,
+    OutputSet,
+    check_output_folder,
+    sweep_stale,
+)
 
 
 def dead_pid() -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_mias_sam.patches import GRID, feature_dim, paper_kernels, patch_features
+from napari_mias_sam.method.patches import GRID, feature_dim, paper_kernels, patch_features
 
 
 def reference_paper1024(emb: torch.Tensor) -> torch.Tensor:

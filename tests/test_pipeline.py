@@ -12,19 +12,19 @@ import torch
 
 from fakes import FakeBackbone
 from core_fixtures import CountingBackbone, anatomy_volume, disk, sha256, snapshot, write_nifti
-from napari_mias_sam.anomaly import maps_from_scores
-from napari_mias_sam.backbones.base import Prompt
+from napari_mias_sam.method.anomaly import maps_from_scores
+from napari_mias_sam.method.prompts import Prompt
 from napari_mias_sam.bank import load_bank
-from napari_mias_sam.cache import EmbeddingCache, frames_key
-from napari_mias_sam.errors import BankMismatchError, Cancelled, InputError
-from napari_mias_sam.io import load_volume
-from napari_mias_sam.patches import patch_features
-from napari_mias_sam.pipeline import encode_volume, redecode_slice, segment_volume
-from napari_mias_sam.pipeline import EncodedVolume, decode_all
-from napari_mias_sam.preprocess import Frame
-from napari_mias_sam.regions import NormalLevels, anomalous_regions, bank_levels, slice_regions
-from napari_mias_sam.settings import PREPROCESS_PRESETS, SegmentSettings
-from napari_mias_sam.file_steps import build_bank_from_files, check_outputs, output_paths, write_outputs
+from napari_mias_sam.pipeline.embedding_cache import EmbeddingCache, frames_key
+from napari_mias_sam.core.errors import BankMismatchError, Cancelled, InputError
+from napari_mias_sam.data.volumes import load_volume
+from napari_mias_sam.method.patches import patch_features
+from napari_mias_sam.pipeline.segment import encode_volume, redecode_slice, segment_volume, EncodedVolume, decode_all
+from napari_mias_sam.method.preprocess import Frame, PREPROCESS_PRESETS
+from napari_mias_sam.method.regions import NormalLevels, anomalous_regions, bank_levels, slice_regions
+from napari_mias_sam.pipeline.settings import SegmentSettings
+from napari_mias_sam.jobs.bank_builds import build_bank_from_files
+from napari_mias_sam.jobs.outputs import check_outputs, output_paths, write_outputs
 
 CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt"]
 AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
@@ -164,7 +164,7 @@ def test_write_outputs_and_refusals(world, tmp_path):
 
 
 def test_failed_output_write_leaves_no_partial_set(world, tmp_path, monkeypatch):
-    from napari_mias_sam import file_steps
+    from napari_mias_sam.jobs import outputs as file_steps
 
     res = segment_volume(load_volume(world["case"]), world["bank"], FakeBackbone())
     real_save = file_steps.save_nifti

@@ -17,7 +17,7 @@ from PIL import Image
 import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import sha256, snapshot
 from fakes import intensity_disc_fake
-from napari_mias_sam.cli import main
+from napari_mias_sam.cli.commands import main
 
 SIZE = 64
 YY, XX = np.mgrid[:SIZE, :SIZE]
@@ -215,7 +215,7 @@ def test_a_failing_write_leaves_nothing(pngs, tmp_path, capsys, monkeypatch):
             raise OSError("disk full")
         return real_save(fh, arr, **kw)
 
-    import napari_mias_sam.png_segment as ps
+    import napari_mias_sam.jobs.png_runs as ps
 
     monkeypatch.setattr(ps.np, "save", failing_save)
     rc = main(["segment", str(pngs["test"]), "--bank", str(pngs["bank"]), "--out", str(out)])
@@ -227,8 +227,8 @@ def test_a_failing_write_leaves_nothing(pngs, tmp_path, capsys, monkeypatch):
 def test_api_outputs_match_cli(pngs, tmp_path):
     """segment_pngs + write_png_outputs (the functions the CLI calls) give the same files."""
     from napari_mias_sam.bank import load_bank
-    from napari_mias_sam.png_segment import png_inputs, segment_pngs, write_png_outputs
-    from napari_mias_sam.settings import SegmentSettings
+    from napari_mias_sam.jobs.png_runs import png_inputs, segment_pngs, write_png_outputs
+    from napari_mias_sam.pipeline.settings import SegmentSettings
 
     files = png_inputs([pngs["test"]])
     assert files == pngs["files"]

@@ -6,9 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mias_sam.backbones.base import Prompt
-from napari_mias_sam.prompts import centre_of_gravity, cog_box, cog_point, make_prompt, max_point, threshold_boxes
-from napari_mias_sam.prompts import BACKBONE_PROMPTS, PROMPT_RULES, PROMPT_TYPES, default_prompt_for, point_prompts_work
+from napari_mias_sam.method.prompts import Prompt
+from napari_mias_sam.method.prompts import (
+    centre_of_gravity,
+    cog_box,
+    cog_point,
+    make_prompt,
+    max_point,
+    threshold_boxes,
+)
+from napari_mias_sam.method.prompts import (
+    BACKBONE_PROMPTS,
+    PROMPT_RULES,
+    PROMPT_TYPES,
+    default_prompt_for,
+    point_prompts_work,
+)
 
 
 def gaussian(shape, centre_xy, sigma_xy):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from napari_mias_sam.cli import main
-from napari_mias_sam.qa_review import QA_COLUMNS, qa_csv_text
+from napari_mias_sam.cli.commands import main
+from napari_mias_sam.data.qa_table import QA_COLUMNS, qa_csv_text
 
 NAN = float("nan")
 

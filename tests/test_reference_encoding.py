@@ -53,9 +53,10 @@ def agreement(tmp_path_factory):
     from segment_anything import SamPredictor, sam_model_registry
 
     from napari_mias_sam.backbones import load_backbone
-    from napari_mias_sam.png_segment import segment_pngs, write_png_outputs
-    from napari_mias_sam.settings import Preprocessing, SegmentSettings
-    from napari_mias_sam.file_steps import build_bank_from_files
+    from napari_mias_sam.jobs.png_runs import segment_pngs, write_png_outputs
+    from napari_mias_sam.method.preprocess import Preprocessing
+    from napari_mias_sam.pipeline.settings import SegmentSettings
+    from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 
     root = tmp_path_factory.mktemp("reference")
     with torch.random.fork_rng(devices=[]):
@@ -135,8 +136,8 @@ def test_standard_encoding_input_differs_from_the_reference(agreement):
     above is owed to the reference encoding, not to a test that cannot fail."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from napari_mias_sam.preprocess import to_frame
-    from napari_mias_sam.reference_io import reference_sam_input
+    from napari_mias_sam.method.preprocess import to_frame
+    from napari_mias_sam.method.reference_encoding import reference_sam_input
 
     bb = agreement["backbone"]
     with Image.open(agreement["files"][0]) as im:

@@ -11,9 +11,9 @@ from PIL import Image
 
 from fakes import intensity_disc_fake
 from napari_mias_sam.bank import SliceGroup, build_bank, check_compatible
-from napari_mias_sam.errors import BankMismatchError, WeightsError
-from napari_mias_sam.preprocess import to_frame
-from napari_mias_sam.reference_io import (
+from napari_mias_sam.core.errors import BankMismatchError, WeightsError
+from napari_mias_sam.method.preprocess import to_frame
+from napari_mias_sam.method.reference_encoding import (
     embedding_dtype,
     encoding_of,
     pil_resize,
@@ -113,7 +113,7 @@ def test_backbone_refusals():
 
 
 def test_cli_build_bank_encoding(tmp_path, capsys):
-    from napari_mias_sam.cli import main
+    from napari_mias_sam.cli.commands import main
 
     folder = tmp_path / "train" / "good"
     folder.mkdir(parents=True)

@@ -5,9 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mias_sam.regions import (CORE_PAD, MIN_NORMAL_PEAKS, anomalous_regions, decode_regions, normal_levels, normal_peak_count,
-                                     region_cores, regions_supported, slice_regions)
-from napari_mias_sam.settings import SegmentSettings, resolve_defaults
+from napari_mias_sam.method.regions import (
+    CORE_PAD,
+    MIN_NORMAL_PEAKS,
+    anomalous_regions,
+    decode_regions,
+    normal_levels,
+    normal_peak_count,
+    region_cores,
+    regions_supported,
+    slice_regions,
+)
+from napari_mias_sam.pipeline.settings import SegmentSettings, resolve_defaults
 from napari_mias_sam.backbones.base import Decoded
 
 # A calibration entry as build-bank writes it: raw map levels and held-out normal slices' peaks.

@@ -32,7 +32,7 @@ import torch
 import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import anatomy_volume, disk, snapshot, write_nifti
 from fakes import FakeBackbone
-from napari_mias_sam.cli import main
+from napari_mias_sam.cli.commands import main
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 SHAPE = (48, 48, 3)
@@ -423,7 +423,7 @@ def test_catalogue_size():
 def test_batch_reports_each_volume_and_keeps_only_complete_sets(world, tmp_path, monkeypatch, capsys):
     """A volume that fails during the work (here a numerical failure deep in a library) is named,
     the others finish with complete outputs, the exit status is 2, nothing half-written remains."""
-    import napari_mias_sam.pipeline as pipeline
+    import napari_mias_sam.pipeline.segment as pipeline
 
     monkeypatch.setattr(backbones_mod, "load_backbone", fake_load)
     real = pipeline.segment_volume

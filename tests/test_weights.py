@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from napari_mias_sam import weights
-from napari_mias_sam.cli import main
-from napari_mias_sam.errors import WeightsError
+from napari_mias_sam.backbones import weights
+from napari_mias_sam.cli.commands import main
+from napari_mias_sam.core.errors import WeightsError
 
 from weights_fixtures import PAYLOAD, server, test_registry  # noqa: F401  (fixtures)
 
@@ -109,7 +109,7 @@ def test_sam_backbone_names_checks_and_finds_fetched_weights(test_registry, tmp_
 
 
 def test_cli_prints_the_unknown_checkpoint_warning_as_one_line(test_registry, tmp_path, capsys):
-    from napari_mias_sam.paths import sample_data_dir
+    from napari_mias_sam.core.paths import sample_data_dir
 
     bad = tmp_path / "notes.pth"
     bad.write_bytes(b"not a checkpoint")

@@ -7,16 +7,19 @@ The public API is small; the CLI and the napari widget are thin layers over it::
 
 from __future__ import annotations
 
+from ._version import __version__
 from .backbones import load_backbone
 from .bank import MemoryBank, build_bank, load_bank
-from .io import Volume, load_labels, load_volume, save_nifti
-from .pipeline import SegmentationResult, segment_volume
-from .settings import PREPROCESS_PRESETS, Preprocessing, SegmentSettings
-from .file_steps import build_bank_from_files, write_outputs
+from .data.volumes import Volume, load_labels, load_volume, save_nifti
+from .pipeline.segment import SegmentationResult, segment_volume
+from .method.preprocess import PREPROCESS_PRESETS, Preprocessing
+from .pipeline.settings import SegmentSettings
+from .jobs.bank_builds import build_bank_from_files
+from .jobs.outputs import write_outputs
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "MemoryBank",
     "PREPROCESS_PRESETS",
     "Preprocessing",

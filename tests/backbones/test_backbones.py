@@ -9,13 +9,13 @@ import torch
 
 from core_fixtures import anatomy_volume, frames_from_seed, litemedsam
 from napari_mias_sam.backbones import BACKBONES, load_backbone, pick_device
-from napari_mias_sam.prompts import default_prompt_for
-from napari_mias_sam.backbones.base import Prompt
+from napari_mias_sam.method.prompts import default_prompt_for, Prompt
 from napari_mias_sam.bank import SliceGroup, build_bank, check_compatible
-from napari_mias_sam.errors import BankMismatchError, MiasSamError, WeightsError
-from napari_mias_sam.io import Volume
-from napari_mias_sam.pipeline import segment_volume
-from napari_mias_sam.settings import Preprocessing, to_dict
+from napari_mias_sam.core.errors import BankMismatchError, MiasSamError, WeightsError
+from napari_mias_sam.data.volumes import Volume
+from napari_mias_sam.pipeline.segment import segment_volume
+from napari_mias_sam.method.preprocess import Preprocessing
+from napari_mias_sam.core.records import to_dict
 
 
 @pytest.fixture(scope="module")

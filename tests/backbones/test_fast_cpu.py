@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_mias_sam.backbones import fast_cpu as fe
-from napari_mias_sam.backbones.base import Prompt
+from napari_mias_sam.method.prompts import Prompt
 
 needs_onnx = pytest.mark.skipif(not fe.onnx_available(), reason="onnxruntime/onnx not installed")
 
@@ -165,9 +165,9 @@ def test_decode_all_batches_where_the_backbone_can(monkeypatch):
     """decode_all groups single-box prompts into decode_batch calls (GPU default, or asked for),
     decodes the rest one by one, and gives the same result as slice-by-slice decoding."""
     from fakes import FakeBackbone
-    from napari_mias_sam.pipeline import EncodedVolume, decode_all
-    from napari_mias_sam.preprocess import Frame
-    from napari_mias_sam.settings import SegmentSettings
+    from napari_mias_sam.pipeline.segment import EncodedVolume, decode_all
+    from napari_mias_sam.method.preprocess import Frame
+    from napari_mias_sam.pipeline.settings import SegmentSettings
 
     class Batching(FakeBackbone):
         batch_calls: list[int] = []

@@ -14,10 +14,9 @@ import torch
 
 from fakes import FakeBackbone
 from core_fixtures import frames_from_seed, snapshot
-from napari_mias_sam.bank import store as bank_mod
-from napari_mias_sam.bank import MemoryBank, SliceGroup, build_bank, check_compatible, load_bank
-from napari_mias_sam.errors import BankMismatchError, InputError
-from napari_mias_sam.patches import patch_features
+from napari_mias_sam.bank import store as bank_mod, MemoryBank, SliceGroup, build_bank, check_compatible, load_bank
+from napari_mias_sam.core.errors import BankMismatchError, InputError
+from napari_mias_sam.method.patches import patch_features
 
 PREP = {"mode": "minmax", "scope": "volume"}
 

@@ -13,10 +13,18 @@ import torch
 
 from fakes import FakeBackbone
 from core_fixtures import frames_from_seed
-from napari_mias_sam.bank import build as bank_build, store as bank_store
-from napari_mias_sam.bank import INDEX_TYPES, MemoryBank, SliceGroup, build_bank, estimate_bank_memory, load_bank
+from napari_mias_sam.bank import (
+    build as bank_build,
+    store as bank_store,
+    INDEX_TYPES,
+    MemoryBank,
+    SliceGroup,
+    build_bank,
+    estimate_bank_memory,
+    load_bank,
+)
 from napari_mias_sam.bank.coreset import coreset_indices, coreset_size
-from napari_mias_sam.errors import InputError
+from napari_mias_sam.core.errors import InputError
 from napari_mias_sam.bank.knn import TorchSearcher, index_vectors, torch_knn
 
 PREP = {"mode": "minmax", "scope": "volume"}
@@ -216,7 +224,7 @@ def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
 def test_score_volume_through_the_torch_searcher_equals_faiss():
     """The GPU search path, run on the CPU: the pipeline's scores are the faiss ones (fp16 product
     with fp32 re-rank, features made on the search device)."""
-    from napari_mias_sam.pipeline import score_volume
+    from napari_mias_sam.pipeline.segment import score_volume
 
     bb = FakeBackbone()
     frames = frames_from_seed(6, seed=8)
@@ -229,7 +237,7 @@ def test_score_volume_through_the_torch_searcher_equals_faiss():
     scores, maps = score_volume(emb, bank, k=2)
     # exact float64 reference: faiss's fp32 norm expansion is off by ~1e-4 here, the torch
     # re-score (direct differences) by far less
-    from napari_mias_sam.patches import patch_features
+    from napari_mias_sam.method.patches import patch_features
 
     q = patch_features(emb.float(), "paper1024").reshape(-1, 1024).numpy()
     x = index_vectors(bank.index, 0, bank.ntotal).astype(np.float64)

@@ -9,7 +9,7 @@ import pytest
 
 from napari_mias_sam.bank import INDEX_TABLE, INDEX_TYPES
 from napari_mias_sam.bank.indexes import IndexSink, check_index_type, index_bytes
-from napari_mias_sam.errors import InputError
+from napari_mias_sam.core.errors import InputError
 
 
 @pytest.mark.parametrize("name", INDEX_TYPES)

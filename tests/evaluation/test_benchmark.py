@@ -13,8 +13,8 @@ from fakes import FakeBackbone
 from core_fixtures import write_nifti
 from napari_mias_sam.evaluation import benchmark as bm
 from napari_mias_sam.evaluation.bank_options import bank_accuracy
-from napari_mias_sam.cli import main
-from napari_mias_sam.machine import ram_bytes
+from napari_mias_sam.cli.commands import main
+from napari_mias_sam.core.machine import ram_bytes
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_the_gpu_knn_code_path_runs_on_the_cpu(fake_backbone):
 def test_accuracy_files_reads_both_layouts(tmp_path):
     """benchmark --accuracy: the benchmark's train/test layout and the sample's, paired by name."""
     from napari_mias_sam.evaluation.bank_options import accuracy_files
-    from napari_mias_sam.errors import InputError
+    from napari_mias_sam.core.errors import InputError
 
     bench = tmp_path / "bench"
     for rel in ("train/normal_01.nii.gz", "train/normal_02.nii.gz", "test/images/case_01.nii.gz", "test/labels/case_01.nii.gz"):
@@ -147,10 +147,11 @@ def test_bank_accuracy_pools_slice_dice_like_the_paper(tmp_path):
     from core_fixtures import anatomy_volume
     from napari_mias_sam.bank import build_bank
     from napari_mias_sam.evaluation.scoring import gt_metrics
-    from napari_mias_sam.io import load_volume
-    from napari_mias_sam.pipeline import segment_volume
-    from napari_mias_sam.settings import PREPROCESS_PRESETS, to_dict
-    from napari_mias_sam.model_inputs import volume_groups
+    from napari_mias_sam.data.volumes import load_volume
+    from napari_mias_sam.pipeline.segment import segment_volume
+    from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS
+    from napari_mias_sam.core.records import to_dict
+    from napari_mias_sam.pipeline.frames import volume_groups
 
     normals = [write_nifti(tmp_path / f"n{i}.nii.gz", anatomy_volume((48, 48, 3), seed=i) * 300) for i in (1, 2)]
     cases = []

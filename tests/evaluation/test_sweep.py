@@ -8,17 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from napari_mias_sam.prompts import default_prompt_for
-from napari_mias_sam.regions import MIN_NORMAL_PEAKS, normal_peak_count, regions_supported
+from napari_mias_sam.method.prompts import default_prompt_for
+from napari_mias_sam.method.regions import MIN_NORMAL_PEAKS, normal_peak_count, regions_supported
 from PIL import Image
 
 from eval_fixtures import write_eval_set
 from napari_mias_sam.evaluation.bmad import find_test_layout, read_bmad_test
-from napari_mias_sam.errors import InputError
+from napari_mias_sam.core.errors import InputError
 from napari_mias_sam.evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
 from napari_mias_sam.evaluation.report import write_report
-from napari_mias_sam.cli import main
-from napari_mias_sam.settings import SegmentSettings
+from napari_mias_sam.cli.commands import main
+from napari_mias_sam.pipeline.settings import SegmentSettings
 
 
 def _png(path, arr):
@@ -158,8 +158,8 @@ def test_one_search_per_bank_gives_every_k_the_pipeline_scores(volumes):
     """The sweep searches each bank once with the largest k; every k's scores equal the
     pipeline's own (score_volume with that k)."""
     from napari_mias_sam.evaluation.sweep import EvalContext, unit_scores
-    from napari_mias_sam.pipeline import score_volume
-    from napari_mias_sam.settings import SegmentSettings
+    from napari_mias_sam.pipeline.segment import score_volume
+    from napari_mias_sam.pipeline.settings import SegmentSettings
 
     d, bb, bank, imgs, gts = volumes
     units = units_from_volumes(imgs, gts, bank)

@@ -11,7 +11,7 @@ import pytest
 
 from eval_fixtures import write_eval_set
 from napari_mias_sam.evaluation.sweep import Ablations, evaluate, units_from_volumes
-from napari_mias_sam.settings import SegmentSettings
+from napari_mias_sam.pipeline.settings import SegmentSettings
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "prompt_study.py"
 
@@ -70,7 +70,7 @@ def test_study_helpers():
 
 def test_study_boxes():
     mod = _load_study()
-    from napari_mias_sam.prompts import cog_box
+    from napari_mias_sam.method.prompts import cog_box
 
     rng = np.random.default_rng(3)
     m = rng.random((64, 64)).astype(np.float32)

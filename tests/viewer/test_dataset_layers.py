@@ -14,8 +14,8 @@ from conftest import wait_until
 from fakes import FakeBackbone
 from dataset_fixtures import brats2021_root, brats2023_root, lits_root, write
 from napari_mias_sam.viewer.reader import napari_get_reader
-from napari_mias_sam.errors import InputError
-from napari_mias_sam.viewer.layers import WORLD_FROM_RAS
+from napari_mias_sam.core.errors import InputError
+from napari_mias_sam.viewer.models.layers import WORLD_FROM_RAS
 
 PLUGIN = "napari-mias-sam"
 pytestmark = [
@@ -148,7 +148,7 @@ def test_widget_scores_lits_with_its_lesion_label(make_napari_viewer, qtbot, roo
     """volume-3: the liver (1) covers the prediction, the tumour (2) lies elsewhere: the live
     Dice with the LiTS lesion label is low; set to 1,2 in the widget (stored in the layer's
     metadata) it counts the liver; the FP/FN overlay follows."""
-    from napari_mias_sam.dataset_sources import build_bank_from_dataset
+    from napari_mias_sam.jobs.dataset_runs import build_bank_from_dataset
 
     fake = FakeBackbone(name="litemedsam")
     (roots["base"] / "lits-train.txt").write_text("volume-0\nvolume-1\n")
@@ -172,7 +172,7 @@ def test_widget_scores_lits_with_its_lesion_label(make_napari_viewer, qtbot, roo
     assert mask.any() and (lab[mask] == 2).mean() < 0.05 and low["volume_dice"] < 0.1
     widget.show_errors.value = True
     overlay = np.asarray(widget.live.layers["errors"].data)
-    from napari_mias_sam.viewer.live import FN
+    from napari_mias_sam.viewer.models.live import FN
 
     assert np.array_equal(overlay == FN, (lab == 2) & ~mask)  # the liver is not a false negative
     assert widget.live.layers["errors"].metadata["mias_sam"]["lesion_labels"] == [2]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fakes import FakeBackbone
-from napari_mias_sam.io import Volume
-from napari_mias_sam.viewer.live import (
+from napari_mias_sam.data.volumes import Volume
+from napari_mias_sam.viewer.models.live import (
     CHANGE_MASK,
     CHANGE_NONE,
     CHANGE_PROMPT,
@@ -22,9 +22,9 @@ from napari_mias_sam.viewer.live import (
     error_overlay,
     ranked_slices,
 )
-from napari_mias_sam.pipeline import EncodedVolume, SegmentationResult, decode_all
-from napari_mias_sam.preprocess import Frame
-from napari_mias_sam.settings import SegmentSettings
+from napari_mias_sam.pipeline.segment import EncodedVolume, SegmentationResult, decode_all
+from napari_mias_sam.method.preprocess import Frame
+from napari_mias_sam.pipeline.settings import SegmentSettings
 
 
 def disc_backbone() -> FakeBackbone:
@@ -196,8 +196,8 @@ def test_compute_and_io_modules_import_without_qt():
         "import sys\n"
         "for m in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6'):\n"
         "    sys.modules[m] = None\n"
-        "import napari_mias_sam.viewer.live, napari_mias_sam.viewer.layers, napari_mias_sam.viewer.reader\n"
-        "import napari_mias_sam.viewer.writer, napari_mias_sam.viewer.samples, napari_mias_sam.pipeline\n"
+        "import napari_mias_sam.viewer.models.live, napari_mias_sam.viewer.models.layers, napari_mias_sam.viewer.reader\n"
+        "import napari_mias_sam.viewer.writer, napari_mias_sam.viewer.samples, napari_mias_sam.pipeline.segment\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -75,7 +75,7 @@ def test_widget_listed_under_layers_segment(make_napari_viewer):
 
 
 def test_sample_data_opens_with_ground_truth_as_labels(make_napari_viewer):
-    from napari_mias_sam.paths import sample_data_dir
+    from napari_mias_sam.core.paths import sample_data_dir
 
     if not (sample_data_dir() / "case_01.nii.gz").is_file():
         pytest.skip("bundled sample volumes missing")

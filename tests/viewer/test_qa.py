@@ -13,10 +13,10 @@ from qtpy.QtCore import QPoint, Qt
 from qtpy.QtWidgets import QCheckBox, QComboBox, QLabel, QPushButton, QRadioButton, QScrollArea, QSlider
 
 from conftest import layer_named as _layer, settle_live as _settle, wait_until
-from napari_mias_sam.cache import EmbeddingCache
-from napari_mias_sam.io import load_volume
-from napari_mias_sam.pipeline import segment_volume
-from napari_mias_sam.settings import SegmentSettings
+from napari_mias_sam.pipeline.embedding_cache import EmbeddingCache
+from napari_mias_sam.data.volumes import load_volume
+from napari_mias_sam.pipeline.segment import segment_volume
+from napari_mias_sam.pipeline.settings import SegmentSettings
 
 PLUGIN = "napari-mias-sam"
 pytestmark = [

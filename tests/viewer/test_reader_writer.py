@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 
 from napari_mias_sam.viewer.reader import napari_get_reader
-from napari_mias_sam.errors import InputError
-from napari_mias_sam.viewer.layers import WORLD_FROM_RAS, display_axes, looks_like_segmentation, volume_from_layer
+from napari_mias_sam.core.errors import InputError
+from napari_mias_sam.viewer.models.layers import (
+    WORLD_FROM_RAS,
+    display_axes,
+    looks_like_segmentation,
+    volume_from_layer,
+)
 
 PLUGIN = "napari-mias-sam"
 
@@ -171,7 +176,7 @@ def test_segmentation_heuristics(tmp_path):
 
 
 def test_volume_from_layer_restores_file_order(volume_files):
-    from napari_mias_sam.viewer.layers import read_nifti_layers
+    from napari_mias_sam.viewer.models.layers import read_nifti_layers
 
     ((data, kwargs, kind),) = read_nifti_layers(volume_files["image"])
     vol, axes = volume_from_layer(data, kwargs["metadata"], None)

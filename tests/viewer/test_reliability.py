@@ -33,8 +33,8 @@ def errors(monkeypatch):
 @pytest.fixture
 def fake_setup(make_napari_viewer, tmp_path):
     from napari_mias_sam.viewer.widget import MiasSamWidget
-    from napari_mias_sam.settings import PREPROCESS_PRESETS
-    from napari_mias_sam.file_steps import build_bank_from_files
+    from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS
+    from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 
     normals = [write_nifti(tmp_path / f"n{i}.nii.gz", anatomy_volume((48, 48, 3), seed=i) * 200, np.diag([1.0, 1.0, 2.0, 1.0]))
                for i in (1, 2)]

@@ -9,11 +9,11 @@ import csv
 import numpy as np
 import pytest
 
-from napari_mias_sam.errors import InputError
-from napari_mias_sam.file_steps import write_outputs
-from napari_mias_sam.qa_review import QA_COLUMNS, SHARED_COLUMNS, qa_csv_text, read_qa
-from napari_mias_sam.viewer.live import LiveSession
-from napari_mias_sam.viewer.review import apply_table, qa_rows, save_results
+from napari_mias_sam.core.errors import InputError
+from napari_mias_sam.jobs.outputs import write_outputs
+from napari_mias_sam.data.qa_table import QA_COLUMNS, SHARED_COLUMNS, qa_csv_text, read_qa
+from napari_mias_sam.viewer.models.live import LiveSession
+from napari_mias_sam.viewer.models.review import apply_table, qa_rows, save_results
 from test_live import _result, disc_backbone
 
 
@@ -164,7 +164,7 @@ def test_bad_qa_files_are_refused_with_one_line(tmp_path):
 
 
 def test_a_qa_file_opens_as_the_reviewed_points_where_the_session_had_them(tmp_path):
-    from napari_mias_sam.viewer.review import QA_LAYER_KEY, qa_points_layer
+    from napari_mias_sam.viewer.models.review import QA_LAYER_KEY, qa_points_layer
 
     ses = _session()
     ses.move_point(1, (1.0, 10.0, 45.0))
@@ -173,7 +173,7 @@ def test_a_qa_file_opens_as_the_reviewed_points_where_the_session_had_them(tmp_p
     path = tmp_path / "volume_qa.csv"
     path.write_text(qa_csv_text(qa_rows(ses)))
     data, kwargs, kind = qa_points_layer(path)
-    from napari_mias_sam.viewer.layers import display_axes
+    from napari_mias_sam.viewer.models.layers import display_axes
 
     axes = display_axes(ses.result.volume.affine)  # the order the reader gives the volume's image layer
     assert kind == "points" and kwargs["name"] == "volume CoG (review)"

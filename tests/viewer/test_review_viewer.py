@@ -14,7 +14,7 @@ import pytest
 from qtpy.QtCore import Qt
 
 from conftest import SAMPLE_DIR, layer_named as _layer, settle_live as _settle, wait_until
-from napari_mias_sam.qa_review import read_qa
+from napari_mias_sam.data.qa_table import read_qa
 from test_qa import PLUGIN, choose, click, qa_result, shown, viewer_widget  # noqa: F401 (fixtures)
 
 pytestmark = [
@@ -143,8 +143,8 @@ def test_review_by_keys_save_rerun_and_reopen(shown, qtbot, tmp_path, make_napar
 @pytest.fixture(scope="session")
 def whole_case_bank(lite_backbone, mias_cache_dir):
     """A bank of the bundled normal_01 (14 slices at the cases' levels)."""
-    from napari_mias_sam.file_steps import build_bank_from_files
-    from napari_mias_sam.settings import PREPROCESS_PRESETS
+    from napari_mias_sam.jobs.bank_builds import build_bank_from_files
+    from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS
 
     return build_bank_from_files([SAMPLE_DIR / "normal_01.nii.gz"], lite_backbone, preprocessing=PREPROCESS_PRESETS["mri"])
 
@@ -154,7 +154,7 @@ def test_the_bundled_case_reviewed_from_the_keyboard(make_napari_viewer, qtbot, 
     """The whole bundled case_01 (16 slices): every prompt reviewed by key presses (r on slices
     the ground truth shows lesion-free, a on the others), n to the next pending slice, then saved
     and summarised by qa-report. Prints the review time (first key to saved results)."""
-    from napari_mias_sam.cli import main
+    from napari_mias_sam.cli.commands import main
 
     viewer = make_napari_viewer(show=True)
     (image,) = viewer.open(str(SAMPLE_DIR / "case_01.nii.gz"), plugin=PLUGIN)

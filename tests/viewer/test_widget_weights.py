@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_mias_sam import weights
+from napari_mias_sam.backbones import weights
 from weights_fixtures import server, test_registry  # noqa: F401  (fixtures)
 
 

@@ -6,8 +6,9 @@ import os
 
 import torch
 
-from ..errors import WeightsError
-from .base import Backbone, Decoded, Prompt, pick_device
+from ..core.errors import WeightsError
+from .base import Backbone, Decoded, pick_device
+from ..method.prompts import Prompt
 
 __all__ = [
     "BACKBONES",
@@ -21,7 +22,7 @@ __all__ = [
     "iou_tracks_quality_for",
 ]
 
-#: Backbone names (their prompt defaults: :data:`napari_mias_sam.prompts.BACKBONE_PROMPTS`).
+#: Backbone names (their prompt defaults: :data:`napari_mias_sam.method.prompts.BACKBONE_PROMPTS`).
 BACKBONES = ("litemedsam", "sam-vit_b", "sam-vit_l", "sam-vit_h")
 #: Decoders whose IoU head does not track mask quality (it reads about the same for empty, leaking
 #: and good masks): what the viewer says about them before any weights are loaded.
@@ -30,14 +31,14 @@ _IOU_UNINFORMATIVE = frozenset({"litemedsam"})
 
 def default_prompt_for(name: str) -> str:
     """The prompt type a run uses with this backbone (the table: :data:`..prompts.BACKBONE_PROMPTS`)."""
-    from ..prompts import default_prompt_for as from_table
+    from ..method.prompts import default_prompt_for as from_table
 
     return from_table(name)
 
 
 def point_prompts_work_for(name: str) -> bool:
     """False for a backbone trained with box prompts only (the table: :data:`..prompts.BACKBONE_PROMPTS`)."""
-    from ..prompts import point_prompts_work
+    from ..method.prompts import point_prompts_work
 
     return point_prompts_work(name)
 
@@ -59,7 +60,7 @@ def load_backbone(
     """Build a backbone by name: ``litemedsam`` (bundled weights) or ``sam-vit_b|l|h`` (checkpoint).
 
     ``encoding="reference"`` (SAM only): the paper's reference code's encoder input and float32
-    embeddings (see :mod:`napari_mias_sam.reference_io`)."""
+    embeddings (see :mod:`napari_mias_sam.method.reference_encoding`)."""
     if name == "litemedsam":
         from .litemedsam import LiteMedSAM
 

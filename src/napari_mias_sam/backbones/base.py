@@ -1,4 +1,4 @@
-"""The small interface every backbone implements, and the prompt it decodes."""
+"""The small interface every backbone implements (the prompt it decodes: :class:`..method.prompts.Prompt`)."""
 
 from __future__ import annotations
 
@@ -11,24 +11,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["Prompt", "Backbone", "Decoded", "sha256_file", "pick_device"]
+from ..method.prompts import Prompt
 
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt in model-frame pixel coordinates (x = column, y = row, 0..255).
-
-    ``kind`` is ``"point"`` (``point`` = (x, y), positive), ``"box"`` (``box`` = x0, y0, x1, y1)
-    or ``"boxes"`` (``boxes`` = (n, 4); each box is decoded and the masks are united).
-    """
-
-    kind: str
-    point: tuple[float, float] | None = None
-    box: tuple[float, float, float, float] | None = None
-    boxes: tuple[tuple[float, float, float, float], ...] | None = None
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in {"kind": self.kind, "point": self.point, "box": self.box, "boxes": self.boxes}.items() if v is not None}
+__all__ = ["Backbone", "Decoded", "sha256_file", "pick_device"]
 
 
 @dataclass
@@ -79,11 +64,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        from ..errors import MiasSamError
+        from ..core.errors import MiasSamError
 
         raise MiasSamError(f"device {str(device)!r}: not a device; use auto, cpu, cuda, cuda:N or mps.") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import MiasSamError
+        from ..core.errors import MiasSamError
 
         raise MiasSamError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto.")
     return dev

@@ -168,7 +168,7 @@ class OnnxBoxDecoder:
 def onnx_cache_path(name: str, weights_sha256: str, input_size: int, part: str = "encoder") -> Path:
     """Where the exported ``part`` (``encoder`` or ``boxdecoder``) of these weights lives in the
     user cache folder."""
-    from ..paths import cache_dir
+    from ..core.paths import cache_dir
 
     tag = f"{name}-{part}-{str(weights_sha256)[:16]}-in{input_size}-bs1-op{ONNX_OPSET}-v{EXPORT_VERSION}"
     return cache_dir() / "onnx" / f"{tag}.onnx"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
-from ..run_guards import checkpoint_error
+from ..core.errors import WeightsError
+from .weights import checkpoint_error
 from .base import pick_device, sha256_file
 from .sam_family import SamLikeBackbone
 

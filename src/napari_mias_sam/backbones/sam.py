@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import WeightsError
-from ..preprocess import FRAME
-from ..reference_io import ENCODINGS, reference_mask_logits, reference_sam_input
-from ..run_guards import checkpoint_error
+from ..core.errors import WeightsError
+from ..method.preprocess import FRAME
+from ..method.reference_encoding import ENCODINGS, reference_mask_logits, reference_sam_input
+from .weights import checkpoint_error
 from .base import pick_device
 from .sam_family import SamLikeBackbone
 
@@ -29,7 +29,7 @@ class SamBackbone(SamLikeBackbone):
 
     ``encoding="reference"`` feeds the encoder exactly what the paper's reference code feeds it
     (uint8 slice resized to 1024 with PIL, float32 embeddings, masks brought to the frame through
-    the 1024 grid as ``SamPredictor`` does; :mod:`napari_mias_sam.reference_io`). It needs fp32.
+    the 1024 grid as ``SamPredictor`` does; :mod:`napari_mias_sam.method.reference_encoding`). It needs fp32.
     """
 
     input_size = 1024
@@ -55,7 +55,7 @@ class SamBackbone(SamLikeBackbone):
         self.name = f"sam-{variant}"
         self.variant = variant
         if checkpoint is None and random_init_seed is None:
-            from ..weights import local_file
+            from .weights import local_file
 
             checkpoint = local_file(self.name)  # fetched earlier with `mias-sam weights fetch sam-<variant>`
             if checkpoint is None:
@@ -72,7 +72,7 @@ class SamBackbone(SamLikeBackbone):
                 )
         self.weights_entry = None
         if checkpoint is not None:
-            from ..weights import check_checkpoint
+            from .weights import check_checkpoint
 
             # a known file of another architecture is refused before the model is built; an unknown
             # file is used with a warning

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..preprocess import FRAME
-from .base import Decoded, Prompt
+from ..method.preprocess import FRAME
+from .base import Decoded
+from ..method.prompts import Prompt
 
 __all__ = ["SamLikeBackbone"]
 
@@ -28,13 +29,13 @@ class SamLikeBackbone:
     input_size = FRAME
     #: CPU fast path (see :mod:`.fast_cpu`): "auto", "onnx", "torch" or "off".
     fast = "off"
-    #: How slices reach the encoder (:mod:`napari_mias_sam.reference_io`); only SAM offers ``reference``.
+    #: How slices reach the encoder (:mod:`napari_mias_sam.method.reference_encoding`); only SAM offers ``reference``.
     encoding = "standard"
 
     @property
     def point_prompts_work(self) -> bool:
         """Whether this decoder was trained with point prompts (the table in :mod:`..prompts`)."""
-        from ..prompts import point_prompts_work
+        from ..method.prompts import point_prompts_work
 
         return point_prompts_work(self.name)
 

@@ -11,10 +11,9 @@ import faiss
 import numpy as np
 import torch
 
-from ..anomaly import maps_from_scores, mean_of_k_nearest
-from ..errors import Cancelled, InputError
-from ..patches import GRID, feature_dim, patch_features
-from ..settings import PATCH_LAYOUTS
+from ..method.anomaly import maps_from_scores, mean_of_k_nearest
+from ..core.errors import Cancelled, InputError
+from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
 from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
 from .indexes import IndexSink, check_index_type
 from .knn import TorchSearcher, torch_knn

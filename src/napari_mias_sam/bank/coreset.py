@@ -49,7 +49,7 @@ def coreset_indices(
 
     Give ``ratio`` (fraction kept) or ``n_select``. ``start`` is the first pick (default: a
     seeded random patch, as PatchCore does). ``device``: where to compute (default: the
-    features' device). Raises :class:`napari_mias_sam.errors.Cancelled` when ``cancelled()``.
+    features' device). Raises :class:`napari_mias_sam.core.errors.Cancelled` when ``cancelled()``.
     """
     x = torch.as_tensor(features)
     if x.ndim != 2:
@@ -82,7 +82,7 @@ def coreset_indices(
     mind[first] = -1.0
     for i in range(1, n_select):
         if cancelled is not None and i % 1024 == 0 and cancelled():
-            from ..errors import Cancelled
+            from ..core.errors import Cancelled
 
             raise Cancelled("coreset selection cancelled")
         j = torch.argmax(mind)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 __all__ = [
     "IndexType",

@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 __all__ = ["MANIFEST_SCHEMA", "validate_manifest", "index_file_inside"]
 
@@ -24,7 +24,7 @@ SLICE_AXES = ("axial", "coronal", "sagittal", "0", "1", "2")
 
 
 def _schema() -> dict:
-    from ..settings import PATCH_LAYOUTS
+    from ..method.patches import PATCH_LAYOUTS
     from .indexes import INDEX_TYPES
 
     num = {"type": "number"}
@@ -150,7 +150,7 @@ def _describe(err: jsonschema.ValidationError) -> str:
 
 def validate_manifest(manifest: object, where: str | os.PathLike) -> None:
     """Raise :class:`InputError` (one line naming the field) unless ``manifest`` is a valid bank manifest."""
-    from ..patches import feature_dim
+    from ..method.patches import feature_dim
 
     errors = sorted(_get_validator().iter_errors(manifest), key=lambda e: (len(e.absolute_path), _field(e)))
     if errors:

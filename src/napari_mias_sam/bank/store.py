@@ -20,9 +20,10 @@ import faiss
 import numpy as np
 import torch
 
-from ..anomaly import Calibration, mean_of_k_nearest
-from ..errors import BankMismatchError, InputError
-from ..patches import GRID, feature_dim
+from ..method.anomaly import Calibration, mean_of_k_nearest
+from ..core.errors import BankMismatchError, InputError
+from ..method.patches import GRID, feature_dim
+from ..method.preprocess import Preprocessing
 from .manifest_schema import index_file_inside, validate_manifest
 from .indexes import TRAIN_MAX, check_index_type, index_bytes, set_nprobe
 from .knn import TorchSearcher
@@ -244,7 +245,7 @@ class MemoryBank:
     # -- saving ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, claim=None) -> Path:
         """Write the bank folder atomically (a temporary folder moved into place) under a lock on
-        its name (:class:`~napari_mias_sam.output_claims.OutputSet`; pass ``claim`` when the caller
+        its name (:class:`~napari_mias_sam.core.atomic_outputs.OutputSet`; pass ``claim`` when the caller
         claimed it before its work)."""
         target = Path(path)
         if target.exists() and not overwrite:
@@ -265,7 +266,7 @@ class MemoryBank:
 
 def bank_output(target: str | os.PathLike, *, overwrite: bool = False):
     """The (unclaimed) output set of a bank folder: its name in its parent folder, under a lock."""
-    from ..output_claims import OutputSet
+    from ..core.atomic_outputs import OutputSet
 
     target = Path(target)
     return OutputSet(target.parent, [target.name], overwrite=overwrite, what="bank")
@@ -322,7 +323,7 @@ def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: di
             f"{str(backbone_info.get('weights_sha256'))[:12]}). Embeddings of different backbones or weights are not "
             f"comparable: select {b.get('name')} with the same weights, or rebuild the bank with the selected backbone."
         )
-    from ..reference_io import encoding_of
+    from ..method.reference_encoding import encoding_of
 
     if encoding_of(b) != encoding_of(backbone_info):
         raise BankMismatchError(
@@ -335,3 +336,16 @@ def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: di
             f"{where} was built with '{bank.preprocessing.get('mode')}' preprocessing but this run uses "
             f"'{preprocessing.get('mode')}'; use the bank's preprocessing or rebuild the bank."
         )
+
+
+def preprocessing_from_bank(bank: MemoryBank) -> Preprocessing:
+    """The intensity preprocessing the bank was built with (runs must use the same)."""
+    p = dict(bank.preprocessing)
+    if p.get("mode") not in ("mri", "ct", "minmax"):
+        return Preprocessing(mode="minmax", scope="slice")
+    return Preprocessing(
+        mode=p["mode"],
+        percentiles=tuple(p.get("percentiles", (0.5, 99.5))),
+        window=tuple(p.get("window", (-200.0, 250.0))),
+        scope=p.get("scope", "volume"),
+    )

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..machine import machine_info
+from ..core.machine import machine_info
 
 __all__ = ["accuracy_files", "bank_accuracy"]
 
@@ -21,7 +21,7 @@ def accuracy_files(folder: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """Normal volumes and (image, ground truth) pairs of a data folder: the benchmark's layout
     (``train/*.nii.gz``, ``test/images/X``, ``test/labels/X``) or the bundled sample's
     (``normal_*.nii.gz``, ``case_*.nii.gz`` with ``case_*_seg.nii.gz``)."""
-    from ..errors import InputError
+    from ..core.errors import InputError
 
     folder = Path(folder)
     if (folder / "train").is_dir() and (folder / "test" / "images").is_dir():
@@ -58,18 +58,19 @@ def bank_accuracy(
     the largest anomaly-map difference, and the recall of the exact nearest neighbour (k=1).
 
     Every volume is encoded once (the options share the embeddings); with ``cache`` (an
-    :class:`~napari_mias_sam.cache.EmbeddingCache`) embeddings also come from and go to it.
+    :class:`~napari_mias_sam.pipeline.embedding_cache.EmbeddingCache`) embeddings also come from and go to it.
     """
     from ..backbones import load_backbone
-    from ..bank import build_bank
+    from ..bank import build_bank, INDEX_TYPES
     from .scoring import gt_metrics
-    from ..io import load_labels, load_volume
+    from ..data.volumes import load_labels, load_volume
     from .metrics import dice
-    from ..pipeline import encode_volume, preprocessing_from_bank, segment_volume
-    from ..settings import PREPROCESS_PRESETS, to_dict
-    from ..model_inputs import volume_groups
+    from ..pipeline.segment import encode_volume, segment_volume
+    from ..bank.store import preprocessing_from_bank
+    from ..method.preprocess import PREPROCESS_PRESETS
+    from ..core.records import to_dict
+    from ..pipeline.frames import volume_groups
 
-    from ..bank import INDEX_TYPES
 
     options = options or (
         *({"index_type": t} for t in INDEX_TYPES),
@@ -83,7 +84,7 @@ def bank_accuracy(
 
     encode = bb.encode
     if cache is not None:
-        from ..cache import cached_encoder
+        from ..pipeline.embedding_cache import cached_encoder
 
         encode = cached_encoder(bb, cache)
 

@@ -1,7 +1,7 @@
 """``mias-sam benchmark``: per-stage times and peak memory of a whole-volume run.
 
 A synthetic 240 x 240 x 155 MRI-like volume (the BraTS grid) is written to a temporary NIfTI
-file and taken through every stage of :func:`napari_mias_sam.pipeline.segment_volume`: load,
+file and taken through every stage of :func:`napari_mias_sam.pipeline.segment.segment_volume`: load,
 preprocess, encode, nearest-neighbour search, map, prompt, decode, write. The kNN stage is timed
 against banks of random vectors of the requested sizes (search time does not depend on the
 values for exhaustive search), with the volume's real patch features as queries.
@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..machine import machine_info, peak_rss_mb, ram_bytes
+from ..core.machine import machine_info, peak_rss_mb, ram_bytes
 
 __all__ = ["BENCH_SHAPE", "DEFAULT_SIZES", "synthetic_volume", "run_benchmark", "format_report"]
 
@@ -133,20 +133,17 @@ def run_benchmark(
     memory are scaled from the largest measured one.
     ``quick``: a small volume and bank for tests (not a measurement of the target).
     """
-    from ..anomaly import Calibration, maps_from_scores, normalise_maps
-    from ..backbones import load_backbone
+    from ..method.anomaly import Calibration, maps_from_scores, normalise_maps
+    from ..backbones import load_backbone, pick_device
     from ..bank import estimate_bank_memory
-    from ..io import load_volume, save_nifti
+    from ..data.volumes import load_volume, save_nifti
     from ..bank.knn import TorchSearcher
-    from ..patches import feature_dim, patch_features
-    from ..pipeline import decode_one
-    from ..preprocess import Frame, from_frame
-    from ..prompts import make_prompt
-    from ..settings import PREPROCESS_PRESETS
-    from ..model_inputs import volume_frames
-    from ..backbones import pick_device
-    from ..defaults import GAMMA_SWEEP
-    from ..prompts import default_prompt_for
+    from ..method.patches import feature_dim, patch_features
+    from ..pipeline.segment import decode_one
+    from ..method.preprocess import Frame, from_frame, PREPROCESS_PRESETS
+    from ..method.prompts import make_prompt, default_prompt_for
+    from ..pipeline.frames import volume_frames
+    from ..core.defaults import GAMMA_SWEEP
 
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..io import read_png_files
+from ..core.errors import InputError
+from ..data.volumes import read_png_files
 
 __all__ = ["SliceSet", "find_test_layout", "read_bmad_test"]
 

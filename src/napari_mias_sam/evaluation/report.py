@@ -8,8 +8,8 @@ import io as _io
 import json
 from pathlib import Path
 
-from ..output_claims import OutputSet
-from ..regions import EXTENT_QUANTILE, SEED_QUANTILE
+from ..core.atomic_outputs import OutputSet
+from ..method.regions import EXTENT_QUANTILE, SEED_QUANTILE
 
 __all__ = ["write_report", "markdown_tables", "report_outputs", "REPORT_NAMES"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..defaults import BASELINE_THRESHOLD
-from ..preprocess import Frame, from_frame
+from ..core.defaults import BASELINE_THRESHOLD
+from ..method.preprocess import Frame, from_frame
 
 __all__ = ["cog_hits", "baseline_slices", "threshold_baseline_masks", "gt_metrics"]
 

@@ -15,23 +15,24 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import defaults
-from ..anomaly import image_scores, maps_from_scores, mean_of_k_nearest
+from ..core import defaults
+from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, NORMALISATIONS
 from ..bank import MemoryBank, check_compatible
-from ..cache import EmbeddingCache
-from ..datasets import LesionLabels, lesion_mask
-from ..errors import InputError
-from ..io import Volume, load_labels, load_volume
+from ..pipeline.embedding_cache import EmbeddingCache
+from ..data.datasets import LesionLabels, lesion_mask
+from ..core.errors import InputError
+from ..data.volumes import Volume, load_labels, load_volume
 from .scoring import baseline_slices
 from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
-from ..patches import GRID
-from ..pipeline import EncodedVolume, cached_encode, decode_all, neighbour_distances, preprocessing_from_bank, slice_decision_threshold
-from ..preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
-from ..prompts import PROMPT_TYPES, default_mask_for
-from ..reference_io import encoding_of
-from ..regions import anomalous_regions, bank_levels, region_cores, regions_supported
-from ..settings import NORMALISATIONS, SegmentSettings, resolve_defaults
-from ..model_inputs import volume_frames
+from ..method.patches import GRID
+from ..pipeline.segment import EncodedVolume, cached_encode, decode_all, neighbour_distances, slice_decision_threshold
+from ..bank.store import preprocessing_from_bank
+from ..method.preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
+from ..method.prompts import PROMPT_TYPES, default_mask_for
+from ..method.reference_encoding import encoding_of
+from ..method.regions import anomalous_regions, bank_levels, region_cores, regions_supported
+from ..pipeline.settings import SegmentSettings, resolve_defaults
+from ..pipeline.frames import volume_frames
 
 __all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "EvalContext",
            "encode_units", "unit_scores", "unit_maps", "baseline_scores", "evaluate"]

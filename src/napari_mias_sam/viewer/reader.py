@@ -6,8 +6,8 @@ Labels scored with label 2 (select both files to open the pair). A prompt review
 widget (``<stem>_qa.csv``, or the results folder holding it with the mask and the anomaly map)
 opens as the reviewed CoG points (and those layers); running MIAS-SAM on that volume applies it.
 
-The work is done by :func:`napari_mias_sam.viewer.layers.read_nifti_layers` and
-:mod:`napari_mias_sam.viewer.case_layers`; see those modules for the axis order, the world frame
+The work is done by :func:`napari_mias_sam.viewer.models.layers.read_nifti_layers` and
+:mod:`napari_mias_sam.viewer.models.case_layers`; see those modules for the axis order, the world frame
 and the metadata kept for the writer and the widget.
 """
 
@@ -17,11 +17,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..datasets import looks_like_dataset
-from ..io import is_nifti
-from .case_layers import case_of_folder, read_case_layers
-from .layers import read_nifti_layers
-from ..qa_review import QA_SUFFIX, is_results_folder
+from ..data.datasets import looks_like_dataset
+from ..data.volumes import is_nifti
+from .models.case_layers import case_of_folder, read_case_layers
+from .models.layers import read_nifti_layers
+from ..data.qa_table import QA_SUFFIX, is_results_folder
 
 __all__ = ["napari_get_reader", "read_nifti"]
 
@@ -47,7 +47,7 @@ def read_nifti(path: str | os.PathLike | list) -> list[tuple]:
     layers: list[tuple] = []
     for p in paths:
         if _is_qa(p) or is_results_folder(p):
-            from .review import qa_points_layer, results_folder_layers  # the pipeline's imports: only when needed
+            from .models.review import qa_points_layer, results_folder_layers  # the pipeline's imports: only when needed
 
             layers.extend([qa_points_layer(p)] if _is_qa(p) else results_folder_layers(p))
         else:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..paths import sample_data_dir
-from ..errors import InputError
-from .layers import read_nifti_layers
+from ..core.paths import sample_data_dir
+from ..core.errors import InputError
+from .models.layers import read_nifti_layers
 
 __all__ = ["case_01", "case_02", "normal_01", "sample_layers"]
 

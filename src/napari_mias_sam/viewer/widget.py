@@ -39,13 +39,16 @@ from .widget_live import LiveController, is_output_layer, plural
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
-from .. import defaults
+from ..core import defaults
 from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
-from ..errors import BankMismatchError, Cancelled, InputError, MiasSamError
-from ..prompts import PROMPT_RULES, PROMPT_TYPES, default_mask_for, default_prompt_for
-from ..regions import regions_supported
-from ..settings import NORMALISATIONS, PATCH_LAYOUTS, PREPROCESS_PRESETS, VOLUME_PROMPT, SegmentSettings, resolve_defaults
-from ..reference_io import encoding_of
+from ..core.errors import BankMismatchError, Cancelled, InputError, MiasSamError
+from ..method.prompts import PROMPT_RULES, PROMPT_TYPES, default_mask_for, default_prompt_for
+from ..method.regions import regions_supported
+from ..method.anomaly import NORMALISATIONS
+from ..method.patches import PATCH_LAYOUTS
+from ..method.preprocess import PREPROCESS_PRESETS
+from ..pipeline.settings import VOLUME_PROMPT, SegmentSettings, resolve_defaults
+from ..method.reference_encoding import encoding_of
 
 __all__ = ["MiasSamWidget"]
 
@@ -125,7 +128,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.checkpoint = FileEdit(mode="r", filter="*.pth *.pt", label="checkpoint", enabled=False,
                                    tooltip="SAM weights file (e.g. sam_vit_b_01ec64.pth); LiteMedSAM needs none")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device", tooltip="auto: CUDA, else Apple MPS, else CPU")
-        from ..weights import registry
+        from ..backbones.weights import registry
 
         self.weights_choice = ComboBox(choices=list(registry()), value="sam-vit_b", label="known weights",
                                        tooltip="official SAM ViT-B/L/H and MedSAM ViT-B checkpoints, checked against their published hashes")
@@ -285,7 +288,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         name = str(self.backbone_choice.value)
         ckpt = path_or_none(self.checkpoint.value) if name != "litemedsam" else None
         if name != "litemedsam" and ckpt is None:
-            from ..weights import local_file
+            from ..backbones.weights import local_file
 
             ckpt = local_file(name)  # downloaded earlier (Download and verify, or mias-sam weights fetch)
         if name != "litemedsam" and ckpt is None:
@@ -463,9 +466,9 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> Optional[Job]:
         """Segment the selected image layer in the background; layers are added when it finishes."""
-        from ..input_checks import check_volume_for_bank, check_voxel_dtype
-        from ..run_guards import check_knn_memory
-        from .layers import volume_from_layer
+        from ..jobs.preflight import check_volume_for_bank, check_knn_memory
+        from ..data.checks import check_voxel_dtype
+        from .models.layers import volume_from_layer
         from .writer import layer_data_to_world
 
         try:
@@ -496,14 +499,14 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         except (MiasSamError, ValueError) as exc:
             self.report_error(str(exc))
             return None
-        from ..cache import EmbeddingCache
-        from ..pipeline import segment_volume
+        from ..pipeline.embedding_cache import EmbeddingCache
+        from ..pipeline.segment import segment_volume
 
         bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
 
         def job(progress, cancelled):
-            from ..dataset_sources import roi_for_bank
+            from ..jobs.dataset_runs import roi_for_bank
 
             bb = self.get_backbone(key, progress)
             res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, reuse=previous,
@@ -543,12 +546,12 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     def show_result(self, result, layer, backbone, axes=None, *, moved_points: Optional[dict] = None,
                     statuses: Optional[dict] = None) -> "LiveController":
-        """Show a :class:`~napari_mias_sam.pipeline.SegmentationResult` of ``layer`` (from a run
+        """Show a :class:`~napari_mias_sam.pipeline.segment.SegmentationResult` of ``layer`` (from a run
         here or from a script) as the output layers, and start live QA on it. ``moved_points``
         (slice -> model-frame (x, y)), e.g. from the previous run, are re-applied and re-decoded, and
         the review ``statuses`` (slice -> status) carried (rejected slices stay cleared)."""
-        from .live import LiveSession
-        from .layers import volume_from_layer
+        from .models.live import LiveSession
+        from .models.layers import volume_from_layer
 
         if axes is None:
             axes = volume_from_layer(layer.data, layer.metadata, None, name=layer.name, dtype=None)[1]

@@ -6,10 +6,10 @@ the bundled sample normals), load, save, and show where the bank came from.
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
-from ..paths import sample_data_dir
+from ..core.paths import sample_data_dir
 from ..backbones import BACKBONES
-from ..errors import InputError, MiasSamError
-from ..regions import regions_supported
+from ..core.errors import InputError, MiasSamError
+from ..method.regions import regions_supported
 
 __all__ = ["BankHost", "BankMixin", "path_or_none"]
 
@@ -91,8 +91,8 @@ class BankMixin:
         except MiasSamError as exc:
             self.report_error(str(exc))
             return
-        from ..settings import PREPROCESS_PRESETS as presets
-        from ..file_steps import build_bank_from_files
+        from ..method.preprocess import PREPROCESS_PRESETS as presets
+        from ..jobs.bank_builds import build_bank_from_files
 
         prep, layout, batch = presets[self.preprocess.value], self.layout_choice.value, int(self.batch_size.value)
 

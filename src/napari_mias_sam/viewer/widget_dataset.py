@@ -2,7 +2,7 @@
 BraTS / LiTS folder (modality, margin, subject lists, LiTS's liver ROI), in the background with
 progress and cancel; the lesion labels a ground-truth layer is scored with; CT display windows.
 
-Thin: the work is :func:`napari_mias_sam.dataset_sources.build_bank_from_dataset`, the same call
+Thin: the work is :func:`napari_mias_sam.jobs.dataset_runs.build_bank_from_dataset`, the same call
 as ``mias-sam build-bank ROOT --modality ... --margin ...``.
 """
 
@@ -11,9 +11,9 @@ from typing import Optional
 import napari
 from magicgui.widgets import ComboBox, FileEdit, LineEdit, PushButton, SpinBox
 
-from ..datasets import dataset_kind, find_cases, looks_like_dataset, parse_lesion_labels
-from ..errors import InputError, MiasSamError
-from .case_layers import CT_WINDOWS
+from ..data.datasets import dataset_kind, find_cases, looks_like_dataset, parse_lesion_labels
+from ..core.errors import InputError, MiasSamError
+from .models.layers import CT_WINDOWS
 from .widget_bank import path_or_none
 
 __all__ = ["DatasetMixin", "MODALITY_CHOICES"]
@@ -79,7 +79,7 @@ class DatasetMixin:
         except MiasSamError as exc:
             self.report_error(str(exc))
             return None
-        from ..dataset_sources import build_bank_from_dataset
+        from ..jobs.dataset_runs import build_bank_from_dataset
 
         mod = None if self.ds_modality.value == "auto" else str(self.ds_modality.value)
         subjects, exclude = path_or_none(self.ds_subjects.value), path_or_none(self.ds_exclude.value)

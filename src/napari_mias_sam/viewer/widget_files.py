@@ -22,8 +22,8 @@ def display_path(path) -> str:
 
 def cache_summary() -> str:
     """One line: where the embedding cache is, its size and its limit."""
-    from ..cache import EmbeddingCache
-    from ..cli_manage import human_bytes
+    from ..pipeline.embedding_cache import EmbeddingCache
+    from ..core.machine import human_bytes
 
     info = EmbeddingCache().info()
     return (f"embedding cache: {display_path(info['folder'])} ({info['entries']} entries, {human_bytes(info['bytes'])} "
@@ -36,7 +36,7 @@ class FilesMixin:
     def fetch_weights(self):
         """Download the checkpoint chosen in 'known weights' in the background, verify its hash,
         then select its backbone and file."""
-        from ..weights import fetch
+        from ..backbones.weights import fetch
 
         name = str(self.weights_choice.value)
         self.status.value = f"downloading {name}..."
@@ -50,7 +50,7 @@ class FilesMixin:
     def _weights_fetched(self, value) -> None:
         if self.job_failed("the download", value):
             return
-        from ..weights import registry
+        from ..backbones.weights import registry
 
         name, path = value
         entry = registry()[name]

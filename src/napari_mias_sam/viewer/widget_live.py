@@ -2,13 +2,13 @@
 points re-decoded in the background (current slice first), Dice against a ground truth, the
 false-positive / false-negative overlay and the per-slice profile.
 
-The computations are :class:`napari_mias_sam.viewer.live.LiveSession` methods and the pure helpers of
-:mod:`napari_mias_sam.viewer.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
+The computations are :class:`napari_mias_sam.viewer.models.live.LiveSession` methods and the pure helpers of
+:mod:`napari_mias_sam.viewer.models.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
 
 Size: about 550 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
-in :mod:`napari_mias_sam.viewer.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
+in :mod:`napari_mias_sam.viewer.models.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
 
 import time
@@ -20,10 +20,20 @@ import napari
 from qtpy.QtCore import QTimer
 
 from .widget_threads import start_generator
-from .live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, FN, FP, LiveSession, compare_with_gt, error_overlay, ranked_slices
-from ..datasets import lesion_mask
+from .models.live import (
+    CHANGE_MASK,
+    CHANGE_PROMPT,
+    CHANGE_RERUN,
+    FN,
+    FP,
+    LiveSession,
+    compare_with_gt,
+    error_overlay,
+    ranked_slices,
+)
+from ..data.datasets import lesion_mask
 from ..evaluation.metrics import dice
-from .layers import GEOMETRY_KEYS, geometry_metadata
+from .models.layers import GEOMETRY_KEYS, geometry_metadata
 from .widget_review import ReviewController, status_colors
 
 __all__ = ["LiveHost", "LiveController", "is_output_layer", "OUTPUT_KEY", "plural"]

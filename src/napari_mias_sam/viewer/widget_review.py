@@ -5,8 +5,8 @@ review status, the dock's review line, the QA columns in the layer's features an
 Keys on the CoG Points layer (the active layer after a run): ``a`` accept the current slice's
 prompt, ``r`` reject it ("no anomaly here": its mask is cleared), ``u`` reset it (pending again,
 the method's own point), ``n`` / ``b`` the next / previous slice still pending. Dragging a point
-corrects it. The work is done by :class:`~napari_mias_sam.viewer.live.LiveSession` and
-:mod:`napari_mias_sam.viewer.review`; :class:`ReviewController` uses only what :class:`ReviewHost`
+corrects it. The work is done by :class:`~napari_mias_sam.viewer.models.live.LiveSession` and
+:mod:`napari_mias_sam.viewer.models.review`; :class:`ReviewController` uses only what :class:`ReviewHost`
 declares of the widget (a test checks it).
 """
 
@@ -16,11 +16,11 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..datasets import lesion_mask
-from ..errors import InputError, MiasSamError
-from .layers import from_display
-from .review import QA_KEY, QA_LAYER_KEY, STATUS_COLORS, apply_table, qa_rows, save_results
-from ..qa_review import read_qa
+from ..data.datasets import lesion_mask
+from ..core.errors import InputError, MiasSamError
+from .models.layers import from_display
+from .models.review import QA_KEY, QA_LAYER_KEY, STATUS_COLORS, apply_table, qa_rows, save_results
+from ..data.qa_table import read_qa
 
 __all__ = ["ReviewHost", "ReviewController", "status_colors", "STATUS_COLORS", "REVIEW_KEYS", "QA_KEY"]
 

@@ -1,6 +1,6 @@
 """Background jobs for the widget: a napari thread worker with a progress relay and a cancel flag.
 
-User errors (:class:`~napari_mias_sam.errors.MiasSamError`, ``ValueError``) raised by the job are
+User errors (:class:`~napari_mias_sam.core.errors.MiasSamError`, ``ValueError``) raised by the job are
 returned as :class:`Failed` and shown as one-line notifications, never as tracebacks; anything
 else is a bug and goes to napari's error notification with its traceback.
 """
@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Signal
 
-from ..errors import MiasSamError
+from ..core.errors import MiasSamError
 
 __all__ = ["Failed", "Job", "start_generator", "avoid_triton_llvm_crash"]
 

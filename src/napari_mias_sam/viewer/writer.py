@@ -3,7 +3,7 @@
 A layer read by this plugin (or made by the MIAS-SAM widget) carries the source affine, header
 and axis order in its metadata, and is written back in the file's voxel order with that affine
 and header. The CoG Points layer of a run is written as its review, ``<stem>_qa.csv``
-(:mod:`napari_mias_sam.qa_review`); other Points layers as napari's own CSV. Any other 3D layer is written in its own axis order with the affine of its napari
+(:mod:`napari_mias_sam.data.qa_table`); other Points layers as napari's own CSV. Any other 3D layer is written in its own axis order with the affine of its napari
 transform (world (S, P, L) mm mapped back to RAS).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .layers import write_layer
+from .models.layers import write_layer
 
 __all__ = ["write_labels", "write_image", "write_points", "layer_data_to_world"]
 
@@ -60,7 +60,7 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
 def write_image(path: str, data: Any, meta: dict) -> list[str]:
     """Write an Image layer as a float32 NIfTI."""
     if meta.get("rgb"):
-        from ..errors import InputError
+        from ..core.errors import InputError
 
         raise InputError("RGB layers cannot be saved as NIfTI volumes; save a single-channel layer.")
     return _write(path, data, meta, labels=False)
@@ -69,9 +69,9 @@ def write_image(path: str, data: Any, meta: dict) -> list[str]:
 def write_points(path: str, data: Any, meta: dict) -> list[str]:
     """A MIAS-SAM CoG layer: its review as ``<name>_qa.csv`` (``_qa`` added to a name without it),
     written atomically. Any other Points layer: napari's own points CSV."""
-    from ..output_claims import atomic_write_text
-    from ..qa_review import QA_SUFFIX, qa_csv_text
-    from .review import QA_KEY
+    from ..core.atomic_outputs import atomic_write_text
+    from ..data.qa_table import QA_SUFFIX, qa_csv_text
+    from .models.review import QA_KEY
 
     info = (meta.get("metadata") or {}).get("mias_sam") or {}
     rows = info.get(QA_KEY)

@@ -1,0 +1,720 @@
+"""``mias-sam``: build-bank, segment, demo, evaluate, benchmark, info. Every command prints
+progress on stderr and exits non-zero with a one-line reason on bad input.
+
+Size: one module on purpose (about 520 lines): the whole command line, every parser and its thin
+handler, reads top to bottom; the work is in the modules each handler imports."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..core.errors import MiasSamError
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = {
+    "build-bank": """examples:
+  mias-sam build-bank normals/ --out banks/brain                      # a folder of normal NIfTI volumes
+  mias-sam build-bank BraTS2021_Training/ --modality flair --margin 2 --exclude-subjects test.txt --out banks/brats-flair
+  mias-sam build-bank LiTS/ --roi liver --exclude-subjects test.txt --out banks/lits   # CT preset ct-abdomen
+  mias-sam build-bank a.nii.gz b.nii.gz --out banks/brain --layout mean256
+  mias-sam build-bank BMAD/Brain_MRI --out banks/bmad-brain           # BMAD layout (train/good/*.png)
+  mias-sam build-bank ct/ --out banks/liver --preprocess ct-abdomen
+  mias-sam build-bank normals/ --out banks/sam --backbone sam-vit_b --checkpoint sam_vit_b_01ec64.pth""",
+    "segment": """examples:
+  mias-sam segment case.nii.gz --bank banks/brain --out results/
+  mias-sam segment case.nii.gz --bank banks/brain --out results/ --gt case_seg.nii.gz --json
+  mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/   # the bank's modality; seg paired as GT
+  mias-sam segment LiTS/volume-3.nii --bank banks/lits --out results/         # segmentation-3 paired; lesion = label 2
+  mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/ --lesion-labels 1,4   # tumour core only
+  mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
+  mias-sam segment BMAD/Brain_MRI/test/Ungood/img --bank banks/bmad-brain --out out/ --normalisation reference
+outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv
+outputs (PNG slices): <stem>_mask.png (0/255) and <stem>_anomaly.npy (float32) per slice, one prompts.csv
+  (the slices of one call are segmented together: reference normalisation spans them)""",
+    "demo": """examples:
+  mias-sam demo                 # writes ./mias-sam-demo/
+  mias-sam demo --out /tmp/demo --json""",
+    "evaluate": """examples:
+  mias-sam evaluate --bank banks/brain --images test/*_flair.nii.gz --gts test/*_seg.nii.gz --out eval/
+  mias-sam evaluate --bank banks/bmad-brain --bmad BMAD/Brain_MRI --out eval-brain/ --json
+  mias-sam evaluate --bank banks/brats-flair --dataset BraTS2021_Training/ --subjects test.txt --out eval-brats/
+  mias-sam evaluate --bank banks/lits --dataset LiTS/ --subjects test.txt --out eval-lits/
+  mias-sam evaluate --bank banks/b1024 --bank banks/b256 --images ... --gts ... --out eval/ --gammas 1,3,5""",
+    "info": """examples:
+  mias-sam info banks/brain""",
+    "benchmark": """examples:
+  mias-sam benchmark                                   # CPU (or the GPU when present), default bank sizes
+  mias-sam benchmark --json > bench.json
+  mias-sam benchmark --device cuda --precision bf16 --sizes 10k,768k,7.68M
+  mias-sam benchmark --sizes 7.68M --knn-index flat-sq8   # a 7.68 M-patch bank that fits in 16 GB
+  mias-sam benchmark --accuracy                        # Dice cost of index types / coresets on the bundled sample""",
+}
+
+
+def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> None:
+    from ..backbones import BACKBONES
+
+    p.add_argument("--backbone", choices=BACKBONES, default=default,
+                   help="encoder/decoder (default: %(default)s)" if default else "encoder/decoder (default: the bank's)")
+    p.add_argument("--checkpoint", type=Path, help="weights file for SAM backbones (sam_vit_b_01ec64.pth, ...)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="encoder precision (bf16/fp16 only pay off on a GPU; default fp32)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    from ..jobs.dataset_runs import ROIS
+
+    g = p.add_argument_group("labelled datasets (BraTS, LiTS): a bank from lesion-free slices")
+    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); ct for LiTS")
+    g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
+    g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
+    g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
+    g.add_argument("--roi", choices=ROIS, help="LiTS: mask every slice to the liver labels (1, 2), as BMAD's Liver CT does")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..core import defaults
+    from ..bank import INDEX_TABLE, INDEX_TYPES
+    from ..method.prompts import BACKBONE_PROMPTS, PROMPT_TYPES
+    from ..method.reference_encoding import ENCODINGS
+    from ..method.anomaly import NORMALISATIONS
+    from ..method.patches import PATCH_LAYOUTS
+    from ..method.preprocess import PREPROCESS_PRESETS
+
+    def sweep(values) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
+    backbone_prompts = ", ".join(f"{r.default} for {n}" for n, r in BACKBONE_PROMPTS.items())
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="mias-sam", description="MIAS-SAM: threshold-free anomaly segmentation of 3D medical volumes.", formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build-bank", help="build a normal memory bank", epilog=EXAMPLES["build-bank"], formatter_class=fmt,
+                       description="Encode normal slices and index their 5x5 patch features with faiss.")
+    b.add_argument("normal", nargs="+", type=Path,
+                   help="normal NIfTI volumes, folders of them, BMAD dataset folders, or one labelled dataset (a BraTS root "
+                        "or case folder, a LiTS folder): then only its lesion-free slices are used")
+    b.add_argument("--out", required=True, type=Path, help="bank folder to write (index.faiss + manifest.json)")
+    b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default=None,
+                   help="intensity preset (default mri; ct-abdomen for LiTS)")
+    _add_dataset_args(b)
+    b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
+    b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
+    b.add_argument("--index", choices=INDEX_TYPES, default="flat",
+                   help="faiss index: " + "; ".join(f"{t.name} ({t.help})" for t in INDEX_TABLE.values()))
+    b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
+                   help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
+    b.add_argument("--cache", action="store_true",
+                   help="read/store slice embeddings in the embedding cache (float16, about 2 MB per slice): another bank "
+                        "from the same volumes (layout, index, coreset) then skips the encoder")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
+    b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_backbone_args(b, default="litemedsam")
+    b.add_argument("--encoding", choices=ENCODINGS, default="standard",
+                   help="how slices reach a SAM encoder: standard (float resize, float16 embeddings; default) or reference "
+                        "(the paper's code exactly: 8-bit slice resized with PIL, float32 embeddings; SAM backbones only). "
+                        "Recorded in the bank; runs with the bank use it")
+
+    s = sub.add_parser("segment", help="segment anomalies in volumes", epilog=EXAMPLES["segment"], formatter_class=fmt,
+                       description="Run MIAS-SAM slice-wise on whole volumes and write NIfTI outputs.")
+    s.add_argument("volume", nargs="+", type=Path,
+                   help="NIfTI volume(s), BraTS case folders (the bank's modality is read; the seg file is the ground truth), "
+                        "or PNG slices (files or folders; one size per call)")
+    s.add_argument("--modality", help="modality of a case folder (default: the bank's): flair|t1|t1ce|t2 (= t2f|t1n|t1c|t2w)")
+    s.add_argument("--lesion-labels", metavar="LABELS",
+                   help="label values that count as the lesion, e.g. 1,2,4 (default: BraTS every non-zero label, LiTS 2, "
+                        "other files every non-zero label)")
+    s.add_argument("--bank", required=True, type=Path, help="memory bank folder (from build-bank)")
+    s.add_argument("--out", required=True, type=Path, help="output folder")
+    s.add_argument("--gt", nargs="+", type=Path, help="ground-truth label volume(s), one per volume, for Dice")
+    s.add_argument("--gamma", type=float, default=defaults.GAMMA, help=f"centre-of-gravity exponent (default {defaults.GAMMA:g})")
+    s.add_argument("--mask", type=int, choices=(1, 2, 3), default=None,
+                   help=f"which of SAM's 3 masks (default: {defaults.REGIONS_MASK} with the regions prompt, "
+                        f"{defaults.MASK_INDEX} (the paper's) with the others)")
+    s.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
+                   help="prompt type (default for volumes: regions, one box per anomalous 3D region, levels from the "
+                        f"bank's normal calibration; for PNG slices the backbone's: {backbone_prompts}; "
+                        "--prompt cog-point --mask 3 --normalisation reference is the paper's recipe)")
+    s.add_argument("--k", type=int, default=defaults.K, help=f"nearest bank patches averaged per patch (default {defaults.K}, as the reference)")
+    s.add_argument("--normalisation", choices=NORMALISATIONS, default=defaults.NORMALISATION,
+                   help="calibrated: from the bank's normal data (default); reference: min-max over the volume (paper)")
+    s.add_argument("--slice-decision", action="store_true", help="keep a slice's mask only if its image score exceeds every held-out normal slice's")
+    s.add_argument("--axis", default=None, help="slicing axis (default: the bank's)")
+    s.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_backbone_args(s, default=None)
+
+    d = sub.add_parser("demo", help="run the whole job on the bundled sample (CPU, offline)", epilog=EXAMPLES["demo"], formatter_class=fmt,
+                       description="Build a bank from the bundled normal volumes, segment the bundled test case with LiteMedSAM, print Dice and timings.")
+    d.add_argument("--out", type=Path, default=Path("mias-sam-demo"), help="output folder (default ./mias-sam-demo)")
+    d.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+    e = sub.add_parser("evaluate", help="paper metrics, 3D metrics and ablations over a test set", epilog=EXAMPLES["evaluate"],
+                       formatter_class=fmt, description="Slice Dice (paper), volume Dice, P-AUROC, AUPRO@0.3, image AUROC and ablation tables.")
+    e.add_argument("--bank", action="append", required=True, type=Path, help="memory bank (repeat to compare banks, e.g. layouts)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bmad", type=Path, help="BMAD dataset folder (test/{good,Ungood}/{img,anomaly_mask})")
+    src.add_argument("--images", nargs="+", type=Path, help="test NIfTI volumes")
+    src.add_argument("--dataset", type=Path, help="a BraTS or LiTS root: its cases (choose with --subjects) and their seg files")
+    e.add_argument("--subjects", type=Path, help="--dataset: a text file of the test subjects, one per line (default: all)")
+    e.add_argument("--exclude-subjects", type=Path, help="--dataset: a text file of subjects to leave out")
+    e.add_argument("--modality", help="--dataset: modality to test (default: the bank's)")
+    e.add_argument("--lesion-labels", metavar="LABELS",
+                   help="label values that count as the lesion, e.g. 1,2,4 (default: BraTS every non-zero, LiTS 2, other files non-zero)")
+    e.add_argument("--gts", nargs="+", type=Path, help="ground truths, one per --images volume, same order")
+    e.add_argument("--split", default="test", help="BMAD split to read: test (default) or valid")
+    e.add_argument("--out", required=True, type=Path, help="folder for results.csv/.md/.json and plots")
+    e.add_argument("--gammas", default=sweep(defaults.GAMMA_SWEEP), help=f"gamma sweep (default {sweep(defaults.GAMMA_SWEEP)})")
+    e.add_argument("--ks", default=sweep(defaults.K_SWEEP), help=f"k values (default {sweep(defaults.K_SWEEP)})")
+    e.add_argument("--prompts", default=",".join(PROMPT_TYPES), help=f"prompt types to compare (default {','.join(PROMPT_TYPES)})")
+    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's per-slice prompt)")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.add_argument("--overwrite", action="store_true", help="replace existing results (results.csv/.md/.json and plots) in --out")
+    e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _add_backbone_args(e, default=None)
+
+    k = sub.add_parser("benchmark", help="per-stage times and peak memory on a 240x240x155 volume", epilog=EXAMPLES["benchmark"],
+                       formatter_class=fmt, description="Time load, preprocess, encode, kNN (bank sizes of random vectors), map, "
+                       "prompt, decode and write for a synthetic 240x240x155 volume; print machine, date and peak memory.")
+    k.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
+    k.add_argument("--sizes", default="10k,100k,1M,7.68M", help="bank sizes in patches, comma-separated (k/M suffixes; default %(default)s)")
+    k.add_argument("--encode-slices", type=int, default=None, help="slices to encode (default 8 on a CPU, all on a GPU; the rest is extrapolated)")
+    k.add_argument("--decode-slices", type=int, default=None, help="slices to decode (default 8 on a CPU, all on a GPU)")
+    k.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch layout (default paper1024, the paper's)")
+    k.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder precision (default fp32)")
+    k.add_argument("--knn-index", choices=INDEX_TYPES, default="flat", help="CPU index type for the kNN stage (default flat)")
+    k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
+    k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
+    k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio against the exact bank (data: --sample-dir)")
+    k.add_argument("--sample-dir", type=Path, default=None, help="data for --accuracy: the bundled sample's layout or the benchmark's (train/, test/images/, test/labels/); default: the bundled sample")
+    k.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+    i = sub.add_parser("info", help="show what made a memory bank", epilog=EXAMPLES["info"], formatter_class=fmt)
+    i.add_argument("bank", type=Path)
+    i.add_argument("--json", action="store_true")
+
+    from .manage import add_parsers
+
+    add_parsers(sub, fmt)  # weights, cache
+    return parser
+
+
+def _version() -> str:
+    from .._version import __version__
+
+    return __version__
+
+
+def _out(obj: dict) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_build_bank(a: argparse.Namespace) -> int:
+    from .progress import ConsoleProgress
+    from ..backbones import load_backbone
+    from ..bank import bank_output
+    from ..pipeline.embedding_cache import EmbeddingCache
+    from ..core.errors import InputError
+    from ..core.atomic_outputs import check_output_folder
+    from ..jobs.preflight import check_device, check_precision
+    from ..method.preprocess import PREPROCESS_PRESETS
+    from ..jobs.bank_builds import build_bank_from_files
+
+    check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
+    if a.out.exists() and not a.overwrite:
+        raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
+    for n in a.normal:
+        if a.out.resolve() == n.resolve():
+            raise InputError(f"{a.out}: the bank folder cannot be an input folder.")
+    if a.out.exists() and not (a.out / "manifest.json").is_file():  # refuse before the work, not after
+        raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
+    if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
+        raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    dataset = _dataset_input(a)
+    _print_memory_estimate(a, dataset)
+    t0 = time.perf_counter()
+    with bank_output(a.out, overwrite=a.overwrite) as claim:  # held from here to the save: one run per bank name
+        bb = load_backbone(a.backbone, a.checkpoint, device, precision=a.precision, encoding=a.encoding)
+        progress = ConsoleProgress()
+        cache = EmbeddingCache() if a.cache else None
+        if dataset is not None:
+            from ..pipeline.embedding_cache import cached_encoder
+            from ..jobs.dataset_runs import build_bank_from_dataset
+
+            bank = build_bank_from_dataset(dataset, bb, modality=a.modality, margin=a.margin, subjects=a.subjects,
+                                           exclude=a.exclude_subjects, roi=a.roi, preprocess=a.preprocess, axis=a.axis,
+                                           layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                           progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
+        else:
+            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
+                                         layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
+                                         progress=progress, cache=cache)
+        path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
+    summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
+    if a.json:
+        _out(summary)
+    else:
+        print(f"wrote {path}\n  {bank.summary()}\n  {summary['seconds']} s")
+    return 0
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _dataset_input(a: argparse.Namespace) -> Path | None:
+    """build-bank: the labelled dataset root given (then only lesion-free slices are used), or None."""
+    from ..data.datasets import looks_like_dataset
+    from ..core.errors import InputError
+
+    options = [f"--{n}" for n, v in (("modality", a.modality), ("subjects", a.subjects), ("exclude-subjects", a.exclude_subjects),
+                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != 2 else [])
+    datasets = [n for n in a.normal if looks_like_dataset(n)]
+    if not datasets:
+        if options:
+            raise InputError(f"{options[0]} applies to a labelled dataset (BraTS case folders, LiTS volume-N/segmentation-N "
+                             f"files); {a.normal[0]} is not one.")
+        return None
+    if len(a.normal) > 1:
+        raise InputError(f"{datasets[0]}: is a labelled dataset; give it alone (one root, or one case folder) to build a "
+                         "bank from its lesion-free slices.")
+    return datasets[0]
+
+
+def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -> None:
+    """Before a build: how much memory the bank will take (stderr), and a warning if it will not fit."""
+    from ..bank import estimate_bank_memory
+    from ..core.machine import ram_bytes
+    from ..method.patches import GRID
+    from ..method.preprocess import PREPROCESS_PRESETS
+    from ..pipeline.frames import normal_groups
+
+    if dataset is not None:
+        from ..jobs.dataset_runs import dataset_groups, prepare_dataset
+
+        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi)
+        groups = dataset_groups(cases, mod, PREPROCESS_PRESETS[a.preprocess or kind.preprocess], axis=a.axis, margin=a.margin, roi=a.roi)
+        print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
+              f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
+    else:
+        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or "mri"], a.axis)
+    n_slices = sum(g.n for g in groups)
+    est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
+    total, avail = ram_bytes()
+    print(f"memory estimate: up to {n_slices:,} slices -> {est['patches']:,} patches x {est['feature_dim']}-d, "
+          f"index {a.index}: {_gb(est['index_bytes'])} (build peak {_gb(est['build_peak_bytes'])}"
+          + (f"; this machine has {_gb(avail)} available of {_gb(total)})" if avail else ")"), file=sys.stderr)
+    if avail and est["build_peak_bytes"] > avail:
+        print(f"WARNING: the bank would not fit in the available memory ({_gb(avail)}): use --index flat-sq8 or ivf-fp16, "
+              "--layout mean256, or --coreset 0.1 (see docs/performance.md)", file=sys.stderr)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    mult = {"k": 1_000, "m": 1_000_000}
+    out = []
+    for tok in text.split(","):
+        t = tok.strip().lower()
+        if not t:
+            continue
+        try:
+            out.append(int(round(float(t[:-1]) * mult[t[-1]])) if t[-1] in mult else int(t))
+        except (ValueError, IndexError) as exc:
+            raise MiasSamError(f"--sizes: expected numbers like 10000, 100k or 7.68M, got {tok!r}") from exc
+        if out[-1] < 1:
+            raise MiasSamError(f"--sizes: bank sizes must be positive, got {tok!r}")
+    if not out:
+        raise MiasSamError("--sizes: empty list")
+    return tuple(out)
+
+
+def cmd_benchmark(a: argparse.Namespace) -> int:
+    from .progress import ConsoleProgress
+    from ..evaluation.bank_options import bank_accuracy
+    from ..evaluation.benchmark import format_report, run_benchmark
+
+    for name in ("encode_slices", "decode_slices", "knn_queries"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise MiasSamError(f"--{name.replace('_', '-')} must be at least 1")
+    progress = ConsoleProgress(enabled=not a.json)
+    if a.accuracy:
+        from ..core.paths import sample_data_dir
+        from ..backbones import load_backbone
+        from ..evaluation.bank_options import accuracy_files
+        from ..pipeline.embedding_cache import EmbeddingCache
+
+        normals, cases = accuracy_files(a.sample_dir or sample_data_dir())
+        bb = load_backbone("litemedsam", device=a.device, precision=a.precision)
+        rep = bank_accuracy(normals, cases, layout=a.layout, backbone=bb, cache=EmbeddingCache(), progress=progress)
+        if a.json:
+            _out(rep)
+        else:
+            print(f"Bank options on {len(cases)} case(s), bank from {len(normals)} normal volumes ({rep['machine']['date_utc']})")
+            print("  option                          patches  nprobe  mean slice Dice  Dice points vs exact  mask Dice vs exact (per case)")
+            for r in rep["results"]:
+                opt = ", ".join(f"{k}={v}" for k, v in r["option"].items())
+                md = ", ".join(f"{c.get('mask_dice_vs_exact', 1.0):.3f}" for c in r["cases"].values())
+                print(f"  {opt:<30} {r['patches']:>8,}  {str(r['nprobe'] or ''):>6}  {r['mean_slice_dice']:>15.4f}  "
+                      f"{r['dice_points_vs_exact']:>20.2f}  {md}")
+        return 0
+    rep = run_benchmark(device=a.device, sizes=_sizes(a.sizes), encode_slices=a.encode_slices, decode_slices=a.decode_slices,
+                        layout=a.layout, precision=a.precision, knn_index=a.knn_index, knn_queries=a.knn_queries,
+                        quick=a.quick, progress=progress)
+    if a.json:
+        _out(rep)
+    else:
+        print(format_report(rep))
+    return 0
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from .progress import ConsoleProgress
+    from ..backbones import load_backbone
+    from ..bank import check_compatible, load_bank
+    from ..pipeline.embedding_cache import EmbeddingCache
+    from ..core.errors import InputError
+    from ..jobs.dataset_runs import segment_inputs
+    from ..data.datasets import lesion_description, lesion_mask
+    from ..evaluation.scoring import gt_metrics
+    from ..data.checks import about
+    from ..jobs.preflight import check_volume_for_bank, check_device, check_knn_memory, check_precision
+    from ..data.volumes import nifti_stem
+    from ..core.atomic_outputs import check_output_folder
+    from ..pipeline.segment import segment_volume
+    from ..jobs.png_runs import png_inputs
+    from ..method.reference_encoding import encoding_of
+    from ..pipeline.settings import SegmentSettings
+    from ..jobs.outputs import segment_outputs, write_outputs
+
+    pngs = png_inputs(a.volume)
+    if pngs is not None:
+        return _segment_pngs(a, pngs)
+    if a.gt and len(a.gt) != len(a.volume):
+        raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
+    settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
+                               normalisation=a.normalisation, slice_decision=a.slice_decision)
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    check_output_folder(a.out)
+    bank = load_bank(a.bank)
+    # Case folders become their modality file, and a case's seg file its ground truth
+    jobs = segment_inputs(a.volume, a.gt, bank.manifest, modality=a.modality, lesion_labels=a.lesion_labels)
+    stems = [nifti_stem(j.image) for j in jobs]
+    if len(set(stems)) != len(stems):
+        raise InputError("two input volumes share a file name; their outputs would collide. Segment them into different --out folders.")
+    inputs = [j.image for j in jobs] + [j.gt for j in jobs if j.gt is not None] + [a.bank]
+    outsets = [segment_outputs(a.out, stem, inputs, overwrite=a.overwrite) for stem in stems]
+    for o in outsets:  # every output checked before any work, so a batch never stops half-written
+        o.check()
+    most_slices = 0
+    for j in jobs:  # likewise every input: a bad later file must not stop the batch half-way
+        with about(j.image):
+            vol, _gt = j.load()
+            most_slices = max(most_slices, check_volume_for_bank(vol, bank, a.axis, j.image))
+        del vol, _gt
+    check_knn_memory(settings.k, most_slices, bank.ntotal)
+    reports, failed = [], []
+    with contextlib.ExitStack() as stack:
+        claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
+        name = a.backbone or bank.backbone["name"]
+        bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(bank.backbone))
+        check_compatible(bank, bb.describe())
+        cache = None if a.no_cache else EmbeddingCache()
+        progress = ConsoleProgress()
+        for n, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            vpath = job.image
+            if not a.json:
+                print(f"[{n + 1}/{len(jobs)}] {vpath}" + (f" (ground truth {job.gt.name})" if job.gt is not None else ""),
+                      file=sys.stderr)
+            try:
+                with about(vpath):
+                    vol, gt = job.load()
+                    res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
+                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
+            except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
+                if len(jobs) == 1:
+                    raise
+                claims[n].release()  # nothing of this volume is kept
+                failed.append({"volume": str(vpath), "error": str(exc) or type(exc).__name__})
+                print(f"  failed: {failed[-1]['error']}", file=sys.stderr)
+                continue
+            rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
+                   "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if gt is not None:
+                rep["ground_truth"] = str(job.gt)
+                rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
+                if job.roi:
+                    rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
+                rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
+            reports.append(rep)
+            if not a.json:
+                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+                if gt is not None:
+                    m = rep["metrics"]
+                    print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
+                          f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}  "
+                          f"(lesion = {rep['lesion_labels']['rule']}, {rep['lesion_labels']['source']})")
+    if a.json:
+        _out(reports[0] if len(reports) == 1 and not failed else {"results": reports, "failed": failed})
+    if failed:
+        done = ", ".join(Path(r["volume"]).name for r in reports) or "none"
+        raise MiasSamError(f"{len(failed)} of {len(jobs)} volumes failed, with no outputs: "
+                           + "; ".join(f["error"] for f in failed) + f". Finished, with complete outputs: {done}.")
+    return 0
+
+
+def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False, bank=None):
+    """The bank of ``--bank`` (or ``bank``, already loaded from it) and the backbone it was built with
+    (its encoding), checked compatible (``png``: the bank must be one of PNG slices; checked before the
+    backbone loads)."""
+    from ..backbones import load_backbone
+    from ..bank import check_compatible, load_bank
+    from ..jobs.png_runs import check_png_bank
+    from ..method.reference_encoding import encoding_of
+
+    if bank is None:
+        bank = load_bank(a.bank)
+    if png:
+        check_png_bank(bank)
+    name = a.backbone or bank.backbone["name"]
+    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision, encoding=encoding_of(bank.backbone))
+    check_compatible(bank, bb.describe())
+    return bank, bb
+
+
+def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
+    """``segment`` on PNG slices: one call, one stack, one prompts CSV."""
+    from .progress import ConsoleProgress
+    from ..pipeline.embedding_cache import EmbeddingCache
+    from ..core.errors import InputError
+    from ..jobs.png_runs import (
+        PROMPTS_CSV,
+        check_png_out_dir,
+        png_output_paths,
+        read_png_call,
+        segment_pngs,
+        write_png_outputs,
+    )
+    from ..pipeline.settings import SegmentSettings
+    from ..jobs.outputs import check_outputs
+
+    if a.gt:
+        raise InputError("--gt takes NIfTI label volumes; to score PNG slices against their masks use "
+                         "mias-sam evaluate --bmad DATASET (BMAD layout).")
+    check_png_out_dir(a.out, a.volume)
+    check_outputs(png_output_paths(a.out, pngs), list(pngs) + [a.bank], overwrite=a.overwrite)
+    read_png_call(pngs)  # sizes checked before loading any model
+    settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
+                               normalisation=a.normalisation, slice_decision=a.slice_decision)
+    t0 = time.perf_counter()
+    bank, bb = _bank_and_backbone(a, png=True)
+    if not a.json:
+        print(f"{len(pngs)} PNG slices", file=sys.stderr)
+    res = segment_pngs(pngs, bank, bb, settings, cache=None if a.no_cache else EmbeddingCache(),
+                       batch_size=a.batch_size, progress=ConsoleProgress())
+    paths = write_png_outputs(res, pngs, a.out, overwrite=a.overwrite)
+    rep = {"slices": len(pngs), "out": str(a.out), "prompts": str(paths[PROMPTS_CSV]),
+           "masks_kept": int(sum(bool(res.decision[s]) and res.prompts[s] is not None for s in range(len(pngs)))),
+           "settings": res.metadata()["settings"], "backbone": res.backbone_info,
+           "timings_s": {k: round(v, 3) for k, v in res.timings.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+    if a.json:
+        _out(rep)
+    else:
+        print(f"  wrote {len(pngs)} x (<stem>_mask.png, <stem>_anomaly.npy) and {paths[PROMPTS_CSV]} into {a.out} "
+              f"({rep['seconds']} s)")
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .progress import ConsoleProgress
+    from ..jobs.demo import run_demo
+    from ..core.atomic_outputs import check_output_folder
+
+    check_output_folder(a.out)  # before the bank is built, not after
+    rep = run_demo(a.out, device=a.device, batch_size=a.batch_size, progress=ConsoleProgress())
+    if a.json:
+        _out(rep)
+        return 0
+    print("MIAS-SAM demo: LiteMedSAM (bundled weights), CPU, bank from the bundled normal volumes")
+    print(f"  bank: {rep['bank']['patches']:,} patches from {rep['bank']['slices']} normal slices -> {rep['bank']['path']}")
+    print(f"  settings: prompt {rep['settings']['prompt']}, gamma {rep['settings']['gamma']}, mask {rep['settings']['mask_index']}, "
+          f"normalisation {rep['settings']['normalisation']}")
+    print("  per-slice Dice (lesion slices): " + ", ".join(f"{k}: {v:.2f}" for k, v in rep["per_slice_dice"].items()))
+    print(f"  slice Dice (paper definition): {_fmt(rep['slice_dice'])}   "
+          f"0.5-threshold baseline: {_fmt(rep['baseline_threshold_0.5_slice_dice'])}")
+    print(f"  volume Dice: {_fmt(rep['volume_dice'])}   0.5-threshold baseline: {_fmt(rep['baseline_threshold_0.5_volume_dice'])}")
+    c = rep["cog_inside_lesion"]
+    print(f"  prompt centre inside the lesion on {c['hits']}/{c['lesion_slices']} lesion slices")
+    print("  timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()) + f"; total {rep['total_s']}")
+    print(f"  outputs: {rep['outputs']['mask']}\n           {rep['outputs']['anomaly']}\n           {rep['outputs']['points']}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from ..bank import load_bank
+
+    bank = load_bank(a.bank)
+    if a.json:
+        m = dict(bank.manifest)
+        cal = dict(m.get("calibration", {}))
+        m["calibration"] = {k: v for k, v in cal.items() if k != "per_k"} | {"per_k": {k: {"low": v["low"], "high": v["high"]} for k, v in cal.get("per_k", {}).items()}}
+        _out(m)
+    else:
+        print(f"{a.bank}\n  {bank.summary()}\n  created {bank.manifest.get('created')} with napari-mias-sam {bank.manifest.get('package_version')}")
+        ds = bank.manifest.get("dataset")
+        if ds:
+            from ..data.datasets import KINDS
+
+            kind = KINDS[ds["layout"]].title if ds.get("layout") in KINDS else ds.get("layout")
+            print(f"  dataset {ds.get('root')} ({kind}): modality {ds.get('modality')}, lesion-free slices more than "
+                  f"{ds.get('margin')} slices from any label" + (f", masked to the {ds['roi']}" if ds.get("roi") else "")
+                  + f"; {len(ds.get('subjects') or [])} subjects: {', '.join((ds.get('subjects') or [])[:5])}"
+                  + (" ..." if len(ds.get("subjects") or []) > 5 else ""))
+    return 0
+
+
+def _csv_list(text: str, cast, what: str) -> tuple:
+    try:
+        vals = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise MiasSamError(f"--{what}: expected a comma-separated list, got {text!r}") from exc
+    if not vals:
+        raise MiasSamError(f"--{what}: empty list")
+    return vals
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .progress import ConsoleProgress
+    from ..backbones import load_backbone
+    from ..bank import load_bank
+    from ..evaluation.bmad import read_bmad_test
+    from ..pipeline.embedding_cache import EmbeddingCache
+    from ..core.errors import InputError
+    from ..evaluation.sweep import Ablations, evaluate, units_from_slices, units_from_volumes
+    from ..evaluation.report import markdown_tables, report_outputs, write_report
+    from ..core.atomic_outputs import check_output_folder
+    from ..jobs.preflight import check_device, check_knn_memory, check_precision
+    from ..method.prompts import PROMPT_TYPES
+    from ..method.reference_encoding import encoding_of
+    from ..pipeline.settings import SegmentSettings
+
+    if a.images and not a.gts:
+        raise InputError("--images needs --gts (one ground truth per volume).")
+    if not a.dataset and (a.subjects or a.exclude_subjects or a.modality):
+        raise InputError("--subjects, --exclude-subjects and --modality apply to --dataset.")
+    if a.bmad and a.lesion_labels:
+        raise InputError("--lesion-labels applies to NIfTI label volumes (--images/--gts or --dataset), not to BMAD's masks.")
+    prompts = _csv_list(a.prompts, str, "prompts")
+    for p in prompts:
+        if p not in PROMPT_TYPES:
+            raise InputError(f"--prompts: unknown prompt type {p!r}; choose from {', '.join(PROMPT_TYPES)}")
+    abl = Ablations(prompts=prompts, gammas=_csv_list(a.gammas, float, "gammas"), ks=_csv_list(a.ks, int, "ks"))
+    for g in abl.gammas:
+        SegmentSettings(gamma=g)  # the same limits as --gamma, before any work
+    device = check_device(a.device)
+    check_precision(a.precision, device)
+    check_output_folder(a.out)
+    outs = report_outputs(a.out, overwrite=a.overwrite, inputs=[*(a.images or []), *(a.gts or [])])
+    outs.check()  # existing results are never replaced without --overwrite
+    banks = [load_bank(b) for b in a.bank]
+    test_set = None
+    if a.bmad:
+        ss = read_bmad_test(a.bmad, a.split)
+        units = units_from_slices(ss.images, ss.masks, ss.labels, name=a.bmad.name, encoding=encoding_of(banks[0].backbone))
+    elif a.dataset:
+        from ..jobs.dataset_runs import units_from_dataset
+
+        units, test_set = units_from_dataset(a.dataset, banks, subjects=a.subjects, exclude=a.exclude_subjects,
+                                             modality=a.modality, lesion_labels=a.lesion_labels)
+    else:
+        from ..jobs.dataset_runs import lesion_for
+
+        units = units_from_volumes(a.images, a.gts, banks[0], lesion=lesion_for(None, a.lesion_labels))
+    for b in banks:
+        check_knn_memory(max(abl.ks), max(len(u.frames) for u in units), b.ntotal, what="--ks")
+    with outs:
+        bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, device, precision=a.precision,
+                           encoding=encoding_of(banks[0].backbone))
+        progress = ConsoleProgress()
+        res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
+                       cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
+        if test_set is not None:
+            res["data"]["dataset"] = test_set
+        elif not a.bmad:
+            from ..data.datasets import lesion_description
+
+            res["data"]["lesion_labels"] = lesion_description(lesion_for(None, a.lesion_labels),
+                                                              source=f"--lesion-labels {a.lesion_labels}" if a.lesion_labels else "default")
+        res["outputs"] = write_report(res, a.out, overwrite=a.overwrite, claim=outs)
+    if a.json:
+        _out(res)
+    else:
+        print(markdown_tables(res))
+        print("wrote " + ", ".join(res["outputs"].values()))
+    return 0
+
+
+def _commands() -> dict:
+    from .manage import COMMANDS as MANAGE
+
+    return {"build-bank": cmd_build_bank, "segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "info": cmd_info,
+            "benchmark": cmd_benchmark, **MANAGE}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..core.termination import Terminated, handle_termination
+
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return 2
+    try:
+        with handle_termination():  # SIGTERM/SIGHUP clean up like Ctrl-C
+            if getattr(a, "batch_size", 1) < 1:
+                raise MiasSamError("--batch-size must be at least 1")
+            import warnings
+
+            def one_line(message, category, filename, lineno, file=None, line=None):
+                print(f"mias-sam {a.command}: warning: {message}", file=sys.stderr)
+
+            with warnings.catch_warnings():  # one line per warning on stderr, restored afterwards
+                warnings.showwarning = one_line
+                return _commands()[a.command](a)
+    except (MiasSamError, ValueError) as exc:
+        print(f"mias-sam {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Terminated as exc:
+        print(f"mias-sam {a.command}: stopped by {exc}; no partial outputs were kept.", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mias-sam {a.command}: interrupted; no partial outputs were kept.", file=sys.stderr)
+        return 130
+    except OSError as exc:  # the system refused (disk full, permissions changed meanwhile): one line, no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"mias-sam {a.command}: error: {where}{exc.strerror or exc}; no partial outputs were kept.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Reviewing prompt placement: the QA table of one volume (``<stem>_qa.csv``), read back with
+checks, and the ``mias-sam qa-report`` summary over many volumes. No Qt: the viewer and the CLI
+share it.
+
+One row per slice. The first columns are those of the CLI's ``<stem>_points.csv``
+(:data:`SHARED_COLUMNS`, same names and meaning: the prompt centre as voxel indices i, j, k after
+review); then the review: its ``status`` (:data:`STATUSES`; empty for a slice without a prompt), the
+method's own prompt centre (``orig_i/j/k``), how far a correction moved it (``displacement_mm``,
+in world millimetres), and, when a ground truth was picked, whether the slice holds lesion,
+whether the centre lies inside it before and after review, and the slice's and the volume's Dice
+before and after review ("before": the method's prompt on every slice; "after": corrections
+decoded, rejected slices cleared). The volume, its shape and affine (voxel -> RAS mm, 16 numbers
+row by row), the backbone and the settings repeat on every row so that one file says everything
+about its review (and the viewer can place its points without the image).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..core.errors import InputError
+
+__all__ = [
+    "STATUSES",
+    "SHARED_COLUMNS",
+    "QA_COLUMNS",
+    "QA_SUFFIX",
+    "QaTable",
+    "qa_name",
+    "is_results_folder",
+    "qa_csv_text",
+    "read_qa",
+    "check_same_volume",
+    "summarise",
+    "report_text",
+    "REPORT_NAMES",
+]
+
+STATUSES = ("pending", "accepted", "corrected", "rejected")
+#: The columns of the CLI's ``<stem>_points.csv`` (:meth:`SegmentationResult.points_rows`).
+SHARED_COLUMNS = ("slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt")
+REVIEW_COLUMNS = ("status", "orig_i", "orig_j", "orig_k", "displacement_mm", "has_lesion", "in_lesion_before",
+                  "in_lesion_after", "slice_dice_before", "slice_dice_after", "volume_dice_before", "volume_dice_after")
+VOLUME_COLUMNS = ("volume", "volume_shape", "affine", "backbone", "settings")
+QA_COLUMNS = SHARED_COLUMNS + REVIEW_COLUMNS + VOLUME_COLUMNS
+QA_SUFFIX = "_qa.csv"
+REPORT_NAMES = ("qa_report.json", "qa_report.md", "qa_displacement.png")
+
+_FLOATS = ("i", "j", "k", "image_score", "predicted_iou", "orig_i", "orig_j", "orig_k", "displacement_mm",
+           "slice_dice_before", "slice_dice_after", "volume_dice_before", "volume_dice_after")
+_BOOLS = ("has_lesion", "in_lesion_before", "in_lesion_after")
+
+
+def qa_name(stem: str) -> str:
+    return f"{stem}{QA_SUFFIX}"
+
+
+def is_results_folder(path: str | Path) -> bool:
+    """A folder holding a saved review (``*_qa.csv``)."""
+    p = Path(path)
+    return p.is_dir() and any(p.glob(f"*{QA_SUFFIX}"))
+
+
+def _cell(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return int(bool(v))
+    if isinstance(v, (float, np.floating)):
+        return round(float(v), 6)
+    return v
+
+
+def qa_csv_text(rows: list[dict]) -> str:
+    """The QA table as CSV text (:data:`QA_COLUMNS`; missing values and NaN as empty cells)."""
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(QA_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _cell(r.get(c)) for c in QA_COLUMNS})
+    return buf.getvalue()
+
+
+@dataclass
+class QaTable:
+    """One volume's QA file, typed: numbers as float (None where empty), flags as bool or None."""
+
+    path: Path
+    volume: str
+    shape: tuple[int, ...]
+    backbone: str
+    settings: dict
+    affine: np.ndarray | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def status(self, s: int) -> str:
+        return next((r["status"] for r in self.rows if r["slice"] == s), "")
+
+
+def _parse_row(path: Path, n: int, raw: dict) -> dict:
+    row: dict[str, Any] = dict(raw)
+    try:
+        row["slice"] = int(raw["slice"])
+        row["anomalous"] = int(raw["anomalous"] or 0)
+        for c in _FLOATS:
+            row[c] = float(raw[c]) if raw[c] not in ("", None) else None
+        for c in _BOOLS:
+            row[c] = None if raw[c] in ("", None) else bool(int(raw[c]))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: row {n} is not a QA row ({exc}); save the QA file again from the viewer.") from None
+    if row["status"] not in STATUSES + ("",):
+        raise InputError(f"{path}: row {n} has status '{row['status']}', not one of {', '.join(STATUSES)}.")
+    return row
+
+
+def read_qa(path: str | Path) -> QaTable:
+    """Read a ``<stem>_qa.csv``; a one-line :class:`InputError` for a file that is not one (missing
+    columns, bad values, rows of several volumes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such QA file; pass the <stem>_qa.csv saved from the viewer.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read as a QA file ({exc}).") from None
+    reader = csv.DictReader(_io.StringIO(text))
+    missing = [c for c in QA_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        named = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise InputError(f"{path}: not a MIAS-SAM QA file: missing column{'s' if len(missing) > 1 else ''} {named}; "
+                         "save it from the viewer (File > Save Selected Layers on the CoG layer).")
+    rows = [_parse_row(path, n, r) for n, r in enumerate(reader, start=2)]
+    if not rows:
+        raise InputError(f"{path}: the QA file has no rows.")
+    volumes = sorted({(r["volume"], r["volume_shape"]) for r in rows})
+    if len(volumes) > 1:
+        raise InputError(f"{path}: rows of {len(volumes)} volumes ({', '.join(v for v, _ in volumes)}); one QA file holds one volume.")
+    first = rows[0]
+    try:
+        shape = tuple(int(x) for x in str(first["volume_shape"]).split("x"))
+        settings = json.loads(first["settings"]) if first["settings"] else {}
+        affine = np.asarray(json.loads(first["affine"]), dtype=float).reshape(4, 4) if first["affine"] else None
+    except ValueError as exc:
+        raise InputError(f"{path}: bad volume_shape or settings ({exc}); save the QA file again from the viewer.") from None
+    slices = [r["slice"] for r in rows]
+    if len(set(slices)) != len(slices) or min(slices) < 0 or (len(shape) == 3 and max(slices) >= max(shape)):
+        raise InputError(f"{path}: slice numbers repeat or lie outside the volume; save the QA file again from the viewer.")
+    return QaTable(path=path, volume=str(first["volume"]), shape=shape, backbone=str(first["backbone"]),
+                   settings=settings, affine=affine, rows=sorted(rows, key=lambda r: r["slice"]))
+
+
+def check_same_volume(table: QaTable, volume: str, shape: Iterable[int], n_slices: int) -> None:
+    """Refuse (one line) a QA file of another volume than ``volume`` with ``shape``."""
+    shape = tuple(int(x) for x in shape)
+    if table.volume != volume or table.shape != shape or len(table.rows) != n_slices:
+        raise InputError(f"{table.path}: QA file of volume '{table.volume}' ({'x'.join(map(str, table.shape))}, "
+                         f"{len(table.rows)} slices), not of '{volume}' ({'x'.join(map(str, shape))}, {n_slices} slices); "
+                         f"open the QA file saved for '{volume}'.")
+
+
+# -- qa-report ------------------------------------------------------------------------------------
+def _mean(vals: list) -> float | None:
+    vals = [float(v) for v in vals if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _median(vals: list) -> float | None:
+    vals = [float(v) for v in vals if v is not None and math.isfinite(v)]
+    return float(np.median(vals)) if vals else None
+
+
+def _rate(flags: list) -> float | None:
+    return float(np.mean([bool(f) for f in flags])) if flags else None
+
+
+def _volume_summary(t: QaTable) -> dict:
+    prompted = [r for r in t.rows if r["status"]]
+    counts = {s: sum(r["status"] == s for r in prompted) for s in STATUSES}
+    lesion = [r for r in prompted if r["has_lesion"]]
+    # Hit rate: prompted slices that hold lesion whose prompt centre lies in it; after review a
+    # rejected lesion slice is a miss (no prompt is kept there).
+    before = [r["in_lesion_before"] for r in lesion if r["in_lesion_before"] is not None]
+    after = [bool(r["in_lesion_after"]) and r["status"] != "rejected" for r in lesion if r["in_lesion_after"] is not None]
+    dice_rows = [r for r in t.rows if r["has_lesion"]]
+    corrected = [r for r in prompted if r["status"] == "corrected"]
+    return {
+        "volume": t.volume, "file": str(t.path), "backbone": t.backbone, "slices": len(t.rows), "prompted": len(prompted),
+        "reviewed": len(prompted) - counts["pending"], **counts,
+        "ground_truth": any(r["has_lesion"] is not None for r in t.rows), "lesion_slices": len(dice_rows),
+        "hit_rate_before": _rate(before), "hit_rate_after": _rate(after), "hit_slices": len(before),
+        "median_displacement_mm": _median([r["displacement_mm"] for r in corrected]),
+        "slice_dice_before": _mean([r["slice_dice_before"] for r in dice_rows]),
+        "slice_dice_after": _mean([r["slice_dice_after"] for r in dice_rows]),
+        "volume_dice_before": t.rows[0]["volume_dice_before"], "volume_dice_after": t.rows[0]["volume_dice_after"],
+        "corrections": [{"slice": r["slice"], "image_score": r["image_score"], "displacement_mm": r["displacement_mm"]}
+                        for r in corrected],
+    }
+
+
+def summarise(tables: list[QaTable]) -> dict:
+    """Per volume and overall: slices reviewed, accepted / corrected / rejected, the prompt's hit
+    rate inside the lesion before and after review, the median displacement of corrections (mm),
+    mean slice Dice over lesion slices and volume Dice, before and after review.
+
+    Overall figures pool every slice (hit rates, the median displacement and the slice Dice are
+    over all volumes' slices together); the volume Dice is the mean over volumes with a ground
+    truth. A volume given twice is refused (it would count twice)."""
+    seen: dict[str, Path] = {}
+    for t in tables:
+        if t.volume in seen:
+            raise InputError(f"{t.path}: volume '{t.volume}' is already given by {seen[t.volume]}; pass one QA file per volume.")
+        seen[t.volume] = t.path
+    per = [_volume_summary(t) for t in tables]
+    pooled = [r for t in tables for r in t.rows]
+    overall = _volume_summary(QaTable(path=Path("-"), volume="all", shape=(), backbone="", settings={}, rows=pooled))
+    overall.update(volume="all", file=None, backbone=sorted({t.backbone for t in tables}), volumes=len(tables),
+                   volume_dice_before=_mean([p["volume_dice_before"] for p in per]),
+                   volume_dice_after=_mean([p["volume_dice_after"] for p in per]))
+    overall["corrections"] = [dict(c, volume=p["volume"]) for p in per for c in p["corrections"]]
+    return {"volumes": per, "overall": overall}
+
+
+def _f(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+
+
+def report_text(summary: dict) -> str:
+    """The summary as a Markdown table (one row per volume, then all volumes)."""
+    head = ("| volume | reviewed | accepted | corrected | rejected | pending | CoG in lesion before | after | "
+            "median correction (mm) | slice Dice before | after | volume Dice before | after |")
+    lines = [head, "|" + "---|" * 13]
+    for p in summary["volumes"] + [summary["overall"]]:
+        name = p["volume"] if p["volume"] != "all" else f"**all ({p['volumes']} volume{'s' if p['volumes'] != 1 else ''})**"
+        lines.append(
+            f"| {name} | {p['reviewed']} of {p['prompted']} | {p['accepted']} | {p['corrected']} | {p['rejected']} | "
+            f"{p['pending']} | {_f(p['hit_rate_before'], True)} | {_f(p['hit_rate_after'], True)} | "
+            f"{'-' if p['median_displacement_mm'] is None else format(p['median_displacement_mm'], '.1f')} | "
+            f"{_f(p['slice_dice_before'])} | {_f(p['slice_dice_after'])} | {_f(p['volume_dice_before'])} | "
+            f"{_f(p['volume_dice_after'])} |")
+    lines.append("\nCoG in lesion: prompted slices holding lesion whose prompt centre lies in it (a rejected one "
+                 "counts as a miss after review). Slice Dice: mean over lesion slices. '-': no ground truth was "
+                 "picked, or nothing to count.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,47 @@
+"""A memory bank from the user's files: NIfTI volumes or folders, or BMAD-style PNG slice folders
+(what ``mias-sam build-bank FILES`` and the widget's Build run)."""
+
+from __future__ import annotations
+
+import os
+
+from ..bank import MemoryBank, build_bank
+from ..method.preprocess import Preprocessing, resolve_axis
+from ..method.reference_encoding import encoding_of
+from ..core.records import to_dict
+from ..pipeline.embedding_cache import EmbeddingCache, cached_encoder
+from ..pipeline.frames import PNG_PREPROCESSING, normal_groups
+from ..pipeline.segment import CancelFn, ProgressFn
+
+__all__ = ["build_bank_from_files"]
+
+
+AXIS_NAMES = {0: "0", 1: "1", 2: "2"}
+
+
+def build_bank_from_files(
+    inputs: list[str | os.PathLike],
+    backbone,
+    *,
+    preprocessing: Preprocessing,
+    axis: int | str = "axial",
+    layout: str = "paper1024",
+    index_type: str = "flat",
+    batch_size: int = 4,
+    coreset_ratio: float | None = None,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+    cache: EmbeddingCache | None = None,
+) -> MemoryBank:
+    """Build a memory bank from NIfTI volumes/folders or BMAD-style PNG slice folders.
+
+    ``cache``: read and store the slices' embeddings there, so that another bank from the same
+    volumes (another layout, index type or coreset) skips the encoder."""
+    groups, kind = normal_groups(list(inputs), preprocessing, axis, encoding=encoding_of(backbone))
+    prep = PNG_PREPROCESSING if kind == "png" else to_dict(preprocessing)
+    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else AXIS_NAMES[resolve_axis(axis)]
+    return build_bank(
+        groups, backbone, layout=layout, preprocessing=prep, slice_axis=axis_name, index_type=index_type,
+        batch_size=batch_size, coreset_ratio=coreset_ratio, progress=progress, cancelled=cancelled,
+        embed=cached_encoder(backbone, cache) if cache is not None else None,
+    )

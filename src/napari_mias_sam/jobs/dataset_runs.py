@@ -1,0 +1,346 @@
+"""Labelled datasets as bank sources and test cases: the lesion-free slices of BraTS / LiTS cases
+for a memory bank, one modality of a case with its paired ground truth, LiTS's liver ROI.
+
+The bank's manifest records where every slice came from (``sources``: path and slice indices)
+and how they were chosen (``dataset``: layout, modality, margin, ROI, subjects), so a test set
+can be checked against it (:func:`check_disjoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..bank import MemoryBank, SliceGroup, build_bank
+from ..data.datasets import (
+    Case,
+    DatasetKind,
+    LesionLabels,
+    canonical_modality,
+    case_for_file,
+    check_case,
+    dataset_kind,
+    find_cases,
+    lesion_description,
+    lesion_mask,
+    normal_slices,
+    parse_lesion_labels,
+    select_cases,
+)
+from ..core.errors import InputError
+from ..data.volumes import Volume, load_labels, load_volume
+from ..method.preprocess import resolve_axis, PREPROCESS_PRESETS, Preprocessing
+from ..core.records import to_dict
+from ..pipeline.frames import volume_frames
+from ..method.reference_encoding import encoding_of
+
+__all__ = [
+    "CaseData",
+    "ROIS",
+    "load_case",
+    "apply_roi",
+    "dataset_groups",
+    "prepare_dataset",
+    "build_bank_from_dataset",
+    "bank_subjects",
+    "check_disjoint",
+    "lesion_for",
+    "SegmentInput",
+    "segment_inputs",
+    "units_from_dataset",
+    "roi_for_bank",
+]
+
+ROIS = ("liver",)
+
+
+@dataclass
+class CaseData:
+    """One modality of a case, its label volume (or None) and the dataset's lesion labels."""
+
+    case: Case
+    modality: str
+    image: Volume
+    labels: Volume | None
+    roi: str | None = None
+
+
+def apply_roi(image: Volume, labels: Volume, roi: str, kind: DatasetKind) -> Volume:
+    """``image`` with every voxel outside the ROI labels set below the intensity range (it then
+    normalises to 0 and slices without the ROI count as empty), as BMAD's Liver CT masks to the
+    liver. The ROI comes from the labels, as in BMAD: say so when reporting."""
+    if roi not in kind.rois:
+        raise InputError(f"--roi {roi}: the {kind.title} layout has no such region (it has: {', '.join(kind.rois) or 'none'}).")
+    inside = np.isin(labels.data, np.asarray(kind.rois[roi]))
+    if not inside.any():
+        raise InputError(f"{labels.path}: holds no {roi} labels ({','.join(map(str, kind.rois[roi]))}); "
+                         f"--roi {roi} would leave nothing of {image.path}.")
+    fill = min(float(image.data.min()), -1024.0)
+    data = np.where(inside, image.data, np.float32(fill)).astype(np.float32)
+    return Volume(data=data, affine=image.affine, header=image.header, path=image.path, meta={**image.meta, "roi": roi})
+
+
+def load_case(case: Case, modality: str | None = None, *, roi: str | None = None, need_labels: bool = False) -> CaseData:
+    """Read one modality of ``case`` (default: the layout's) with its labels on the same grid."""
+    mod = canonical_modality(modality or case.info.default_modality)
+    path = case.image(mod)
+    check_case(case, [mod])
+    if case.seg is None and (need_labels or roi):
+        raise InputError(f"{case.folder}: case {case.subject} has no segmentation file; "
+                         + ("--roi needs it." if roi else "its lesion-free slices cannot be found without it."))
+    image = load_volume(path)
+    labels = load_labels(case.seg, like=image) if case.seg is not None else None
+    if roi:
+        image = apply_roi(image, labels, roi, case.info)
+    return CaseData(case, mod, image, labels, roi)
+
+
+def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = "axial",
+                   margin: int = 2, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
+    """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
+    ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
+    groups = []
+    for case in cases:
+        path = case.image(modality)
+        import nibabel as nib
+
+        shape = nib.load(str(path)).shape
+        ax_guess = resolve_axis(axis) if not isinstance(axis, str) or axis.isdigit() else resolve_axis(axis, nib.load(str(path)).affine)
+
+        def load(case: Case = case) -> tuple[torch.Tensor, int, list[int], dict]:
+            cd = load_case(case, modality, roi=roi, need_labels=True)
+            ax = resolve_axis(axis, cd.image.affine)
+            frames, fg = volume_frames(cd.image.data, prep, ax, source=str(cd.image.path), encoding=encoding)
+            normal = normal_slices(cd.labels.data, ax, margin=margin, normal=case.info.normal)
+            keep = np.flatnonzero(normal & fg)
+            lesion = normal_slices(cd.labels.data, ax, margin=0, normal=case.info.normal)
+            extra = {"path": str(cd.image.path), "labels": str(case.seg), "subject": case.subject,
+                     "skipped_empty": int((normal & ~fg).sum()), "lesion_slices": int((~lesion).sum()),
+                     "margin_slices": int((lesion & ~normal).sum())}
+            return frames[torch.from_numpy(keep)], len(fg) - len(keep), keep.tolist(), extra
+
+        groups.append(SliceGroup(name=path.name, n=int(shape[ax_guess]), load=load, path=str(path)))
+    return groups
+
+
+def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, subjects=None, exclude=None,
+                    roi: str | None = None) -> tuple[list[Case], DatasetKind, str]:
+    """The cases of ``root`` chosen by the subject lists, their layout and the canonical modality;
+    every case is checked (files present, one grid) before any work."""
+    cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
+    kind = dataset_kind(cases)
+    mod = canonical_modality(modality or kind.default_modality)
+    if roi is not None and roi not in kind.rois:
+        raise InputError(f"--roi {roi}: {root} is a {kind.title} dataset, which has no {roi} labels.")
+    for c in cases:
+        check_case(c, [mod])
+        if c.seg is None:
+            raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; a bank from lesion-free slices "
+                             "needs the labels (leave the case out with --exclude-subjects).")
+    return cases, kind, mod
+
+
+def build_bank_from_dataset(
+    root: str | os.PathLike,
+    backbone,
+    *,
+    modality: str | None = None,
+    margin: int = 2,
+    subjects: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    roi: str | None = None,
+    preprocess: str | None = None,
+    axis: int | str = "axial",
+    layout: str = "paper1024",
+    index_type: str = "flat",
+    batch_size: int = 4,
+    coreset_ratio: float | None = None,
+    progress=None,
+    cancelled=None,
+    embed=None,
+) -> MemoryBank:
+    """A memory bank from the lesion-free slices of a labelled dataset (BraTS, LiTS).
+
+    ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
+    layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
+    records the layout, root, modality, margin, ROI and subjects."""
+    if margin < 0:
+        raise InputError(f"--margin must be 0 or more, got {margin}")
+    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi)
+    preset = preprocess or kind.preprocess
+    if preset not in PREPROCESS_PRESETS:
+        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
+    prep = PREPROCESS_PRESETS[preset]
+    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi, encoding=encoding_of(backbone))
+    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
+    bank = build_bank(groups, backbone, layout=layout, preprocessing=to_dict(prep), slice_axis=axis_name,
+                      index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
+                      progress=progress, cancelled=cancelled, embed=embed)
+    bank.manifest["dataset"] = {
+        "layout": kind.name,
+        "root": str(Path(root).resolve()),
+        "modality": mod,
+        "margin": int(margin),
+        "normal_labels": list(kind.normal),
+        "roi": roi,
+        "roi_labels": list(kind.rois[roi]) if roi else None,
+        "preprocess": preset,
+        "subjects": [c.subject for c in cases],
+        "subjects_file": str(subjects) if subjects else None,
+        "exclude_subjects_file": str(exclude) if exclude else None,
+    }
+    return bank
+
+
+def bank_subjects(bank: MemoryBank) -> set[str]:
+    """Subjects whose slices are in the bank (from a dataset bank's manifest)."""
+    ds = bank.manifest.get("dataset") or {}
+    return set(ds.get("subjects") or [])
+
+
+def check_disjoint(bank: MemoryBank, cases: list[Case]) -> None:
+    """Refuse test cases whose subject or image file went into the bank."""
+    in_bank = bank_subjects(bank)
+    paths = {str(Path(s["path"]).resolve()) for s in bank.manifest.get("sources", []) if s.get("path")}
+    for c in cases:
+        files = {str(Path(p).resolve()) for p in c.images.values()}
+        if c.subject in in_bank or files & paths:
+            raise InputError(f"subject {c.subject} is both in the bank {bank.path or ''} and in the test set; "
+                             "keep test subjects out of the bank (build-bank --exclude-subjects FILE) or leave it out "
+                             "of the test list.")
+
+
+def lesion_for(case: Case | None, override: str | None = None) -> LesionLabels:
+    """The lesion labels to score ``case`` with: ``override`` (text such as ``"1,2,4"`` or
+    ``"nonzero"``, from ``--lesion-labels`` or the widget) when given, else the layout's."""
+    if override is not None and str(override).strip() != "":
+        return parse_lesion_labels(override)
+    return case.info.lesion if case is not None else None
+
+
+@dataclass
+class SegmentInput:
+    """One volume to segment: the image file, its ground truth (paired from a case folder or a
+    LiTS pair, or given), the lesion labels to score it with and the ROI the bank asks for."""
+
+    image: Path
+    gt: Path | None = None
+    case: Case | None = None
+    lesion: LesionLabels = None
+    lesion_source: str = "default: any non-zero label"
+    roi: str | None = None
+
+    def load(self) -> tuple[Volume, Volume | None]:
+        """The image (masked to the ROI when the bank was built that way) and its label volume."""
+        image = load_volume(self.image)
+        labels = load_labels(self.gt, like=image) if self.gt is not None else None
+        if self.roi:
+            image = apply_roi(image, labels, self.roi, self.case.info)
+        return image, labels
+
+
+def _case_modality(case: Case, modality: str | None, dataset: dict) -> str:
+    if modality:
+        return canonical_modality(modality)
+    if dataset.get("modality"):
+        return dataset["modality"]
+    if len(case.images) == 1:
+        return next(iter(case.images))
+    raise InputError(f"{case.folder}: the bank does not record a modality (it was not built from a dataset): "
+                     f"choose one of {', '.join(sorted(case.images))} with --modality.")
+
+
+def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, *, modality: str | None = None,
+                   lesion_labels: str | None = None) -> list[SegmentInput]:
+    """Resolve ``segment``'s inputs: NIfTI files, BraTS case folders (the bank's modality, or
+    ``modality``) and LiTS files, each paired with its segmentation unless ``gts`` are given."""
+    dataset = manifest.get("dataset") or {}
+    roi = dataset.get("roi")
+    out = []
+    for n, v in enumerate(volumes):
+        v = Path(v)
+        gt = Path(gts[n]) if gts else None
+        if v.is_dir():
+            cases = find_cases(v)
+            if len(cases) != 1:
+                raise InputError(f"{v}: holds {len(cases)} cases; give one case folder per volume, or evaluate the "
+                                 "whole dataset with 'mias-sam evaluate --dataset'.")
+            case = cases[0]
+            mod = _case_modality(case, modality, dataset)
+            image = case.image(mod)
+            check_case(case, [mod], seg=gt is None)
+        else:
+            case, image = case_for_file(v), v
+            if modality and case is not None:
+                raise InputError(f"{v}: --modality applies to case folders; give the folder {case.folder} or drop --modality.")
+        if gt is None and case is not None:
+            gt = case.seg
+        if roi:
+            if case is None or roi not in case.info.rois:
+                raise InputError(f"{v}: the bank was built with --roi {roi} ({dataset.get('layout')}); give a "
+                                 f"{dataset.get('layout')} case so the {roi} can be masked the same way.")
+            if gt is None:
+                raise InputError(f"{v}: the bank was built with --roi {roi}, which needs this volume's labels; "
+                                 "its segmentation file is missing.")
+        if lesion_labels is not None and str(lesion_labels).strip():
+            source = f"--lesion-labels {lesion_labels}"
+        elif case is not None:
+            source = f"{case.info.title} default"
+        else:
+            source = "default: any non-zero label"
+        out.append(SegmentInput(image=image, gt=gt, case=case, lesion=lesion_for(case, lesion_labels),
+                                lesion_source=source, roi=roi if roi and case is not None else None))
+    return out
+
+
+def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subjects=None, exclude=None,
+                       modality: str | None = None, lesion_labels: str | None = None) -> tuple[list, dict]:
+    """Evaluation units (:class:`~napari_mias_sam.evaluation.sweep.TestUnit`) for the cases of a dataset
+    root, scored with the layout's lesion labels (or ``lesion_labels``), preprocessed and masked
+    (ROI) as the first bank was. Refuses test subjects that are in a bank. Returns the units and
+    a description of the test set for the report."""
+    from ..evaluation.sweep import unit_from_volume
+
+    cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
+    for bank in banks:
+        check_disjoint(bank, cases)
+    kind = dataset_kind(cases)
+    ds = banks[0].manifest.get("dataset") or {}
+    mod = canonical_modality(modality or ds.get("modality") or kind.default_modality)
+    roi = ds.get("roi") if ds.get("roi") in kind.rois else None
+    if ds.get("roi") and roi is None:
+        raise InputError(f"{root}: the bank was built with --roi {ds['roi']} ({ds.get('layout')}) but this is a {kind.title} dataset.")
+    for c in cases:  # every file checked before the first is read
+        check_case(c, [mod])
+        if c.seg is None:
+            raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; evaluation needs the ground truth "
+                             "(leave the case out with --exclude-subjects).")
+    units, counted = [], set()
+    lesion = lesion_for(cases[0], lesion_labels)
+    for c in cases:
+        cd = load_case(c, mod, roi=roi, need_labels=True)
+        lesion = lesion_for(c, lesion_labels)
+        counted.update(int(v) for v in np.unique(cd.labels.data[lesion_mask(cd.labels.data, lesion)]))
+        units.append(unit_from_volume(cd.image, lesion_mask(cd.labels.data, lesion), banks[0], name=c.subject))
+    source = f"--lesion-labels {lesion_labels}" if lesion_labels else f"{kind.title} default"
+    info = {"root": str(root), "layout": kind.name, "modality": mod, "roi": roi, "subjects": [c.subject for c in cases],
+            "lesion_labels": {**lesion_description(lesion, source=source), "counted": sorted(counted)}}
+    return units, info
+
+
+def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
+    """``volume`` masked the way the bank's slices were (``--roi``), from the labels of the dataset
+    case the volume's file belongs to; unchanged when the bank has no ROI."""
+    roi = (manifest.get("dataset") or {}).get("roi")
+    if not roi:
+        return volume
+    case = case_for_file(volume.path) if volume.path is not None else None
+    if case is None or roi not in case.info.rois or case.seg is None:
+        raise InputError(f"the bank was built with --roi {roi}: open a {(manifest.get('dataset') or {}).get('layout')} "
+                         f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
+                         "masked the same way.")
+    return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)

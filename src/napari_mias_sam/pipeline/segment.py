@@ -1,0 +1,586 @@
+"""segment_volume(): volume -> slices -> embeddings (cached) -> patch distances -> anomaly maps
+-> prompts -> 3 masks per slice -> volumes on the input's voxel grid.
+
+Progress is reported through a callback ``progress(stage, done, total)`` and cancellation through
+``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
+is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
+
+Size: one module on purpose (about 510 lines): the one path a volume takes, stage by stage, and the
+result it returns, so that a reader follows a run without changing files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
+from ..method.prompts import Prompt, make_prompt
+from ..bank import MemoryBank, check_compatible
+from ..bank.store import preprocessing_from_bank
+from .embedding_cache import EmbeddingCache, frames_key
+from ..core.errors import Cancelled, InputError, MiasSamError
+from ..data.volumes import Volume
+from ..method.patches import GRID, patch_features
+from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
+from ..method.reference_encoding import embedding_dtype, encoding_of
+from ..method.regions import (
+    NormalLevels,
+    anomalous_regions,
+    bank_levels,
+    decode_regions,
+    region_cores,
+    regions_supported,
+    slice_regions,
+)
+from .settings import SegmentSettings, resolve_defaults
+from ..core.records import to_dict
+from .frames import volume_frames
+
+__all__ = [
+    "EncodedVolume",
+    "SegmentationResult",
+    "encode_volume",
+    "encode_frames",
+    "cached_encode",
+    "neighbour_distances",
+    "score_volume",
+    "decode_all",
+    "redecode_slice",
+    "segment_volume",
+    "maps_reusable",
+]
+
+ProgressFn = Callable[[str, int, int], None]
+CancelFn = Callable[[], bool]
+#: Slices decoded together on a GPU (decode_all's default there; the CPU decodes slice by slice).
+GPU_DECODE_BATCH = 16
+
+
+def _check(cancelled: CancelFn | None) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled("cancelled by the user")
+
+
+@dataclass
+class EncodedVolume:
+    """A volume's slices in the model frame and their embeddings (on the CPU; float16, or float32
+    with the ``reference`` encoding)."""
+
+    embeddings: torch.Tensor  # (N, 256, 64, 64) float16 (float32: reference encoding)
+    frames: torch.Tensor  # (N, 256, 256) float32 in [0, 1]
+    foreground: np.ndarray  # (N,) bool: slice holds anatomy
+    axis: int
+    frame: Frame
+    key: str
+    from_cache: bool = False
+
+
+def encode_frames(
+    frames: torch.Tensor,
+    backbone,
+    *,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+    stage: str = "encode slices",
+) -> torch.Tensor:
+    """Encode (N, 256, 256) frames in batches -> (N, 256, 64, 64) on the CPU, float16 (float32 for
+    the ``reference`` encoding, which keeps embeddings as the paper's code does)."""
+    dtype = embedding_dtype(backbone)
+    out = []
+    n = len(frames)
+    for b0 in range(0, n, batch_size):
+        _check(cancelled)
+        emb = backbone.encode(frames[b0 : b0 + batch_size])
+        out.append(emb.to(dtype).cpu())
+        if progress:
+            progress(stage, min(n, b0 + batch_size), n)
+    return torch.cat(out) if out else torch.zeros((0, 256, 64, 64), dtype=dtype)
+
+
+def cached_encode(
+    frames: torch.Tensor,
+    backbone,
+    cache: EmbeddingCache | None,
+    *,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> tuple[torch.Tensor, str, bool]:
+    """Embeddings of ``frames``: from ``cache`` when it holds them (keyed by content, backbone
+    weights and precision), else encoded and stored there. Returns (embeddings, key, from cache)."""
+    key = frames_key(frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
+    emb = cache.get(key) if cache is not None else None
+    hit = emb is not None and len(emb) == len(frames)
+    if not hit:
+        emb = encode_frames(frames, backbone, batch_size=batch_size, progress=progress, cancelled=cancelled)
+        if cache is not None:
+            cache.put(key, emb, dtype=embedding_dtype(backbone))
+    return emb, key, hit
+
+
+def _model_frames(volume: Volume, backbone, prep: Preprocessing, ax: int):
+    """The volume's slices as the backbone sees them (its encoding) and which hold anatomy."""
+    return volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
+
+
+def encode_volume(
+    volume: Volume,
+    backbone,
+    prep: Preprocessing,
+    *,
+    axis: int | str = "axial",
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> EncodedVolume:
+    """Preprocess, slice and encode a volume; reuse cached embeddings of identical slices."""
+    ax = resolve_axis(axis, volume.affine)
+    frames, fg = _model_frames(volume, backbone, prep, ax)
+    h, w = [s for i, s in enumerate(volume.shape) if i != ax]
+    emb, key, hit = cached_encode(frames, backbone, cache, batch_size=batch_size, progress=progress, cancelled=cancelled)
+    if hit and progress:
+        progress("encode slices (cached)", len(frames), len(frames))
+    return EncodedVolume(embeddings=emb, frames=frames, foreground=fg, axis=ax, frame=Frame(h, w), key=key, from_cache=hit)
+
+
+def score_volume(
+    embeddings: torch.Tensor,
+    bank: MemoryBank,
+    *,
+    k: int = 1,
+    sigma: float = 4.0,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256)."""
+    d = neighbour_distances(embeddings, bank, k=k, batch_size=batch_size, progress=progress, cancelled=cancelled)
+    scores = mean_of_k_nearest(d, k, axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
+    return scores, maps_from_scores(scores, sigma=sigma)
+
+
+def neighbour_distances(
+    embeddings: torch.Tensor,
+    bank: MemoryBank,
+    *,
+    k: int = 1,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> np.ndarray:
+    """(N, 1024, k) sorted squared L2 distances of each slice's patches to their k nearest bank
+    patches; a patch's score is the mean of its row (the first j columns serve any k = j)."""
+    n = len(embeddings)
+    out = np.zeros((n, GRID * GRID, min(k, bank.ntotal)), dtype=np.float32)
+    dev = getattr(bank, "search_device", torch.device("cpu"))  # the GPU when the bank is searched there
+    for b0 in range(0, n, batch_size):
+        _check(cancelled)
+        feats = patch_features(embeddings[b0 : b0 + batch_size].to(dev).float(), bank.layout)
+        m = feats.shape[0]
+        out[b0 : b0 + m] = bank.search(feats.reshape(-1, feats.shape[-1]), k).reshape(m, GRID * GRID, -1)
+        if progress:
+            progress("nearest-neighbour search", min(n, b0 + batch_size), n)
+    return out
+
+
+@dataclass
+class SegmentationResult:
+    """Everything a run produced, in the model frame and mapped back to the input's voxel grid."""
+
+    volume: Volume
+    encoded: EncodedVolume
+    settings: SegmentSettings  # prompt resolved to a concrete type
+    bank_info: dict
+    backbone_info: dict
+    preprocessing: dict
+    scores: np.ndarray  # (N, 32, 32) patch scores
+    raw_maps: np.ndarray  # (N, 256, 256) unnormalised
+    maps: np.ndarray  # (N, 256, 256) normalised (what prompts read)
+    image_scores: np.ndarray  # (N,)
+    decision: np.ndarray  # (N,) bool: slice judged anomalous (all True without a slice decision)
+    decision_threshold: float | None
+    prompts: list[Prompt | None]
+    logits: np.ndarray  # (N, 3, 256, 256) float16 mask logits (0 where no prompt)
+    ious: np.ndarray  # (N, 3) predicted IoU (NaN where no prompt)
+    timings: dict = field(default_factory=dict)
+    maps_reused: bool = False  # patch scores and raw maps taken from an earlier result (no kNN search)
+    regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
+    region_cores: np.ndarray | None = None  # (N, 256, 256) bool: region pixels above the seed level
+    region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
+
+    def __post_init__(self) -> None:
+        self.settings = self.settings.with_default_mask()
+
+    @property
+    def axis(self) -> int:
+        return self.encoded.axis
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.prompts)
+
+    def _to_volume(self, per_slice: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(per_slice, 0, self.axis))
+
+    def slice_mask(self, s: int, mask_index: int | None = None) -> np.ndarray:
+        """Boolean mask of slice ``s`` on the slice's own pixel grid (empty if not kept)."""
+        m = (mask_index or self.settings.mask_index) - 1
+        fr = self.encoded.frame
+        if self.prompts[s] is None or not self.decision[s]:
+            return np.zeros((fr.height, fr.width), dtype=bool)
+        return from_frame(self.logits[s : s + 1, m].astype(np.float32), fr)[0] > 0
+
+    def mask_volume(self, mask_index: int | None = None) -> np.ndarray:
+        """uint8 mask on the input grid (1 = anomaly) using the chosen mask of each slice."""
+        masks = np.stack([self.slice_mask(s, mask_index) for s in range(self.n_slices)])
+        return self._to_volume(masks.astype(np.uint8))
+
+    def anomaly_volume(self) -> np.ndarray:
+        """float32 normalised anomaly map on the input grid."""
+        return self._to_volume(from_frame(self.maps, self.encoded.frame).astype(np.float32))
+
+    def cog_voxel(self, s: int) -> tuple[float, float, float] | None:
+        """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
+        With several boxes (one per region), the first one's: the most anomalous region's (a mean
+        of the centres would sit between two lesions, on neither)."""
+        centres = self.prompt_centres(s)
+        return centres[0] if centres else None
+
+    def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
+        """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
+        (several for the regions prompt: one per region, most anomalous first)."""
+        p = self.prompts[s]
+        if p is None:
+            return []
+        if p.kind == "point":
+            xy = [p.point]
+        else:
+            boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
+            xy = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]  # type: ignore[index]
+        return [self._frame_to_voxel(s, x, y) for x, y in xy]  # type: ignore[misc]
+
+    def _frame_to_voxel(self, s: int, x: float, y: float) -> tuple[float, float, float]:
+        r, c = self.encoded.frame.to_slice(y, x)
+        rest = [a for a in range(3) if a != self.axis]
+        ijk = [0.0, 0.0, 0.0]
+        ijk[self.axis] = float(s)
+        ijk[rest[0]], ijk[rest[1]] = r, c
+        return (ijk[0], ijk[1], ijk[2])
+
+    def points_rows(self) -> list[dict]:
+        """One row per slice: slice, CoG voxel indices i, j, k, image score, predicted IoU, ..."""
+        m = self.settings.mask_index - 1
+        rows = []
+        for s in range(self.n_slices):
+            ijk = self.cog_voxel(s)
+            p = self.prompts[s]
+            rows.append(
+                {
+                    "slice": s,
+                    "i": "" if ijk is None else round(ijk[0], 2),
+                    "j": "" if ijk is None else round(ijk[1], 2),
+                    "k": "" if ijk is None else round(ijk[2], 2),
+                    "image_score": round(float(self.image_scores[s]), 6),
+                    "predicted_iou": "" if p is None else round(float(self.ious[s, m]), 4),
+                    "anomalous": int(bool(self.decision[s])) if p is not None else 0,
+                    "prompt": "none" if p is None else p.kind,
+                }
+            )
+        return rows
+
+    def metadata(self) -> dict:
+        """Every setting that made this result (stored in layer metadata and JSON output)."""
+        return {
+            "settings": to_dict(self.settings),
+            "backbone": self.backbone_info,
+            "bank": self.bank_info,
+            "preprocessing": self.preprocessing,
+            "slice_axis": self.axis,
+            "decision_threshold": self.decision_threshold,
+            "region_levels": self.region_levels.as_dict() if self.region_levels is not None else None,
+            "source": str(self.volume.path) if self.volume.path else None,
+        }
+
+
+def _slice_prompt(amap: np.ndarray, settings: SegmentSettings) -> Prompt | None:
+    return make_prompt(amap, settings.prompt or "cog-point", gamma=settings.gamma, threshold=settings.threshold)
+
+
+def decode_one(backbone, embedding: torch.Tensor, prompt: Prompt | None, amap: np.ndarray | None = None, *, use_map_as_mask: bool = False):
+    """Decode one slice; returns (logits (3, 256, 256) float16, iou (3,)) or zeros/NaN without a prompt."""
+    if prompt is None:
+        return np.zeros((3, 256, 256), np.float16), np.full(3, np.nan, np.float32)
+    mask_input = None
+    if use_map_as_mask and amap is not None:
+        import torch.nn.functional as F
+
+        mask_input = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(256, 256), mode="bilinear")[0, 0]
+    out = backbone.decode(embedding.float(), prompt, mask_input=mask_input)
+    return out.logits.astype(np.float16), out.iou
+
+
+def decode_all(
+    encoded: EncodedVolume,
+    maps: np.ndarray,
+    backbone,
+    settings: SegmentSettings,
+    *,
+    regions: np.ndarray | None = None,
+    cores: np.ndarray | None = None,
+    batch_size: int | None = None,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> tuple[list[Prompt | None], np.ndarray, np.ndarray]:
+    """Prompt and decode every slice with anatomy; empty slices get no prompt and no mask.
+
+    With ``settings.prompt == "regions"``, ``regions`` (the labels of
+    :func:`~napari_mias_sam.method.regions.anomalous_regions`) gives each slice one box per region
+    piece, around its ``cores`` (:func:`~napari_mias_sam.method.regions.decode_regions`); slices without
+    a region get nothing.
+
+    ``batch_size`` slices are decoded together where the backbone offers ``decode_batch`` (one
+    point or one box per slice, no map as mask input). ``None``: 1 (slice by slice, the exact
+    historical results) on the CPU and :data:`GPU_DECODE_BATCH` on a GPU. Batched results equal
+    slice-by-slice ones up to float rounding (mask logits within 1e-6, measured).
+    """
+    n = len(maps)
+    prompts: list[Prompt | None] = [None] * n
+    logits = np.zeros((n, 3, 256, 256), np.float16)
+    ious = np.full((n, 3), np.nan, np.float32)
+    use_map = bool(settings.extras.get("map_as_mask_input", False))
+    if batch_size is None:
+        batch_size = 1 if getattr(getattr(backbone, "device", None), "type", "cpu") == "cpu" else GPU_DECODE_BATCH
+    batched = batch_size > 1 and not use_map and hasattr(backbone, "decode_batch")
+    pending: list[int] = []
+
+    def flush() -> None:
+        outs = backbone.decode_batch(encoded.embeddings[pending], [prompts[i] for i in pending])
+        for i, out in zip(pending, outs):
+            logits[i], ious[i] = out.logits.astype(np.float16), out.iou
+        pending.clear()
+
+    if settings.prompt == "regions":
+        if regions is None:
+            raise ValueError("the regions prompt needs the volume's anomalous-region labels")
+        for s in range(n):
+            _check(cancelled)
+            if encoded.foreground[s] and regions[s].any():
+                logits[s], ious[s], prompts[s] = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s],
+                                                                core=None if cores is None else cores[s])
+            if progress:
+                progress("prompt and decode", s + 1, n)
+        return prompts, logits, ious
+    for s in range(n):
+        _check(cancelled)
+        if encoded.foreground[s]:
+            prompts[s] = _slice_prompt(maps[s], settings)
+            if batched and backbone.batchable(prompts[s]):
+                pending.append(s)
+                if len(pending) >= batch_size:
+                    flush()
+            else:
+                logits[s], ious[s] = decode_one(backbone, encoded.embeddings[s], prompts[s], maps[s], use_map_as_mask=use_map)
+        if progress and not pending:
+            progress("prompt and decode", s + 1, n)
+    if pending:
+        flush()
+        if progress:
+            progress("prompt and decode", n, n)
+    return prompts, logits, ious
+
+
+def redecode_slice(
+    result: SegmentationResult,
+    backbone,
+    s: int,
+    *,
+    settings: SegmentSettings | None = None,
+    point: tuple[float, float] | None = None,
+) -> None:
+    """Recompute slice ``s`` in place after a settings change or a moved CoG point.
+
+    ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
+    with a box prompt type the box is re-centred on it with the same size).
+    """
+    if settings is not None:
+        result.settings = settings.with_default_mask(result.settings.prompt)
+    st = result.settings
+    if not result.encoded.foreground[s]:
+        return
+    if st.prompt == "regions" and point is None:
+        labels = region_labels(result)
+        cores = result.region_cores
+        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(
+            backbone, result.encoded.embeddings[s], labels[s], result.maps[s], core=None if cores is None else cores[s])
+        return
+    if st.prompt == "regions":  # a moved point: the box of the region it stood for (the most anomalous), re-centred
+        regs = slice_regions(region_labels(result)[s], result.maps[s],
+                             core=None if result.region_cores is None else result.region_cores[s])
+        prompt = Prompt("box", box=regs[0].box) if regs else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
+    else:
+        prompt = _slice_prompt(result.maps[s], st)
+    if point is not None:
+        if prompt is not None and prompt.kind == "box":
+            x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
+            hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
+            prompt = Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
+        else:
+            prompt = Prompt("point", point=(float(point[0]), float(point[1])))
+    result.prompts[s] = prompt
+    use_map = bool(st.extras.get("map_as_mask_input", False))
+    result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+
+
+def segment_volume(
+    volume: Volume,
+    bank: MemoryBank,
+    backbone,
+    settings: SegmentSettings | None = None,
+    *,
+    axis: int | str | None = None,
+    cache: EmbeddingCache | None = None,
+    encoded: EncodedVolume | None = None,
+    reuse: SegmentationResult | None = None,
+    batch_size: int = 4,
+    slice_set: bool = False,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> SegmentationResult:
+    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
+
+    ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
+    settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
+    of too few held-out normal slices, :func:`~napari_mias_sam.method.regions.regions_supported`).
+
+    ``reuse``: an earlier result. When it was made from the same slices (same content, axis and
+    backbone) its embeddings are used, and when the bank, k and sigma are also the same its patch
+    scores and raw maps too: only the normalisation, the prompts and the decoder run again
+    (``maps_reused`` is then True).
+    """
+    settings = settings or SegmentSettings()
+    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
+    info = backbone.describe()
+    check_compatible(bank, info)
+    prep = preprocessing_from_bank(bank)
+    dev = getattr(backbone, "device", None)
+    if dev is not None and torch.device(dev).type == "cuda":
+        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if encoded is None and reuse is not None:
+        encoded = _reusable_encoding(reuse, volume, backbone, prep, axis if axis is not None else bank.slice_axis)
+    if encoded is None:
+        encoded = encode_volume(
+            volume, backbone, prep, axis=axis if axis is not None else bank.slice_axis, cache=cache,
+            batch_size=batch_size, progress=progress, cancelled=cancelled,
+        )
+    t["encode_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    reused = reuse is not None and maps_reusable(reuse, encoded, bank, settings)
+    if reused:
+        scores, raw = reuse.scores, reuse.raw_maps
+    else:
+        scores, raw = score_volume(encoded.embeddings, bank, k=settings.k, sigma=settings.sigma, progress=progress, cancelled=cancelled)
+    t["knn_and_map_s"] = time.perf_counter() - t1
+    fg = encoded.foreground
+    calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
+    maps = normalise_maps(raw, settings.normalisation, calibration, valid=fg)
+    maps[~fg] = 0.0
+    regions, cores, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
+    img = image_scores(scores)
+    decision = fg.copy()
+    if settings.prompt == "regions":
+        decision &= regions.reshape(len(regions), -1).any(1)
+    threshold = None
+    if settings.slice_decision:
+        threshold = slice_decision_threshold(bank, settings.k)
+        decision &= img > threshold
+    t2 = time.perf_counter()
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, progress=progress,
+                                       cancelled=cancelled)
+    t["prompt_and_decode_s"] = time.perf_counter() - t2
+    return SegmentationResult(
+        volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
+        preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
+        decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
+        maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels,
+    )
+
+
+def _reusable_encoding(reuse: SegmentationResult, volume: Volume, backbone, prep: Preprocessing, axis) -> EncodedVolume | None:
+    """``reuse.encoded`` when ``volume`` gives the same slices for ``backbone`` (else None)."""
+    ax = resolve_axis(axis, volume.affine)
+    if reuse.encoded.axis != ax or reuse.volume.shape != volume.shape:
+        return None
+    frames, _fg = _model_frames(volume, backbone, prep, ax)
+    key = frames_key(frames, backbone.describe(), precision=getattr(backbone, "precision", "fp32"))
+    return replace(reuse.encoded, from_cache=True) if key == reuse.encoded.key else None
+
+
+def maps_reusable(previous: SegmentationResult, encoded: EncodedVolume, bank: MemoryBank, settings: SegmentSettings) -> bool:
+    """Can a run with ``settings`` reuse ``previous``'s patch scores and raw maps? Same slices
+    (embedding key), same bank (provenance), same k and sigma: the kNN search would give the same."""
+    return (
+        previous.encoded.key == encoded.key
+        and _same_bank(previous.bank_info, _bank_info(bank))
+        and previous.settings.k == settings.k
+        and previous.settings.sigma == settings.sigma
+    )
+
+
+def _same_bank(a: dict, b: dict) -> bool:
+    """Same bank content, wherever it is saved (saving an unsaved bank only gives it a path)."""
+    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+
+
+def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, settings: SegmentSettings, *,
+                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None, NormalLevels | None]:
+    """The volume's anomalous 3D regions on its calibrated maps, their cores (pixels above the seed
+    level) and the bank's normal levels.
+
+    ``(None, None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
+    try:
+        levels = bank_levels(bank, settings.k)
+        cal = calibrated if calibrated is not None else bank.calibration(settings.k).apply(raw)
+    except (ValueError, MiasSamError):
+        if settings.prompt == "regions":
+            raise InputError(f"{bank.path or 'bank'}: holds no normal calibration, which the regions prompt needs; "
+                             "rebuild the bank, or choose --prompt cog-box / cog-point.") from None
+        return None, None, None
+    labels = anomalous_regions(cal, levels, foreground=foreground)
+    return labels, region_cores(cal, labels, levels), levels
+
+
+def region_labels(result: SegmentationResult) -> np.ndarray:
+    """The result's region labels (the regions prompt cannot run without them)."""
+    if result.regions is None:
+        raise InputError("this result has no anomalous regions (its bank holds no normal calibration); "
+                         "choose another prompt type.")
+    return result.regions
+
+
+def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:
+    """Image-score threshold from held-out NORMAL slices only (default: their maximum)."""
+    per_k = bank.manifest.get("calibration", {}).get("per_k", {})
+    key = str(k) if str(k) in per_k else "1"
+    scores = per_k.get(key, {}).get("slice_scores", [])
+    if not scores:
+        raise ValueError("the bank holds no calibration slice scores; the slice decision needs them")
+    return float(np.percentile(scores, quantile))
+
+
+def _bank_info(bank: MemoryBank) -> dict:
+    return {
+        "path": str(bank.path) if bank.path else None,
+        "patch_layout": bank.layout,
+        "patches": bank.ntotal,
+        "index": bank.manifest.get("index", {}).get("type"),
+        "created": bank.manifest.get("created"),
+    }

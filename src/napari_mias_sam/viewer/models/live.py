@@ -1,0 +1,460 @@
+"""Live quality assurance on one segmentation result (what the napari widget drives; no Qt).
+
+A :class:`LiveSession` owns a :class:`~napari_mias_sam.pipeline.segment.SegmentationResult` and the
+backbone that made it, and turns viewer actions into pipeline calls:
+
+* a new gamma, prompt type or threshold re-prompts and re-decodes slices from the cached
+  embeddings and maps (:func:`~napari_mias_sam.pipeline.segment.redecode_slice`; no encoder, no kNN);
+* a new mask index only re-reads the cached decoder logits;
+* a CoG point moved by the user becomes that slice's prompt (kept across later changes until
+  :meth:`LiveSession.reset_points`);
+* each prompted slice has a review status (:data:`~napari_mias_sam.data.qa_table.STATUSES`): moving
+  its point makes it ``corrected``; :meth:`LiveSession.review` accepts, rejects (the slice's mask
+  is cleared and stays cleared through later decodes and reruns) or resets it.
+
+Every method that decodes takes the session lock, and a *generation* number lets a background
+pass give up as soon as a newer change supersedes it, so slices are never decoded with stale
+settings after the newest change. Arrays handed to the viewer are in display order (see
+:mod:`napari_mias_sam.viewer.models.layers`); the result itself stays in file order.
+
+The comparison helpers (:func:`compare_with_gt`, :func:`error_overlay`, :func:`ranked_slices`)
+are pure functions on arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from ...evaluation.metrics import dice, slice_dice, volume_dice
+from .layers import to_display
+from ...pipeline.segment import SegmentationResult, redecode_slice
+from ...method.preprocess import from_frame
+from ...method.prompts import make_prompt
+from ...pipeline.settings import SegmentSettings
+from ...core.records import to_dict
+
+__all__ = [
+    "CHANGE_NONE",
+    "CHANGE_MASK",
+    "CHANGE_PROMPT",
+    "CHANGE_RERUN",
+    "classify_change",
+    "LiveSession",
+    "SliceUpdate",
+    "compare_with_gt",
+    "error_overlay",
+    "ranked_slices",
+    "FP",
+    "FN",
+]
+
+CHANGE_NONE = "none"
+CHANGE_MASK = "mask"  # re-read cached logits
+CHANGE_PROMPT = "prompt"  # re-prompt and re-decode (no encoder, no kNN)
+CHANGE_RERUN = "rerun"  # needs new anomaly maps: run the pipeline again (embeddings are cached)
+
+FP = 1  # label value of false positives in the error overlay
+FN = 2  # label value of false negatives
+
+_PROMPT_FIELDS = ("gamma", "prompt", "threshold")
+_MAP_FIELDS = ("k", "sigma", "normalisation", "slice_decision")
+
+
+def classify_change(old: SegmentSettings, new: SegmentSettings) -> str:
+    """What a settings change costs: none, mask (logits only), prompt (decode) or rerun (kNN)."""
+    if any(getattr(old, f) != getattr(new, f) for f in _MAP_FIELDS) or old.extras != new.extras:
+        return CHANGE_RERUN
+    if any(getattr(old, f) != getattr(new, f) for f in _PROMPT_FIELDS):
+        return CHANGE_PROMPT
+    if old.mask_index != new.mask_index:
+        return CHANGE_MASK
+    return CHANGE_NONE
+
+
+@dataclass
+class SliceUpdate:
+    """One slice brought up to date: its mask (display order), prompt centre and IoUs."""
+
+    s: int
+    mask: np.ndarray
+    point: tuple[float, float, float] | None
+    ious: np.ndarray
+
+
+class LiveSession:
+    """One result, its backbone, user-moved prompt points and the display axis order."""
+
+    def __init__(
+        self,
+        result: SegmentationResult,
+        backbone,
+        display_axes: tuple[int, ...] = (0, 1, 2),
+        *,
+        overrides: dict[int, tuple[float, float]] | None = None,
+        statuses: dict[int, str] | None = None,
+    ) -> None:
+        self.result = result
+        self.backbone = backbone
+        self.axes = tuple(int(a) for a in display_axes)
+        self.settings = result.settings
+        self.overrides: dict[int, tuple[float, float]] = {}  # slice -> (x, y) in the model frame
+        self.lock = threading.RLock()
+        self.generation = 0
+        self.stale: set[int] = set()  # slices whose logits do not match the settings yet
+        self._marks: dict[int, int] = {}  # per-slice count of 'made stale' events
+        self.statuses: dict[int, str] = {}  # slice -> review status (absent: pending)
+        self._method: dict[int, tuple] = {}  # slice -> the method's own (prompt, logits) under the settings in force
+        if overrides:  # moved points carried over from an earlier run of the same volume
+            self.overrides = {int(s): (float(x), float(y)) for s, (x, y) in overrides.items() if 0 <= int(s) < self.n_slices}
+            self.mark_stale(self.overrides)
+        for s, st in (statuses or {}).items():  # the review carried over (rejected slices are cleared)
+            if 0 <= int(s) < self.n_slices and st != "pending" and self.result.prompts[int(s)] is not None:
+                self.statuses[int(s)] = str(st)
+        self.mark_stale([s for s, st in self.statuses.items() if st == "rejected"])
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def n_slices(self) -> int:
+        return self.result.n_slices
+
+    @property
+    def display_axis(self) -> int:
+        """The display (layer data) axis the pipeline sliced along."""
+        return self.axes.index(self.result.axis)
+
+    def slice_index(self, s: int) -> tuple:
+        """Index of pipeline slice ``s`` in a display-order array."""
+        idx: list[Any] = [slice(None)] * 3
+        idx[self.display_axis] = int(s)
+        return tuple(idx)
+
+    def _slice_to_display(self, plane: np.ndarray) -> np.ndarray:
+        rest = [a for a in range(3) if a != self.result.axis]
+        pos = [self.axes.index(r) for r in rest]
+        return plane if pos[0] < pos[1] else plane.T
+
+    def file_to_display(self, ijk) -> tuple[float, float, float]:
+        return tuple(float(ijk[f]) for f in self.axes)  # type: ignore[return-value]
+
+    def display_to_file(self, coords) -> tuple[float, float, float]:
+        out = [0.0, 0.0, 0.0]
+        for a, f in enumerate(self.axes):
+            out[f] = float(coords[a])
+        return (out[0], out[1], out[2])
+
+    def slice_of(self, display_coords) -> int:
+        """Pipeline slice holding a display-order position (clipped to the volume)."""
+        f = self.display_to_file(display_coords)
+        return int(np.clip(round(f[self.result.axis]), 0, self.n_slices - 1))
+
+    # -- arrays for the viewer (display order) ----------------------------------------------------
+    def mask_display(self) -> np.ndarray:
+        with self.lock:
+            return np.ascontiguousarray(to_display(self.result.mask_volume(self.settings.mask_index), self.axes))
+
+    def anomaly_display(self) -> np.ndarray:
+        return np.ascontiguousarray(to_display(self.result.anomaly_volume(), self.axes))
+
+    def slice_mask_display(self, s: int) -> np.ndarray:
+        """uint8 mask of slice ``s`` shaped like ``mask_display()[slice_index(s)]``."""
+        m = self.result.slice_mask(s, self.settings.mask_index)
+        return self._slice_to_display(m.astype(np.uint8))
+
+    def point(self, s: int) -> tuple[float, float, float] | None:
+        """Display-order position of slice ``s``'s prompt centre (None without a prompt)."""
+        ijk = self.result.cog_voxel(s)
+        return None if ijk is None else self.file_to_display(ijk)
+
+    def points(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """All prompt centres (M, 3) in display order and their features (slice, score, IoU, moved,
+        review status)."""
+        m = self.settings.mask_index - 1
+        rows, feats = [], {"slice": [], "image_score": [], "predicted_iou": [], "moved": [], "status": []}
+        for s in range(self.n_slices):
+            p = self.point(s)
+            if p is None:
+                continue
+            rows.append(p)
+            feats["slice"].append(s)
+            feats["image_score"].append(float(self.result.image_scores[s]))
+            feats["predicted_iou"].append(float(self.result.ious[s, m]))
+            feats["moved"].append(s in self.overrides)
+            feats["status"].append(self.status(s))
+        coords = np.asarray(rows, dtype=float).reshape(-1, 3)
+        return coords, {k: np.asarray(v) for k, v in feats.items()}
+
+    def box_corners(self, s: int) -> list[np.ndarray]:
+        """The box prompt(s) of slice ``s`` as (4, 3) display-order corner arrays (none for a
+        point prompt or no prompt)."""
+        p = self.result.prompts[s]
+        if p is None or p.kind == "point":
+            return []
+        boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
+        fr = self.result.encoded.frame
+        rest = [a for a in range(3) if a != self.result.axis]
+        out = []
+        for x0, y0, x1, y1 in boxes:  # type: ignore[misc]
+            corners = []
+            for y, x in ((y0, x0), (y0, x1), (y1, x1), (y1, x0)):
+                ijk = [0.0, 0.0, 0.0]
+                ijk[self.result.axis] = float(s)
+                ijk[rest[0]], ijk[rest[1]] = fr.to_slice(y, x)
+                corners.append(self.file_to_display(ijk))
+            out.append(np.asarray(corners, dtype=float))
+        return out
+
+    def prompt_shapes(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Every slice's box prompt(s) in display order and their features: slice, kind (the
+        prompt type, or ``moved`` for a box re-centred on a user-moved point)."""
+        shapes, feats = [], {"slice": [], "kind": []}
+        for s in range(self.n_slices):
+            kind = "moved" if s in self.overrides else str(self.settings.prompt)
+            for corners in self.box_corners(s):
+                shapes.append(corners)
+                feats["slice"].append(s)
+                feats["kind"].append(kind)
+        return shapes, {"slice": np.asarray(feats["slice"], dtype=int), "kind": np.asarray(feats["kind"], dtype=object)}
+
+    def mask_counts(self) -> dict[str, int]:
+        """How many slices hold anatomy, were prompted, were dropped by the slice decision, and
+        kept a non-empty mask (with the mask choice in force)."""
+        r = self.result
+        prompted = [s for s in range(self.n_slices) if r.prompts[s] is not None]
+        dropped = [s for s in prompted if not r.decision[s]]
+        kept = [s for s in prompted if r.decision[s] and bool(r.slice_mask(s, self.settings.mask_index).any())]
+        return {"slices": self.n_slices, "anatomy": int(np.sum(r.encoded.foreground)), "prompted": len(prompted),
+                "dropped": len(dropped), "kept": len(kept)}
+
+    def ious(self, s: int) -> np.ndarray:
+        """The three predicted IoUs of slice ``s`` (NaN without a prompt)."""
+        return np.asarray(self.result.ious[s], dtype=float)
+
+    # -- changes --------------------------------------------------------------------------------
+    # Main-thread methods below never wait on ``lock`` (it is held while a slice decodes); they
+    # only assign attributes and use in-place set/dict operations, which are atomic under the GIL.
+    def new_generation(self) -> int:
+        """Start a new generation: background passes of older generations stop at their next slice."""
+        self.generation += 1
+        return self.generation
+
+    def mark_stale(self, slices) -> None:
+        """These slices need decoding again (settings or their point changed)."""
+        for s in slices:
+            self._marks[int(s)] = self._marks.get(int(s), 0) + 1
+            self.stale.add(int(s))
+
+    def change_settings(self, settings: SegmentSettings) -> str:
+        """Adopt new settings; returns the change kind. A prompt change marks every slice stale.
+        An unset mask is the prompt's default (1 for regions, 3 otherwise)."""
+        settings = settings.with_default_mask(self.settings.prompt)
+        kind = classify_change(self.settings, settings)
+        if kind in (CHANGE_RERUN, CHANGE_NONE):
+            return kind
+        self.settings = settings
+        self._method = {}
+        if kind == CHANGE_PROMPT:
+            self.mark_stale(range(self.n_slices))
+            self.new_generation()
+        return kind
+
+    def move_point(self, s: int, display_coords) -> tuple[float, float]:
+        """Make a display-order position the prompt of slice ``s`` (stale until re-decoded);
+        returns it as model-frame (x, y)."""
+        f = self.display_to_file(display_coords)
+        rest = [a for a in range(3) if a != self.result.axis]
+        fr = self.result.encoded.frame
+        y, x = fr.to_frame(f[rest[0]], f[rest[1]])
+        hi = fr.size - 1.0
+        xy = (float(np.clip(x, 0.0, hi)), float(np.clip(y, 0.0, hi)))
+        self.overrides[int(s)] = xy
+        self.statuses[int(s)] = "corrected"
+        self.mark_stale([int(s)])
+        return xy
+
+    def reset_points(self) -> list[int]:
+        """Forget user-moved points; returns the slices that became stale."""
+        slices = sorted(self.overrides)
+        self.overrides = {}
+        for s in slices:  # a corrected slice is pending again
+            if self.statuses.get(s) == "corrected":
+                self.statuses.pop(s)
+        self.mark_stale(slices)
+        return slices
+
+    # -- review -----------------------------------------------------------------------------------
+    def status(self, s: int) -> str:
+        """Slice ``s``'s review status ('' without a prompt)."""
+        if self.result.prompts[s] is None:
+            return ""
+        return self.statuses.get(int(s), "corrected" if int(s) in self.overrides else "pending")
+
+    def review(self, s: int, action: str) -> list[int]:
+        """``accept``, ``reject`` or ``reset`` slice ``s``; returns the slices that became stale
+        (a rejected slice's mask is cleared by its next decode; accepting or resetting it decodes it
+        again). A slice without a prompt has nothing to review (nothing happens)."""
+        s = int(s)
+        if self.result.prompts[s] is None:
+            return []
+        was = self.status(s)
+        if action == "accept":
+            self.statuses[s] = "corrected" if s in self.overrides else "accepted"
+            stale = [s] if was == "rejected" else []
+        elif action == "reject":
+            self.statuses[s] = "rejected"
+            stale = [s]
+        elif action == "reset":
+            self.statuses.pop(s, None)
+            stale = [s] if (s in self.overrides or was == "rejected") else []
+            self.overrides.pop(s, None)
+        else:
+            raise ValueError(f"unknown review action {action!r}: accept, reject or reset")
+        self.mark_stale(stale)
+        return stale
+
+    def review_counts(self) -> dict[str, int]:
+        """How many prompted slices are pending, accepted, corrected, rejected (and prompted)."""
+        sts = [self.status(s) for s in range(self.n_slices)]
+        out = {k: sts.count(k) for k in ("pending", "accepted", "corrected", "rejected")}
+        out["prompted"] = sum(out.values())
+        return out
+
+    def next_pending(self, s: int, step: int = 1) -> int | None:
+        """The next (``step`` 1) or previous (-1) prompted slice still pending after ``s``, going
+        round the volume; None when none is pending."""
+        n = self.n_slices
+        for d in range(1, n + 1):
+            t = (int(s) + step * d) % n
+            if self.status(t) == "pending":
+                return t
+        return None
+
+    def method_slice(self, s: int, with_mask: bool = True) -> tuple[tuple[float, float, float] | None, np.ndarray | None]:
+        """The method's own prompt centre (file voxel indices) and slice mask (None unless
+        ``with_mask``) for slice ``s`` under the settings in force, whatever the review did there (a
+        moved point, a rejection): the "before" of the QA table. Decodes at most once per slice and
+        settings (cached)."""
+        s = int(s)
+        with self.lock:
+            r = self.result
+            plain = s not in self.overrides
+            if plain and (not with_mask or self.status(s) != "rejected"):
+                return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
+            st = self.settings
+            if not with_mask and s not in self._method and st.prompt != "regions":  # the centre needs no decoder
+                keep = r.prompts[s]
+                r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
+                try:
+                    return r.cog_voxel(s), None
+                finally:
+                    r.prompts[s] = keep
+            if s not in self._method:
+                keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
+                try:
+                    redecode_slice(r, self.backbone, s, settings=self.settings)
+                    self._method[s] = (r.cog_voxel(s), r.logits[s].copy())
+                finally:
+                    r.prompts[s], r.logits[s], r.ious[s], r.settings = keep
+            ijk, logits = self._method[s]
+            if not with_mask:
+                return ijk, None
+            fr = r.encoded.frame
+            mask = from_frame(logits[None, self.settings.mask_index - 1].astype(np.float32), fr)[0] > 0
+            return ijk, mask & bool(r.decision[s])
+
+    def redecode(self, s: int, generation: int | None = None) -> bool:
+        """Re-prompt and re-decode slice ``s`` with the current settings and its moved point.
+
+        Returns False (doing nothing) when ``generation`` is given and no longer current.
+        """
+        s = int(s)
+        with self.lock:
+            if generation is not None and generation != self.generation:
+                return False
+            mark = self._marks.get(s, 0)
+            redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s))
+            if self.status(s) == "rejected":  # "no anomaly here": the prompt stays, the mask is cleared
+                self.result.logits[s] = 0
+            if self._marks.get(s, 0) == mark:  # not made stale again while decoding
+                self.stale.discard(s)
+        return True
+
+    def order_from(self, s: int) -> list[int]:
+        """Every slice, nearest to ``s`` first (the current slice updates first)."""
+        idx = np.arange(self.n_slices)
+        return [int(i) for i in idx[np.argsort(np.abs(idx - int(s)), kind="stable")]]
+
+    def slice_update(self, s: int) -> SliceUpdate:
+        """Everything the viewer shows for slice ``s`` (computed under the lock)."""
+        with self.lock:
+            mask = self.slice_mask_display(s)
+            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy())
+
+    def refresh_iter(self, order: list[int], generation: int, cancelled=None) -> Iterator[SliceUpdate]:
+        """Bring slices in ``order`` up to date: decode the stale ones, yield every slice's update.
+        Stops as soon as ``generation`` is superseded or ``cancelled()`` is true."""
+        for s in order:
+            if (cancelled is not None and cancelled()) or generation != self.generation:
+                return
+            if s in self.stale and not self.redecode(s, generation):
+                return
+            yield self.slice_update(s)
+
+    def sync(self) -> None:
+        """Record the settings in force on the result (call when no slice is stale)."""
+        with self.lock:
+            self.result.settings = self.settings
+
+    def metadata(self) -> dict:
+        """The result's provenance plus the live state (settings in force, moved points)."""
+        md = self.result.metadata()
+        md["settings"] = to_dict(self.settings)
+        md["moved_points"] = {str(s): [round(x, 3), round(y, 3)] for s, (x, y) in sorted(self.overrides.items())}
+        md["review"] = {str(s): st for s, st in sorted(self.statuses.items())}
+        md["stale_slices"] = sorted(self.stale)
+        md["display_axes"] = list(self.axes)
+        return md
+
+
+# -- comparison with a ground truth -------------------------------------------------------------
+def compare_with_gt(pred: np.ndarray, gt: np.ndarray, *, axis: int, s: int) -> dict[str, Any]:
+    """Dice of one slice, of the whole volume, and the paper's mean slice Dice (lesion slices).
+
+    ``pred`` and ``gt`` are same-shape 3D arrays (non-zero = foreground), ``axis`` the slicing
+    axis and ``s`` the slice. A slice where both are empty has no Dice (NaN).
+    """
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
+    ps, gs = np.take(p, s, axis=axis), np.take(g, s, axis=axis)
+    sd = slice_dice(p, g, axis=axis)
+    return {
+        "slice": int(s),
+        "slice_dice": dice(ps, gs, empty_value=float("nan")),
+        "slice_has_lesion": bool(gs.any()),
+        "volume_dice": volume_dice(p, g),
+        "mean_slice_dice": sd["mean"],
+        "lesion_slices": sd["n_slices"],
+    }
+
+
+def error_overlay(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """uint8 labels: :data:`FP` where predicted but not in the GT, :data:`FN` where missed."""
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    out = np.zeros(p.shape, dtype=np.uint8)
+    out[p & ~g] = FP
+    out[~p & g] = FN
+    return out
+
+
+def ranked_slices(image_scores: np.ndarray, foreground: np.ndarray | None = None) -> list[int]:
+    """Slices from the most to the least anomalous (by image score); slices without anatomy last."""
+    sc = np.asarray(image_scores, dtype=float).copy()
+    if foreground is not None:
+        sc[~np.asarray(foreground, bool)] = -np.inf
+    return [int(i) for i in np.argsort(-sc, kind="stable")]
