@@ -34,7 +34,9 @@ EXAMPLES = {
   mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/ --lesion-labels 1,4   # tumour core only
   mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
   mias-sam segment BMAD/Brain_MRI/test/Ungood/img --bank banks/bmad-brain --out out/ --normalisation reference
-outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv
+outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv,
+  <stem>_lesions.nii.gz (int32: one id per lesion, 1 = the largest) and <stem>_lesions.csv (one row per lesion:
+  voxels, mL, slice range, centroid in voxels and mm, peak/mean anomaly score, its prompts; with --gt its match)
 outputs (PNG slices): <stem>_mask.png (0/255) and <stem>_anomaly.npy (float32) per slice, one prompts.csv
   (the slices of one call are segmented together: reference normalisation spans them)""",
     "demo": """examples:
@@ -67,6 +69,19 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="encoder precision (bf16/fp16 only pay off on a GPU; default fp32)")
     p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
+
+
+def _add_lesion_args(p: argparse.ArgumentParser) -> None:
+    from ..core import defaults
+
+    g = p.add_argument_group("lesions: the mask's 3D connected components (<stem>_lesions.nii.gz and .csv)")
+    g.add_argument("--lesion-connectivity", type=int, choices=(6, 18, 26), default=defaults.LESION_CONNECTIVITY,
+                   help="voxels sharing a face (6), also an edge (18) or also a corner (26) join one lesion (default %(default)s)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--min-lesion-voxels", type=int, default=None,
+                      help=f"smallest lesion in voxels (default {defaults.MIN_LESION_VOXELS}; smaller specks stay in the mask "
+                           "but get no lesion id)")
+    size.add_argument("--min-lesion-ml", type=float, default=None, help="smallest lesion in mL (from each volume's voxel size)")
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_lesion_args(s)
     _add_backbone_args(s, default=None)
 
     d = sub.add_parser("demo", help="run the whole job on the bundled sample (CPU, offline)", epilog=EXAMPLES["demo"], formatter_class=fmt,
@@ -399,6 +415,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from ..method.reference_encoding import encoding_of
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import segment_outputs, write_outputs
+    from ..jobs.lesion_runs import lesion_line, lesion_report, lesion_rule, lesions_for
+    from ..evaluation.lesionwise import LESIONWISE_SUMMARY_KEYS
 
     pngs = png_inputs(a.volume)
     if pngs is not None:
@@ -407,6 +425,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
+    lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml)  # bad lesion options: refused before any work
     device = check_device(a.device)
     check_precision(a.precision, device)
     check_output_folder(a.out)
@@ -445,7 +464,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
                 with about(vpath):
                     vol, gt = job.load()
                     res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
-                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
+                    rule = lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml, vol.affine)
+                    lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
+                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n], lesions=lesions)
             except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
                 if len(jobs) == 1:
                     raise
@@ -455,16 +476,19 @@ def cmd_segment(a: argparse.Namespace) -> int:
                 continue
             rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
                    "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
-                   "seconds": round(time.perf_counter() - t0, 2)}
+                   "seconds": round(time.perf_counter() - t0, 2), "lesions": lesion_report(lesions, lw)}
             if gt is not None:
                 rep["ground_truth"] = str(job.gt)
                 rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
                 if job.roi:
                     rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
                 rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
+                rep["metrics"]["lesionwise"] = {k: lw[k] for k in LESIONWISE_SUMMARY_KEYS}
             reports.append(rep)
             if not a.json:
-                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name}, {paths['lesions'].name}, "
+                      f"{paths['lesions_table'].name} ({rep['seconds']} s)")
+                print(f"  {lesion_line(lesions, lw)}")
                 if gt is not None:
                     m = rep["metrics"]
                     print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "

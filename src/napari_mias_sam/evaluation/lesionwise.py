@@ -90,7 +90,7 @@ def lesionwise(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0), rule: 
     lesions it matched)."""
     g = np.asarray(gt) != 0
     if pred_labels is None:
-        plab = label_lesions(np.asarray(pred) != 0, LesionRule(connectivity=rule.connectivity))
+        plab = label_lesions(np.asarray(pred) != 0, LesionRule(connectivity=rule.connectivity, min_voxels=1))
     else:
         plab = np.asarray(pred_labels).astype(np.int64, copy=False)
     if plab.shape != g.shape:

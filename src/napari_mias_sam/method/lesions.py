@@ -6,7 +6,8 @@ slice range along the slicing axis, the centroid in voxels and world millimetres
 mean anomaly score inside it and the prompts that made it. Pure numpy/scipy: the CLI, the widget
 and the Python API call it on the arrays they have.
 
-Rules (stated, configurable; defaults in :mod:`napari_mias_sam.core.defaults`):
+Rules (stated, configurable; defaults in :mod:`napari_mias_sam.core.defaults`: 26-connected, at
+least 10 voxels):
 
 * ``connectivity``: 6 (faces), 18 (faces and edges) or 26 (faces, edges and corners; BraTS's
   lesion-wise metrics use 26) neighbours join voxels into one lesion.
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from ..core import defaults
 
 __all__ = [
     "CONNECTIVITIES",
@@ -44,6 +47,7 @@ CONNECTIVITIES: tuple[int, ...] = (6, 18, 26)
 LESION_COLUMNS: tuple[str, ...] = (
     "id", "voxels", "volume_ml", "first_slice", "last_slice", "centroid_i", "centroid_j", "centroid_k",
     "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "peak_score", "mean_score", "n_prompts", "prompts", "review",
+    "match",
 )
 
 
@@ -51,8 +55,8 @@ LESION_COLUMNS: tuple[str, ...] = (
 class LesionRule:
     """How a mask becomes lesions: the neighbourhood and the smallest lesion, in voxels."""
 
-    connectivity: int = 26
-    min_voxels: int = 1
+    connectivity: int = defaults.LESION_CONNECTIVITY
+    min_voxels: int = defaults.MIN_LESION_VOXELS
 
     def __post_init__(self) -> None:
         if self.connectivity not in CONNECTIVITIES:
@@ -78,6 +82,7 @@ class Lesion:
     mean_score: float | None = None
     prompts: list[str] = field(default_factory=list)
     review: str = ""  # "", "accepted" (rejected lesions leave the table and the files)
+    match: str = ""  # against a ground truth: "matched" or "false positive" ("" without one)
 
     @property
     def centre_index(self) -> tuple[int, int, int]:
@@ -209,6 +214,6 @@ def lesion_rows(lesions: list[Lesion]) -> list[dict]:
         rows.append(dict(zip(LESION_COLUMNS, (
             les.id, les.voxels, round(les.volume_ml, 4), les.slice_range[0], les.slice_range[1], round(ci, 2), round(cj, 2),
             round(ck, 2), round(x, 2), round(y, 2), round(z, 2), _r(les.peak_score, 4), _r(les.mean_score, 4),
-            len(les.prompts), ";".join(les.prompts), les.review,
+            len(les.prompts), ";".join(les.prompts), les.review, les.match,
         ))))
     return rows
