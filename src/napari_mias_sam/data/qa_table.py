@@ -32,6 +32,7 @@ __all__ = [
     "STATUSES",
     "SHARED_COLUMNS",
     "QA_COLUMNS",
+    "LESION_QA_COLUMNS",
     "QA_SUFFIX",
     "QaTable",
     "qa_name",
@@ -51,6 +52,10 @@ REVIEW_COLUMNS = ("status", "orig_i", "orig_j", "orig_k", "displacement_mm", "ha
                   "in_lesion_after", "slice_dice_before", "slice_dice_after", "volume_dice_before", "volume_dice_after")
 VOLUME_COLUMNS = ("volume", "volume_shape", "affine", "backbone", "settings")
 QA_COLUMNS = SHARED_COLUMNS + REVIEW_COLUMNS + VOLUME_COLUMNS
+#: Optional volume columns (files saved before lesions existed lack them): the saved lesions, the
+#: whole-lesion review and, with a ground truth, the BraTS lesion-wise scores of the saved lesions.
+LESION_QA_COLUMNS = ("lesions", "lesions_accepted", "lesions_rejected", "lesionwise_dice", "lesionwise_hd95",
+                     "true_lesions", "lesions_detected", "lesions_missed", "lesions_false_positive")
 QA_SUFFIX = "_qa.csv"
 REPORT_NAMES = ("qa_report.json", "qa_report.md", "qa_displacement.png")
 
@@ -82,10 +87,11 @@ def _cell(v: Any) -> Any:
 def qa_csv_text(rows: list[dict]) -> str:
     """The QA table as CSV text (:data:`QA_COLUMNS`; missing values and NaN as empty cells)."""
     buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(QA_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    cols = list(QA_COLUMNS) + list(LESION_QA_COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({c: _cell(r.get(c)) for c in QA_COLUMNS})
+        w.writerow({c: _cell(r.get(c)) for c in cols})
     return buf.getvalue()
 
 
@@ -114,6 +120,8 @@ def _parse_row(path: Path, n: int, raw: dict) -> dict:
             row[c] = float(raw[c]) if raw[c] not in ("", None) else None
         for c in _BOOLS:
             row[c] = None if raw[c] in ("", None) else bool(int(raw[c]))
+        for c in LESION_QA_COLUMNS:
+            row[c] = None if raw.get(c) in ("", None) else float(raw[c])
     except (TypeError, ValueError) as exc:
         raise InputError(f"{path}: row {n} is not a QA row ({exc}); save the QA file again from the viewer.") from None
     if row["status"] not in STATUSES + ("",):
@@ -202,6 +210,7 @@ def _volume_summary(t: QaTable) -> dict:
         "volume_dice_before": t.rows[0]["volume_dice_before"], "volume_dice_after": t.rows[0]["volume_dice_after"],
         "corrections": [{"slice": r["slice"], "image_score": r["image_score"], "displacement_mm": r["displacement_mm"]}
                         for r in corrected],
+        **{c: t.rows[0].get(c) for c in LESION_QA_COLUMNS},
     }
 
 
@@ -225,6 +234,9 @@ def summarise(tables: list[QaTable]) -> dict:
                    volume_dice_before=_mean([p["volume_dice_before"] for p in per]),
                    volume_dice_after=_mean([p["volume_dice_after"] for p in per]))
     overall["corrections"] = [dict(c, volume=p["volume"]) for p in per for c in p["corrections"]]
+    for c in LESION_QA_COLUMNS:  # counts add up over volumes; lesion-wise scores are means over volumes with them
+        vals = [p[c] for p in per if p.get(c) is not None]
+        overall[c] = (_mean(vals) if c.startswith("lesionwise") else float(sum(vals))) if vals else None
     return {"volumes": per, "overall": overall}
 
 
@@ -250,4 +262,20 @@ def report_text(summary: dict) -> str:
     lines.append("\nCoG in lesion: prompted slices holding lesion whose prompt centre lies in it (a rejected one "
                  "counts as a miss after review). Slice Dice: mean over lesion slices. '-': no ground truth was "
                  "picked, or nothing to count.")
+    rows = [p for p in summary["volumes"] + [summary["overall"]] if p.get("lesions") is not None]
+    if rows:
+        def n(v) -> str:
+            return "-" if v is None else str(int(v))
+
+        lines.append("\n| volume | lesions saved | accepted | rejected | lesion-wise Dice | lesion-wise HD95 (mm) | true lesions "
+                     "| detected | missed | false positives |")
+        lines.append("|" + "---|" * 10)
+        for p in rows:
+            name = p["volume"] if p["volume"] != "all" else "**all**"
+            hd = "-" if p["lesionwise_hd95"] is None else f"{p['lesionwise_hd95']:.1f}"
+            lines.append(f"| {name} | {n(p['lesions'])} | {n(p['lesions_accepted'])} | {n(p['lesions_rejected'])} | "
+                         f"{_f(p['lesionwise_dice'])} | {hd} | {n(p['true_lesions'])} | {n(p['lesions_detected'])} | "
+                         f"{n(p['lesions_missed'])} | {n(p['lesions_false_positive'])} |")
+        lines.append("\nLesions: the saved mask's 3D connected components; rejected ones were removed from the mask and "
+                     "the lesion files. Lesion-wise scores: the BraTS 2023 rule on the saved lesions.")
     return "\n".join(lines) + "\n"
