@@ -18,7 +18,7 @@ settings after the newest change. Arrays handed to the viewer are in display ord
 :mod:`napari_mias_sam.viewer.models.layers`); the result itself stays in file order.
 
 The comparison helpers (:func:`compare_with_gt`, :func:`error_overlay`, :func:`ranked_slices`)
-are pure functions on arrays.
+are pure functions on arrays. Size: about 470 lines: one session's state and every action on it.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class LiveSession:
         """The shown mask in file voxel order: the result's, less the voxels of rejected lesions."""
         with self.lock:
             m = self.result.mask_volume(self.settings.mask_index)
-        return m if self.removed is None else np.where(self.removed, 0, m).astype(m.dtype)
+            return m if self.removed is None else np.where(self.removed, 0, m).astype(m.dtype)
 
     def mask_display(self) -> np.ndarray:
         return np.ascontiguousarray(to_display(self.mask_volume(), self.axes))
@@ -168,8 +168,7 @@ class LiveSession:
     def slice_mask_display(self, s: int) -> np.ndarray:
         """uint8 mask of slice ``s`` shaped like ``mask_display()[slice_index(s)]``."""
         m = self.result.slice_mask(s, self.settings.mask_index)
-        if self.removed is not None:
-            m = m & ~np.take(self.removed, int(s), axis=self.result.axis)
+        m = m if self.removed is None else m & ~np.take(self.removed, int(s), axis=self.result.axis)
         return self._slice_to_display(m.astype(np.uint8))
 
     def point(self, s: int) -> tuple[float, float, float] | None:
