@@ -85,6 +85,8 @@ class LiteMedSAM(SamLikeBackbone):
         super().__init__(net, pick_device(device), precision=precision)
 
     def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.ndim == 4:  # three sequences of a case, one per channel
+            return frames.contiguous()
         return frames[:, None].expand(-1, 3, -1, -1).contiguous()
 
     def describe(self) -> dict:

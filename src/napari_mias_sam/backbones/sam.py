@@ -103,8 +103,9 @@ class SamBackbone(SamLikeBackbone):
     def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
         if self.encoding == "reference":
             return reference_sam_input(frames, self.input_size, self.model.pixel_mean, self.model.pixel_std)
-        # The reference feeds 256 x 256 grey slices as 0-255 RGB to SAM's 1024 resize and normalisation.
-        x = frames[:, None].expand(-1, 3, -1, -1) * 255.0
+        # The reference feeds 256 x 256 grey slices as 0-255 RGB to SAM's 1024 resize and normalisation;
+        # three sequences of a case (N, 3, 256, 256) fill the three channels instead.
+        x = (frames if frames.ndim == 4 else frames[:, None].expand(-1, 3, -1, -1)) * 255.0
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         mean = self.model.pixel_mean.to(x.device)
         std = self.model.pixel_std.to(x.device)

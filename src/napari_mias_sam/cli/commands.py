@@ -21,6 +21,7 @@ EXAMPLES = {
     "build-bank": """examples:
   mias-sam build-bank normals/ --out banks/brain                      # a folder of normal NIfTI volumes
   mias-sam build-bank BraTS2021_Training/ --modality flair --margin 2 --exclude-subjects test.txt --out banks/brats-flair
+  mias-sam build-bank BraTS2021_Training/ --modality flair,t1ce,t2 --exclude-subjects test.txt --out banks/brats-3seq
   mias-sam build-bank LiTS/ --roi liver --exclude-subjects test.txt --out banks/lits   # CT preset ct-abdomen
   mias-sam build-bank a.nii.gz b.nii.gz --out banks/brain --layout mean256
   mias-sam build-bank BMAD/Brain_MRI --out banks/bmad-brain           # BMAD layout (train/good/*.png)
@@ -88,7 +89,9 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     from ..jobs.dataset_runs import ROIS
 
     g = p.add_argument_group("labelled datasets (BraTS, LiTS): a bank from lesion-free slices")
-    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); ct for LiTS")
+    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); "
+                                      "ct for LiTS; or three BraTS sequences, e.g. flair,t1ce,t2 (= t2f,t1c,t2w), which fill the "
+                                      "encoder's three channels for the bank and every run with it")
     g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
     g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
     g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
@@ -610,7 +613,8 @@ def cmd_info(a: argparse.Namespace) -> int:
             from ..data.datasets import KINDS
 
             kind = KINDS[ds["layout"]].title if ds.get("layout") in KINDS else ds.get("layout")
-            print(f"  dataset {ds.get('root')} ({kind}): modality {ds.get('modality')}, lesion-free slices more than "
+            mods = ",".join(ds["sequences"]) + " (one per encoder channel)" if ds.get("sequences") else ds.get("modality")
+            print(f"  dataset {ds.get('root')} ({kind}): modality {mods}, lesion-free slices more than "
                   f"{ds.get('margin')} slices from any label" + (f", masked to the {ds['roi']}" if ds.get("roi") else "")
                   + f"; {len(ds.get('subjects') or [])} subjects: {', '.join((ds.get('subjects') or [])[:5])}"
                   + (" ..." if len(ds.get("subjects") or []) > 5 else ""))

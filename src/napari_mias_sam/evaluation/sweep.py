@@ -61,7 +61,8 @@ class TestUnit:
 def unit_from_volume(vol: Volume, gt: np.ndarray, bank: MemoryBank, axis: int | str | None = None, *, name: str | None = None) -> TestUnit:
     """One unit from an image volume and its binary ground truth (file order), preprocessed as the bank was."""
     ax = resolve_axis(axis if axis is not None else bank.slice_axis, vol.affine)
-    frames, fg = volume_frames(vol.data, preprocessing_from_bank(bank), ax, source=str(vol.path or vol.name),
+    frames, fg = volume_frames(vol.data if vol.channels is None else vol.channels, preprocessing_from_bank(bank), ax,
+                               source=str(vol.path or vol.name),
                              encoding=encoding_of(bank.backbone))
     g = volume_slices(np.asarray(gt, dtype=bool), ax)
     h, w = g.shape[1:]

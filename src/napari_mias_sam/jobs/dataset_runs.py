@@ -22,6 +22,8 @@ from ..data.datasets import (
     LesionLabels,
     canonical_modality,
     case_for_file,
+    case_sequence_files,
+    parse_sequences,
     check_case,
     dataset_kind,
     find_cases,
@@ -53,6 +55,9 @@ __all__ = [
     "segment_inputs",
     "units_from_dataset",
     "roi_for_bank",
+    "bank_sequences",
+    "with_sequences",
+    "sequences_for_bank",
 ]
 
 ROIS = ("liver",)
@@ -85,8 +90,19 @@ def apply_roi(image: Volume, labels: Volume, roi: str, kind: DatasetKind) -> Vol
 
 
 def load_case(case: Case, modality: str | None = None, *, roi: str | None = None, need_labels: bool = False) -> CaseData:
-    """Read one modality of ``case`` (default: the layout's) with its labels on the same grid."""
-    mod = canonical_modality(modality or case.info.default_modality)
+    """Read one modality of ``case`` (default: the layout's) with its labels on the same grid;
+    ``modality`` naming three sequences (``"flair,t1ce,t2"``) reads them as the image's channels."""
+    seqs = parse_sequences(modality or case.info.default_modality)
+    if len(seqs) > 1:
+        if roi:
+            raise InputError("--roi masks one CT image per case; it does not combine with several sequences.")
+        image = with_sequences(case, seqs)
+        labels = load_labels(case.seg, like=image) if case.seg is not None else None
+        if labels is None and need_labels:
+            raise InputError(f"{case.folder}: case {case.subject} has no segmentation file; its lesion-free slices cannot "
+                             "be found without it.")
+        return CaseData(case, ",".join(seqs), image, labels, None)
+    mod = seqs[0]
     path = case.image(mod)
     check_case(case, [mod])
     if case.seg is None and (need_labels or roi):
@@ -104,8 +120,9 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
     """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
     ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
     groups = []
+    first = parse_sequences(modality)[0]
     for case in cases:
-        path = case.image(modality)
+        path = case.image(first)
         import nibabel as nib
 
         shape = nib.load(str(path)).shape
@@ -114,7 +131,8 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
         def load(case: Case = case) -> tuple[torch.Tensor, int, list[int], dict]:
             cd = load_case(case, modality, roi=roi, need_labels=True)
             ax = resolve_axis(axis, cd.image.affine)
-            frames, fg = volume_frames(cd.image.data, prep, ax, source=str(cd.image.path), encoding=encoding)
+            data = cd.image.data if cd.image.channels is None else cd.image.channels
+            frames, fg = volume_frames(data, prep, ax, source=str(cd.image.path), encoding=encoding)
             normal = normal_slices(cd.labels.data, ax, margin=margin, normal=case.info.normal)
             keep = np.flatnonzero(normal & fg)
             lesion = normal_slices(cd.labels.data, ax, margin=0, normal=case.info.normal)
@@ -133,11 +151,15 @@ def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, sub
     every case is checked (files present, one grid) before any work."""
     cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
     kind = dataset_kind(cases)
-    mod = canonical_modality(modality or kind.default_modality)
+    seqs = parse_sequences(modality or kind.default_modality)
+    mod = ",".join(seqs)
     if roi is not None and roi not in kind.rois:
         raise InputError(f"--roi {roi}: {root} is a {kind.title} dataset, which has no {roi} labels.")
+    if len(seqs) > 1 and roi is not None:
+        raise InputError("--roi masks one CT image per case; it does not combine with several sequences.")
     for c in cases:
-        check_case(c, [mod])
+        case_sequence_files(c, seqs)  # a missing sequence: one line naming its file
+        check_case(c, list(seqs))
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; a bank from lesion-free slices "
                              "needs the labels (leave the case out with --exclude-subjects).")
@@ -180,10 +202,12 @@ def build_bank_from_dataset(
     bank = build_bank(groups, backbone, layout=layout, preprocessing=to_dict(prep), slice_axis=axis_name,
                       index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
                       progress=progress, cancelled=cancelled, embed=embed)
+    seqs = parse_sequences(mod)
     bank.manifest["dataset"] = {
         "layout": kind.name,
         "root": str(Path(root).resolve()),
-        "modality": mod,
+        "modality": seqs[0],
+        **({"sequences": list(seqs)} if len(seqs) > 1 else {}),
         "margin": int(margin),
         "normal_labels": list(kind.normal),
         "roi": roi,
@@ -233,10 +257,12 @@ class SegmentInput:
     lesion: LesionLabels = None
     lesion_source: str = "default: any non-zero label"
     roi: str | None = None
+    sequences: tuple[str, ...] | None = None  # a multi-sequence bank's: read from the case as channels
 
     def load(self) -> tuple[Volume, Volume | None]:
-        """The image (masked to the ROI when the bank was built that way) and its label volume."""
-        image = load_volume(self.image)
+        """The image (masked to the ROI when the bank was built that way; with the case's other
+        sequences as channels when the bank takes several) and its label volume."""
+        image = with_sequences(self.case, self.sequences) if self.sequences else load_volume(self.image)
         labels = load_labels(self.gt, like=image) if self.gt is not None else None
         if self.roi:
             image = apply_roi(image, labels, self.roi, self.case.info)
@@ -260,6 +286,10 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
     ``modality``) and LiTS files, each paired with its segmentation unless ``gts`` are given."""
     dataset = manifest.get("dataset") or {}
     roi = dataset.get("roi")
+    seqs = bank_sequences(manifest)
+    if seqs and modality and parse_sequences(modality) != seqs:
+        raise InputError(f"--modality {modality}: the bank was built from the sequences {','.join(seqs)}; runs with it "
+                         "read the same ones (drop --modality).")
     out = []
     for n, v in enumerate(volumes):
         v = Path(v)
@@ -270,13 +300,20 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
                 raise InputError(f"{v}: holds {len(cases)} cases; give one case folder per volume, or evaluate the "
                                  "whole dataset with 'mias-sam evaluate --dataset'.")
             case = cases[0]
-            mod = _case_modality(case, modality, dataset)
+            mod = seqs[0] if seqs else _case_modality(case, modality, dataset)
+            if seqs:
+                case_sequence_files(case, seqs)
             image = case.image(mod)
-            check_case(case, [mod], seg=gt is None)
+            check_case(case, list(seqs or [mod]), seg=gt is None)
         else:
             case, image = case_for_file(v), v
-            if modality and case is not None:
+            if modality and case is not None and not seqs:
                 raise InputError(f"{v}: --modality applies to case folders; give the folder {case.folder} or drop --modality.")
+            if seqs:
+                if case is None:
+                    raise InputError(f"{v}: the bank was built from {len(seqs)} sequences of BraTS cases ({', '.join(seqs)}); "
+                                     "give the case folder (or a file of it, named as the release names it).")
+                case_sequence_files(case, seqs)
         if gt is None and case is not None:
             gt = case.seg
         if roi:
@@ -293,7 +330,7 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
         else:
             source = "default: any non-zero label"
         out.append(SegmentInput(image=image, gt=gt, case=case, lesion=lesion_for(case, lesion_labels),
-                                lesion_source=source, roi=roi if roi and case is not None else None))
+                                lesion_source=source, roi=roi if roi and case is not None else None, sequences=seqs))
     return out
 
 
@@ -310,12 +347,16 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
         check_disjoint(bank, cases)
     kind = dataset_kind(cases)
     ds = banks[0].manifest.get("dataset") or {}
-    mod = canonical_modality(modality or ds.get("modality") or kind.default_modality)
+    seqs = bank_sequences(banks[0].manifest)
+    if seqs and modality and parse_sequences(modality) != seqs:
+        raise InputError(f"--modality {modality}: the bank was built from the sequences {','.join(seqs)}; drop --modality.")
+    mod = ",".join(seqs) if seqs else canonical_modality(modality or ds.get("modality") or kind.default_modality)
     roi = ds.get("roi") if ds.get("roi") in kind.rois else None
     if ds.get("roi") and roi is None:
         raise InputError(f"{root}: the bank was built with --roi {ds['roi']} ({ds.get('layout')}) but this is a {kind.title} dataset.")
     for c in cases:  # every file checked before the first is read
-        check_case(c, [mod])
+        case_sequence_files(c, parse_sequences(mod))
+        check_case(c, list(parse_sequences(mod)))
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; evaluation needs the ground truth "
                              "(leave the case out with --exclude-subjects).")
@@ -344,3 +385,39 @@ def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
                          f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
                          "masked the same way.")
     return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)
+
+
+# -- several sequences of a case in the encoder's channels --------------------------------------------
+def bank_sequences(manifest: dict) -> tuple[str, ...] | None:
+    """The sequences a bank put into the encoder's channels (None: one image per slice)."""
+    seqs = (manifest.get("dataset") or {}).get("sequences")
+    return tuple(seqs) if seqs and len(seqs) > 1 else None
+
+
+def with_sequences(case: Case, sequences) -> Volume:
+    """The case's ``sequences`` as one :class:`Volume`: the first as ``data`` (geometry), all of
+    them as ``channels``. A missing file or one off the case's grid: one line naming it."""
+    files = case_sequence_files(case, sequences)
+    check_case(case, list(sequences), seg=False)
+    vols = [load_volume(f) for f in files]
+    first = vols[0]
+    return Volume(data=first.data, affine=first.affine, header=first.header, path=first.path,
+                  meta={**first.meta, "sequences": list(sequences)}, channels=np.stack([v.data for v in vols]))
+
+
+def sequences_for_bank(volume: Volume, manifest: dict) -> Volume:
+    """``volume`` with the other sequences the bank takes, read from its BraTS case folder (what the
+    widget runs); unchanged for a one-image bank."""
+    seqs = bank_sequences(manifest)
+    if seqs is None:
+        return volume
+    case = case_for_file(volume.path) if volume.path is not None else None
+    if case is None:
+        raise InputError(f"the bank was built from {len(seqs)} sequences of BraTS cases ({', '.join(seqs)}): open a volume "
+                         "of a BraTS case folder (named as the release names it), so its other sequences can be read.")
+    full = with_sequences(case, seqs)
+    if full.data.shape != volume.data.shape:
+        raise InputError(f"{case.folder}: its sequences are {full.data.shape} but the image is {volume.data.shape}; "
+                         "open the case's own image.")
+    return Volume(data=volume.data, affine=volume.affine, header=volume.header, path=volume.path,
+                  meta={**volume.meta, "sequences": list(seqs)}, channels=full.channels)

@@ -511,10 +511,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
 
         def job(progress, cancelled):
-            from ..jobs.dataset_runs import roi_for_bank
+            from ..jobs.dataset_runs import roi_for_bank, sequences_for_bank
 
             bb = self.get_backbone(key, progress)
-            res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, reuse=previous,
+            vol = sequences_for_bank(roi_for_bank(volume, bank.manifest), bank.manifest)  # a multi-sequence bank: the case's
+            res = segment_volume(vol, bank, bb, settings, cache=cache, reuse=previous,
                                  batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
