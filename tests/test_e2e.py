@@ -146,7 +146,8 @@ def test_cli_segment_json_with_gt_reuses_the_cache(e2e):
     rep = e2e["seg_report"]
     out = e2e["root"] / "cli-out"
     assert rep["volume"] == str(e2e["case"])
-    assert rep["outputs"] == {k: str(out / f"case_{k}{'.csv' if k == 'points' else '.nii.gz'}") for k in ("mask", "anomaly", "points")}
+    assert rep["outputs"] == {**{k: str(out / f"case_{k}{'.csv' if k == 'points' else '.nii.gz'}") for k in ("mask", "anomaly", "points", "lesions")},
+                              "lesions_table": str(out / "case_lesions.csv")}
     assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_lesions.csv", "case_lesions.nii.gz", "case_mask.nii.gz", "case_points.csv"]
     met = rep["metrics"]
     pred = np.asarray(nib.load(rep["outputs"]["mask"]).dataobj) > 0

@@ -158,7 +158,8 @@ def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, sub
     if len(seqs) > 1 and roi is not None:
         raise InputError("--roi masks one CT image per case; it does not combine with several sequences.")
     for c in cases:
-        case_sequence_files(c, seqs)  # a missing sequence: one line naming its file
+        if len(seqs) > 1:
+            case_sequence_files(c, seqs)  # a missing sequence: one line naming its file
         check_case(c, list(seqs))
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; a bank from lesion-free slices "
@@ -355,7 +356,8 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
     if ds.get("roi") and roi is None:
         raise InputError(f"{root}: the bank was built with --roi {ds['roi']} ({ds.get('layout')}) but this is a {kind.title} dataset.")
     for c in cases:  # every file checked before the first is read
-        case_sequence_files(c, parse_sequences(mod))
+        if seqs:
+            case_sequence_files(c, seqs)
         check_case(c, list(parse_sequences(mod)))
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; evaluation needs the ground truth "
