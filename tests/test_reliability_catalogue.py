@@ -350,7 +350,8 @@ CASES: list[Case] = [
     Case("segment-device-cuda-absent", lambda c: c.seg_args() + ["--device", "cuda"], says=("no CUDA GPU",), skip=NO_CUDA),
     Case("segment-fp16-on-cpu", lambda c: c.seg_args() + ["--device", "cpu", "--precision", "fp16"], says=("fp16", "CPU")),
     Case("segment-bf16-on-cpu-warns", lambda c: c.seg_args() + ["--device", "cpu", "--precision", "bf16"], rc=0, warns="bf16",
-         creates=lambda c: {"out", "out/case_mask.nii.gz", "out/case_anomaly.nii.gz", "out/case_points.csv"}),
+         creates=lambda c: {"out", "out/case_mask.nii.gz", "out/case_anomaly.nii.gz", "out/case_points.csv",
+                                         "out/case_lesions.nii.gz", "out/case_lesions.csv"}),
     Case("segment-gamma-1e6", lambda c: c.seg_args() + ["--gamma", "1e6"], says=("below 1000", "1000000")),
     Case("segment-gamma-0", lambda c: c.seg_args() + ["--gamma", "0"], says=("above 0",)),
     Case("segment-gamma-nan", lambda c: c.seg_args() + ["--gamma", "nan"], says=("gamma",)),
@@ -441,7 +442,7 @@ def test_batch_reports_each_volume_and_keeps_only_complete_sets(world, tmp_path,
     assert rc == 2
     line = one_line_error(cap.err, "segment")
     assert "1 of 2 volumes failed" in line and "case2.nii.gz: SVD did not converge" in line and "Finished, with complete outputs: case.nii.gz" in line
-    assert entries(out) == {"case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv"}
+    assert entries(out) == {"case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv", "case_lesions.nii.gz", "case_lesions.csv"}
     # --json reports both
     out2 = tmp_path / "out2"
     rc = main(["segment", str(case2), str(case), "--bank", str(world["bank"]), "--out", str(out2), "--json"])
@@ -462,7 +463,7 @@ def test_outputs_and_banks_follow_the_umask(world, tmp_path, monkeypatch, capsys
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    for n in ("case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv"):
+    for n in ("case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv", "case_lesions.nii.gz", "case_lesions.csv"):
         assert mode(tmp_path / "o" / n) == 0o644, n
         assert mode(tmp_path / "o" / n.replace("case", "case2")) == 0o640, n
     assert mode(tmp_path / "o") == 0o755
@@ -498,8 +499,9 @@ def test_two_runs_claiming_the_same_outputs_never_both_succeed(world, tmp_path):
         line = one_line_error(next(r for r in results if r[0] == 2)[2], "segment")
         assert "another mias-sam run is writing" in line or "already exists" in line
         winner = json.loads(next(r for r in results if r[0] == 0)[1])
-        assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
-        assert set(winner["outputs"].values()) == {str(out / n) for n in ("case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv")}
+        assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_lesions.csv", "case_lesions.nii.gz", "case_mask.nii.gz",
+                                                     "case_points.csv"]
+        assert set(winner["outputs"].values()) == {str(out / n) for n in ("case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv", "case_lesions.nii.gz", "case_lesions.csv")}
 
 
 def test_a_run_refused_while_another_holds_the_claim_with_overwrite(world, tmp_path, monkeypatch, capsys):
@@ -559,7 +561,7 @@ def test_killed_segment_write_leaves_no_half_outputs(world, killed_runs, monkeyp
     begun. Either way every output set there is whole, or absent."""
     r = killed_runs[("segment", where, nth, sig)]
     out = r["folder"]
-    names = {"case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv"}
+    names = {"case_mask.nii.gz", "case_anomaly.nii.gz", "case_points.csv", "case_lesions.nii.gz", "case_lesions.csv"}
     expected = names if where == "link" else set()  # the commit had begun: it is finished
     if sig == "KILL":
         assert r["rc"] == -signal.SIGKILL
