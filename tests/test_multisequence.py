@@ -15,7 +15,8 @@ import napari_mias_sam.backbones as backbones_mod
 from dataset_fixtures import brats2021_root, brats2023_root
 from napari_mias_sam.cli.commands import main
 from napari_mias_sam.core.errors import InputError
-from napari_mias_sam.data.datasets import find_cases, parse_sequences
+from napari_mias_sam.data.datasets import find_cases
+from napari_mias_sam.data.sequences import parse_sequences
 from napari_mias_sam.jobs.dataset_runs import load_case, sequences_for_bank
 from napari_mias_sam.data.volumes import load_volume
 from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS

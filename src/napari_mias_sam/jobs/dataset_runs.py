@@ -22,8 +22,6 @@ from ..data.datasets import (
     LesionLabels,
     canonical_modality,
     case_for_file,
-    case_sequence_files,
-    parse_sequences,
     check_case,
     dataset_kind,
     find_cases,
@@ -34,6 +32,7 @@ from ..data.datasets import (
     select_cases,
 )
 from ..core.errors import InputError
+from ..data.sequences import case_sequence_files, parse_sequences
 from ..data.volumes import Volume, load_labels, load_volume
 from ..method.preprocess import resolve_axis, PREPROCESS_PRESETS, Preprocessing
 from ..core.records import to_dict
