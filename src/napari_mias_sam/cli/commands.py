@@ -665,6 +665,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     outs = report_outputs(a.out, overwrite=a.overwrite, inputs=[*(a.images or []), *(a.gts or [])])
     outs.check()  # existing results are never replaced without --overwrite
     banks = [load_bank(b) for b in a.bank]
+    from ..jobs.dataset_runs import bank_sequences
+
+    seqs = {bank_sequences(b.manifest) for b in banks}
+    if len(seqs) > 1 or (seqs != {None} and not a.dataset):
+        raise InputError(f"{a.bank[0]}: banks of several sequences per slice ({', '.join(','.join(q) for q in seqs if q)}) are "
+                         "evaluated on BraTS case folders with --dataset ROOT, each bank compared with banks of the same sequences.")
     test_set = None
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)
