@@ -78,6 +78,10 @@ def test_build_segment_and_evaluate_with_three_sequences(roots, tmp_path, capsys
                  "--out", str(tmp_path / "eval"), "--json", "--gammas", "5", "--ks", "1", "--prompts", "cog-box"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["data"]["dataset"]["modality"] == "flair,t1ce,t2" and res["rows"][0]["lesionwise"]["cases"] == 1
+    img = next(case.glob("*_flair.nii.gz"), None) or next(case.glob("*-t2f.nii.gz"))
+    seg = next(case.glob("*seg.nii.gz"))
+    assert main(["evaluate", "--bank", str(bank), "--images", str(img), "--gts", str(seg), "--out", str(tmp_path / "e2")]) == 2
+    assert "evaluated on BraTS case folders with --dataset" in one_line_error(capsys, "evaluate")
     # --modality must agree with the bank's sequences
     assert main(["segment", str(case), "--bank", str(bank), "--out", str(tmp_path / "o2"), "--modality", "flair"]) == 2
     assert "the bank was built from the sequences flair,t1ce,t2" in one_line_error(capsys, "segment")
