@@ -483,7 +483,7 @@ def _says(*texts: str, where: str = "err") -> Callable[[Ctx, object], str | None
 
 ROUND_TWO: list[Case] = [
     # ---- weights files: `weights check` says what a file is, and refuses what cannot be weights
-    W("empty", "empty.pth", "empty (0 bytes)"),
+    W("empty", "empty.pth", "is empty (0 bytes"),
     W("random", "random.pth", "not a PyTorch checkpoint"),
     W("truncated", "truncated.pth", "truncated"),
     W("object", "object.pth", "Python objects"),
@@ -496,7 +496,7 @@ ROUND_TWO: list[Case] = [
     R("segment-checkpoint-folder", lambda c: c.seg_args() + ["--backbone", "litemedsam", "--checkpoint",
                                                               str(weights_file(c.inp, "folder"))], "weights", "is a folder"),
     R("segment-sam-checkpoint-empty", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint",
-                                                                 str(weights_file(c.inp, "empty"))], "empty.pth", "empty (0 bytes)"),
+                                                                 str(weights_file(c.inp, "empty"))], "empty.pth", "is empty (0 bytes"),
     R("segment-sam-checkpoint-random", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint",
                                                                   str(weights_file(c.inp, "random"))], "random.pth", "not a PyTorch checkpoint"),
     # ---- cache: limits within sane bounds, the folder's other contents, settings and environment
@@ -525,7 +525,7 @@ ROUND_TWO: list[Case] = [
     R("segment-lesion-labels-999", lambda c: brats_seg(c, "--lesion-labels", "999"), "999", "1, 2, 4"),
     R("segment-lesion-labels-3-on-brats2021", lambda c: brats_seg(c, "--lesion-labels", "3"), "label 3", "1, 2, 4"),
     R("segment-lesion-labels-huge", lambda c: brats_seg(c, "--lesion-labels", "99999999999999999999"), "99999999999999999999"),
-    R("segment-lesion-labels-negative", lambda c: brats_seg(c, "--lesion-labels", "-1"), "--lesion-labels -1"),
+    R("segment-lesion-labels-negative", lambda c: brats_seg(c, "--lesion-labels", "-1"), "'-1'", "not a label value"),
     R("segment-lesion-labels-without-ground-truth", lambda c: c.seg_args() + ["--lesion-labels", "1"], "--lesion-labels", "--gt"),
     R("segment-lesion-labels-some-absent-warns", lambda c: brats_seg(c, "--lesion-labels", "1,999"), rc=0, warns="999",
       creates=seg_creates("BraTS2021_00001_flair")),
@@ -569,7 +569,7 @@ ROUND_TWO: list[Case] = [
     Q("rows-missing", "line 3", "2 of the volume's 4 slices"),
     Q("empty", "is empty (0 bytes)"),
     Q("header-only", "no rows"),
-    Q("joined", " 6 "),
+    Q("joined", " 6"),  # before: "row 6 is not a QA row"; now: "line 6: repeats the header"
     Q("semicolons", "';'"),
     Q("dice-5e300", "line 4", "slice_dice_before", "[0, 1]"),
     Q("dice-negative", "line 4", "slice_dice_after", "[0, 1]"),

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -42,6 +44,9 @@ __all__ = [
     "parse_lesion_labels",
     "lesion_mask",
     "lesion_description",
+    "LesionLabelsWarning",
+    "label_values",
+    "check_lesion_labels",
     "read_case_folder",
     "lits_cases",
     "find_cases",
@@ -51,6 +56,7 @@ __all__ = [
     "read_subject_list",
     "select_cases",
     "dataset_kind",
+    "check_margin",
     "normal_slices",
 ]
 
@@ -67,6 +73,7 @@ MODALITY_ALIASES = {
 
 #: ``None``: every non-zero label is a lesion; a tuple: those label values.
 LesionLabels = tuple[int, ...] | None
+_LARGEST_LABEL = 2**31 - 1  # ground truths are read as int32
 
 _NIFTI = r"\.nii(?:\.gz)?$"
 _BRATS_FILE = re.compile(r"^(?P<case>brats.+?)[_-](?P<kind>flair|t1ce|t1c|t1n|t1|t2f|t2w|t2|seg)" + _NIFTI, re.IGNORECASE)
@@ -149,6 +156,12 @@ def parse_lesion_labels(text: str | None) -> LesionLabels:
         return None
     if 0 in vals:
         raise InputError(f"lesion labels: 0 is the background and cannot be a lesion label (got {text!r}).")
+    if vals[0] < 0:
+        raise InputError(f"lesion labels {text!r}: {vals[0]} is not a label value (labels are whole numbers from 1 up; "
+                         "a ground truth with negative values is refused).")
+    if vals[-1] > _LARGEST_LABEL:
+        raise InputError(f"lesion labels {text!r}: {vals[-1]} is larger than any label a ground truth holds "
+                         f"(at most {_LARGEST_LABEL:,}).")
     return vals
 
 
@@ -158,7 +171,7 @@ def lesion_mask(labels: np.ndarray, lesion: LesionLabels = None) -> np.ndarray:
     arr = np.asarray(labels)
     if lesion is None:
         return arr != 0
-    return np.isin(arr, np.asarray(lesion, dtype=arr.dtype if arr.dtype.kind in "iu" else np.int64))
+    return np.isin(arr, np.asarray(lesion, dtype=np.int64))  # int64: a label beyond the array's type matches nothing
 
 
 def lesion_description(lesion: LesionLabels, labels: np.ndarray | None = None, *, source: str = "") -> dict:
@@ -173,6 +186,56 @@ def lesion_description(lesion: LesionLabels, labels: np.ndarray | None = None, *
     if source:
         out["source"] = source
     return out
+
+
+class LesionLabelsWarning(UserWarning):
+    """Lesion labels that some ground truths do not hold (their lesion is then empty)."""
+
+
+def label_values(path: str | os.PathLike) -> list[int]:
+    """The label values other than 0 that a ground-truth file holds (checked as ``load_labels`` does)."""
+    from .volumes import load_labels
+
+    return [int(v) for v in np.unique(load_labels(path).data) if v != 0]
+
+
+def _brats_hint(lesion: tuple[int, ...], held: set[int]) -> str:
+    if (3 in lesion and 4 in held and 3 not in held) or (4 in lesion and 3 in held and 4 not in held):
+        return " (BraTS 2021 numbers the enhancing tumour 4, BraTS 2023 numbers it 3)"
+    return ""
+
+
+def check_lesion_labels(lesion: LesionLabels, present: dict[str, Iterable[int]], *, source: str = "lesion labels") -> None:
+    """User-given lesion labels against the label values the ground truths hold (``present``: a
+    name per ground truth -> its values other than 0), before any work.
+
+    Refused (one-line :class:`InputError`) when no ground truth holds any of the labels although
+    they hold others: every lesion would be empty and every Dice 0 or undefined. A
+    :class:`LesionLabelsWarning` names labels that no ground truth holds, and each ground truth
+    (of several) that holds none of them. ``lesion=None`` (any non-zero label) is never refused."""
+    if lesion is None or not present:
+        return
+    have = {str(n): sorted({int(v) for v in vals}) for n, vals in present.items()}
+    held = set().union(*map(set, have.values()))
+
+    def holds(name: str) -> str:
+        return f"{name} holds {', '.join(map(str, have[name])) or 'no label'}"
+
+    listing = "; ".join(holds(n) for n in list(have)[:3]) + (f"; and {len(have) - 3} more" if len(have) > 3 else "")
+    wanted = ",".join(map(str, lesion))
+    if held and not held & set(lesion):
+        raise InputError(f"{source}: no ground truth holds label{'s' if len(lesion) > 1 else ''} {wanted} ({listing}), so "
+                         f"every lesion would be empty; choose among {', '.join(map(str, sorted(held)))}"
+                         f"{_brats_hint(lesion, held)}.")
+    absent = [v for v in lesion if v not in held]
+    if absent:
+        warnings.warn(f"{source}: label{'s' if len(absent) > 1 else ''} {', '.join(map(str, absent))} occur{'s' if len(absent) == 1 else ''} "
+                      f"in no ground truth ({listing}); they count nothing{_brats_hint(lesion, held)}.", LesionLabelsWarning, stacklevel=2)
+    if len(have) > 1:
+        for name, vals in have.items():
+            if vals and not set(vals) & set(lesion):
+                warnings.warn(f"{name}: holds none of the lesion labels {wanted} (it holds {', '.join(map(str, vals))}); "
+                              "its lesion is empty.", LesionLabelsWarning, stacklevel=2)
 
 
 # -- recognising layouts ----------------------------------------------------------------------------
@@ -249,6 +312,9 @@ def find_cases(root: str | os.PathLike) -> list[Case]:
     a root folder of case folders (LiTS batch folders included). Raises :class:`InputError` for a
     missing or empty root, and for roots that mix BraTS and LiTS."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: is a file, not a folder; a dataset is a BraTS case folder, a LiTS folder or a root "
+                         "folder of them (single NIfTI volumes are given as files, e.g. evaluate --images/--gts).")
     if not root.is_dir():
         raise InputError(f"{root}: no such folder (expected a BraTS case folder, a LiTS folder or a dataset root).")
     case = read_case_folder(root)
@@ -408,20 +474,49 @@ def select_cases(cases: list[Case], *, subjects: str | os.PathLike | None = None
 
 
 def dataset_kind(cases: list[Case]) -> DatasetKind:
-    """The layout of a set of cases (BraTS 2021 and 2023+ together count as BraTS 2021's
-    vocabulary with whole-tumour lesions, which is the same for both)."""
+    """The layout of a set of cases. BraTS 2021 and 2023+ cases together are refused, naming the
+    cases of each: their label numbers differ (enhancing tumour 4 vs 3, so ``--lesion-labels`` and
+    the reports would mean different things per case) and the 2023 release re-issues the 2021
+    patients under new names, so one patient could sit in a bank and in its test set."""
     kinds = {c.kind for c in cases}
+    if kinds == {"brats2021", "brats2023"}:
+        raise InputError(_mixed_releases(cases))
     if len(kinds) == 1:
         return KINDS[kinds.pop()]
-    return KINDS["brats2021"] if kinds <= {"brats2021", "brats2023"} else KINDS["nifti"]
+    return KINDS["nifti"]
+
+
+def _mixed_releases(cases: list[Case]) -> str:
+    def named(kind: str) -> str:
+        subs = [c.subject for c in cases if c.kind == kind]
+        return f"{len(subs)} {KINDS[kind].title} case{'s' if len(subs) > 1 else ''} ({', '.join(subs[:3])}{' ...' if len(subs) > 3 else ''})"
+
+    def number(c: Case) -> str | None:
+        m = re.search(r"(\d{5})", c.subject)
+        return m[1] if m else None
+
+    old = {number(c): c.subject for c in cases if c.kind == "brats2021"}
+    twins = [(old[number(c)], c.subject) for c in cases if c.kind == "brats2023" and number(c) in old]
+    twin = f"; {twins[0][0]} and {twins[0][1]} may be one patient" if twins else ""
+    roots = sorted({str(c.folder.parent) for c in cases})
+    return (f"{roots[0]}: mixes BraTS releases: {named('brats2021')} and {named('brats2023')}; their label numbers differ "
+            f"(enhancing tumour 4 in 2021, 3 in 2023) and the 2023 release re-issues the 2021 patients under new names{twin}. "
+            "Keep one release per root, or choose one with --subjects / --exclude-subjects.")
 
 
 # -- lesion-free slices ----------------------------------------------------------------------------
+def check_margin(margin) -> int:
+    """``--margin`` as a number of slices: a whole number, 0 or more."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise InputError(f"--margin {margin}: must be a whole number of slices, 0 or more (kept slices lie more than "
+                         "this many slices from any labelled slice; default 2).")
+    return int(margin)
+
+
 def normal_slices(labels: np.ndarray, axis: int, *, margin: int = 2, normal: tuple[int, ...] = (0,)) -> np.ndarray:
     """Boolean per slice along ``axis``: every label of the slice is normal tissue (``normal``)
     and the slice is more than ``margin`` slices away from any slice that is not."""
-    if margin < 0:
-        raise InputError(f"--margin must be 0 or more, got {margin}")
+    check_margin(margin)
     lab = np.moveaxis(np.asarray(labels), axis, 0)
     abnormal = (~np.isin(lab, np.asarray(normal))).reshape(lab.shape[0], -1).any(axis=1)
     if margin and abnormal.any():
