@@ -112,3 +112,18 @@ def test_bad_qa_files_are_refused_with_one_line_and_nothing_written(two_reviews,
     assert "already exists" in capsys.readouterr().err and (out / "qa_report.json").read_bytes() == before
     assert main(["qa-report", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
     assert len(QA_COLUMNS) == len(set(QA_COLUMNS))
+
+
+def test_the_viewer_reads_qa_files_with_the_same_checks(tmp_path):
+    """The napari reader of a saved review refuses what qa-report refuses, naming the line: a file
+    cut short, a Dice out of range (tests/reliability_inputs.py makes the damaged files)."""
+    from napari_mias_sam.core.errors import InputError
+    from napari_mias_sam.viewer.models.review import qa_points_layer
+    from reliability_inputs import qa_file
+
+    data, kwargs, kind = qa_points_layer(qa_file(tmp_path, "good", "good_qa.csv"))
+    assert kind == "points" and len(data) == 3
+    for damage, says in (("cut-in-affine", "line 5 ends after 23 of the 25 columns"), ("dice-5e300", "line 4: slice_dice_before"),
+                         ("rows-missing", "after 2 of the volume's 4 slices")):
+        with pytest.raises(InputError, match=says.replace("(", r"\(")):
+            qa_points_layer(qa_file(tmp_path, damage, f"{damage}_qa.csv"))

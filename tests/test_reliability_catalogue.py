@@ -551,6 +551,9 @@ ROUND_TWO: list[Case] = [
     R("build-bank-mixed-releases-one-chosen", lambda c: ["build-bank", str(c.ds("mixed")), "--subjects", str(c.ds("mixed21")),
                                                          "--out", str(c.out), "--layout", "mean256"], rc=0, creates=BANK_OUT,
       check=_says("BraTS 2021")),
+    R("build-bank-subjects-list-with-bom", lambda c: ["build-bank", str(c.ds("b21")), "--subjects", str(
+        (c.inp / "subjects.txt").write_bytes(b"\xef\xbb\xbfBraTS2021_00001\r\nBraTS2021_00003\r\n") and c.inp / "subjects.txt"),
+        "--out", str(c.out), "--layout", "mean256"], rc=0, creates=BANK_OUT),  # saved by Notepad: BOM and CRLF
     R("build-bank-brats2023-named", lambda c: ["build-bank", str(c.ds("b23")), "--out", str(c.out), "--layout", "mean256"],
       rc=0, creates=BANK_OUT, check=_says("BraTS 2023")),
     R("evaluate-dataset-is-a-file", lambda c: ds_eval(c, c.case), "case.nii.gz", "is a file"),
@@ -638,7 +641,7 @@ def classify(case: Case, ctx: Ctx, rc, cap, exc: BaseException | None, world_sam
     missing = [t for t in case.says if t not in lines[-1]]
     if missing:
         return "wrong cause", f"{lines[-1]} (does not say {missing})"
-    return "clean refusal", ""
+    return "clean refusal", lines[-1]
 
 
 def run_case(case: Case, world, tmp_path, monkeypatch, capsys) -> tuple[str, str]:

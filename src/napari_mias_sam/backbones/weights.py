@@ -233,8 +233,8 @@ def _container(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise WeightsError(f"{path}: a zip archive cut short (truncated: an interrupted download or copy?) ({exc}); "
+    except (zipfile.BadZipFile, OSError):
+        raise WeightsError(f"{path}: a zip archive cut short (truncated: an interrupted download or copy?); "
                            "download the weights again.") from None
     if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         raise WeightsError(f"{path}: a zip archive but not a PyTorch checkpoint (no data.pkl inside; it holds "
