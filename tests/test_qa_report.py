@@ -132,3 +132,18 @@ def test_qa_report_adds_up_the_saved_lesions(tmp_path, capsys):
     assert main(["qa-report", str(a), str(b)]) == 0
     text = capsys.readouterr().out
     assert "| a | 3 | 1 | 1 | 0.500 | 100.0 | 2 | 2 | 0 | 1 |" in text and "| **all** | 4 |" in text
+
+
+def test_the_viewer_reads_qa_files_with_the_same_checks(tmp_path):
+    """The napari reader of a saved review refuses what qa-report refuses, naming the line: a file
+    cut short, a Dice out of range (tests/reliability_inputs.py makes the damaged files)."""
+    from napari_mias_sam.core.errors import InputError
+    from napari_mias_sam.viewer.models.review import qa_points_layer
+    from reliability_inputs import qa_file
+
+    data, kwargs, kind = qa_points_layer(qa_file(tmp_path, "good", "good_qa.csv"))
+    assert kind == "points" and len(data) == 3
+    for damage, says in (("cut-in-affine", "line 5 ends after 23 of the 34 columns"), ("dice-5e300", "line 4: slice_dice_before"),
+                         ("rows-missing", "after 2 of the volume's 4 slices")):
+        with pytest.raises(InputError, match=says.replace("(", r"\(")):
+            qa_points_layer(qa_file(tmp_path, damage, f"{damage}_qa.csv"))

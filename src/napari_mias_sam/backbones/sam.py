@@ -64,12 +64,12 @@ class SamBackbone(SamLikeBackbone):
                     f"{self.name}' where there is internet, or download it by hand and pass --checkpoint PATH."
                 )
         if checkpoint is not None:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():  # before building the model: a typo should not cost seconds
-                raise WeightsError(
-                    f"SAM {variant} weights file not found: {path}. Run 'mias-sam weights fetch {self.name}' or "
-                    f"download {_OFFICIAL_NAMES[variant]} from the segment-anything release page and pass its path."
-                )
+            from .weights import weights_file
+
+            # before building the model: a typo should not cost seconds
+            path = weights_file(checkpoint, missing=(
+                f"SAM {variant} weights file not found. Run 'mias-sam weights fetch {self.name}' or download "
+                f"{_OFFICIAL_NAMES[variant]} from the segment-anything release page and pass its path."))
         self.weights_entry = None
         if checkpoint is not None:
             from .weights import check_checkpoint

@@ -250,14 +250,12 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
     from ..core.atomic_outputs import check_output_folder
     from ..jobs.preflight import check_device, check_precision
     from ..method.preprocess import PREPROCESS_PRESETS
-    from ..jobs.bank_builds import build_bank_from_files
+    from ..jobs.bank_builds import build_bank_from_files, check_bank_out
 
     check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
     if a.out.exists() and not a.overwrite:
         raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
-    for n in a.normal:
-        if a.out.resolve() == n.resolve():
-            raise InputError(f"{a.out}: the bank folder cannot be an input folder.")
+    check_bank_out(a.out, a.normal)  # not an input folder, nor inside one (a dataset root, a case folder)
     if a.out.exists() and not (a.out / "manifest.json").is_file():  # refuse before the work, not after
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
@@ -326,7 +324,8 @@ def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -
     if dataset is not None:
         from ..jobs.dataset_runs import dataset_groups, prepare_dataset
 
-        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi)
+        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi,
+                                           margin=a.margin, axis=a.axis)
         groups = dataset_groups(cases, mod, PREPROCESS_PRESETS[a.preprocess or kind.preprocess], axis=a.axis, margin=a.margin, roi=a.roi)
         print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
               f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)

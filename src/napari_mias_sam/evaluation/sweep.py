@@ -20,7 +20,7 @@ from ..core import defaults
 from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, NORMALISATIONS
 from ..bank import MemoryBank, check_compatible
 from ..pipeline.embedding_cache import EmbeddingCache
-from ..data.datasets import LesionLabels, lesion_mask
+from ..data.datasets import LesionLabels, check_lesion_labels, label_values, lesion_mask
 from ..core.errors import InputError
 from ..data.volumes import Volume, load_labels, load_volume
 from .scoring import baseline_slices
@@ -78,6 +78,9 @@ def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, ax
     as the anomaly (None: any non-zero)."""
     if len(images) != len(gts):
         raise InputError(f"--images and --gts must pair up: got {len(images)} images and {len(gts)} ground truths.")
+    if lesion is not None:  # labels the user chose: held by the ground truths, or refused before the images load
+        check_lesion_labels(lesion, {Path(g).name: label_values(g) for g in gts},
+                            source=f"--lesion-labels {','.join(map(str, lesion))}")
     units = []
     for img_p, gt_p in zip(images, gts):
         vol = load_volume(img_p)

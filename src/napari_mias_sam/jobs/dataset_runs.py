@@ -8,6 +8,7 @@ can be checked against it (:func:`check_disjoint`).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,11 @@ from ..data.datasets import (
     canonical_modality,
     case_for_file,
     check_case,
+    check_lesion_labels,
+    check_margin,
     dataset_kind,
     find_cases,
+    label_values,
     lesion_description,
     lesion_mask,
     normal_slices,
@@ -145,9 +149,13 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
 
 
 def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, subjects=None, exclude=None,
-                    roi: str | None = None) -> tuple[list[Case], DatasetKind, str]:
+                    roi: str | None = None, margin: int | None = None,
+                    axis: int | str = "axial") -> tuple[list[Case], DatasetKind, str]:
     """The cases of ``root`` chosen by the subject lists, their layout and the canonical modality;
-    every case is checked (files present, one grid) before any work."""
+    every case is checked (files present, one grid) before any work. With ``margin``: the margin
+    is checked, and refused when it leaves no slice of the cases (their labels are read for that)."""
+    if margin is not None:
+        check_margin(margin)  # before anything is read or printed
     cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
     kind = dataset_kind(cases)
     seqs = parse_sequences(modality or kind.default_modality)
@@ -163,7 +171,35 @@ def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, sub
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; a bank from lesion-free slices "
                              "needs the labels (leave the case out with --exclude-subjects).")
+    if margin is not None:
+        _check_margin_leaves_slices(cases, margin, axis)
     return cases, kind, mod
+
+
+@functools.lru_cache(maxsize=4096)
+def _abnormal_slices(seg: str, stamp: tuple, axis: int | str, normal: tuple[int, ...]) -> np.ndarray:
+    """Per slice along ``axis``: holds a label that is not normal tissue (``stamp``: the file's
+    size and time, so a changed file is read again)."""
+    import nibabel as nib
+
+    img = nib.load(seg)
+    ax = resolve_axis(axis, img.affine)
+    lab = np.moveaxis(np.asarray(img.dataobj), ax, 0)
+    return (~np.isin(lab, np.asarray(normal))).reshape(lab.shape[0], -1).any(axis=1)
+
+
+def _check_margin_leaves_slices(cases: list[Case], margin: int, axis: int | str) -> None:
+    """Refuse a margin that excludes every slice of every case, with the counts that show it."""
+    total = lesion = kept = 0
+    for c in cases:
+        st = c.seg.stat()
+        abnormal = _abnormal_slices(str(c.seg), (st.st_size, st.st_mtime_ns), axis, tuple(c.info.normal))
+        free = normal_slices(abnormal[:, None], 0, margin=margin, normal=(False,))
+        total, lesion, kept = total + len(abnormal), lesion + int(abnormal.sum()), kept + int(free.sum())
+    if kept == 0:
+        raise InputError(f"--margin {margin} leaves no slice: of the {total} slices of {len(cases)} case{'s' if len(cases) > 1 else ''}, "
+                         f"{lesion} hold lesion labels and the other {total - lesion} lie within {margin} slices of one; "
+                         "use a smaller --margin (default 2), or add cases without lesions.")
 
 
 def build_bank_from_dataset(
@@ -190,9 +226,8 @@ def build_bank_from_dataset(
     ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
     layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
     records the layout, root, modality, margin, ROI and subjects."""
-    if margin < 0:
-        raise InputError(f"--margin must be 0 or more, got {margin}")
-    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi)
+    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi,
+                                       margin=margin, axis=axis)
     preset = preprocess or kind.preprocess
     if preset not in PREPROCESS_PRESETS:
         raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
@@ -331,7 +366,18 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
             source = "default: any non-zero label"
         out.append(SegmentInput(image=image, gt=gt, case=case, lesion=lesion_for(case, lesion_labels),
                                 lesion_source=source, roi=roi if roi and case is not None else None, sequences=seqs))
+    if lesion_labels is not None and str(lesion_labels).strip():
+        _check_given_labels(lesion_labels, {j.gt: j.lesion for j in out if j.gt is not None})
     return out
+
+
+def _check_given_labels(text: str, gts: dict[Path, LesionLabels]) -> None:
+    """``--lesion-labels`` against the ground truths it scores (their label values read first)."""
+    if not gts:
+        raise InputError(f"--lesion-labels {text}: applies to ground truths, and none is given; pass --gt (one per volume) "
+                         "or case folders whose seg file lies beside the images.")
+    lesion = next(iter(gts.values()))
+    check_lesion_labels(lesion, {p.name: label_values(p) for p in gts}, source=f"--lesion-labels {text}")
 
 
 def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subjects=None, exclude=None,
@@ -361,6 +407,8 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; evaluation needs the ground truth "
                              "(leave the case out with --exclude-subjects).")
+    if lesion_labels is not None and str(lesion_labels).strip():
+        _check_given_labels(lesion_labels, {c.seg: lesion_for(c, lesion_labels) for c in cases})
     units, counted = [], set()
     lesion = lesion_for(cases[0], lesion_labels)
     for c in cases:

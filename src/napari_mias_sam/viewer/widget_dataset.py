@@ -72,10 +72,10 @@ class DatasetMixin:
             return
         try:
             cases = find_cases(root)
+            kind = dataset_kind(cases)  # mixed BraTS releases are refused, naming the cases of each
         except MiasSamError as exc:
             self.status.value = f"dataset: {exc}"
             return
-        kind = dataset_kind(cases)
         self.preprocess.value = kind.preprocess
         self.ds_modality.choices = modality_choices(cases)
         self.status.value = f"dataset: {kind.title}, {len(cases)} cases"
