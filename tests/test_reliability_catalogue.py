@@ -45,6 +45,7 @@ import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import anatomy_volume, disk, snapshot, write_nifti
 from fakes import FakeBackbone
 from napari_mias_sam.cli.commands import main
+from napari_mias_sam.jobs.outputs import output_paths
 from reliability_inputs import cache_folder, dataset_roots, qa_file, weights_file
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -416,11 +417,9 @@ CASES: list[Case] = [
 
 
 # --------------------------------------------------------------------------- round two (issue 26)
-SEG_OUT = ("_mask.nii.gz", "_anomaly.nii.gz", "_points.csv")
-
-
 def seg_creates(stem: str) -> Callable[[Ctx], set[str]]:
-    return lambda c: {"out", *(f"out/{stem}{s}" for s in SEG_OUT)}
+    """What ``segment`` writes for ``stem`` into ``out/`` (the names ``write_outputs`` uses)."""
+    return lambda c: {"out", *(f"out/{p.name}" for p in output_paths("out", stem).values())}
 
 
 BANK_OUT = lambda c: {"out", "out/index.faiss", "out/manifest.json"}  # noqa: E731
