@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core import defaults
 from ..core.errors import MiasSamError
 
 __all__ = ["main", "build_parser"]
@@ -66,7 +67,8 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="encoder precision (bf16/fp16 only pay off on a GPU; default fp32)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE,
+                   help=f"slices encoded per batch (default {defaults.BATCH_SIZE})")
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -74,14 +76,14 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("labelled datasets (BraTS, LiTS): a bank from lesion-free slices")
     g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); ct for LiTS")
-    g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
+    g.add_argument("--margin", type=int, default=defaults.DATASET_MARGIN,
+                   help=f"keep only slices more than this many slices from any labelled slice (default {defaults.DATASET_MARGIN})")
     g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
     g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
     g.add_argument("--roi", choices=ROIS, help="LiTS: mask every slice to the liver labels (1, 2), as BMAD's Liver CT does")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..core import defaults
     from ..bank import INDEX_TABLE, INDEX_TYPES
     from ..method.prompts import BACKBONE_PROMPTS, PROMPT_TYPES
     from ..method.reference_encoding import ENCODINGS
@@ -106,11 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or case folder, a LiTS folder): then only its lesion-free slices are used")
     b.add_argument("--out", required=True, type=Path, help="bank folder to write (index.faiss + manifest.json)")
     b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default=None,
-                   help="intensity preset (default mri; ct-abdomen for LiTS)")
+                   help=f"intensity preset (default {defaults.PREPROCESS}; ct-abdomen for LiTS)")
     _add_dataset_args(b)
-    b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
-    b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
-    b.add_argument("--index", choices=INDEX_TYPES, default="flat",
+    b.add_argument("--axis", default=defaults.SLICE_AXIS, help=f"slicing axis: axial, coronal, sagittal or 0/1/2 (default {defaults.SLICE_AXIS})")
+    b.add_argument("--layout", choices=PATCH_LAYOUTS, default=defaults.PATCH_LAYOUT,
+                   help=f"patch features: paper1024 (paper) or mean256 (default {defaults.PATCH_LAYOUT})")
+    b.add_argument("--index", choices=INDEX_TYPES, default=defaults.INDEX_TYPE,
                    help="faiss index: " + "; ".join(f"{t.name} ({t.help})" for t in INDEX_TABLE.values()))
     b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
                    help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the same volumes (layout, index, coreset) then skips the encoder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_backbone_args(b, default="litemedsam")
+    _add_backbone_args(b, default=defaults.BACKBONE)
     b.add_argument("--encoding", choices=ENCODINGS, default="standard",
                    help="how slices reach a SAM encoder: standard (float resize, float16 embeddings; default) or reference "
                         "(the paper's code exactly: 8-bit slice resized with PIL, float32 embeddings; SAM backbones only). "
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a bank from the bundled normal volumes, segment the bundled test case with LiteMedSAM, print Dice and timings.")
     d.add_argument("--out", type=Path, default=Path("mias-sam-demo"), help="output folder (default ./mias-sam-demo)")
     d.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
-    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     e = sub.add_parser("evaluate", help="paper metrics, 3D metrics and ablations over a test set", epilog=EXAMPLES["evaluate"],
@@ -193,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--sizes", default="10k,100k,1M,7.68M", help="bank sizes in patches, comma-separated (k/M suffixes; default %(default)s)")
     k.add_argument("--encode-slices", type=int, default=None, help="slices to encode (default 8 on a CPU, all on a GPU; the rest is extrapolated)")
     k.add_argument("--decode-slices", type=int, default=None, help="slices to decode (default 8 on a CPU, all on a GPU)")
-    k.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch layout (default paper1024, the paper's)")
+    k.add_argument("--layout", choices=PATCH_LAYOUTS, default=defaults.PATCH_LAYOUT, help=f"patch layout (default {defaults.PATCH_LAYOUT})")
     k.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder precision (default fp32)")
-    k.add_argument("--knn-index", choices=INDEX_TYPES, default="flat", help="CPU index type for the kNN stage (default flat)")
+    k.add_argument("--knn-index", choices=INDEX_TYPES, default=defaults.INDEX_TYPE,
+                   help=f"CPU index type for the kNN stage (default {defaults.INDEX_TYPE})")
     k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
     k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
     k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio against the exact bank (data: --sample-dir)")
@@ -261,7 +265,7 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
                                            layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
                                            progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
         else:
-            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
+            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], axis=a.axis,
                                          layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
                                          progress=progress, cache=cache)
         path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
@@ -283,7 +287,7 @@ def _dataset_input(a: argparse.Namespace) -> Path | None:
     from ..core.errors import InputError
 
     options = [f"--{n}" for n, v in (("modality", a.modality), ("subjects", a.subjects), ("exclude-subjects", a.exclude_subjects),
-                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != 2 else [])
+                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != defaults.DATASET_MARGIN else [])
     datasets = [n for n in a.normal if looks_like_dataset(n)]
     if not datasets:
         if options:
@@ -312,7 +316,7 @@ def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -
         print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
               f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
     else:
-        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or "mri"], a.axis)
+        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], a.axis)
     n_slices = sum(g.n for g in groups)
     est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
     total, avail = ram_bytes()

@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..core import defaults
 from ..core.errors import InputError
 
 __all__ = [
@@ -87,7 +88,7 @@ class DatasetKind:
     normal: tuple[int, ...]
     rois: dict = field(default_factory=dict)
     default_modality: str = "flair"
-    preprocess: str = "mri"
+    preprocess: str = defaults.PREPROCESS
 
 
 KINDS: dict[str, DatasetKind] = {
@@ -417,7 +418,7 @@ def dataset_kind(cases: list[Case]) -> DatasetKind:
 
 
 # -- lesion-free slices ----------------------------------------------------------------------------
-def normal_slices(labels: np.ndarray, axis: int, *, margin: int = 2, normal: tuple[int, ...] = (0,)) -> np.ndarray:
+def normal_slices(labels: np.ndarray, axis: int, *, margin: int = defaults.DATASET_MARGIN, normal: tuple[int, ...] = (0,)) -> np.ndarray:
     """Boolean per slice along ``axis``: every label of the slice is normal tissue (``normal``)
     and the slice is more than ``margin`` slices away from any slice that is not."""
     if margin < 0:

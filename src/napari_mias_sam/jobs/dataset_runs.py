@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..bank import MemoryBank, SliceGroup, build_bank
 from ..data.datasets import (
     Case,
@@ -99,8 +100,8 @@ def load_case(case: Case, modality: str | None = None, *, roi: str | None = None
     return CaseData(case, mod, image, labels, roi)
 
 
-def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = "axial",
-                   margin: int = 2, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
+def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = defaults.SLICE_AXIS,
+                   margin: int = defaults.DATASET_MARGIN, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
     """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
     ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
     groups = []
@@ -149,15 +150,15 @@ def build_bank_from_dataset(
     backbone,
     *,
     modality: str | None = None,
-    margin: int = 2,
+    margin: int = defaults.DATASET_MARGIN,
     subjects: str | os.PathLike | None = None,
     exclude: str | os.PathLike | None = None,
     roi: str | None = None,
     preprocess: str | None = None,
-    axis: int | str = "axial",
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    axis: int | str = defaults.SLICE_AXIS,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     coreset_ratio: float | None = None,
     progress=None,
     cancelled=None,

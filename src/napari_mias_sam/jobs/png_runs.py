@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import defaults
 from ..bank import MemoryBank, check_compatible
 from ..pipeline.embedding_cache import EmbeddingCache
 from ..core.errors import BankMismatchError, InputError
 from ..data.volumes import Volume, atomic_path, is_nifti, read_png_files
-from ..pipeline.segment import CancelFn, EncodedVolume, ProgressFn, SegmentationResult, cached_encode, segment_volume
+from ..core.progress import CancelFn, ProgressFn
+from ..pipeline.segment import EncodedVolume, SegmentationResult, cached_encode, segment_volume
 from ..method.preprocess import Frame, foreground_slices, from_frame, to_frame
 from ..method.reference_encoding import encoding_of
 from ..pipeline.settings import SegmentSettings
@@ -122,7 +124,7 @@ def segment_pngs(
     settings: SegmentSettings | None = None,
     *,
     cache: EmbeddingCache | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:

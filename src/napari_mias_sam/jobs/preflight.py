@@ -8,14 +8,13 @@ import os
 import re
 import sys
 
+from ..core.defaults import KNN_BATCH_SLICES
 from ..core.errors import InputError
 from ..data.checks import about, check_affine, check_slice_size
 
 __all__ = ["check_device", "check_precision", "knn_search_bytes", "check_knn_memory", "check_volume_for_bank"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-#: Slices searched together by the pipeline's nearest-neighbour step (pipeline.neighbour_distances).
-KNN_BATCH_SLICES = 8
 #: Share of the available memory a run's search may take before it is refused.
 MEMORY_SHARE = 0.8
 

@@ -20,6 +20,8 @@ from ..core.errors import InputError
 __all__ = [
     "Preprocessing",
     "PREPROCESS_PRESETS",
+    "MRI_PERCENTILES",
+    "CT_ABDOMEN_WINDOW",
     "SLICE_AXES",
     "FRAME",
     "Frame",
@@ -34,6 +36,10 @@ __all__ = [
 FRAME = 256  # side of the square model frame (pixels)
 #: Slice axes by name (voxel axes of a RAS-oriented volume).
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: MRI: intensities clipped to these percentiles of the foreground (voxels above the minimum).
+MRI_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: CT: the abdomen window (Hounsfield units), the ``ct`` mode's default and LiTS's preset.
+CT_ABDOMEN_WINDOW: tuple[float, float] = (-200.0, 250.0)
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,8 @@ class Preprocessing:
     """
 
     mode: Literal["mri", "ct", "minmax"] = "mri"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    window: tuple[float, float] = (-200.0, 250.0)
+    percentiles: tuple[float, float] = MRI_PERCENTILES
+    window: tuple[float, float] = CT_ABDOMEN_WINDOW
     scope: Literal["volume", "slice"] = "volume"
 
     def describe(self) -> str:
@@ -62,7 +68,7 @@ class Preprocessing:
 # Named presets offered by the CLI and the widget.
 PREPROCESS_PRESETS: dict[str, Preprocessing] = {
     "mri": Preprocessing(mode="mri"),
-    "ct-abdomen": Preprocessing(mode="ct", window=(-200.0, 250.0)),
+    "ct-abdomen": Preprocessing(mode="ct", window=CT_ABDOMEN_WINDOW),
     "ct-liver": Preprocessing(mode="ct", window=(-100.0, 200.0)),
     "ct-brain": Preprocessing(mode="ct", window=(0.0, 80.0)),
     "minmax": Preprocessing(mode="minmax"),

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
-
 import numpy as np
 import torch
 
-from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
+from ..core import defaults
+from ..method.anomaly import calibration_entry, image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
 from ..method.prompts import Prompt, make_prompt
 from ..bank import MemoryBank, check_compatible
 from ..bank.store import preprocessing_from_bank
 from .embedding_cache import EmbeddingCache, frames_key
 from ..core.errors import Cancelled, InputError, MiasSamError
+from ..core.progress import CancelFn, ProgressFn
 from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
@@ -55,8 +55,6 @@ __all__ = [
     "maps_reusable",
 ]
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 #: Slices decoded together on a GPU (decode_all's default there; the CPU decodes slice by slice).
 GPU_DECODE_BATCH = 16
 
@@ -84,7 +82,7 @@ def encode_frames(
     frames: torch.Tensor,
     backbone,
     *,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
     stage: str = "encode slices",
@@ -108,7 +106,7 @@ def cached_encode(
     backbone,
     cache: EmbeddingCache | None,
     *,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> tuple[torch.Tensor, str, bool]:
@@ -134,9 +132,9 @@ def encode_volume(
     backbone,
     prep: Preprocessing,
     *,
-    axis: int | str = "axial",
+    axis: int | str = defaults.SLICE_AXIS,
     cache: EmbeddingCache | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> EncodedVolume:
@@ -154,9 +152,9 @@ def score_volume(
     embeddings: torch.Tensor,
     bank: MemoryBank,
     *,
-    k: int = 1,
-    sigma: float = 4.0,
-    batch_size: int = 8,
+    k: int = defaults.K,
+    sigma: float = defaults.SIGMA,
+    batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +168,8 @@ def neighbour_distances(
     embeddings: torch.Tensor,
     bank: MemoryBank,
     *,
-    k: int = 1,
-    batch_size: int = 8,
+    k: int = defaults.K,
+    batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> np.ndarray:
@@ -448,7 +446,7 @@ def segment_volume(
     cache: EmbeddingCache | None = None,
     encoded: EncodedVolume | None = None,
     reuse: SegmentationResult | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     slice_set: bool = False,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
@@ -566,11 +564,9 @@ def region_labels(result: SegmentationResult) -> np.ndarray:
     return result.regions
 
 
-def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:
+def slice_decision_threshold(bank: MemoryBank, k: int = defaults.K, quantile: float = 100.0) -> float:
     """Image-score threshold from held-out NORMAL slices only (default: their maximum)."""
-    per_k = bank.manifest.get("calibration", {}).get("per_k", {})
-    key = str(k) if str(k) in per_k else "1"
-    scores = per_k.get(key, {}).get("slice_scores", [])
+    scores = (calibration_entry(bank.manifest.get("calibration"), k) or {}).get("slice_scores", [])
     if not scores:
         raise ValueError("the bank holds no calibration slice scores; the slice decision needs them")
     return float(np.percentile(scores, quantile))

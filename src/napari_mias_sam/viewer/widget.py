@@ -123,7 +123,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self._pinned = False  # a backbone given by use_backbone() overrides the controls
 
         # -- model ------------------------------------------------------------------------------
-        self.backbone_choice = ComboBox(choices=BACKBONES, value="litemedsam", label="backbone",
+        self.backbone_choice = ComboBox(choices=BACKBONES, value=defaults.BACKBONE, label="backbone",
                                         tooltip="litemedsam: weights bundled, runs on a CPU; sam-vit_*: pick the SAM checkpoint file")
         self.checkpoint = FileEdit(mode="r", filter="*.pth *.pt", label="checkpoint", enabled=False,
                                    tooltip="SAM weights file (e.g. sam_vit_b_01ec64.pth); LiteMedSAM needs none")
@@ -139,8 +139,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                                      tooltip="lesion-free NIfTI volumes for the memory bank")
         self.normals_info = Label(value="no normal volumes chosen")
         self.normal_folder = FileEdit(mode="d", label="or a folder", tooltip="a folder of normal NIfTI volumes, or a BMAD dataset folder")
-        self.preprocess = ComboBox(choices=sorted(PREPROCESS_PRESETS), value="mri", label="intensities")
-        self.layout_choice = ComboBox(choices=PATCH_LAYOUTS, value="paper1024", label="patch features")
+        self.preprocess = ComboBox(choices=sorted(PREPROCESS_PRESETS), value=defaults.PREPROCESS, label="intensities")
+        self.layout_choice = ComboBox(choices=PATCH_LAYOUTS, value=defaults.PATCH_LAYOUT, label="patch features")
         self.sample_normals_btn = PushButton(text="Use sample normals")
         self.build_btn = PushButton(text="Build bank")
         self.bank_path = FileEdit(mode="d", label="bank folder")
@@ -150,7 +150,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         dataset_controls = self._make_dataset_controls()
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
-        self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for("litemedsam"), label="prompt")
+        self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for(defaults.BACKBONE), label="prompt")
         self.prompt_note = Label(value="")
         self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
@@ -160,7 +160,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.normalisation = ComboBox(choices=NORMALISATIONS, value=defaults.NORMALISATION, label="normalisation")
         self.k = SpinBox(value=defaults.K, min=1, max=5, label="k neighbours")
         self.slice_decision = CheckBox(value=False, text="keep masks only on slices scored anomalous")
-        self.batch_size = SpinBox(value=4, min=1, max=64, label="batch size")
+        self.batch_size = SpinBox(value=defaults.BATCH_SIZE, min=1, max=64, label="batch size")
         self.run_btn = PushButton(text="Run MIAS-SAM")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.reset_points_btn = PushButton(text="Reset moved points")
