@@ -141,3 +141,31 @@ def test_each_default_is_one_of_its_tables_choices():
     assert defaults.INDEX_TYPE in INDEX_TYPES
     assert defaults.PREPROCESS in PREPROCESS_PRESETS
     assert defaults.SLICE_AXIS in SLICE_AXES
+
+
+def test_every_reader_of_the_calibration_takes_the_same_entry_of_a_k():
+    """The normalisation, the regions' levels, the count of normal peaks and the slice decision
+    all read ``calibration_entry``'s entry: k's own, else the largest stored k below it, else the
+    smallest stored (before, two of them fell back to k = 1 and two to the largest k below)."""
+    from types import SimpleNamespace
+
+    from napari_mias_sam.bank.store import MemoryBank
+    from napari_mias_sam.method.anomaly import calibration_entry
+    from napari_mias_sam.method.regions import bank_levels, normal_levels, normal_peak_count
+    from napari_mias_sam.pipeline.segment import slice_decision_threshold
+
+    def entry(n: int, scale: float) -> dict:
+        return {"low": scale, "high": 3 * scale, "slice_max_map": [scale * (1 + i / n) for i in range(n)],
+                "slice_scores": [scale * 10 + i for i in range(n)]}
+
+    cal = {"per_k": {"2": entry(40, 1.0), "3": entry(41, 2.0), "5": entry(42, 3.0)}}
+    bank = SimpleNamespace(manifest={"calibration": cal}, path=None)
+    for k, key in ((3, "3"), (4, "3"), (9, "5"), (1, "2"), (2, "2")):
+        chosen = cal["per_k"][key]
+        assert calibration_entry(cal, k) is chosen
+        assert MemoryBank.calibration(bank, k).low == chosen["low"]  # type: ignore[arg-type]
+        assert bank_levels(bank, k) == normal_levels(chosen)
+        assert normal_peak_count(bank, k) == len(chosen["slice_max_map"])
+        assert slice_decision_threshold(bank, k) == max(chosen["slice_scores"])  # type: ignore[arg-type]
+    assert calibration_entry({"per_k": {}}, 1) is None and calibration_entry(None, 1) is None
+    assert normal_peak_count(SimpleNamespace(manifest={}), 1) == 0

@@ -370,8 +370,10 @@ CASES: list[Case] = [
     Case("build-bank-thin-input", lambda c: ["build-bank", bad_volume(c, "thin-181x2x6"), "--out", str(c.out)], says=("181 x 2",)),
     # ---- weights
     Case("segment-garbage-checkpoint", _garbage_checkpoint, says=("lite_medsam.pth", "not a PyTorch checkpoint")),
-    Case("segment-missing-sam-weights", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint", str(c.inp / "sam_vit_b.pth")],
-         says=("sam_vit_b.pth", "weights file not found")),
+    Case("segment-missing-sam-weights", lambda c: c.seg_args(bank=c.bank_copy(lambda m: m["backbone"].update(name="sam-vit_b")))
+         + ["--checkpoint", str(c.inp / "sam_vit_b.pth")], says=("sam_vit_b.pth", "weights file not found")),
+    Case("segment-backbone-not-the-banks", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint", str(c.inp / "sam_vit_b.pth")],
+         says=("built with litemedsam", "selected backbone is sam-vit_b")),
 ]
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "SliceGroup",
     "MemoryBank",
     "load_bank",
+    "check_backbone_name",
     "check_compatible",
     "estimate_bank_memory",
     "bank_output",
@@ -306,6 +307,17 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
             f"({manifest['index']['ntotal']} x {manifest['feature_dim']}); rebuild the bank."
         )
     return MemoryBank(index, manifest, path)
+
+
+def check_backbone_name(bank: MemoryBank, name: str) -> None:
+    """Refuse a backbone other than the bank's by its name, before any model loads (the weights
+    and the encoding are checked once it is loaded: :func:`check_compatible`)."""
+    built = bank.backbone.get("name")
+    if built != name:
+        raise BankMismatchError(
+            f"{bank.path or 'the memory bank'} was built with {built} but the selected backbone is {name}; "
+            f"select {built} or build a bank with {name}."
+        )
 
 
 def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: dict | None = None) -> None:

@@ -386,21 +386,20 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
+    """``segment``: every input checked before any work (:func:`~napari_mias_sam.jobs.run.prepare_run`,
+    the run path the widget's Run shares), then each volume run and written."""
     from .progress import ConsoleProgress
-    from ..backbones import load_backbone
-    from ..bank import check_compatible, load_bank
+    from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
     from ..jobs.dataset_runs import segment_inputs
     from ..data.datasets import lesion_description, lesion_mask
     from ..evaluation.scoring import gt_metrics
     from ..data.checks import about
-    from ..jobs.preflight import check_volume_for_bank, check_device, check_knn_memory, check_precision
     from ..data.volumes import nifti_stem
     from ..core.atomic_outputs import check_output_folder
-    from ..pipeline.segment import segment_volume
     from ..jobs.png_runs import png_inputs
-    from ..method.reference_encoding import encoding_of
+    from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import segment_outputs, write_outputs
 
@@ -411,8 +410,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
-    device = check_device(a.device)
-    check_precision(a.precision, device)
+    device = check_machine(a.device, a.precision)  # before the bank is read
     check_output_folder(a.out)
     bank = load_bank(a.bank)
     # Case folders become their modality file, and a case's seg file its ground truth
@@ -424,22 +422,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
     outsets = [segment_outputs(a.out, stem, inputs, overwrite=a.overwrite) for stem in stems]
     for o in outsets:  # every output checked before any work, so a batch never stops half-written
         o.check()
-    most_slices = 0
-    for j in jobs:  # likewise every input: a bad later file must not stop the batch half-way
-        with about(j.image):
-            vol, _gt = j.load()
-            most_slices = max(most_slices, check_volume_for_bank(vol, bank, a.axis, j.image))
-        del vol, _gt
-    check_knn_memory(settings.k, most_slices, bank.ntotal)
+    # likewise every input (read once, masked to the bank's ROI, checked): a bad later file must not stop the batch half-way
+    prepared = prepare_run(bank, [RunInput(str(j.image), j.load, case=j.case) for j in jobs], settings,
+                           backbone=a.backbone, device=device, axis=a.axis)
     reports, failed = [], []
     with contextlib.ExitStack() as stack:
         claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
-        name = a.backbone or bank.backbone["name"]
-        bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(bank.backbone))
-        check_compatible(bank, bb.describe())
+        setup = prepared.start(_load_run_backbone(a, prepared))
         cache = None if a.no_cache else EmbeddingCache()
         progress = ConsoleProgress()
-        for n, job in enumerate(jobs):
+        for n, (job, inp) in enumerate(zip(jobs, prepared.inputs)):
             t0 = time.perf_counter()
             vpath = job.image
             if not a.json:
@@ -447,8 +439,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
                       file=sys.stderr)
             try:
                 with about(vpath):
-                    vol, gt = job.load()
-                    res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
+                    res, gt = run(prepared, setup, inp, cache=cache, batch_size=a.batch_size, progress=progress)
                     paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
             except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
                 if len(jobs) == 1:
@@ -483,55 +474,42 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False, bank=None):
-    """The bank of ``--bank`` (or ``bank``, already loaded from it) and the backbone it was built with
-    (its encoding), checked compatible (``png``: the bank must be one of PNG slices; checked before the
-    backbone loads)."""
+def _load_run_backbone(a: argparse.Namespace, prepared):
+    """The backbone a prepared run names (its bank's encoding), from ``--checkpoint``, on the checked device."""
     from ..backbones import load_backbone
-    from ..bank import check_compatible, load_bank
-    from ..jobs.png_runs import check_png_bank
-    from ..method.reference_encoding import encoding_of
 
-    if bank is None:
-        bank = load_bank(a.bank)
-    if png:
-        check_png_bank(bank)
-    name = a.backbone or bank.backbone["name"]
-    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision, encoding=encoding_of(bank.backbone))
-    check_compatible(bank, bb.describe())
-    return bank, bb
+    return load_backbone(prepared.backbone, a.checkpoint, prepared.device, precision=prepared.precision,
+                         encoding=prepared.encoding)
 
 
 def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
-    """``segment`` on PNG slices: one call, one stack, one prompts CSV."""
+    """``segment`` on PNG slices: one call, one stack, one prompts CSV (the run path of volumes)."""
     from .progress import ConsoleProgress
+    from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
-    from ..jobs.png_runs import (
-        PROMPTS_CSV,
-        check_png_out_dir,
-        png_output_paths,
-        read_png_call,
-        segment_pngs,
-        write_png_outputs,
-    )
+    from ..jobs.png_runs import PROMPTS_CSV, check_png_out_dir, png_output_paths, png_volume, write_png_outputs
+    from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import check_outputs
 
     if a.gt:
         raise InputError("--gt takes NIfTI label volumes; to score PNG slices against their masks use "
                          "mias-sam evaluate --bmad DATASET (BMAD layout).")
+    device = check_machine(a.device, a.precision)
     check_png_out_dir(a.out, a.volume)
     check_outputs(png_output_paths(a.out, pngs), list(pngs) + [a.bank], overwrite=a.overwrite)
-    read_png_call(pngs)  # sizes checked before loading any model
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
     t0 = time.perf_counter()
-    bank, bb = _bank_and_backbone(a, png=True)
+    # the bank must be one of PNG slices; the slices are read once, sizes checked, before any model loads
+    prepared = prepare_run(load_bank(a.bank), [RunInput(f"{len(pngs)} PNG slices", lambda: (png_volume(pngs), None))],
+                           settings, backbone=a.backbone, device=device, slice_set=True)
+    setup = prepared.start(_load_run_backbone(a, prepared))
     if not a.json:
         print(f"{len(pngs)} PNG slices", file=sys.stderr)
-    res = segment_pngs(pngs, bank, bb, settings, cache=None if a.no_cache else EmbeddingCache(),
-                       batch_size=a.batch_size, progress=ConsoleProgress())
+    res, _ = run(prepared, setup, prepared.inputs[0], cache=None if a.no_cache else EmbeddingCache(),
+                 batch_size=a.batch_size, progress=ConsoleProgress())
     paths = write_png_outputs(res, pngs, a.out, overwrite=a.overwrite)
     rep = {"slices": len(pngs), "out": str(a.out), "prompts": str(paths[PROMPTS_CSV]),
            "masks_kept": int(sum(bool(res.decision[s]) and res.prompts[s] is not None for s in range(len(pngs)))),

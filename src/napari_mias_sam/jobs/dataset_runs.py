@@ -236,11 +236,10 @@ class SegmentInput:
     roi: str | None = None
 
     def load(self) -> tuple[Volume, Volume | None]:
-        """The image (masked to the ROI when the bank was built that way) and its label volume."""
+        """The image, as in its file, and its label volume (a run masks the image to the bank's
+        ROI: :func:`roi_for_bank`)."""
         image = load_volume(self.image)
         labels = load_labels(self.gt, like=image) if self.gt is not None else None
-        if self.roi:
-            image = apply_roi(image, labels, self.roi, self.case.info)
         return image, labels
 
 
@@ -333,12 +332,15 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
     return units, info
 
 
-def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
-    """``volume`` masked the way the bank's slices were (``--roi``), from the labels of the dataset
-    case the volume's file belongs to; unchanged when the bank has no ROI."""
+def roi_for_bank(volume: Volume, manifest: dict, *, labels: Volume | None = None, case: Case | None = None) -> Volume:
+    """``volume`` masked the way the bank's slices were (``--roi``): with ``labels`` of ``case``
+    when given (``segment``'s inputs), else with the segmentation of the dataset case the volume's
+    file belongs to; unchanged when the bank has no ROI. The one place a run applies the ROI."""
     roi = (manifest.get("dataset") or {}).get("roi")
     if not roi:
         return volume
+    if labels is not None and case is not None and roi in case.info.rois:
+        return apply_roi(volume, labels, roi, case.info)
     case = case_for_file(volume.path) if volume.path is not None else None
     if case is None or roi not in case.info.rois or case.seg is None:
         raise InputError(f"the bank was built with --roi {roi}: open a {(manifest.get('dataset') or {}).get('layout')} "

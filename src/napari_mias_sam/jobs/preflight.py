@@ -87,14 +87,15 @@ def check_knn_memory(k: int, n_slices: int, ntotal: int, *, what: str = "--k") -
 def check_volume_for_bank(volume, bank, axis: int | str | None = None, source: str | os.PathLike | None = None) -> int:
     """What a run of ``volume`` against ``bank`` needs of it, before any work: a finite invertible
     affine, slices large enough along the slicing axis (``axis`` or the bank's), and intensities
-    the bank's preprocessing can use (not constant, no NaN). Returns the number of slices."""
+    the bank's preprocessing can use (not constant, no NaN; checked without normalising them: the
+    run does that, once). Returns the number of slices."""
     from ..bank.store import preprocessing_from_bank
-    from ..method.preprocess import normalise_intensities, resolve_axis
+    from ..method.preprocess import check_intensities, resolve_axis
 
     source = source or volume.path or "volume"
     check_affine(volume.affine, source)
     with about(source):
         ax = resolve_axis(axis if axis is not None else bank.slice_axis, volume.affine)
     check_slice_size(volume.shape, ax, source)
-    normalise_intensities(volume.data, preprocessing_from_bank(bank), source=str(source))
+    check_intensities(volume.data, preprocessing_from_bank(bank), source=str(source))
     return int(volume.shape[ax])

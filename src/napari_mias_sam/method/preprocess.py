@@ -25,6 +25,7 @@ __all__ = [
     "SLICE_AXES",
     "FRAME",
     "Frame",
+    "check_intensities",
     "normalise_intensities",
     "resolve_axis",
     "volume_slices",
@@ -76,6 +77,19 @@ PREPROCESS_PRESETS: dict[str, Preprocessing] = {
 }
 
 
+def check_intensities(data: np.ndarray, prep: Preprocessing, *, source: str = "volume") -> None:
+    """What :func:`normalise_intensities` needs of ``data``, checked without normalising it: finite
+    values, not every voxel the same, a CT window with lower < upper (an :class:`InputError` naming
+    ``source`` otherwise)."""
+    arr = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{source}: contains NaN or infinite values; replace them before preprocessing.")
+    if np.ptp(arr) == 0:
+        raise InputError(f"{source}: every voxel has the same value ({float(arr.flat[0]):g}); nothing to segment.")
+    if prep.mode == "ct" and not prep.window[1] > prep.window[0]:
+        raise InputError(f"CT window must have lower < upper, got {prep.window}")
+
+
 def normalise_intensities(data: np.ndarray, prep: Preprocessing, *, source: str = "volume") -> np.ndarray:
     """Map raw voxel values to float32 in [0, 1] following ``prep``.
 
@@ -84,14 +98,9 @@ def normalise_intensities(data: np.ndarray, prep: Preprocessing, *, source: str 
     slice becomes all zeros (it is skipped downstream).
     """
     arr = np.asarray(data, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(f"{source}: contains NaN or infinite values; replace them before preprocessing.")
-    if np.ptp(arr) == 0:
-        raise InputError(f"{source}: every voxel has the same value ({float(arr.flat[0]):g}); nothing to segment.")
+    check_intensities(arr, prep, source=source)
     if prep.mode == "ct":
         lo, hi = prep.window
-        if not hi > lo:
-            raise InputError(f"CT window must have lower < upper, got {prep.window}")
         return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32)
     if prep.scope == "slice" and arr.ndim == 3:
         return np.stack([_normalise_one(s, prep) for s in arr]).astype(np.float32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 import numpy as np
 import torch
 
@@ -51,6 +52,8 @@ __all__ = [
     "score_volume",
     "decode_all",
     "redecode_slice",
+    "RunSetup",
+    "setup_run",
     "segment_volume",
     "maps_reusable",
 ]
@@ -436,6 +439,51 @@ def redecode_slice(
     result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What every volume of one run shares, checked and resolved once (:func:`setup_run`): the
+    bank and the backbone (checked compatible), the settings made concrete, the bank's
+    preprocessing. :meth:`segment` runs one volume with it."""
+
+    bank: MemoryBank
+    backbone: Any
+    settings: SegmentSettings  # prompt and mask concrete
+    preprocessing: Preprocessing
+    backbone_info: dict
+
+    def segment(
+        self,
+        volume: Volume,
+        *,
+        axis: int | str | None = None,
+        cache: EmbeddingCache | None = None,
+        encoded: EncodedVolume | None = None,
+        reuse: SegmentationResult | None = None,
+        batch_size: int = defaults.BATCH_SIZE,
+        progress: ProgressFn | None = None,
+        cancelled: CancelFn | None = None,
+    ) -> SegmentationResult:
+        """Segment one volume (the arguments as :func:`segment_volume`'s)."""
+        return _segment(self, volume, axis=axis, cache=cache, encoded=encoded, reuse=reuse, batch_size=batch_size,
+                        progress=progress, cancelled=cancelled)
+
+
+def setup_run(bank: MemoryBank, backbone, settings: SegmentSettings | None = None, *, slice_set: bool = False) -> RunSetup:
+    """Check ``backbone`` against ``bank`` (:func:`~napari_mias_sam.bank.store.check_compatible`),
+    make unset ``settings`` concrete (:func:`~.settings.resolve_defaults`; ``slice_set``: see
+    :func:`segment_volume`), read the bank's preprocessing, and move the bank's search to the
+    backbone's GPU when it has one. Done once per run, whatever the number of volumes."""
+    settings = settings or SegmentSettings()
+    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
+    info = backbone.describe()
+    check_compatible(bank, info)
+    dev = getattr(backbone, "device", None)
+    if dev is not None and torch.device(dev).type == "cuda":
+        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    return RunSetup(bank=bank, backbone=backbone, settings=settings, preprocessing=preprocessing_from_bank(bank),
+                    backbone_info=info)
+
+
 def segment_volume(
     volume: Volume,
     bank: MemoryBank,
@@ -451,7 +499,8 @@ def segment_volume(
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
-    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
+    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring): :func:`setup_run`,
+    then :meth:`RunSetup.segment`. A run of several volumes sets up once and segments each.
 
     ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
     settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
@@ -462,14 +511,13 @@ def segment_volume(
     scores and raw maps too: only the normalisation, the prompts and the decoder run again
     (``maps_reused`` is then True).
     """
-    settings = settings or SegmentSettings()
-    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
-    info = backbone.describe()
-    check_compatible(bank, info)
-    prep = preprocessing_from_bank(bank)
-    dev = getattr(backbone, "device", None)
-    if dev is not None and torch.device(dev).type == "cuda":
-        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    return setup_run(bank, backbone, settings, slice_set=slice_set).segment(
+        volume, axis=axis, cache=cache, encoded=encoded, reuse=reuse, batch_size=batch_size, progress=progress,
+        cancelled=cancelled)
+
+
+def _segment(setup: RunSetup, volume: Volume, *, axis, cache, encoded, reuse, batch_size, progress, cancelled) -> SegmentationResult:
+    bank, backbone, settings, prep, info = setup.bank, setup.backbone, setup.settings, setup.preprocessing, setup.backbone_info
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     if encoded is None and reuse is not None:

@@ -41,7 +41,7 @@ from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
 from ..core import defaults
 from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
-from ..core.errors import BankMismatchError, Cancelled, InputError, MiasSamError
+from ..core.errors import Cancelled, InputError, MiasSamError
 from ..method.prompts import PROMPT_RULES, PROMPT_TYPES, default_mask_for, default_prompt_for
 from ..method.regions import regions_supported
 from ..method.anomaly import NORMALISATIONS
@@ -465,9 +465,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> Optional[Job]:
-        """Segment the selected image layer in the background; layers are added when it finishes."""
-        from ..jobs.preflight import check_volume_for_bank, check_knn_memory
+        """Segment the selected image layer in the background; layers are added when it finishes.
+        The run path of ``mias-sam segment`` (:mod:`napari_mias_sam.jobs.run`): every check first,
+        here; the backbone checked against the bank once (here when it is loaded, else in the job)."""
         from ..data.checks import check_voxel_dtype
+        from ..jobs.run import RunInput, prepare_run
         from .models.layers import volume_from_layer
         from .writer import layer_data_to_world
 
@@ -481,36 +483,26 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                 raise InputError("no memory bank: build one from normal volumes (Memory bank > Build bank) "
                                  "or load a saved bank folder (Load bank) first.")
             key = self.selected_backbone_key(encoding_of(self.bank.backbone))
-            if self.bank.backbone.get("name") != key[0]:
-                raise BankMismatchError(
-                    f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
-                    f"{key[0]}; select {self.bank.backbone.get('name')} or build a bank with {key[0]}."
-                )
-            if self.backbone is not None and self.backbone_key == key:
-                from ..bank import check_compatible
-
-                check_compatible(self.bank, self.backbone.describe())
             if getattr(layer.data, "dtype", None) is not None:  # the CLI's checks, before any work
                 check_voxel_dtype(layer.data.dtype, f"layer '{layer.name}'")
             volume, axes = volume_from_layer(layer.data, layer.metadata, layer_data_to_world(layer), name=layer.name)
-            settings = self.current_settings()
-            n_slices = check_volume_for_bank(volume, self.bank, None, f"layer '{layer.name}'")
-            check_knn_memory(settings.k, n_slices, self.bank.ntotal)
+            # the backbone's name against the bank's, the device, the ROI, the volume, the search's memory
+            prepared = prepare_run(self.bank, [RunInput(f"layer '{layer.name}'", lambda: (volume, None))],
+                                   self.current_settings(), backbone=key[0], device=key[2])
+            setup = prepared.start(self.backbone) if (self.backbone is not None and self.backbone_key == key) else None
         except (MiasSamError, ValueError) as exc:
             self.report_error(str(exc))
             return None
+        from ..jobs.run import run
         from ..pipeline.embedding_cache import EmbeddingCache
-        from ..pipeline.segment import segment_volume
 
-        bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
+        batch, cache = int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
 
         def job(progress, cancelled):
-            from ..jobs.dataset_runs import roi_for_bank
-
             bb = self.get_backbone(key, progress)
-            res = segment_volume(roi_for_bank(volume, bank.manifest), bank, bb, settings, cache=cache, reuse=previous,
-                                 batch_size=batch, progress=progress, cancelled=cancelled)
+            res, _ = run(prepared, setup or prepared.start(bb), prepared.inputs[0], cache=cache, reuse=previous,
+                         batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
             # napari's Points/Labels layers import pandas and scipy.linalg on first use: do it here,
