@@ -51,6 +51,7 @@ __all__ = [
     "neighbour_distances",
     "score_volume",
     "decode_all",
+    "SliceDecode",
     "redecode_slice",
     "RunSetup",
     "setup_run",
@@ -251,13 +252,19 @@ class SegmentationResult:
         """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
         With several boxes (one per region), the first one's: the most anomalous region's (a mean
         of the centres would sit between two lesions, on neither)."""
-        centres = self.prompt_centres(s)
+        return self.prompt_voxel(s, self.prompts[s])
+
+    def prompt_voxel(self, s: int, prompt: Prompt | None) -> tuple[float, float, float] | None:
+        """:meth:`cog_voxel` of ``prompt`` placed on slice ``s`` (e.g. a :class:`SliceDecode`'s)."""
+        centres = self._centres(s, prompt)
         return centres[0] if centres else None
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
         (several for the regions prompt: one per region, most anomalous first)."""
-        p = self.prompts[s]
+        return self._centres(s, self.prompts[s])
+
+    def _centres(self, s: int, p: Prompt | None) -> list[tuple[float, float, float]]:
         if p is None:
             return []
         if p.kind == "point":
@@ -295,6 +302,14 @@ class SegmentationResult:
                 }
             )
         return rows
+
+    def apply(self, decoded: "SliceDecode") -> None:
+        """Take a slice decoded again (:func:`redecode_slice`) into this result: its prompt, logits
+        and IoUs replace the slice's, and its settings become the result's (what the live session,
+        which owns its result, does after each change)."""
+        s = decoded.s
+        self.prompts[s], self.logits[s], self.ious[s] = decoded.prompt, decoded.logits, decoded.ious
+        self.settings = decoded.settings
 
     def metadata(self) -> dict:
         """Every setting that made this result (stored in layer metadata and JSON output)."""
@@ -397,6 +412,19 @@ def decode_all(
     return prompts, logits, ious
 
 
+@dataclass(frozen=True)
+class SliceDecode:
+    """Slice ``s`` decoded again (:func:`redecode_slice`): its prompt, the decoder's three mask
+    logits (3, 256, 256) float16 and predicted IoUs (3,), and the settings that made them.
+    :meth:`SegmentationResult.apply` takes it into a result."""
+
+    s: int
+    prompt: Prompt | None
+    logits: np.ndarray
+    ious: np.ndarray
+    settings: SegmentSettings
+
+
 def redecode_slice(
     result: SegmentationResult,
     backbone,
@@ -404,23 +432,23 @@ def redecode_slice(
     *,
     settings: SegmentSettings | None = None,
     point: tuple[float, float] | None = None,
-) -> None:
-    """Recompute slice ``s`` in place after a settings change or a moved CoG point.
+) -> SliceDecode:
+    """Slice ``s`` of ``result`` prompted and decoded again after a settings change or a moved CoG
+    point, from its cached embedding and map; ``result`` is left as it is.
 
+    ``settings``: the new settings (default: the result's; an unset mask is the prompt's default).
     ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
-    with a box prompt type the box is re-centred on it with the same size).
+    with a box prompt type the box is re-centred on it with the same size). A slice without
+    anatomy keeps what it has (no prompt).
     """
-    if settings is not None:
-        result.settings = settings.with_default_mask(result.settings.prompt)
-    st = result.settings
+    st = result.settings if settings is None else settings.with_default_mask(result.settings.prompt)
     if not result.encoded.foreground[s]:
-        return
+        return SliceDecode(s, result.prompts[s], result.logits[s].copy(), result.ious[s].copy(), st)
     if st.prompt == "regions" and point is None:
-        labels = region_labels(result)
         cores = result.region_cores
-        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(
-            backbone, result.encoded.embeddings[s], labels[s], result.maps[s], core=None if cores is None else cores[s])
-        return
+        logits, ious, prompt = decode_regions(backbone, result.encoded.embeddings[s], region_labels(result)[s], result.maps[s],
+                                              core=None if cores is None else cores[s])
+        return SliceDecode(s, prompt, logits, ious, st)
     if st.prompt == "regions":  # a moved point: the box of the region it stood for (the most anomalous), re-centred
         regs = slice_regions(region_labels(result)[s], result.maps[s],
                              core=None if result.region_cores is None else result.region_cores[s])
@@ -434,9 +462,9 @@ def redecode_slice(
             prompt = Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
         else:
             prompt = Prompt("point", point=(float(point[0]), float(point[1])))
-    result.prompts[s] = prompt
     use_map = bool(st.extras.get("map_as_mask_input", False))
-    result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+    logits, ious = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+    return SliceDecode(s, prompt, logits, ious, st)
 
 
 @dataclass(frozen=True)
