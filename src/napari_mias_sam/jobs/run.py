@@ -13,9 +13,9 @@ one runs, so a bad later file never stops a batch half-way.
 :meth:`PreparedRun.start` checks the loaded backbone against the bank (``check_compatible``) and
 makes the settings concrete, once per call
 (:func:`~napari_mias_sam.pipeline.segment.setup_run`); :func:`run` segments one prepared input
-with it. The image the preflight read is handed to the run, not read again (up to
-:data:`HOLD_BYTES` of images in all; a larger batch reads its later volumes again), and the
-pipeline normalises it, once.
+with it. The image the preflight read is handed to the run, not read again (the first input's
+always, the others' up to :data:`HOLD_BYTES` in all: a larger batch reads its later volumes
+again), and the pipeline normalises it, once.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .preflight import check_device, check_knn_memory, check_precision, check_vo
 
 __all__ = ["HOLD_BYTES", "CheckedDevice", "check_machine", "RunInput", "PreparedRun", "prepare_run", "run"]
 
-#: Images read by the preflight are kept for the run up to this many bytes in all.
+#: Images read by the preflight are kept for the run up to this many bytes in all (the first always).
 HOLD_BYTES = 2 * 1024**3
 
 
