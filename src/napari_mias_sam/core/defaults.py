@@ -32,6 +32,8 @@ __all__ = [
     "DATASET_MARGIN",
     "BATCH_SIZE",
     "KNN_BATCH_SLICES",
+    "LESION_CONNECTIVITY",
+    "MIN_LESION_VOXELS",
 ]
 
 #: Centre-of-gravity exponent (Eq. 2 of the paper).
@@ -72,3 +74,8 @@ BATCH_SIZE = 4
 #: Slices searched together by the pipeline's nearest-neighbour step (and counted by the
 #: preflight's memory check of that step).
 KNN_BATCH_SLICES = 8
+#: Lesions are the final mask's 3D connected components: voxels sharing a face, edge or corner
+#: (26 neighbours, as BraTS's lesion-wise metrics) join, and a lesion has at least this many voxels
+#: (smaller specks stay in the mask but get no lesion id).
+LESION_CONNECTIVITY = 26
+MIN_LESION_VOXELS = 10

@@ -29,17 +29,17 @@ from ..core import defaults
 from ..core.errors import InputError
 from ..core.progress import CancelFn, ProgressFn
 from ..data.checks import about
-from ..data.datasets import Case
-from ..data.volumes import Volume
+from ..data.datasets import Case, case_for_file
+from ..data.volumes import Volume, load_labels
 from ..method.reference_encoding import encoding_of
 from ..pipeline.embedding_cache import EmbeddingCache
 from ..pipeline.segment import RunSetup, SegmentationResult, setup_run
 from ..pipeline.settings import SegmentSettings
-from .dataset_runs import roi_for_bank
+from .dataset_runs import apply_roi
 from .png_runs import check_png_bank, encode_png_stack
 from .preflight import check_device, check_knn_memory, check_precision, check_volume_for_bank
 
-__all__ = ["HOLD_BYTES", "CheckedDevice", "check_machine", "RunInput", "PreparedRun", "prepare_run", "run"]
+__all__ = ["HOLD_BYTES", "CheckedDevice", "check_machine", "roi_for_bank", "RunInput", "PreparedRun", "prepare_run", "run"]
 
 #: Images read by the preflight are kept for the run up to this many bytes in all (the first always).
 HOLD_BYTES = 2 * 1024**3
@@ -58,6 +58,23 @@ def check_machine(device: str | None, precision: str = "fp32") -> CheckedDevice:
     check_precision(precision, d)
     d.precision = precision
     return d
+
+
+def roi_for_bank(volume: Volume, manifest: dict, *, labels: Volume | None = None, case: Case | None = None) -> Volume:
+    """``volume`` masked the way the bank's slices were (``--roi``): with ``labels`` of ``case``
+    when given (``segment``'s inputs), else with the segmentation of the dataset case the volume's
+    file belongs to; unchanged when the bank has no ROI. The one place a run applies the ROI."""
+    roi = (manifest.get("dataset") or {}).get("roi")
+    if not roi:
+        return volume
+    if labels is not None and case is not None and roi in case.info.rois:
+        return apply_roi(volume, labels, roi, case.info)
+    case = case_for_file(volume.path) if volume.path is not None else None
+    if case is None or roi not in case.info.rois or case.seg is None:
+        raise InputError(f"the bank was built with --roi {roi}: open a {(manifest.get('dataset') or {}).get('layout')} "
+                         f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
+                         "masked the same way.")
+    return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)
 
 
 @dataclass

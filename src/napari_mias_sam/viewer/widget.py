@@ -35,6 +35,7 @@ from superqt import QCollapsible
 from .widget_bank import BankMixin, path_or_none
 from .widget_dataset import DatasetMixin
 from .widget_files import FilesMixin
+from .widget_lesions import LesionPanel
 from .widget_live import LiveController, is_output_layer, plural
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
@@ -201,6 +202,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                      self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
             _section("Review prompts", self.review_info, self.results_folder, self.save_results_btn),
+            _section("Lesions"),
         ]
         self._containers = [c for _, c in boxes]
         self.sections = {box.text(): box for box, _ in boxes}  # by title (a folded bank section adds its summary)
@@ -210,7 +212,10 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         lay.setSpacing(0)
         for box, _ in boxes:
             lay.addWidget(box)
-        compare_box = boxes[-2][0]
+        self.lesions = LesionPanel(self)
+        boxes[-1][0].addWidget(self.lesions)
+        boxes[-1][0].collapse(animate=False)  # unfolded on demand: the dock keeps the live QA in view
+        compare_box = boxes[-3][0]
         compare_box.addWidget(self.profile)
         compare_box.addWidget(self.next_btn.native)
         lay.addStretch(1)
@@ -469,6 +474,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         The run path of ``mias-sam segment`` (:mod:`napari_mias_sam.jobs.run`): every check first,
         here; the backbone checked against the bank once (here when it is loaded, else in the job)."""
         from ..data.checks import check_voxel_dtype
+        from ..jobs.dataset_runs import sequences_for_bank
         from ..jobs.run import RunInput, prepare_run
         from .models.layers import volume_from_layer
         from .writer import layer_data_to_world
@@ -486,9 +492,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             if getattr(layer.data, "dtype", None) is not None:  # the CLI's checks, before any work
                 check_voxel_dtype(layer.data.dtype, f"layer '{layer.name}'")
             volume, axes = volume_from_layer(layer.data, layer.metadata, layer_data_to_world(layer), name=layer.name)
-            # the backbone's name against the bank's, the device, the ROI, the volume, the search's memory
-            prepared = prepare_run(self.bank, [RunInput(f"layer '{layer.name}'", lambda: (volume, None))],
-                                   self.current_settings(), backbone=key[0], device=key[2])
+            # the backbone's name against the bank's, the device, the ROI, the volume, the search's memory; a
+            # multi-sequence bank's other sequences read from the volume's case folder
+            bank = self.bank
+            source = RunInput(f"layer '{layer.name}'", lambda: (sequences_for_bank(volume, bank.manifest), None))
+            prepared = prepare_run(bank, [source], self.current_settings(), backbone=key[0], device=key[2])
             setup = prepared.start(self.backbone) if (self.backbone is not None and self.backbone_key == key) else None
         except (MiasSamError, ValueError) as exc:
             self.report_error(str(exc))
@@ -584,11 +592,14 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     # -- review ---------------------------------------------------------------------------------
     def save_results(self) -> Optional[dict]:
-        """'Save results': the reviewed mask, the anomaly map, <stem>_points.csv and <stem>_qa.csv."""
+        """'Save results': the reviewed mask, the anomaly map, <stem>_points.csv, the lesions (less
+        the rejected ones) and <stem>_qa.csv."""
         if self.live is None:
             self.report_error("nothing to save yet: run MIAS-SAM on an image layer first.")
             return None
-        return self.live.review.save()
+        panel = self.lesions
+        lesions = panel.lesion_set()
+        return self.live.review.save(lesions, panel.model.qa_fields() if lesions is not None else None)
 
     def _jump(self, s: int) -> None:
         if self.live is not None:
