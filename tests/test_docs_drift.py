@@ -319,12 +319,18 @@ def architecture_problems(text: str) -> list[str]:
     return [f"architecture.md: expected {w!r} (core/defaults.py)" for w in wants if w not in flat]
 
 
+def files_problems(text: str) -> list[str]:
+    want = (f"{defaults.LESION_CONNECTIVITY}-connected components of at least {defaults.MIN_LESION_VOXELS} voxels")
+    return [] if want in " ".join(text.split()) else [f"files.md: expected {want!r} (core/defaults.py)"]
+
+
 def test_the_readme_api_and_architecture_pages_state_the_codes_defaults():
     readme = (ROOT / "README.md").read_text()
     problems = readme_default_problems(readme)
     for page in pages():
         problems += api_example_problems(page.read_text(), str(page.relative_to(ROOT)))
     problems += architecture_problems((ROOT / "docs" / "architecture.md").read_text())
+    problems += files_problems((ROOT / "docs" / "files.md").read_text())
     assert not problems, "\n".join(problems)
 
 
@@ -471,5 +477,7 @@ def test_probes_each_checker_fails_on_a_disagreeing_page(tmp_path):
     assert demo_time_problems(readme.replace("about ", "about 1", 1), "measured 1 s on a 2-core CPU",
                               (ROOT / "docs" / "performance.md").read_text())
     assert paper_dice_problems("The paper's Dice is 37.06.", "probe")
+    assert files_problems("6-connected components of at least 10 voxels")
+    assert architecture_problems("patch layout (`mean256`)")
     with pytest.raises(AssertionError):
         section("# A\n", "b")
