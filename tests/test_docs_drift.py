@@ -223,10 +223,15 @@ def settings_problems(text: str) -> list[str]:
     problems += [f"settings.md: no row for {o} (default {shown(opts[o][0].default)!r})" for o in missing]
     # the regions prompt's levels, and the presets, as the prose states them
     prompt_section = text.split("## `--prompt`", 1)[-1].split("\n## ", 1)[0]
-    for want in (f"{regions.SEED_QUANTILE:g}th percentile", f"their {regions.EXTENT_QUANTILE:g}th",
-                 f"widened by {regions.CORE_PAD:g} px", f"at least {regions.MIN_NORMAL_PEAKS} held-out normal slices"):
-        if want not in prompt_section:
-            problems.append(f"settings.md, the --prompt section: expected {want!r} (method/regions.py)")
+    level_texts = {"SEED_QUANTILE": "{:g}th percentile", "EXTENT_QUANTILE": "their {:g}th",
+                   "CORE_PAD": "widened by {:g} px", "MIN_NORMAL_PEAKS": "at least {} held-out normal slices"}
+    for name, form in level_texts.items():
+        if not hasattr(regions, name):
+            problems.append(f"method/regions.py has no {name} any more: say on settings.md what replaced it, "
+                            f"and check that here")
+        elif form.format(getattr(regions, name)) not in prompt_section:
+            problems.append(f"settings.md, the --prompt section: expected {form.format(getattr(regions, name))!r} "
+                            f"(method/regions.py {name})")
     lo, hi = MRI_PERCENTILES
     ct_lo, ct_hi = CT_ABDOMEN_WINDOW
     for want in (f"percentiles {lo:g}-{hi:g}", f"[{ct_lo:g}, {ct_hi:g}] HU",
