@@ -98,7 +98,7 @@ def link_problems(page: Path, text: str) -> list[str]:
         elif SITE.match(target) or re.match(r"^[a-z]+:", target):
             continue  # the repository's site, another site, mailto:
         else:
-            if page.name == "README.md" and page.parent == ROOT:
+            if page.name == "README.md" and page.parent == ROOT and not target.startswith("#"):
                 problems.append(f"{where}: {target}: the README is shown on PyPI and the hub; link with "
                                 f"https://github.com/{REPO}/blob/main/...")
             path, _, anchor = target.partition("#")
