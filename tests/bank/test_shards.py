@@ -48,7 +48,7 @@ def same_bank(a, b) -> None:
     assert a.manifest["sources"] == b.manifest["sources"]
     for key in ("counts", "patch_layout", "feature_dim", "backbone", "preprocessing", "slice_axis", "coreset"):
         assert a.manifest.get(key) == b.manifest.get(key), key
-    strip = lambda m: {k: v for k, v in m["index"].items() if k not in ("file", "shards", "shard_align")}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m["index"].items() if k not in ("file", "shards", "shard_align")}
     assert strip(a.manifest) == strip(b.manifest)
 
 

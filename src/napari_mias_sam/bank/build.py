@@ -316,18 +316,29 @@ def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: Tor
 
     # Slices that leave out the same range are searched together (one pass over the bank for up
     # to CALIBRATION_BATCH slices): the same distances, far fewer reads of the bank.
-    per_slice: list[np.ndarray] = [np.empty(0)] * len(jobs)  # (kmax, 32, 32) sorted distances per slice
-    done = 0
+    batches: list[list[int]] = []
+    taken = [False] * len(jobs)
     for j0 in range(len(jobs)):
-        if per_slice[j0].size:
-            continue
-        same = [j for j in range(j0, len(jobs)) if jobs[j][:2] == jobs[j0][:2] and not per_slice[j].size][:CALIBRATION_BATCH]
-        dist = search(np.concatenate([jobs[j][2] for j in same]), *jobs[j0][:2])
+        if not taken[j0]:
+            same = [j for j in range(j0, len(jobs)) if jobs[j][:2] == jobs[j0][:2] and not taken[j]][:CALIBRATION_BATCH]
+            for j in same:
+                taken[j] = True
+            batches.append(same)
+    queries = [(np.concatenate([jobs[j][2] for j in same]), jobs[same[0]][:2]) for same in batches]
+    stage = "calibrate on held-out normal slices"
+    if searcher is not None and hasattr(searcher, "search_many"):  # every batch at once (Dask workers)
+        dists = searcher.search_many(queries, kmax, progress=(lambda d, t: progress(stage, d, t)) if progress else None)
+    else:
+        dists, done = [], 0
+        for (feats, (lo, hi)), same in zip(queries, batches):
+            dists.append(search(feats, lo, hi))
+            done += len(same)
+            if progress:
+                progress(stage, done, len(jobs))
+    per_slice: list[np.ndarray] = [np.empty(0)] * len(jobs)  # (kmax, 32, 32) sorted distances per slice
+    for same, dist in zip(batches, dists):
         for i, j in enumerate(same):
             per_slice[j] = dist[i * GRID * GRID : (i + 1) * GRID * GRID].T.reshape(kmax, GRID, GRID)
-        done += len(same)
-        if progress:
-            progress("calibrate on held-out normal slices", done, len(jobs))
     if not per_slice:
         return {"method": "none", "n_slices": 0, "per_k": {}}
     stack = np.stack(per_slice)  # (S, kmax, 32, 32)

@@ -21,9 +21,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
+import faiss
 import numpy as np
 import torch
 
+from ..core.atomic_outputs import atomic_path
 from ..core.errors import InputError
 from ..method.patches import GRID
 from .build import BuildPlan, SourcePart, encode_source, finish_bank
@@ -169,18 +171,19 @@ def stage_source(area: StagingArea, gi: int, group: SliceGroup, plan: BuildPlan,
     out = PartWriter(area, gi, plan.dim, plan.coreset_ratio is not None)
     try:
         part = encode_source(group, gi, plan, encode, out, device=device, advance=advance, cancelled=cancelled)
-        meta = out.close(part, fingerprint)
+        out.close(part, fingerprint)
     except BaseException:
         out.discard()
         raise
     return {"index": gi, "patches": part.patches, "slices": len(part.kept), "skipped": int(part.source.get("skipped_empty", 0))}
 
 
-def assemble(area: StagingArea, n_sources: int, plan: BuildPlan, backbone_info: dict, *, searcher=None, device=None,
+def assemble(area: StagingArea, n_sources: int, plan: BuildPlan, backbone_info: dict, *, searcher_for=None, device=None,
              progress: ProgressFn | None = None) -> MemoryBank:
     """Read the staged sources in order into the index (``plan.shards`` > 1: shards written one at a
-    time into ``area/shards``, then memory-mapped) and calibrate. ``searcher``: calibration
-    searches elsewhere (Dask workers); ``device``: a CUDA device calibrates with the torch search
+    time into ``area/shards``, then memory-mapped) and calibrate. ``searcher_for(files, sizes, ivf)``:
+    a searcher of the index files that calibrates elsewhere (Dask workers; a one-file index is
+    written to the staging area for them first); ``device``: a CUDA device calibrates with the torch search
     there, as the streaming build does."""
     parts, feats = zip(*(area.read(gi) for gi in range(n_sources))) if n_sources else ((), ())
     total = sum(p.patches for p in parts)
@@ -205,6 +208,16 @@ def assemble(area: StagingArea, n_sources: int, plan: BuildPlan, backbone_info: 
             if entries else None
     else:
         index = sink.finish()
+    searcher = None
+    if searcher_for is not None and index is not None:
+        if isinstance(index, ShardedIndex):
+            files, sizes, ivf = index.files, [s.ntotal for s in index.shards], index.ivf
+        else:
+            files, sizes = [area.folder / "index.faiss"], [index.ntotal]
+            ivf = faiss.try_extract_index_ivf(index) is not None
+            with atomic_path(files[0]) as tmp:
+                faiss.write_index(index, str(tmp))
+        searcher = searcher_for(files, sizes, ivf)
     if searcher is None and device is not None and torch.device(device).type == "cuda" and index is not None:
         searcher = TorchSearcher(index, device=device)
     del feats
@@ -224,7 +237,7 @@ def build_bank_staged(
     resume: bool = False,
     context: dict | None = None,
     run_sources: Callable[[list[int], list[dict]], None] | None = None,
-    searcher=None,
+    searcher_for: Callable | None = None,
     progress: ProgressFn | None = None,
     cancelled: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
@@ -263,5 +276,5 @@ def build_bank_staged(
 
             for gi in todo:
                 stage_source(area, gi, groups[gi], plan, encode, fps[gi], device=device, advance=advance, cancelled=cancelled)
-    return assemble(area, len(groups), plan, info, searcher=searcher, device=getattr(backbone, "device", None),
+    return assemble(area, len(groups), plan, info, searcher_for=searcher_for, device=getattr(backbone, "device", None),
                     progress=progress)

@@ -46,6 +46,7 @@ __all__ = [
     "dataset_groups",
     "prepare_dataset",
     "build_bank_from_dataset",
+    "bank_inputs_from_dataset",
     "bank_subjects",
     "check_disjoint",
     "lesion_for",
@@ -144,6 +145,49 @@ def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, sub
     return cases, kind, mod
 
 
+def bank_inputs_from_dataset(
+    root: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    margin: int = 2,
+    subjects: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    roi: str | None = None,
+    preprocess: str | None = None,
+    axis: int | str = "axial",
+    encoding: str = "standard",
+):
+    """The sources of a bank from the lesion-free slices of a labelled dataset (see
+    :func:`build_bank_from_dataset`), with the manifest's ``dataset`` entry."""
+    from .bank_builds import BankInputs
+
+    if margin < 0:
+        raise InputError(f"--margin must be 0 or more, got {margin}")
+    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi)
+    preset = preprocess or kind.preprocess
+    if preset not in PREPROCESS_PRESETS:
+        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
+    prep = PREPROCESS_PRESETS[preset]
+    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi, encoding=encoding)
+    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
+    dataset = {
+        "layout": kind.name,
+        "root": str(Path(root).resolve()),
+        "modality": mod,
+        "margin": int(margin),
+        "normal_labels": list(kind.normal),
+        "roi": roi,
+        "roi_labels": list(kind.rois[roi]) if roi else None,
+        "preprocess": preset,
+        "subjects": [c.subject for c in cases],
+        "subjects_file": str(subjects) if subjects else None,
+        "exclude_subjects_file": str(exclude) if exclude else None,
+    }
+    context = {"layout": kind.name, "modality": mod, "margin": int(margin), "roi": roi, "encoding": encoding,
+               "labels": [str(c.seg) for c in cases]}
+    return BankInputs(groups, to_dict(prep), axis_name, dataset=dataset, context=context)
+
+
 def build_bank_from_dataset(
     root: str | os.PathLike,
     backbone,
@@ -168,31 +212,12 @@ def build_bank_from_dataset(
     ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
     layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
     records the layout, root, modality, margin, ROI and subjects."""
-    if margin < 0:
-        raise InputError(f"--margin must be 0 or more, got {margin}")
-    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi)
-    preset = preprocess or kind.preprocess
-    if preset not in PREPROCESS_PRESETS:
-        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
-    prep = PREPROCESS_PRESETS[preset]
-    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi, encoding=encoding_of(backbone))
-    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
-    bank = build_bank(groups, backbone, layout=layout, preprocessing=to_dict(prep), slice_axis=axis_name,
+    src = bank_inputs_from_dataset(root, modality=modality, margin=margin, subjects=subjects, exclude=exclude, roi=roi,
+                                   preprocess=preprocess, axis=axis, encoding=encoding_of(backbone))
+    bank = build_bank(src.groups, backbone, layout=layout, preprocessing=src.preprocessing, slice_axis=src.slice_axis,
                       index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
                       progress=progress, cancelled=cancelled, embed=embed)
-    bank.manifest["dataset"] = {
-        "layout": kind.name,
-        "root": str(Path(root).resolve()),
-        "modality": mod,
-        "margin": int(margin),
-        "normal_labels": list(kind.normal),
-        "roi": roi,
-        "roi_labels": list(kind.rois[roi]) if roi else None,
-        "preprocess": preset,
-        "subjects": [c.subject for c in cases],
-        "subjects_file": str(subjects) if subjects else None,
-        "exclude_subjects_file": str(exclude) if exclude else None,
-    }
+    bank.manifest["dataset"] = src.dataset
     return bank
 
 

@@ -14,7 +14,7 @@ from ..core.errors import InputError
 from ..data.volumes import is_nifti, save_nifti
 from ..pipeline.segment import SegmentationResult
 
-__all__ = ["output_paths", "segment_outputs", "check_outputs", "write_outputs"]
+__all__ = ["output_paths", "segment_outputs", "check_outputs", "write_outputs", "write_output_files", "volume_report"]
 
 def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     out = Path(out_dir)
@@ -54,17 +54,40 @@ def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, ste
     for p in paths.values():
         if not (is_nifti(p) or p.suffix == ".csv"):
             raise InputError(f"{p}: unexpected output name")
+    with contextlib.ExitStack() as stack:
+        outs = claim if claim is not None else stack.enter_context(segment_outputs(out_dir, stem, inputs, overwrite=overwrite))
+        write_output_files(result, {key: outs.temp(p.name) for key, p in paths.items()})
+        outs.commit()
+    return paths
+
+
+def write_output_files(result: SegmentationResult, files: dict[str, Path]) -> None:
+    """Write the mask (uint8), the anomaly map (float32) and the points table of ``result`` to the
+    given (temporary) files ``files["mask"]``, ``["anomaly"]``, ``["points"]``; the caller moves
+    them into place (:class:`~napari_mias_sam.core.atomic_outputs.OutputSet`)."""
     rows = result.points_rows()
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["slice"])
     writer.writeheader()
     writer.writerows(rows)
-    mask = result.mask_volume()
-    amap = result.anomaly_volume()
-    with contextlib.ExitStack() as stack:
-        outs = claim if claim is not None else stack.enter_context(segment_outputs(out_dir, stem, inputs, overwrite=overwrite))
-        save_nifti(outs.temp(paths["mask"].name), mask, result.volume, dtype="uint8", intent="label")
-        save_nifti(outs.temp(paths["anomaly"].name), amap, result.volume, dtype="float32")
-        outs.temp(paths["points"].name).write_text(buf.getvalue(), encoding="utf-8")
-        outs.commit()
-    return paths
+    save_nifti(files["mask"], result.mask_volume(), result.volume, dtype="uint8", intent="label")
+    save_nifti(files["anomaly"], result.anomaly_volume(), result.volume, dtype="float32")
+    Path(files["points"]).write_text(buf.getvalue(), encoding="utf-8")
+
+
+def volume_report(job, result: SegmentationResult, gt) -> dict:
+    """``segment``'s report of one volume (``job``: a :class:`~napari_mias_sam.jobs.dataset_runs.SegmentInput`):
+    settings and timings, and with ground truth its lesion labels and metrics (the caller adds
+    ``outputs`` and ``seconds``)."""
+    from ..data.datasets import lesion_description, lesion_mask
+    from ..evaluation.scoring import gt_metrics
+
+    rep = {"volume": str(job.image), "settings": result.metadata()["settings"],
+           "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
+    if gt is not None:
+        rep["ground_truth"] = str(job.gt)
+        rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
+        if job.roi:
+            rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
+        rep["metrics"] = gt_metrics(result, lesion_mask(gt.data, job.lesion))
+    return rep
