@@ -404,10 +404,10 @@ def _plan_build_memory(a: argparse.Namespace, src, session) -> int:
     plan = plan_build_memory(n_slices=n_slices, source_paths=[g.path for g in src.groups], source_slices=[g.n for g in src.groups],
                              backbone=a.backbone, batch_size=a.batch_size, layout=a.layout, index_type=a.index,
                              coreset_ratio=a.coreset, shards=shards, workers=workers,
-                             local=session is None or session.spec.local, available=avail)
+                             local_workers=session.local_workers if session is not None else 0, available=avail)
     for line in plan.lines():
         print(line, file=sys.stderr)
-    plan.check(avail, session.worker_memory_limits() if session is not None and not session.spec.local else None)
+    plan.check(avail, session.worker_memory_limits() if session is not None else None)
     return shards
 
 

@@ -51,13 +51,14 @@ def model_bytes(backbone: str, batch_size: int) -> int:
 @dataclass
 class MemoryPlan:
     """Bytes per process: ``parts`` name -> bytes of this process, ``worker_parts`` of each Dask
-    worker (empty without Dask); ``workers``: how many; ``local``: they share this machine."""
+    worker (empty without Dask); ``workers``: how many; ``local_workers``: how many of them run on
+    this machine (a local cluster: all)."""
 
     what: str
     parts: dict[str, int]
     worker_parts: dict[str, int] = field(default_factory=dict)
     workers: int = 0
-    local: bool = True
+    local_workers: int = 0
     remedies: list[str] = field(default_factory=list)
 
     @property
@@ -70,7 +71,7 @@ class MemoryPlan:
 
     @property
     def on_this_machine(self) -> int:
-        return self.here + (self.workers * self.per_worker if self.local else 0)
+        return self.here + self.local_workers * self.per_worker
 
     def lines(self) -> list[str]:
         out = [f"memory plan ({self.what}): this process {gb(self.here)} = "
@@ -78,7 +79,8 @@ class MemoryPlan:
         if self.workers:
             out.append(f"  each of {self.workers} Dask worker(s) {gb(self.per_worker)} = "
                        + " + ".join(f"{k} {gb(v)}" for k, v in self.worker_parts.items() if v)
-                       + (f"; {gb(self.on_this_machine)} on this machine in all" if self.local else ""))
+                       + (f"; {gb(self.on_this_machine)} on this machine in all ({self.local_workers} of the workers here)"
+                          if self.local_workers else ""))
         return out
 
     def check(self, available: int | None, worker_limits: dict[str, int] | None = None) -> None:
@@ -116,7 +118,7 @@ def _volume_bytes(paths: list[str | None], n_slices: list[int]) -> int:
 
 def plan_build_memory(*, n_slices: int, source_paths: list[str | None], source_slices: list[int], backbone: str,
                       batch_size: int, layout: str, index_type: str, coreset_ratio: float | None, shards: int,
-                      calibration_slices: int = 48, workers: int = 0, local: bool = True,
+                      calibration_slices: int = 48, workers: int = 0, local_workers: int | None = None,
                       available: int | None = None) -> MemoryPlan:
     """A bank build's memory: without Dask this process encodes, assembles and calibrates; with
     ``workers`` the workers encode (and search the shards at calibration) and this process
@@ -144,13 +146,13 @@ def plan_build_memory(*, n_slices: int, source_paths: list[str | None], source_s
                  "index" + (" (one shard)" if shards > 1 else ""): index, "training buffer": train,
                  "calibration slices": calib, "calibration search": search}
         worker_parts = {}
-    plan = MemoryPlan("build-bank", parts, worker_parts, workers, local)
-    plan.remedies = _build_remedies(plan, est, available, index_type, layout, coreset_ratio, shards, workers, local)
+    plan = MemoryPlan("build-bank", parts, worker_parts, workers, workers if local_workers is None else local_workers)
+    plan.remedies = _build_remedies(plan, est, available, index_type, layout, coreset_ratio, shards)
     return plan
 
 
-def _build_remedies(plan: MemoryPlan, est: dict, available: int | None, index_type: str, layout: str, coreset_ratio, shards: int,
-                    workers: int, local: bool) -> list[str]:
+def _build_remedies(plan: MemoryPlan, est: dict, available: int | None, index_type: str, layout: str, coreset_ratio,
+                    shards: int) -> list[str]:
     out = []
     index = est["index_bytes"]
     budget = (available or 0) - (plan.on_this_machine - (est["shard_bytes"] if shards > 1 else index))
@@ -165,14 +167,14 @@ def _build_remedies(plan: MemoryPlan, est: dict, available: int | None, index_ty
         out.append(f"--coreset 0.1 (index {gb(index / 10)})")
     if layout == "paper1024":
         out.append(f"--layout mean256 (index {gb(index / 4)})")
-    if workers > 1 and local:
+    if plan.local_workers > 1:
         fit = max(1, int(((available or 0) - plan.here) // max(plan.per_worker, 1)))
-        out.append(f"fewer workers (--dask local:{min(fit, workers - 1)})")
+        out.append(f"fewer workers on this machine (--dask local:{min(fit, plan.local_workers - 1)})")
     return out
 
 
 def plan_run_memory(what: str, *, bank, n_slices: int, backbone: str, batch_size: int, k: int, volume_voxels: int,
-                    volumes_kept: int = 1, decode_passes: int = 0, workers: int = 0, local: bool = True,
+                    volumes_kept: int = 1, decode_passes: int = 0, workers: int = 0, local_workers: int | None = None,
                     search_on_workers: bool = False) -> MemoryPlan:
     """``segment``'s or ``evaluate``'s memory: the model, the volume(s) (voxels, frames, embeddings
     of 2 MB per slice, maps), the index (one shard at a time when sharded: the others are
@@ -200,8 +202,8 @@ def plan_run_memory(what: str, *, bank, n_slices: int, backbone: str, batch_size
         parts = {"process": PROCESS_BASE_BYTES, "model": model, "volumes" if what == "evaluate" else "volume": volumes,
                  "index" + (" (one shard)" if bank.shards > 1 else ""): index, "search": knn}
         worker_parts = {}
-    plan = MemoryPlan(what, parts, worker_parts, workers, local)
-    plan.remedies = (["fewer workers (--dask local:N with a smaller N)"] if workers > 1 and local else []) + \
+    plan = MemoryPlan(what, parts, worker_parts, workers, workers if local_workers is None else local_workers)
+    plan.remedies = (["fewer workers on this machine (--dask local:N with a smaller N)"] if plan.local_workers > 1 else []) + \
         (["a sharded bank (build-bank --shards N)"] if bank.shards == 1 and index > 1e9 else []) + \
         (["fewer test subjects per run (--subjects)"] if what == "evaluate" else [])
     return plan

@@ -12,18 +12,21 @@ bit-identical distances to a run in one process (BLAS cuts the work by thread co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
 from ..core.errors import InputError
 
-__all__ = ["SchedulerSpec", "parse_scheduler", "DaskSession", "connect", "BackbonePlugin", "worker_backbone", "backbone_spec",
+__all__ = ["SchedulerSpec", "parse_scheduler", "DaskSession", "connect", "BackbonePlugin", "worker_backbone", "backbone_spec", "task_threads", "search_threads",
            "PLUGIN_NAME", "CONNECT_TIMEOUT_S", "local_gpu_count"]
 
 #: Seconds to wait for a scheduler at an address before saying it is not there.
@@ -79,13 +82,25 @@ class DaskSession:
     client: Client
     cluster: object | None = None
     threads: int | None = None  # torch / ONNX Runtime threads per local worker
-    faiss_threads: int | None = None  # faiss threads per worker (local clusters: this process's)
+    faiss_threads: int | None = None  # faiss threads of the workers on this machine (this process's)
     notes: list[str] = field(default_factory=list)
 
     @property
     def workers(self) -> list[str]:
         """Addresses of the workers now connected, in a fixed order."""
         return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    @property
+    def local_workers(self) -> int:
+        """Workers on this machine (a local cluster's, or a scheduler's workers at a loopback or
+        this host's address): they share its memory with this process."""
+        if self.spec.local:
+            return len(self.workers)
+        here = {"127.0.0.1", "localhost", "::1"}
+        with contextlib.suppress(OSError):
+            here.add(socket.gethostbyname(socket.gethostname()))
+        hosts = [urlsplit(a).hostname for a in self.workers]
+        return sum(h in here for h in hosts)
 
     def worker_memory_limits(self) -> dict[str, int]:
         """Each worker's memory limit in bytes (0: none set)."""
@@ -185,7 +200,7 @@ def connect(text: str, *, timeout: float = CONNECT_TIMEOUT_S, dashboard_address:
             client.close()
             raise InputError(f"--dask {spec.text}: the scheduler has no workers; start some (dask worker {spec.address or ''}) "
                              "and run again.") from None
-    return DaskSession(spec, client)
+    return DaskSession(spec, client, faiss_threads=faiss.omp_get_max_threads())
 
 
 # -- the backbone on the workers ------------------------------------------------------------------
@@ -194,8 +209,10 @@ class BackbonePlugin(WorkerPlugin):
 
     ``spec``: ``load_backbone``'s arguments (``name``, ``checkpoint``, ``device``, ``precision``,
     ``encoding``), or a callable returning a backbone (tests). A CUDA device becomes the worker's
-    own GPU (``cuda``: device 0 of its ``CUDA_VISIBLE_DEVICES``). ``threads`` / ``faiss_threads``:
-    set before the model loads (None: the worker's defaults)."""
+    own GPU (``cuda``: device 0 of its ``CUDA_VISIBLE_DEVICES``). ``threads``: torch / ONNX Runtime
+    threads, set before the model loads (None: the worker's default). ``faiss_threads``: faiss's
+    threads on workers of this machine (this process's count: exact searches are then
+    bit-identical to its own); workers elsewhere keep theirs."""
 
     name = PLUGIN_NAME
 
@@ -203,17 +220,36 @@ class BackbonePlugin(WorkerPlugin):
         self.spec = spec
         self.threads = threads
         self.faiss_threads = faiss_threads
+        self.host = socket.gethostname()
         self.backbone = None
 
-    def setup(self, worker) -> None:
+    def apply_threads(self) -> None:
+        """Set torch's (and ONNX Runtime's) thread count in the calling thread: tasks run in the
+        worker's executor threads, not where ``setup`` ran."""
         import torch
 
-        if self.threads:
+        if self.threads and torch.get_num_threads() != int(self.threads):
             torch.set_num_threads(int(self.threads))
-        if self.faiss_threads:
-            import faiss
 
-            faiss.omp_set_num_threads(int(self.faiss_threads))
+    @contextlib.contextmanager
+    def search_threads(self):
+        """faiss's thread count for the searches inside the block, on workers of the driver's
+        machine (set around each search: torch resets OpenMP's per-thread count when it first
+        runs in a thread, and faiss shares it)."""
+        if not self.faiss_threads or socket.gethostname() != self.host:
+            yield
+            return
+        import faiss
+
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(int(self.faiss_threads))
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(before)
+
+    def setup(self, worker) -> None:
+        self.apply_threads()
         if callable(self.spec):
             self.backbone = self.spec()
             return
@@ -243,4 +279,19 @@ def worker_backbone(worker=None):
     plugin = (worker or get_worker()).plugins.get(PLUGIN_NAME)
     if plugin is None or plugin.backbone is None:
         raise RuntimeError("no backbone on this Dask worker: register napari_mias_sam.scale.BackbonePlugin first")
+    if worker is None:
+        plugin.apply_threads()
     return plugin.backbone
+
+
+def task_threads() -> None:
+    """A task's torch thread count, as :class:`BackbonePlugin` asks (tasks that do not need the backbone)."""
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    if plugin is not None:
+        plugin.apply_threads()
+
+
+def search_threads():
+    """:meth:`BackbonePlugin.search_threads` of this worker (a do-nothing block without the plugin)."""
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    return plugin.search_threads() if plugin is not None else contextlib.nullcontext()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cluster import worker_backbone
+from .cluster import search_threads, task_threads, worker_backbone
 
 __all__ = ["backbone_info", "stage_source_task", "shard_search_task", "staged_query_search_task", "encode_unit_task",
            "segment_volume_task", "open_shard", "open_bank", "worker_pid"]
@@ -56,7 +56,15 @@ def open_bank(path: str):
     if key not in _BANKS:
         from ..bank import load_bank
 
-        _BANKS[key] = load_bank(path)
+        bank = load_bank(path)
+        search = bank.search
+
+        def threaded_search(*args, **kwargs):  # the pipeline's searches with the driver's faiss threads
+            with search_threads():
+                return search(*args, **kwargs)
+
+        bank.search = threaded_search
+        _BANKS[key] = bank
     return _BANKS[key]
 
 
@@ -89,7 +97,10 @@ def shard_search_task(path: str, feats: np.ndarray, k: int, exclude, exact: bool
     """:func:`~napari_mias_sam.bank.shards.shard_search` of one shard: ``(D, I)``, ids local."""
     from ..bank.shards import shard_search
 
-    return shard_search(open_shard(path, nprobe), feats, k, exclude=exclude, exact=exact)
+    task_threads()
+    index = open_shard(path, nprobe)
+    with search_threads():
+        return shard_search(index, feats, k, exclude=exclude, exact=exact)
 
 
 def staged_query_search_task(path: str, embeddings: str, b0: int, b1: int, layout: str, k: int, nprobe: int | None = None):
@@ -97,11 +108,13 @@ def staged_query_search_task(path: str, embeddings: str, b0: int, b1: int, layou
     (the features are made here, as the pipeline makes them: nothing large crosses the scheduler)."""
     from ..method.patches import patch_features
 
+    task_threads()
     emb = np.load(embeddings, mmap_mode="r", allow_pickle=False)
     feats = patch_features(torch.from_numpy(np.array(emb[b0:b1])).float(), layout)
     x = feats.reshape(-1, feats.shape[-1]).numpy()
     index = open_shard(path, nprobe)
-    return index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, index.ntotal))
+    with search_threads():
+        return index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, index.ntotal))
 
 
 def encode_unit_task(frames: torch.Tensor, out: str, cache_root: str | None, batch_size: int) -> tuple[int, ...]:
