@@ -304,6 +304,7 @@ def test_litemedsam_bank_and_segment_on_two_workers(session, sample_subset, samp
     from napari_mias_sam.scale import build_bank_on_dask, register_backbone
     from napari_mias_sam.scale.tasks import segment_volume_task
     from napari_mias_sam.jobs.dataset_runs import SegmentInput
+    from napari_mias_sam.jobs.outputs import volume_report
 
     info = register_backbone(session, cluster_mod.backbone_spec("litemedsam", device="cpu"))
     assert info["describe"] == lite_backbone.describe()
@@ -315,8 +316,9 @@ def test_litemedsam_bank_and_segment_on_two_workers(session, sample_subset, samp
     temps = {k: str(tmp_path / f"w_{k}{'.csv' if k == 'points' else '.nii.gz'}") for k in ("mask", "anomaly", "points")}
     job = SegmentInput(image=Path(sample_subset["case"]), gt=Path(sample_subset["gt"]))
     rep = session.client.submit(segment_volume_task, job, str(tmp_path / "bank"), settings, None, temps, None, 4, pure=False).result()
-    here = segment_volume(load_volume(sample_subset["case"]), sample_bank, lite_backbone, settings)
-    worker_mask = np.asanyarray(nib.load(temps["mask"]).dataobj)
-    assert worker_mask.tobytes() == here.mask_volume().astype(np.uint8).tobytes()
-    assert rep["metrics"]["volume_dice"] == pytest.approx(rep["metrics"]["volume_dice"])
+    vol, gt = job.load()
+    here = segment_volume(vol, sample_bank, lite_backbone, settings)
+    assert np.asanyarray(nib.load(temps["mask"]).dataobj).tobytes() == here.mask_volume().astype(np.uint8).tobytes()
+    assert np.asanyarray(nib.load(temps["anomaly"]).dataobj).tobytes() == here.anomaly_volume().astype(np.float32).tobytes()
+    assert rep["metrics"] == volume_report(job, here, gt)["metrics"]
     register_backbone(session, fake_spec())
