@@ -300,7 +300,6 @@ def test_litemedsam_bank_and_segment_on_two_workers(session, sample_subset, samp
     from napari_mias_sam.method.preprocess import PREPROCESS_PRESETS
     from napari_mias_sam.pipeline.segment import segment_volume
     from napari_mias_sam.pipeline.settings import SegmentSettings
-    from napari_mias_sam.data.volumes import load_volume
     from napari_mias_sam.scale import build_bank_on_dask, register_backbone
     from napari_mias_sam.scale.tasks import segment_volume_task
     from napari_mias_sam.jobs.dataset_runs import SegmentInput

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..bank import MemoryBank, SliceGroup, build_bank
 from ..bank.build import make_plan
 from ..method.preprocess import Preprocessing, resolve_axis
 from ..method.reference_encoding import encoding_of
+from ..core.errors import InputError
 from ..core.records import to_dict
 from ..pipeline.embedding_cache import EmbeddingCache, cached_encoder
 from ..pipeline.frames import PNG_PREPROCESSING, normal_groups
 from ..pipeline.segment import CancelFn, ProgressFn
 
-__all__ = ["build_bank_from_files", "BankInputs", "bank_inputs_from_files", "build_bank_job"]
+__all__ = ["build_bank_from_files", "BankInputs", "bank_inputs_from_files", "build_bank_job", "check_bank_out"]
 
 
 AXIS_NAMES = {0: "0", 1: "1", 2: "2"}
@@ -109,3 +111,19 @@ def build_bank_from_files(
     src = bank_inputs_from_files(inputs, preprocessing, axis=axis, encoding=encoding_of(backbone))
     return build_bank_job(src, backbone, layout=layout, index_type=index_type, batch_size=batch_size,
                           coreset_ratio=coreset_ratio, progress=progress, cancelled=cancelled, cache=cache)
+
+
+def check_bank_out(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+    """Refuse a bank folder that is one of the input folders or lies inside one (a dataset root,
+    a case folder, a folder of normal volumes): the bank would be written into the user's data."""
+    from ..data.datasets import looks_like_dataset
+
+    target = Path(out).resolve()
+    for n in inputs:
+        src = Path(n).resolve()
+        if target == src:
+            raise InputError(f"{out}: the bank folder cannot be an input folder.")
+        if src.is_dir() and target.is_relative_to(src):
+            what = "dataset" if looks_like_dataset(src) else "input folder"
+            raise InputError(f"{out}: the bank folder lies inside the {what} {n}; write it outside (e.g. "
+                             f"{src.parent / ('bank-' + src.name)}) so the {what} stays as it was.")

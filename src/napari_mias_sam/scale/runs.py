@@ -35,16 +35,18 @@ EVAL_STAGING = ".mias-sam-evaluate-staging"
 
 
 def segment_on_dask(session: DaskSession, jobs: list, claims: list, paths: list[dict[str, Path]], bank_path: str | os.PathLike,
-                    settings, *, axis=None, cache_root: str | None = None, batch_size: int = 4) -> Iterator[tuple[int, dict | BaseException]]:
+                    settings, rule_args: tuple = (), *, axis=None, cache_root: str | None = None,
+                    batch_size: int = 4) -> Iterator[tuple[int, dict | BaseException]]:
     """Submit one task per volume (``jobs``: :class:`~napari_mias_sam.jobs.dataset_runs.SegmentInput`,
     ``claims``: their claimed output sets, ``paths``: their final output paths) and yield
     ``(volume number, report or the error it raised)`` as they finish; a finished volume's outputs
-    are committed before it is yielded."""
+    are committed before it is yielded. ``rule_args``: the lesions' rule (connectivity, minimum
+    voxels, minimum mL)."""
     run = uuid.uuid4().hex[:8]
     futures = {}
     for n, (job, claim) in enumerate(zip(jobs, claims)):
         temps = {key: str(claim.temp(p.name)) for key, p in paths[n].items()}
-        fut = session.client.submit(segment_volume_task, job, str(bank_path), settings, axis, temps, cache_root, batch_size,
+        fut = session.client.submit(segment_volume_task, job, str(bank_path), settings, tuple(rule_args), axis, temps, cache_root, batch_size,
                                     key=f"segment-{n:05d}-{run}", pure=False)
         futures[fut] = n
     try:
@@ -56,8 +58,7 @@ def segment_on_dask(session: DaskSession, jobs: list, claims: list, paths: list[
                 yield n, exc
                 continue
             claims[n].commit()
-            rep["outputs"] = {k: str(v) for k, v in paths[n].items()}
-            yield n, rep
+            yield n, {"volume": rep.pop("volume"), "outputs": {k: str(v) for k, v in paths[n].items()}, **rep}
     except BaseException:
         session.client.cancel(list(futures))
         raise

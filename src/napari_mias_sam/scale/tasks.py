@@ -133,21 +133,16 @@ def encode_unit_task(frames: torch.Tensor, out: str, cache_root: str | None, bat
     return tuple(arr.shape)
 
 
-def segment_volume_task(job, bank_path: str, settings, axis, temps: dict[str, str], cache_root: str | None, batch_size: int) -> dict:
+def segment_volume_task(job, bank_path: str, settings, rule_args: tuple, axis, temps: dict[str, str], cache_root: str | None,
+                        batch_size: int) -> dict:
     """``segment`` of one volume on a worker: the outputs are written to the driver's temporary
     files ``temps`` (the driver holds their claim and commits them); returns the volume's report."""
     from ..bank import check_compatible
-    from ..data.checks import about
-    from ..jobs.outputs import volume_report, write_output_files
+    from ..jobs.outputs import segment_job
     from ..pipeline.embedding_cache import EmbeddingCache
-    from ..pipeline.segment import segment_volume
 
     bb = worker_backbone()
     bank = open_bank(bank_path)
     check_compatible(bank, bb.describe())
-    with about(job.image):
-        vol, gt = job.load()
-        res = segment_volume(vol, bank, bb, settings, axis=axis, cache=EmbeddingCache(cache_root) if cache_root else None,
-                             batch_size=batch_size)
-        write_output_files(res, {k: Path(v) for k, v in temps.items()})
-    return volume_report(job, res, gt)
+    return segment_job(job, bank, bb, settings, rule_args, files={k: Path(v) for k, v in temps.items()}, axis=axis,
+                       cache=EmbeddingCache(cache_root) if cache_root else None, batch_size=batch_size)
