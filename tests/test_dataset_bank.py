@@ -10,7 +10,8 @@ import pytest
 
 from fakes import FakeBackbone
 from dataset_fixtures import brats2021_root, brats2023_root, lits_root
-from napari_mias_sam.jobs.dataset_runs import build_bank_from_dataset, check_disjoint, load_case
+from napari_mias_sam.jobs.bank_builds import build_bank_from_dataset
+from napari_mias_sam.jobs.dataset_runs import check_disjoint, load_case
 from napari_mias_sam.data.datasets import find_cases
 from napari_mias_sam.core.errors import InputError
 
@@ -78,7 +79,7 @@ def test_lits_bank_with_the_liver_roi(roots):
     outside = ~np.isin(cd.labels.data, (1, 2))
     assert cd.image.data[outside].max() <= -1024 and cd.image.meta["roi"] == "liver"
     # a volume opened elsewhere (the widget's layer) is masked the same way for this bank
-    from napari_mias_sam.jobs.dataset_runs import roi_for_bank
+    from napari_mias_sam.jobs.run import roi_for_bank
     from napari_mias_sam.data.volumes import Volume, load_volume
 
     vol = load_volume(roots["lits"] / "volume-2.nii")

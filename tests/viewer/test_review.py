@@ -59,6 +59,29 @@ def test_statuses_accept_reject_reset_and_next_pending():
         ses.review(0, "approve")
 
 
+def test_the_methods_own_slice_is_decoded_aside():
+    """The QA table's "before" (``method_slice``) decodes the method's own prompt beside the result:
+    during and after that decode the result holds the review's prompt, mask and settings (nothing
+    is swapped out and back, so a viewer drawing the result meanwhile sees the correction)."""
+    ses = _session()
+    ses.move_point(1, (1.0, 10.0, 45.0))
+    _decode(ses)
+    r = ses.result
+    corrected, logits, settings = r.prompts[1], r.logits[1].copy(), r.settings
+    seen, decode = [], ses.backbone.decode
+
+    def watching(*args, **kwargs):
+        seen.append(r.prompts[1] is corrected and r.settings is settings and np.array_equal(r.logits[1], logits))
+        return decode(*args, **kwargs)
+
+    ses.backbone.decode = watching
+    ijk, mask = ses.method_slice(1)
+    assert seen == [True]  # one decode, with the result untouched meanwhile
+    assert r.prompts[1] is corrected and np.array_equal(r.logits[1], logits) and r.settings is settings
+    assert mask.any() and np.linalg.norm(np.subtract(ijk, r.cog_voxel(1))) > 1.0  # the method's point, not the moved one
+    assert ses.method_slice(1)[0] == ijk and seen == [True]  # cached: no second decode
+
+
 def test_a_rerun_keeps_corrections_and_rejections():
     ses = _session()
     ses.move_point(1, (1.0, 10.0, 45.0))

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..method.anomaly import maps_from_scores, mean_of_k_nearest
 from ..core.errors import Cancelled, InputError
 from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
@@ -26,9 +27,9 @@ from .store import (
     INDEX_FILE,
     SHARDED_FORMAT_VERSION,
     MemoryBank,
-    ProgressFn,
     SliceGroup,
 )
+from ..core.progress import CancelFn, ProgressFn
 
 __all__ = ["build_bank", "CALIBRATION_KS", "BuildPlan", "SourcePart", "make_plan", "encode_source", "finish_bank",
            "calibration_shares"]
@@ -57,10 +58,10 @@ class BuildPlan:
     slice_axis: str
     shares: tuple[int, ...]  # held-out calibration slices per source
     expected: int  # patches the index expects (trains SQ8 / IVF on min(TRAIN_MAX, expected))
-    batch_size: int = 4
+    batch_size: int = defaults.BATCH_SIZE
     coreset_ratio: float | None = None
     chunk_patches: int = CORESET_CHUNK_CPU
-    sigma: float = 4.0
+    sigma: float = defaults.SIGMA
     shards: int = 1
 
     @property
@@ -69,7 +70,7 @@ class BuildPlan:
 
 
 def make_plan(groups: list[SliceGroup], *, layout: str, index_type: str, preprocessing: dict, slice_axis: str,
-              batch_size: int = 4, calibration_slices: int = 48, sigma: float = 4.0, coreset_ratio: float | None = None,
+              batch_size: int = defaults.BATCH_SIZE, calibration_slices: int = 48, sigma: float = defaults.SIGMA, coreset_ratio: float | None = None,
               on_gpu: bool = False, shards: int = 1) -> BuildPlan:
     """Check the options and fix the plan of a build of ``groups``."""
     if layout not in PATCH_LAYOUTS:
@@ -182,17 +183,17 @@ def build_bank(
     groups: Iterable[SliceGroup],
     backbone,
     *,
-    layout: str = "paper1024",
+    layout: str = defaults.PATCH_LAYOUT,
     preprocessing: dict,
-    slice_axis: str = "axial",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    slice_axis: str = defaults.SLICE_AXIS,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     calibration_slices: int = 48,
-    sigma: float = 4.0,
+    sigma: float = defaults.SIGMA,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
     coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: CancelFn | None = None,
 ) -> MemoryBank:
     """Encode every normal slice, add its patches to a faiss index (streaming, batch by batch),
     then calibrate: held-out normal slices are scored against the bank *without their own

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core import defaults
 from ..bank import MemoryBank, SliceGroup, build_bank
 from ..bank.build import make_plan
 from ..method.preprocess import Preprocessing, resolve_axis
@@ -17,9 +18,12 @@ from ..core.errors import InputError
 from ..core.records import to_dict
 from ..pipeline.embedding_cache import EmbeddingCache, cached_encoder
 from ..pipeline.frames import PNG_PREPROCESSING, normal_groups
-from ..pipeline.segment import CancelFn, ProgressFn
+from ..core.progress import CancelFn, ProgressFn
+from ..data.sequences import parse_sequences
+from ..method.preprocess import PREPROCESS_PRESETS
+from .dataset_runs import dataset_groups, prepare_dataset
 
-__all__ = ["build_bank_from_files", "BankInputs", "bank_inputs_from_files", "build_bank_job", "check_bank_out"]
+__all__ = ["build_bank_from_files", "BankInputs", "bank_inputs_from_files", "bank_inputs_from_dataset", "build_bank_from_dataset", "build_bank_job", "check_bank_out"]
 
 
 AXIS_NAMES = {0: "0", 1: "1", 2: "2"}
@@ -39,7 +43,7 @@ class BankInputs:
     context: dict = field(default_factory=dict)
 
 
-def bank_inputs_from_files(inputs: list[str | os.PathLike], preprocessing: Preprocessing, *, axis: int | str = "axial",
+def bank_inputs_from_files(inputs: list[str | os.PathLike], preprocessing: Preprocessing, *, axis: int | str = defaults.SLICE_AXIS,
                            encoding: str = "standard") -> BankInputs:
     """The sources of NIfTI volumes/folders or BMAD-style PNG slice folders."""
     groups, kind = normal_groups(list(inputs), preprocessing, axis, encoding=encoding)
@@ -52,9 +56,9 @@ def build_bank_job(
     inputs: BankInputs,
     backbone,
     *,
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     coreset_ratio: float | None = None,
     shards: int = 1,
     staging: str | os.PathLike | None = None,
@@ -95,10 +99,10 @@ def build_bank_from_files(
     backbone,
     *,
     preprocessing: Preprocessing,
-    axis: int | str = "axial",
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    axis: int | str = defaults.SLICE_AXIS,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
@@ -111,6 +115,82 @@ def build_bank_from_files(
     src = bank_inputs_from_files(inputs, preprocessing, axis=axis, encoding=encoding_of(backbone))
     return build_bank_job(src, backbone, layout=layout, index_type=index_type, batch_size=batch_size,
                           coreset_ratio=coreset_ratio, progress=progress, cancelled=cancelled, cache=cache)
+
+
+def bank_inputs_from_dataset(
+    root: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    margin: int = defaults.DATASET_MARGIN,
+    subjects: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    roi: str | None = None,
+    preprocess: str | None = None,
+    axis: int | str = defaults.SLICE_AXIS,
+    encoding: str = "standard",
+):
+    """The sources of a bank from the lesion-free slices of a labelled dataset (see
+    :func:`~.dataset_runs.build_bank_from_dataset`), with the manifest's ``dataset`` entry."""
+
+    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi,
+                                       margin=margin, axis=axis)
+    preset = preprocess or kind.preprocess
+    if preset not in PREPROCESS_PRESETS:
+        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
+    prep = PREPROCESS_PRESETS[preset]
+    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi, encoding=encoding)
+    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
+    seqs = parse_sequences(mod)
+    dataset = {
+        "layout": kind.name,
+        "root": str(Path(root).resolve()),
+        "modality": seqs[0],
+        **({"sequences": list(seqs)} if len(seqs) > 1 else {}),
+        "margin": int(margin),
+        "normal_labels": list(kind.normal),
+        "roi": roi,
+        "roi_labels": list(kind.rois[roi]) if roi else None,
+        "preprocess": preset,
+        "subjects": [c.subject for c in cases],
+        "subjects_file": str(subjects) if subjects else None,
+        "exclude_subjects_file": str(exclude) if exclude else None,
+    }
+    context = {"layout": kind.name, "modality": mod, "margin": int(margin), "roi": roi, "encoding": encoding,
+               "labels": [str(c.seg) for c in cases]}
+    return BankInputs(groups, to_dict(prep), axis_name, dataset=dataset, context=context)
+
+
+def build_bank_from_dataset(
+    root: str | os.PathLike,
+    backbone,
+    *,
+    modality: str | None = None,
+    margin: int = defaults.DATASET_MARGIN,
+    subjects: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    roi: str | None = None,
+    preprocess: str | None = None,
+    axis: int | str = defaults.SLICE_AXIS,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
+    coreset_ratio: float | None = None,
+    progress=None,
+    cancelled=None,
+    embed=None,
+) -> MemoryBank:
+    """A memory bank from the lesion-free slices of a labelled dataset (BraTS, LiTS).
+
+    ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
+    layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
+    records the layout, root, modality, margin, ROI and subjects."""
+    src = bank_inputs_from_dataset(root, modality=modality, margin=margin, subjects=subjects, exclude=exclude, roi=roi,
+                                   preprocess=preprocess, axis=axis, encoding=encoding_of(backbone))
+    bank = build_bank(src.groups, backbone, layout=layout, preprocessing=src.preprocessing, slice_axis=src.slice_axis,
+                      index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
+                      progress=progress, cancelled=cancelled, embed=embed)
+    bank.manifest["dataset"] = src.dataset
+    return bank
 
 
 def check_bank_out(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:

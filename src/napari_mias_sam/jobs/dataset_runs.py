@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bank import MemoryBank, SliceGroup, build_bank
+from ..core import defaults
+from ..bank import MemoryBank, SliceGroup
 from ..data.datasets import (
     Case,
     DatasetKind,
@@ -38,10 +39,8 @@ from ..data.datasets import (
 from ..core.errors import InputError
 from ..data.sequences import case_sequence_files, parse_sequences
 from ..data.volumes import Volume, load_labels, load_volume
-from ..method.preprocess import resolve_axis, PREPROCESS_PRESETS, Preprocessing
-from ..core.records import to_dict
+from ..method.preprocess import resolve_axis, Preprocessing
 from ..pipeline.frames import volume_frames
-from ..method.reference_encoding import encoding_of
 
 __all__ = [
     "CaseData",
@@ -50,15 +49,12 @@ __all__ = [
     "apply_roi",
     "dataset_groups",
     "prepare_dataset",
-    "build_bank_from_dataset",
-    "bank_inputs_from_dataset",
     "bank_subjects",
     "check_disjoint",
     "lesion_for",
     "SegmentInput",
     "segment_inputs",
     "units_from_dataset",
-    "roi_for_bank",
     "bank_sequences",
     "with_sequences",
     "sequences_for_bank",
@@ -119,8 +115,8 @@ def load_case(case: Case, modality: str | None = None, *, roi: str | None = None
     return CaseData(case, mod, image, labels, roi)
 
 
-def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = "axial",
-                   margin: int = 2, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
+def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = defaults.SLICE_AXIS,
+                   margin: int = defaults.DATASET_MARGIN, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
     """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
     ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
     groups = []
@@ -151,7 +147,7 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
 
 def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, subjects=None, exclude=None,
                     roi: str | None = None, margin: int | None = None,
-                    axis: int | str = "axial") -> tuple[list[Case], DatasetKind, str]:
+                    axis: int | str = defaults.SLICE_AXIS) -> tuple[list[Case], DatasetKind, str]:
     """The cases of ``root`` chosen by the subject lists, their layout and the canonical modality;
     every case is checked (files present, one grid) before any work. With ``margin``: the margin
     is checked, and refused when it leaves no slice of the cases (their labels are read for that)."""
@@ -203,83 +199,6 @@ def _check_margin_leaves_slices(cases: list[Case], margin: int, axis: int | str)
                          "use a smaller --margin (default 2), or add cases without lesions.")
 
 
-def bank_inputs_from_dataset(
-    root: str | os.PathLike,
-    *,
-    modality: str | None = None,
-    margin: int = 2,
-    subjects: str | os.PathLike | None = None,
-    exclude: str | os.PathLike | None = None,
-    roi: str | None = None,
-    preprocess: str | None = None,
-    axis: int | str = "axial",
-    encoding: str = "standard",
-):
-    """The sources of a bank from the lesion-free slices of a labelled dataset (see
-    :func:`build_bank_from_dataset`), with the manifest's ``dataset`` entry."""
-    from .bank_builds import BankInputs
-
-    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi,
-                                       margin=margin, axis=axis)
-    preset = preprocess or kind.preprocess
-    if preset not in PREPROCESS_PRESETS:
-        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
-    prep = PREPROCESS_PRESETS[preset]
-    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi, encoding=encoding)
-    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
-    seqs = parse_sequences(mod)
-    dataset = {
-        "layout": kind.name,
-        "root": str(Path(root).resolve()),
-        "modality": seqs[0],
-        **({"sequences": list(seqs)} if len(seqs) > 1 else {}),
-        "margin": int(margin),
-        "normal_labels": list(kind.normal),
-        "roi": roi,
-        "roi_labels": list(kind.rois[roi]) if roi else None,
-        "preprocess": preset,
-        "subjects": [c.subject for c in cases],
-        "subjects_file": str(subjects) if subjects else None,
-        "exclude_subjects_file": str(exclude) if exclude else None,
-    }
-    context = {"layout": kind.name, "modality": mod, "margin": int(margin), "roi": roi, "encoding": encoding,
-               "labels": [str(c.seg) for c in cases]}
-    return BankInputs(groups, to_dict(prep), axis_name, dataset=dataset, context=context)
-
-
-def build_bank_from_dataset(
-    root: str | os.PathLike,
-    backbone,
-    *,
-    modality: str | None = None,
-    margin: int = 2,
-    subjects: str | os.PathLike | None = None,
-    exclude: str | os.PathLike | None = None,
-    roi: str | None = None,
-    preprocess: str | None = None,
-    axis: int | str = "axial",
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
-    coreset_ratio: float | None = None,
-    progress=None,
-    cancelled=None,
-    embed=None,
-) -> MemoryBank:
-    """A memory bank from the lesion-free slices of a labelled dataset (BraTS, LiTS).
-
-    ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
-    layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
-    records the layout, root, modality, margin, ROI and subjects."""
-    src = bank_inputs_from_dataset(root, modality=modality, margin=margin, subjects=subjects, exclude=exclude, roi=roi,
-                                   preprocess=preprocess, axis=axis, encoding=encoding_of(backbone))
-    bank = build_bank(src.groups, backbone, layout=layout, preprocessing=src.preprocessing, slice_axis=src.slice_axis,
-                      index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
-                      progress=progress, cancelled=cancelled, embed=embed)
-    bank.manifest["dataset"] = src.dataset
-    return bank
-
-
 def bank_subjects(bank: MemoryBank) -> set[str]:
     """Subjects whose slices are in the bank (from a dataset bank's manifest)."""
     ds = bank.manifest.get("dataset") or {}
@@ -320,12 +239,11 @@ class SegmentInput:
     sequences: tuple[str, ...] | None = None  # a multi-sequence bank's: read from the case as channels
 
     def load(self) -> tuple[Volume, Volume | None]:
-        """The image (masked to the ROI when the bank was built that way; with the case's other
-        sequences as channels when the bank takes several) and its label volume."""
+        """The image, as in its file (with the case's other sequences as channels when the bank
+        takes several), and its label volume (a run masks the image to the bank's ROI:
+        :func:`~napari_mias_sam.jobs.run.roi_for_bank`)."""
         image = with_sequences(self.case, self.sequences) if self.sequences else load_volume(self.image)
         labels = load_labels(self.gt, like=image) if self.gt is not None else None
-        if self.roi:
-            image = apply_roi(image, labels, self.roi, self.case.info)
         return image, labels
 
 
@@ -445,20 +363,6 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
     info = {"root": str(root), "layout": kind.name, "modality": mod, "roi": roi, "subjects": [c.subject for c in cases],
             "lesion_labels": {**lesion_description(lesion, source=source), "counted": sorted(counted)}}
     return units, info
-
-
-def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
-    """``volume`` masked the way the bank's slices were (``--roi``), from the labels of the dataset
-    case the volume's file belongs to; unchanged when the bank has no ROI."""
-    roi = (manifest.get("dataset") or {}).get("roi")
-    if not roi:
-        return volume
-    case = case_for_file(volume.path) if volume.path is not None else None
-    if case is None or roi not in case.info.rois or case.seg is None:
-        raise InputError(f"the bank was built with --roi {roi}: open a {(manifest.get('dataset') or {}).get('layout')} "
-                         f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
-                         "masked the same way.")
-    return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)
 
 
 # -- several sequences of a case in the encoder's channels --------------------------------------------

@@ -119,22 +119,21 @@ def volume_report(job, result: SegmentationResult, gt, *, lesions: LesionSet | N
     return rep
 
 
-def segment_job(job, bank, backbone, settings, rule_args: tuple = (), *, files: dict[str, Path] | None = None,
-                claim: OutputSet | None = None, out: str | os.PathLike | None = None, overwrite: bool = False, axis=None,
-                cache=None, batch_size: int = 4, progress=None) -> dict:
-    """One volume of ``segment``: load it, segment it, find its lesions (``rule_args``: connectivity,
-    minimum voxels, minimum mL), write its outputs (into ``out`` under ``claim``, or into the given
-    temporary ``files`` that a caller elsewhere commits: a Dask worker) and return its report, with
-    ``outputs`` (``out`` only) and ``lesion_line`` (the console's line about its lesions)."""
+def segment_job(job, segment, rule_args: tuple = (), *, files: dict[str, Path] | None = None,
+                claim: OutputSet | None = None, out: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """One volume of ``segment`` after the run path's checks: ``segment()`` runs it (returns the
+    result and its label volume: :func:`~napari_mias_sam.jobs.run.run` here, the same steps on a
+    Dask worker), then its lesions (``rule_args``: connectivity, minimum voxels, minimum mL), its
+    outputs (into ``out`` under ``claim``, or into the given temporary ``files`` that a caller
+    elsewhere commits: a Dask worker) and its report, with ``outputs`` (``out`` only) and
+    ``lesion_line`` (the console's line about its lesions)."""
     from ..data.checks import about
     from ..data.datasets import lesion_mask
-    from ..pipeline.segment import segment_volume
     from .lesion_runs import lesion_line, lesion_rule, lesions_for
 
     with about(job.image):
-        vol, gt = job.load()
-        res = segment_volume(vol, bank, backbone, settings, axis=axis, cache=cache, batch_size=batch_size, progress=progress)
-        rule = lesion_rule(*rule_args, vol.affine)
+        res, gt = segment()
+        rule = lesion_rule(*rule_args, res.volume.affine)
         lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
         if files is not None:
             write_output_files(res, files, lesions=lesions)

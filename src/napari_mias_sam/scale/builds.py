@@ -16,6 +16,7 @@ from typing import Callable
 
 from distributed import as_completed
 
+from ..core import defaults
 from ..bank import MemoryBank
 from ..bank.build import make_plan
 from ..bank.staging import build_bank_staged
@@ -54,9 +55,9 @@ def build_bank_on_dask(
     backbone: dict,
     *,
     staging: str | os.PathLike,
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     coreset_ratio: float | None = None,
     shards: int = 1,
     resume: bool = False,

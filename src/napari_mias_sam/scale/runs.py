@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from distributed import as_completed
 
+from ..core import defaults
 from ..core.errors import MiasSamError
 from ..jobs.preflight import KNN_BATCH_SLICES
 from .cluster import DaskSession
@@ -36,7 +37,7 @@ EVAL_STAGING = ".mias-sam-evaluate-staging"
 
 def segment_on_dask(session: DaskSession, jobs: list, claims: list, paths: list[dict[str, Path]], bank_path: str | os.PathLike,
                     settings, rule_args: tuple = (), *, axis=None, cache_root: str | None = None,
-                    batch_size: int = 4) -> Iterator[tuple[int, dict | BaseException]]:
+                    batch_size: int = defaults.BATCH_SIZE) -> Iterator[tuple[int, dict | BaseException]]:
     """Submit one task per volume (``jobs``: :class:`~napari_mias_sam.jobs.dataset_runs.SegmentInput`,
     ``claims``: their claimed output sets, ``paths``: their final output paths) and yield
     ``(volume number, report or the error it raised)`` as they finish; a finished volume's outputs

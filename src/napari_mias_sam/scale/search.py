@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from distributed import Client, as_completed
 
+from ..core import defaults
 from ..bank.shards import local_range, merge_nearest
 from ..method.patches import GRID
 from .tasks import shard_search_task, staged_query_search_task
@@ -64,7 +65,7 @@ class DaskShardSearcher:
                 parts.append((d, None if ids is None else np.where(ids >= 0, ids + self.offsets[i], -1)))
         return merge_nearest(parts, k)
 
-    def search(self, x, k: int = 1, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
+    def search(self, x, k: int = defaults.K, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
         """Squared L2 distances (M, k): with ``exclude``, as
         :func:`~napari_mias_sam.bank.shards.search_excluding` (the calibration's search); without,
         as the bank's own search."""

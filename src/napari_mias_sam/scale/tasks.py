@@ -135,14 +135,22 @@ def encode_unit_task(frames: torch.Tensor, out: str, cache_root: str | None, bat
 
 def segment_volume_task(job, bank_path: str, settings, rule_args: tuple, axis, temps: dict[str, str], cache_root: str | None,
                         batch_size: int) -> dict:
-    """``segment`` of one volume on a worker: the outputs are written to the driver's temporary
-    files ``temps`` (the driver holds their claim and commits them); returns the volume's report."""
-    from ..bank import check_compatible
+    """``segment`` of one volume on a worker, the steps of :func:`~napari_mias_sam.jobs.run.run`
+    (the volume read, masked to the bank's ROI, the run set up with the worker's backbone and
+    segmented): the outputs are written to the driver's temporary files ``temps`` (the driver
+    holds their claim and commits them); returns the volume's report."""
     from ..jobs.outputs import segment_job
+    from ..jobs.run import roi_for_bank
     from ..pipeline.embedding_cache import EmbeddingCache
+    from ..pipeline.segment import setup_run
 
-    bb = worker_backbone()
     bank = open_bank(bank_path)
-    check_compatible(bank, bb.describe())
-    return segment_job(job, bank, bb, settings, rule_args, files={k: Path(v) for k, v in temps.items()}, axis=axis,
-                       cache=EmbeddingCache(cache_root) if cache_root else None, batch_size=batch_size)
+    setup = setup_run(bank, worker_backbone(), settings)
+    cache = EmbeddingCache(cache_root) if cache_root else None
+
+    def segment():
+        image, labels = job.load()
+        image = roi_for_bank(image, bank.manifest, labels=labels, case=job.case)
+        return setup.segment(image, axis=axis, cache=cache, batch_size=batch_size), labels
+
+    return segment_job(job, segment, rule_args, files={k: Path(v) for k, v in temps.items()})

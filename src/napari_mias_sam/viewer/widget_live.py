@@ -32,6 +32,7 @@ from .models.live import (
     ranked_slices,
 )
 from ..data.datasets import lesion_mask
+from ..data.qa_table import CORRECTED
 from ..evaluation.metrics import dice
 from .models.layers import GEOMETRY_KEYS, geometry_metadata
 from .widget_review import ReviewController, status_colors
@@ -441,7 +442,7 @@ class LiveController:
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once
             pts.features.loc[moved, "moved"] = True
-            pts.features.loc[moved, "status"] = "corrected"
+            pts.features.loc[moved, "status"] = CORRECTED
             pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
