@@ -11,7 +11,7 @@ import pytest
 
 from napari_mias_sam.core.errors import InputError
 from napari_mias_sam.jobs.outputs import write_outputs
-from napari_mias_sam.data.qa_table import QA_COLUMNS, SHARED_COLUMNS, qa_csv_text, read_qa
+from napari_mias_sam.data.qa_table import LESION_QA_COLUMNS, QA_COLUMNS, SHARED_COLUMNS, qa_csv_text, read_qa
 from napari_mias_sam.viewer.models.live import LiveSession
 from napari_mias_sam.viewer.models.review import apply_table, qa_rows, save_results
 from test_live import _result, disc_backbone
@@ -184,7 +184,7 @@ def test_bad_qa_files_are_refused_with_one_line(tmp_path):
     with pytest.raises(InputError, match="not from a review of 'volume'"):
         save_results(ses, qa_rows(ses), tmp_path / "res")
     assert (tmp_path / "res" / "volume_mask.nii.gz").read_bytes() == b"someone else's"
-    assert set(QA_COLUMNS) >= set(head)
+    assert set(QA_COLUMNS) | set(LESION_QA_COLUMNS) >= set(head)
 
 
 def test_a_qa_file_opens_as_the_reviewed_points_where_the_session_had_them(tmp_path):
