@@ -95,6 +95,20 @@ def on_dask(session, monkeypatch, tmp_path):
     return session.client.scheduler.address
 
 
+@pytest.fixture(scope="module")
+def banks(data, tmp_path_factory) -> dict[str, Path]:
+    """The serial banks of the normal cuts (mean256), built once: ``one`` (one index) and ``two``
+    (two shards, staged here without Dask)."""
+    d = tmp_path_factory.mktemp("serial-banks")
+    common = [*map(str, data["normals"]), "--layout", "mean256"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIAS_SAM_CACHE", str(d / "cache"))
+        mp.setattr(backbones_mod, "load_backbone", fake_loader)
+        assert main(["build-bank", *common, "--out", str(d / "one")]) == 0
+        assert main(["build-bank", *common, "--out", str(d / "two"), "--shards", "2"]) == 0
+    return {"one": d / "one", "two": d / "two"}
+
+
 def vectors(bank) -> np.ndarray:
     return index_vectors(bank.index, 0, bank.ntotal)
 
@@ -147,14 +161,13 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
-def test_bank_on_two_workers_is_the_serial_bank(data, on_dask, tmp_path, capsys):
+def test_bank_on_two_workers_is_the_serial_bank(data, banks, on_dask, tmp_path, capsys):
     common = [*map(str, data["normals"]), "--layout", "mean256"]
-    assert main(["build-bank", *common, "--out", str(tmp_path / "serial")]) == 0
     assert main(["build-bank", *common, "--out", str(tmp_path / "dask"), "--dask", on_dask]) == 0
     err = capsys.readouterr().err
     assert "Dask: the scheduler" in err and "(2 workers)" in err and "encode normal sources on 2 Dask workers: 3/3" in err
     assert "each of 2 Dask worker(s)" in err  # the memory plan per worker
-    serial, dask = load_bank(tmp_path / "serial"), load_bank(tmp_path / "dask")
+    serial, dask = load_bank(banks["one"]), load_bank(tmp_path / "dask")
     assert_same_bank(serial, dask)
     assert not any(p.name.endswith(".mias-sam-staging") for p in tmp_path.iterdir())  # staging removed
 
@@ -173,11 +186,8 @@ def test_brats_root_on_two_workers_in_two_shards(on_dask, tmp_path, capsys):
     np.testing.assert_array_equal(i1, i2)  # the same neighbours
 
 
-def test_two_shards_give_one_shard_neighbours_and_masks(data, on_dask, tmp_path):
-    common = [*map(str, data["normals"]), "--layout", "mean256"]
-    assert main(["build-bank", *common, "--out", str(tmp_path / "one")]) == 0
-    assert main(["build-bank", *common, "--out", str(tmp_path / "two"), "--shards", "2"]) == 0  # staged here, no Dask
-    one, two = load_bank(tmp_path / "one"), load_bank(tmp_path / "two")
+def test_two_shards_give_one_shard_neighbours_and_masks(data, banks, on_dask, tmp_path):
+    one, two = load_bank(banks["one"]), load_bank(banks["two"])  # two: staged here, no Dask
     assert two.shards == 2
     q = vectors(one)[::101] + 0.003
     d1, i1 = one.index.search(q, 5)
@@ -185,7 +195,7 @@ def test_two_shards_give_one_shard_neighbours_and_masks(data, on_dask, tmp_path)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
     for b in ("one", "two"):
-        assert main(["segment", *map(str, data["cases"]), "--bank", str(tmp_path / b), "--out", str(tmp_path / f"out-{b}")]) == 0
+        assert main(["segment", *map(str, data["cases"]), "--bank", str(banks[b]), "--out", str(tmp_path / f"out-{b}")]) == 0
     for c in data["cases"]:
         stem = c.name[: -len(".nii.gz")]
         for kind in ("mask", "anomaly"):
@@ -194,10 +204,9 @@ def test_two_shards_give_one_shard_neighbours_and_masks(data, on_dask, tmp_path)
             assert m1.tobytes() == m2.tobytes() and (kind == "mask" or m1.std() > 0), (stem, kind)
 
 
-def test_segment_several_volumes_on_dask_gives_the_serial_outputs(data, on_dask, tmp_path, capsys):
-    assert main(["build-bank", *map(str, data["normals"]), "--layout", "mean256", "--out", str(tmp_path / "bank"), "--shards", "2"]) == 0
+def test_segment_several_volumes_on_dask_gives_the_serial_outputs(data, banks, on_dask, tmp_path, capsys):
     capsys.readouterr()
-    args = ["segment", *map(str, data["cases"]), "--gt", *map(str, data["gts"]), "--bank", str(tmp_path / "bank"), "--json"]
+    args = ["segment", *map(str, data["cases"]), "--gt", *map(str, data["gts"]), "--bank", str(banks["two"]), "--json"]
     assert main([*args, "--out", str(tmp_path / "serial")]) == 0
     serial = json.loads(capsys.readouterr().out)
     assert main([*args, "--out", str(tmp_path / "dask"), "--dask", on_dask]) == 0
@@ -215,9 +224,8 @@ def test_segment_several_volumes_on_dask_gives_the_serial_outputs(data, on_dask,
     assert not [p.name for p in (tmp_path / "dask").iterdir() if p.name.startswith(".")]  # no temporary or lock files left
 
 
-def test_evaluate_on_dask_gives_the_serial_results(data, on_dask, tmp_path, capsys):
-    assert main(["build-bank", *map(str, data["normals"]), "--layout", "mean256", "--out", str(tmp_path / "bank")]) == 0
-    args = ["evaluate", "--bank", str(tmp_path / "bank"), "--images", *map(str, data["cases"]), "--gts", *map(str, data["gts"]),
+def test_evaluate_on_dask_gives_the_serial_results(data, banks, on_dask, tmp_path, capsys):
+    args = ["evaluate", "--bank", str(banks["one"]), "--images", *map(str, data["cases"]), "--gts", *map(str, data["gts"]),
             "--gammas", "3,5", "--ks", "1,2", "--prompts", "cog-box,regions"]
     assert main([*args, "--out", str(tmp_path / "serial")]) == 0
     assert main([*args, "--out", str(tmp_path / "dask"), "--dask", on_dask]) == 0
@@ -303,7 +311,7 @@ def test_litemedsam_bank_and_segment_on_two_workers(session, sample_subset, samp
     from napari_mias_sam.scale import build_bank_on_dask, register_backbone
     from napari_mias_sam.scale.tasks import segment_volume_task
     from napari_mias_sam.jobs.dataset_runs import SegmentInput
-    from napari_mias_sam.jobs.outputs import volume_report
+    from napari_mias_sam.jobs.outputs import segment_job
 
     info = register_backbone(session, cluster_mod.backbone_spec("litemedsam", device="cpu"))
     assert info["describe"] == lite_backbone.describe()
@@ -312,12 +320,24 @@ def test_litemedsam_bank_and_segment_on_two_workers(session, sample_subset, samp
     assert_same_bank(sample_bank, bank)
     bank.save(tmp_path / "bank")
     settings = SegmentSettings()
-    temps = {k: str(tmp_path / f"w_{k}{'.csv' if k == 'points' else '.nii.gz'}") for k in ("mask", "anomaly", "points")}
+
+    def files(tag: str) -> dict[str, str]:
+        return {k: str(tmp_path / f"{tag}_{k}{'.csv' if k in ('points', 'lesions_table') else '.nii.gz'}")
+                for k in ("mask", "anomaly", "points", "lesions", "lesions_table")}
+
     job = SegmentInput(image=Path(sample_subset["case"]), gt=Path(sample_subset["gt"]))
-    rep = session.client.submit(segment_volume_task, job, str(tmp_path / "bank"), settings, None, temps, None, 4, pure=False).result()
+    rep = session.client.submit(segment_volume_task, job, str(tmp_path / "bank"), settings, (), None, files("w"), None, 4,
+                                pure=False).result()
     vol, gt = job.load()
     here = segment_volume(vol, sample_bank, lite_backbone, settings)
-    assert np.asanyarray(nib.load(temps["mask"]).dataobj).tobytes() == here.mask_volume().astype(np.uint8).tobytes()
-    assert np.asanyarray(nib.load(temps["anomaly"]).dataobj).tobytes() == here.anomaly_volume().astype(np.float32).tobytes()
-    assert rep["metrics"] == volume_report(job, here, gt)["metrics"]
+    rep_here = segment_job(job, lambda: (here, gt), (), files={k: Path(v) for k, v in files("h").items()})
+    for r in (rep, rep_here):
+        r.pop("timings_s")
+    assert rep == rep_here  # settings, metrics, lesions: the same report
+    for k in ("mask", "anomaly", "lesions"):
+        w, h = nib.load(files("w")[k]), nib.load(files("h")[k])
+        assert np.asanyarray(w.dataobj).tobytes() == np.asanyarray(h.dataobj).tobytes(), k
+    assert here.mask_volume().any()
+    for k in ("points", "lesions_table"):
+        assert Path(files("w")[k]).read_bytes() == Path(files("h")[k]).read_bytes(), k
     register_backbone(session, fake_spec())

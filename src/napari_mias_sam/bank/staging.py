@@ -32,7 +32,8 @@ from .build import BuildPlan, SourcePart, encode_source, finish_bank
 from .indexes import IndexSink
 from .knn import TorchSearcher
 from .shards import ShardedIndex, ShardSink, read_shard, shard_sizes
-from .store import MemoryBank, ProgressFn, SliceGroup
+from ..core.progress import ProgressFn
+from .store import MemoryBank, SliceGroup
 
 __all__ = ["STAGING_SUFFIX", "staging_dir", "StagingArea", "PartWriter", "source_fingerprint", "stage_source",
            "assemble", "build_bank_staged"]

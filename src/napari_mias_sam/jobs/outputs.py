@@ -133,7 +133,7 @@ def segment_job(job, segment, rule_args: tuple = (), *, files: dict[str, Path] |
 
     with about(job.image):
         res, gt = segment()
-        rule = lesion_rule(*rule_args, res.volume.affine)
+        rule = lesion_rule(*rule_args, affine=res.volume.affine)
         lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
         if files is not None:
             write_output_files(res, files, lesions=lesions)
