@@ -1,7 +1,7 @@
 """``mias-sam``: build-bank, segment, demo, evaluate, benchmark, info. Every command prints
 progress on stderr and exits non-zero with a one-line reason on bad input.
 
-Size: one module on purpose (about 520 lines): the whole command line, every parser and its thin
+Size: one module on purpose (about 900 lines): the whole command line, every parser and its thin
 handler, reads top to bottom; the work is in the modules each handler imports."""
 
 from __future__ import annotations
@@ -433,6 +433,23 @@ def _plan_build_memory(a: argparse.Namespace, src, session) -> int:
     return shards
 
 
+def _plan_run(what: str, bank, *, n_slices: int, voxels: int, backbone: str, batch_size: int, k: int, session,
+              volumes_kept: int = 1, decode_passes: int = 0) -> None:
+    """Before ``segment`` / ``evaluate`` work: the memory of this process and of each Dask worker
+    (stderr), refused with what to change when it does not fit (:mod:`~napari_mias_sam.jobs.memory_plan`)."""
+    from ..core.machine import ram_bytes
+    from ..jobs.memory_plan import plan_run_memory
+
+    plan = plan_run_memory(what, bank=bank, n_slices=n_slices, backbone=backbone, batch_size=batch_size, k=k,
+                           volume_voxels=voxels, volumes_kept=volumes_kept, decode_passes=decode_passes,
+                           workers=len(session.workers) if session is not None else 0,
+                           local_workers=session.local_workers if session is not None else None,
+                           search_on_workers=session is not None)
+    for line in plan.lines():
+        print(line, file=sys.stderr)
+    plan.check(ram_bytes()[1], session.worker_memory_limits() if session is not None else None)
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     mult = {"k": 1_000, "m": 1_000_000}
     out = []
@@ -532,6 +549,14 @@ def cmd_segment(a: argparse.Namespace) -> int:
                            backbone=a.backbone, device=device, axis=a.axis)
     rule_args = (a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml)
     session = _dask_session(a)  # a wrong address stops here, before anything is written
+    try:
+        _plan_run("segment", bank, n_slices=max(i.n_slices for i in prepared.inputs), backbone=prepared.backbone,
+                  voxels=max(_voxels(j.image) for j in jobs), batch_size=a.batch_size, k=settings.k or defaults.K,
+                  session=session)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
     reports, failed = [], []
 
     def report(n: int, rep: dict) -> None:
@@ -601,6 +626,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise MiasSamError(f"{len(failed)} of {len(jobs)} volumes failed, with no outputs: "
                            + "; ".join(f["error"] for f in failed) + f". Finished, with complete outputs: {done}.")
     return 0
+
+
+def _voxels(path) -> int:
+    """A NIfTI file's voxel count, from its header (0 when unreadable: its own check says why)."""
+    import nibabel as nib
+
+    try:
+        return int(math.prod(nib.load(str(path)).shape[:3]))
+    except Exception:
+        return 0
 
 
 def _load_run_backbone(a: argparse.Namespace, prepared):
@@ -776,6 +811,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if session is not None:
             stack.callback(session.close)
+        passes = len(banks) * (1 + sum(len(x) - 1 for x in (abl.prompts, abl.gammas, abl.ks, abl.normalisations)))
+        for b in banks:
+            _plan_run("evaluate", b, n_slices=sum(len(u.frames) for u in units), backbone=a.backbone or b.backbone["name"],
+                      voxels=max(len(u.frames) for u in units) * 256 * 256, batch_size=a.batch_size, k=max(abl.ks),
+                      session=session, decode_passes=passes)
         stack.enter_context(outs)
         name = a.backbone or banks[0].backbone["name"]
         bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(banks[0].backbone))
