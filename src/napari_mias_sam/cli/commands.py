@@ -436,7 +436,8 @@ def _plan_build_memory(a: argparse.Namespace, src, session) -> int:
 def _plan_run(what: str, bank, *, n_slices: int, voxels: int, backbone: str, batch_size: int, k: int, session,
               volumes_kept: int = 1, decode_passes: int = 0) -> None:
     """Before ``segment`` / ``evaluate`` work: the memory of this process and of each Dask worker
-    (stderr), refused with what to change when it does not fit (:mod:`~napari_mias_sam.jobs.memory_plan`)."""
+    (printed on stderr with ``--dask``), refused with what to change when it does not fit
+    (:mod:`~napari_mias_sam.jobs.memory_plan`)."""
     from ..core.machine import ram_bytes
     from ..jobs.memory_plan import plan_run_memory
 
@@ -445,8 +446,9 @@ def _plan_run(what: str, bank, *, n_slices: int, voxels: int, backbone: str, bat
                            workers=len(session.workers) if session is not None else 0,
                            local_workers=session.local_workers if session is not None else None,
                            search_on_workers=session is not None)
-    for line in plan.lines():
-        print(line, file=sys.stderr)
+    if session is not None:  # printed with --dask only; a refusal is one line either way
+        for line in plan.lines():
+            print(line, file=sys.stderr)
     plan.check(ram_bytes()[1], session.worker_memory_limits() if session is not None else None)
 
 
