@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
-from ..method.prompts import Prompt, make_prompt
+from ..method.prompts import Prompt, make_prompt, point_prompts_work
 from ..bank import MemoryBank, check_compatible
 from ..bank.store import preprocessing_from_bank
 from .embedding_cache import EmbeddingCache, frames_key
@@ -29,13 +29,14 @@ from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
 from ..method.reference_encoding import embedding_dtype, encoding_of
 from ..method.regions import (
+    REGION_OUTCOME,
     NormalLevels,
+    RegionDecode,
     anomalous_regions,
     bank_levels,
     decode_regions,
-    region_cores,
+    region_prompts,
     regions_supported,
-    slice_regions,
 )
 from .settings import SegmentSettings, resolve_defaults
 from ..core.records import to_dict
@@ -212,8 +213,8 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)
     maps_reused: bool = False  # patch scores and raw maps taken from an earlier result (no kNN search)
     regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
-    region_cores: np.ndarray | None = None  # (N, 256, 256) bool: region pixels above the seed level
     region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
+    region_decodes: list[RegionDecode | None] | None = None  # per slice (regions prompt): prompts, masks kept
 
     def __post_init__(self) -> None:
         self.settings = self.settings.with_default_mask()
@@ -248,23 +249,30 @@ class SegmentationResult:
 
     def cog_voxel(self, s: int) -> tuple[float, float, float] | None:
         """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
-        With several boxes (one per region), the first one's: the most anomalous region's (a mean
-        of the centres would sit between two lesions, on neither)."""
+        With one prompt per region piece, the first one's: the most anomalous piece's (a mean of
+        the centres would sit between two lesions, on neither)."""
         centres = self.prompt_centres(s)
         return centres[0] if centres else None
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
-        (several for the regions prompt: one per region, most anomalous first)."""
+        (several for the regions prompt: one per region piece, most anomalous first; each is that
+        piece's gamma-weighted centre of gravity, exactly where its prompt was sent)."""
         p = self.prompts[s]
         if p is None:
             return []
-        if p.kind == "point":
-            xy = [p.point]
-        else:
-            boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
-            xy = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]  # type: ignore[index]
-        return [self._frame_to_voxel(s, x, y) for x, y in xy]  # type: ignore[misc]
+        return [self._frame_to_voxel(s, x, y) for x, y in p.centres()]
+
+    def mask_rule(self, s: int, mask_index: int | None = None) -> tuple[list[str], list[float]]:
+        """Per prompt of slice ``s`` (regions prompt): which mask it kept with ``mask_index`` (the
+        settings' by default) -- ``"1"``-``"3"`` or ``"region"`` (no decoder mask agreed with the
+        map) -- and that mask's agreement with its region. Empty for other prompts."""
+        d = self.region_decodes[s] if self.region_decodes is not None else None
+        if d is None or self.prompts[s] is None or self.settings.prompt != "regions":
+            return [], []
+        slot = (mask_index or self.settings.mask_index) - 1
+        used = ["region" if int(o) == REGION_OUTCOME else str(int(o)) for o in d.outcomes[slot]]
+        return used, [float(a) for a in d.agreement[slot]]
 
     def _frame_to_voxel(self, s: int, x: float, y: float) -> tuple[float, float, float]:
         r, c = self.encoded.frame.to_slice(y, x)
@@ -281,6 +289,7 @@ class SegmentationResult:
         for s in range(self.n_slices):
             ijk = self.cog_voxel(s)
             p = self.prompts[s]
+            used, agreement = self.mask_rule(s)
             rows.append(
                 {
                     "slice": s,
@@ -291,6 +300,9 @@ class SegmentationResult:
                     "predicted_iou": "" if p is None else round(float(self.ious[s, m]), 4),
                     "anomalous": int(bool(self.decision[s])) if p is not None else 0,
                     "prompt": "none" if p is None else p.kind,
+                    "prompts": len(self.prompt_centres(s)),
+                    "mask_used": ";".join(used) if used else ("" if p is None else str(self.settings.mask_index)),
+                    "agreement": ";".join(f"{a:.3f}" for a in agreement),
                 }
             )
         return rows
@@ -333,7 +345,7 @@ def decode_all(
     settings: SegmentSettings,
     *,
     regions: np.ndarray | None = None,
-    cores: np.ndarray | None = None,
+    details: list | None = None,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
@@ -341,9 +353,11 @@ def decode_all(
     """Prompt and decode every slice with anatomy; empty slices get no prompt and no mask.
 
     With ``settings.prompt == "regions"``, ``regions`` (the labels of
-    :func:`~napari_mias_sam.method.regions.anomalous_regions`) gives each slice one box per region
-    piece, around its ``cores`` (:func:`~napari_mias_sam.method.regions.decode_regions`); slices without
-    a region get nothing.
+    :func:`~napari_mias_sam.method.regions.anomalous_regions`) gives each slice one prompt per region
+    piece, made from the gamma-weighted map inside it (a point where the backbone takes points, a
+    box otherwise; :func:`~napari_mias_sam.method.regions.decode_regions`); slices without a region
+    get nothing. ``details``: a list that receives each slice's
+    :class:`~napari_mias_sam.method.regions.RegionDecode` (None for slices without one).
 
     ``batch_size`` slices are decoded together where the backbone offers ``decode_batch`` (one
     point or one box per slice, no map as mask input). ``None``: 1 (slice by slice, the exact
@@ -369,11 +383,15 @@ def decode_all(
     if settings.prompt == "regions":
         if regions is None:
             raise ValueError("the regions prompt needs the volume's anomalous-region labels")
+        kind = region_prompt_kind(backbone)
         for s in range(n):
             _check(cancelled)
+            d = None
             if encoded.foreground[s] and regions[s].any():
-                logits[s], ious[s], prompts[s] = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s],
-                                                                core=None if cores is None else cores[s])
+                d = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s], gamma=settings.gamma, kind=kind)
+                logits[s], ious[s], prompts[s] = d.logits, d.ious, d.prompt
+            if details is not None:
+                details.append(d)
             if progress:
                 progress("prompt and decode", s + 1, n)
         return prompts, logits, ious
@@ -403,39 +421,70 @@ def redecode_slice(
     *,
     settings: SegmentSettings | None = None,
     point: tuple[float, float] | None = None,
+    piece: int | None = None,
 ) -> None:
     """Recompute slice ``s`` in place after a settings change or a moved CoG point.
 
     ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
-    with a box prompt type the box is re-centred on it with the same size).
+    with a box prompt type the box is re-centred on it with the same size). With the regions
+    prompt it replaces the prompt of region piece ``piece`` (0: the most anomalous); the other
+    pieces keep theirs.
     """
     if settings is not None:
         result.settings = settings.with_default_mask(result.settings.prompt)
     st = result.settings
     if not result.encoded.foreground[s]:
         return
-    if st.prompt == "regions" and point is None:
+    if st.prompt == "regions":
         labels = region_labels(result)
-        cores = result.region_cores
-        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(
-            backbone, result.encoded.embeddings[s], labels[s], result.maps[s], core=None if cores is None else cores[s])
+        kind = region_prompt_kind(backbone)
+        moved = None
+        if point is not None:
+            regs = region_prompts(labels[s], result.maps[s], gamma=st.gamma, kind=kind)
+            if regs:
+                j = min(max(int(piece or 0), 0), len(regs) - 1)
+                moved = {j: _moved(regs[j].prompt, point)}
+        d = decode_regions(backbone, result.encoded.embeddings[s], labels[s], result.maps[s], gamma=st.gamma, kind=kind,
+                           moved=moved)
+        if point is not None and not d.regions:  # a point placed on a slice without a region: the user's own prompt
+            prompt = _moved(make_prompt(result.maps[s], "cog-box" if region_prompt_kind(backbone) == "box" else "cog-point",
+                                        gamma=st.gamma), point)
+            result.prompts[s] = prompt
+            result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt)
+            _set_detail(result, s, None)
+            return
+        result.logits[s], result.ious[s], result.prompts[s] = d.logits, d.ious, d.prompt
+        _set_detail(result, s, d)
         return
-    if st.prompt == "regions":  # a moved point: the box of the region it stood for (the most anomalous), re-centred
-        regs = slice_regions(region_labels(result)[s], result.maps[s],
-                             core=None if result.region_cores is None else result.region_cores[s])
-        prompt = Prompt("box", box=regs[0].box) if regs else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
-    else:
-        prompt = _slice_prompt(result.maps[s], st)
+    prompt = _slice_prompt(result.maps[s], st)
     if point is not None:
-        if prompt is not None and prompt.kind == "box":
-            x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
-            hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
-            prompt = Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
-        else:
-            prompt = Prompt("point", point=(float(point[0]), float(point[1])))
+        prompt = _moved(prompt, point)
     result.prompts[s] = prompt
+    if result.region_decodes is not None:
+        _set_detail(result, s, None)
     use_map = bool(st.extras.get("map_as_mask_input", False))
     result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+
+
+def region_prompt_kind(backbone) -> str:
+    """How the regions prompt asks this backbone: ``"point"`` (the paper's CoG point) where its
+    decoder was trained with points (SAM), ``"box"`` where it was not (LiteMedSAM)."""
+    return "point" if point_prompts_work(getattr(backbone, "name", "sam")) else "box"
+
+
+def _moved(prompt: Prompt | None, point: tuple[float, float]) -> Prompt:
+    """``prompt`` moved to a user's ``point``: a box re-centred on it with the same size, else the point."""
+    if prompt is not None and prompt.kind == "box":
+        x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
+        hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
+        return Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
+    return Prompt("point", point=(float(point[0]), float(point[1])))
+
+
+def _set_detail(result: SegmentationResult, s: int, d: RegionDecode | None) -> None:
+    if result.region_decodes is None:
+        result.region_decodes = [None] * result.n_slices
+    result.region_decodes[s] = d
 
 
 def segment_volume(
@@ -493,7 +542,7 @@ def segment_volume(
     calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
     maps = normalise_maps(raw, settings.normalisation, calibration, valid=fg)
     maps[~fg] = 0.0
-    regions, cores, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
+    regions, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
     img = image_scores(scores)
     decision = fg.copy()
     if settings.prompt == "regions":
@@ -503,14 +552,15 @@ def segment_volume(
         threshold = slice_decision_threshold(bank, settings.k)
         decision &= img > threshold
     t2 = time.perf_counter()
-    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, progress=progress,
+    details: list = []
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, details=details, progress=progress,
                                        cancelled=cancelled)
     t["prompt_and_decode_s"] = time.perf_counter() - t2
     return SegmentationResult(
         volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
-        maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels,
+        maps_reused=reused, regions=regions, region_levels=levels, region_decodes=details or None,
     )
 
 
@@ -541,11 +591,10 @@ def _same_bank(a: dict, b: dict) -> bool:
 
 
 def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, settings: SegmentSettings, *,
-                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None, NormalLevels | None]:
-    """The volume's anomalous 3D regions on its calibrated maps, their cores (pixels above the seed
-    level) and the bank's normal levels.
+                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, NormalLevels | None]:
+    """The volume's anomalous 3D regions on its calibrated maps and the bank's normal levels.
 
-    ``(None, None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
+    ``(None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
     try:
         levels = bank_levels(bank, settings.k)
         cal = calibrated if calibrated is not None else bank.calibration(settings.k).apply(raw)
@@ -553,9 +602,9 @@ def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, sett
         if settings.prompt == "regions":
             raise InputError(f"{bank.path or 'bank'}: holds no normal calibration, which the regions prompt needs; "
                              "rebuild the bank, or choose --prompt cog-box / cog-point.") from None
-        return None, None, None
+        return None, None
     labels = anomalous_regions(cal, levels, foreground=foreground)
-    return labels, region_cores(cal, labels, levels), levels
+    return labels, levels
 
 
 def region_labels(result: SegmentationResult) -> np.ndarray:

@@ -24,14 +24,15 @@ are pure functions on arrays.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
 from ...evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
-from ...pipeline.segment import SegmentationResult, redecode_slice
+from ...pipeline.segment import SegmentationResult, redecode_slice, region_labels, region_prompt_kind
+from ...method.regions import region_prompts, regions_prompt
 from ...method.preprocess import from_frame
 from ...method.prompts import make_prompt
 from ...pipeline.settings import SegmentSettings
@@ -77,12 +78,14 @@ def classify_change(old: SegmentSettings, new: SegmentSettings) -> str:
 
 @dataclass
 class SliceUpdate:
-    """One slice brought up to date: its mask (display order), prompt centre and IoUs."""
+    """One slice brought up to date: its mask (display order), prompt centre (the first piece's),
+    every prompt's centre (one per region piece with the regions prompt) and IoUs."""
 
     s: int
     mask: np.ndarray
     point: tuple[float, float, float] | None
     ious: np.ndarray
+    points: list = field(default_factory=list)
 
 
 class LiveSession:
@@ -102,6 +105,7 @@ class LiveSession:
         self.axes = tuple(int(a) for a in display_axes)
         self.settings = result.settings
         self.overrides: dict[int, tuple[float, float]] = {}  # slice -> (x, y) in the model frame
+        self.moved_piece: dict[int, int] = {}  # slice -> which region piece's prompt the moved point replaced
         self.lock = threading.RLock()
         self.generation = 0
         self.stale: set[int] = set()  # slices whose logits do not match the settings yet
@@ -165,27 +169,43 @@ class LiveSession:
         return self._slice_to_display(m.astype(np.uint8))
 
     def point(self, s: int) -> tuple[float, float, float] | None:
-        """Display-order position of slice ``s``'s prompt centre (None without a prompt)."""
+        """Display-order position of slice ``s``'s prompt centre (None without a prompt); with one
+        prompt per region piece, the most anomalous piece's."""
         ijk = self.result.cog_voxel(s)
         return None if ijk is None else self.file_to_display(ijk)
 
+    def slice_points(self, s: int) -> list[tuple[float, float, float]]:
+        """Display-order positions of every prompt of slice ``s`` (one per region piece with the
+        regions prompt, each exactly the point sent or the centre of the box sent)."""
+        return [self.file_to_display(ijk) for ijk in self.result.prompt_centres(s)]
+
     def points(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """All prompt centres (M, 3) in display order and their features (slice, score, IoU, moved,
-        review status)."""
+        """All prompt centres (M, 3) in display order and their features (slice, region piece,
+        score, IoU, mask kept, moved, review status): one row per prompt sent."""
         m = self.settings.mask_index - 1
-        rows, feats = [], {"slice": [], "image_score": [], "predicted_iou": [], "moved": [], "status": []}
+        rows, feats = [], {"slice": [], "piece": [], "image_score": [], "predicted_iou": [], "mask_used": [], "moved": [],
+                           "status": []}
         for s in range(self.n_slices):
-            p = self.point(s)
-            if p is None:
-                continue
-            rows.append(p)
-            feats["slice"].append(s)
-            feats["image_score"].append(float(self.result.image_scores[s]))
-            feats["predicted_iou"].append(float(self.result.ious[s, m]))
-            feats["moved"].append(s in self.overrides)
-            feats["status"].append(self.status(s))
+            used, _ = self.result.mask_rule(s, self.settings.mask_index)
+            for j, p in enumerate(self.slice_points(s)):
+                rows.append(p)
+                feats["slice"].append(s)
+                feats["piece"].append(j)
+                feats["image_score"].append(float(self.result.image_scores[s]))
+                feats["predicted_iou"].append(float(self.result.ious[s, m]))
+                feats["mask_used"].append(used[j] if j < len(used) else str(self.settings.mask_index))
+                feats["moved"].append(s in self.overrides and self.moved_piece.get(s, 0) == j)
+                feats["status"].append(self.status(s))
         coords = np.asarray(rows, dtype=float).reshape(-1, 3)
         return coords, {k: np.asarray(v) for k, v in feats.items()}
+
+    def mask_rule_text(self, s: int) -> str:
+        """Which mask each prompt of slice ``s`` kept and its agreement with the map's region
+        (regions prompt), e.g. ``"mask 1 (agreement 0.74); region (no mask agreed)"``; '' otherwise."""
+        used, agreement = self.result.mask_rule(s, self.settings.mask_index)
+        parts = [("region (no mask agreed with the map)" if u == "region" else f"mask {u} (agreement {a:.2f})")
+                 for u, a in zip(used, agreement)]
+        return "; ".join(parts)
 
     def box_corners(self, s: int) -> list[np.ndarray]:
         """The box prompt(s) of slice ``s`` as (4, 3) display-order corner arrays (none for a
@@ -261,9 +281,9 @@ class LiveSession:
             self.new_generation()
         return kind
 
-    def move_point(self, s: int, display_coords) -> tuple[float, float]:
-        """Make a display-order position the prompt of slice ``s`` (stale until re-decoded);
-        returns it as model-frame (x, y)."""
+    def move_point(self, s: int, display_coords, piece: int = 0) -> tuple[float, float]:
+        """Make a display-order position the prompt of slice ``s`` (of its region piece ``piece``
+        with the regions prompt; stale until re-decoded); returns it as model-frame (x, y)."""
         f = self.display_to_file(display_coords)
         rest = [a for a in range(3) if a != self.result.axis]
         fr = self.result.encoded.frame
@@ -271,6 +291,7 @@ class LiveSession:
         hi = fr.size - 1.0
         xy = (float(np.clip(x, 0.0, hi)), float(np.clip(y, 0.0, hi)))
         self.overrides[int(s)] = xy
+        self.moved_piece[int(s)] = int(piece)
         self.statuses[int(s)] = "corrected"
         self.mark_stale([int(s)])
         return xy
@@ -279,6 +300,7 @@ class LiveSession:
         """Forget user-moved points; returns the slices that became stale."""
         slices = sorted(self.overrides)
         self.overrides = {}
+        self.moved_piece = {}
         for s in slices:  # a corrected slice is pending again
             if self.statuses.get(s) == "corrected":
                 self.statuses.pop(s)
@@ -310,6 +332,7 @@ class LiveSession:
             self.statuses.pop(s, None)
             stale = [s] if (s in self.overrides or was == "rejected") else []
             self.overrides.pop(s, None)
+            self.moved_piece.pop(s, None)
         else:
             raise ValueError(f"unknown review action {action!r}: accept, reject or reset")
         self.mark_stale(stale)
@@ -344,20 +367,27 @@ class LiveSession:
             if plain and (not with_mask or self.status(s) != "rejected"):
                 return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
             st = self.settings
-            if not with_mask and s not in self._method and st.prompt != "regions":  # the centre needs no decoder
+            if not with_mask and s not in self._method:  # the centre needs no decoder
                 keep = r.prompts[s]
-                r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
+                if st.prompt == "regions":
+                    r.prompts[s] = regions_prompt(region_prompts(region_labels(r)[s], r.maps[s], gamma=st.gamma,
+                                                                 kind=region_prompt_kind(self.backbone)))
+                else:
+                    r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
                 try:
                     return r.cog_voxel(s), None
                 finally:
                     r.prompts[s] = keep
             if s not in self._method:
+                detail = r.region_decodes[s] if r.region_decodes is not None else None
                 keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
                 try:
                     redecode_slice(r, self.backbone, s, settings=self.settings)
                     self._method[s] = (r.cog_voxel(s), r.logits[s].copy())
                 finally:
                     r.prompts[s], r.logits[s], r.ious[s], r.settings = keep
+                    if r.region_decodes is not None:
+                        r.region_decodes[s] = detail
             ijk, logits = self._method[s]
             if not with_mask:
                 return ijk, None
@@ -375,7 +405,8 @@ class LiveSession:
             if generation is not None and generation != self.generation:
                 return False
             mark = self._marks.get(s, 0)
-            redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s))
+            redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s),
+                           piece=self.moved_piece.get(s))
             if self.status(s) == "rejected":  # "no anomaly here": the prompt stays, the mask is cleared
                 self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
@@ -391,7 +422,7 @@ class LiveSession:
         """Everything the viewer shows for slice ``s`` (computed under the lock)."""
         with self.lock:
             mask = self.slice_mask_display(s)
-            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy())
+            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy(), points=self.slice_points(s))
 
     def refresh_iter(self, order: list[int], generation: int, cancelled=None) -> Iterator[SliceUpdate]:
         """Bring slices in ``order`` up to date: decode the stale ones, yield every slice's update.
