@@ -30,7 +30,7 @@ from ..bank.store import preprocessing_from_bank
 from ..method.preprocess import Frame, foreground_slices, from_frame, resolve_axis, to_frame, volume_slices
 from ..method.prompts import PROMPT_TYPES, default_mask_for
 from ..method.reference_encoding import encoding_of
-from ..method.regions import anomalous_regions, bank_levels, regions_supported
+from ..method.regions import anomalous_regions, bank_levels, region_cores, regions_supported
 from ..pipeline.settings import SegmentSettings, resolve_defaults
 from ..pipeline.frames import volume_frames
 
@@ -174,15 +174,16 @@ def unit_maps(ctx: EvalContext, b: int, k: int, norm: str) -> list[np.ndarray]:
     return out
 
 
-def _regions(ctx: EvalContext, b: int, k: int) -> list[np.ndarray]:
+def _regions(ctx: EvalContext, b: int, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per unit, the anomalous-region labels of its calibrated maps with the bank's normal levels
-    (3D for a volume, slice by slice for a group of 2D slices). Whatever the normalisation of a
-    pass, regions are found on the calibrated maps: their levels are calibrated ones."""
+    (3D for a volume, slice by slice for a group of 2D slices) and their cores. Whatever the
+    normalisation of a pass, regions are found on the calibrated maps: their levels are calibrated ones."""
     if (b, k, "regions") not in ctx.maps:
         levels = bank_levels(ctx.banks[b], k)
         out = []
         for m, u in zip(unit_maps(ctx, b, k, "calibrated"), ctx.units):
-            out.append(anomalous_regions(m, levels, foreground=u.foreground, three_d=u.is_volume))
+            lab = anomalous_regions(m, levels, foreground=u.foreground, three_d=u.is_volume)
+            out.append((lab, region_cores(m, lab, levels)))
         ctx.maps[(b, k, "regions")] = out
     return ctx.maps[(b, k, "regions")]
 
@@ -193,11 +194,11 @@ def _decode_pass(ctx: EvalContext, b: int, k: int, norm: str, prompt: str, gamma
         return ctx.passes[key]
     maps = unit_maps(ctx, b, k, norm)
     st = ctx.base.replace(prompt=prompt, gamma=gamma, k=k, normalisation=norm)
-    regions = _regions(ctx, b, k) if prompt == "regions" else [None] * len(ctx.units)
+    regions = _regions(ctx, b, k) if prompt == "regions" else [(None, None)] * len(ctx.units)
     logits, ious, prompts = [], [], []
-    for u, m, r in zip(ctx.units, maps, regions):
+    for u, m, (r, c) in zip(ctx.units, maps, regions):
         enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
-        p, lg, io = decode_all(enc, m, ctx.backbone, st, regions=r)
+        p, lg, io = decode_all(enc, m, ctx.backbone, st, regions=r, cores=c)
         logits.append(lg)
         ious.append(io)
         prompts.append(p)

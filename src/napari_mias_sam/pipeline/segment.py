@@ -28,16 +28,8 @@ from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
 from ..method.reference_encoding import embedding_dtype, encoding_of
-from ..method.regions import (
-    REGION_OUTCOME,
-    NormalLevels,
-    RegionDecode,
-    anomalous_regions,
-    bank_levels,
-    decode_regions,
-    region_prompts,
-    regions_supported,
-)
+from ..method.regions import NormalLevels, anomalous_regions, bank_levels, region_cores, regions_supported
+from ..method.region_prompts import REGION_OUTCOME, RegionDecode, decode_regions, region_prompts
 from .settings import SegmentSettings, resolve_defaults
 from ..core.records import to_dict
 from .frames import volume_frames
@@ -213,6 +205,7 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)
     maps_reused: bool = False  # patch scores and raw maps taken from an earlier result (no kNN search)
     regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
+    region_cores: np.ndarray | None = None  # (N, 256, 256) bool: region pixels above the seed level
     region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
     region_decodes: list[RegionDecode | None] | None = None  # per slice (regions prompt): prompts, masks kept
 
@@ -345,6 +338,7 @@ def decode_all(
     settings: SegmentSettings,
     *,
     regions: np.ndarray | None = None,
+    cores: np.ndarray | None = None,
     details: list | None = None,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
@@ -355,9 +349,10 @@ def decode_all(
     With ``settings.prompt == "regions"``, ``regions`` (the labels of
     :func:`~napari_mias_sam.method.regions.anomalous_regions`) gives each slice one prompt per region
     piece, made from the gamma-weighted map inside it (a point where the backbone takes points, a
-    box otherwise; :func:`~napari_mias_sam.method.regions.decode_regions`); slices without a region
-    get nothing. ``details``: a list that receives each slice's
-    :class:`~napari_mias_sam.method.regions.RegionDecode` (None for slices without one).
+    box otherwise; :func:`~napari_mias_sam.method.region_prompts.decode_regions`, whose mask rule
+    checks each mask against the piece's ``cores``); slices without a region get nothing.
+    ``details``: a list that receives each slice's
+    :class:`~napari_mias_sam.method.region_prompts.RegionDecode` (None for slices without one).
 
     ``batch_size`` slices are decoded together where the backbone offers ``decode_batch`` (one
     point or one box per slice, no map as mask input). ``None``: 1 (slice by slice, the exact
@@ -388,7 +383,8 @@ def decode_all(
             _check(cancelled)
             d = None
             if encoded.foreground[s] and regions[s].any():
-                d = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s], gamma=settings.gamma, kind=kind)
+                d = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s], gamma=settings.gamma, kind=kind,
+                                   core=None if cores is None else cores[s])
                 logits[s], ious[s], prompts[s] = d.logits, d.ious, d.prompt
             if details is not None:
                 details.append(d)
@@ -444,8 +440,9 @@ def redecode_slice(
             if regs:
                 j = min(max(int(piece or 0), 0), len(regs) - 1)
                 moved = {j: _moved(regs[j].prompt, point)}
+        core = None if result.region_cores is None else result.region_cores[s]
         d = decode_regions(backbone, result.encoded.embeddings[s], labels[s], result.maps[s], gamma=st.gamma, kind=kind,
-                           moved=moved)
+                           core=core, moved=moved)
         if point is not None and not d.regions:  # a point placed on a slice without a region: the user's own prompt
             prompt = _moved(make_prompt(result.maps[s], "cog-box" if region_prompt_kind(backbone) == "box" else "cog-point",
                                         gamma=st.gamma), point)
@@ -542,7 +539,7 @@ def segment_volume(
     calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
     maps = normalise_maps(raw, settings.normalisation, calibration, valid=fg)
     maps[~fg] = 0.0
-    regions, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
+    regions, cores, levels = find_regions(bank, raw, fg, settings, calibrated=maps if settings.normalisation == "calibrated" else None)
     img = image_scores(scores)
     decision = fg.copy()
     if settings.prompt == "regions":
@@ -553,14 +550,14 @@ def segment_volume(
         decision &= img > threshold
     t2 = time.perf_counter()
     details: list = []
-    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, details=details, progress=progress,
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, details=details, progress=progress,
                                        cancelled=cancelled)
     t["prompt_and_decode_s"] = time.perf_counter() - t2
     return SegmentationResult(
         volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
-        maps_reused=reused, regions=regions, region_levels=levels, region_decodes=details or None,
+        maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels, region_decodes=details or None,
     )
 
 
@@ -591,10 +588,11 @@ def _same_bank(a: dict, b: dict) -> bool:
 
 
 def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, settings: SegmentSettings, *,
-                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, NormalLevels | None]:
-    """The volume's anomalous 3D regions on its calibrated maps and the bank's normal levels.
+                 calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None, NormalLevels | None]:
+    """The volume's anomalous 3D regions on its calibrated maps, their cores (pixels above the seed
+    level: what a mask must agree with) and the bank's normal levels.
 
-    ``(None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
+    ``(None, None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
     try:
         levels = bank_levels(bank, settings.k)
         cal = calibrated if calibrated is not None else bank.calibration(settings.k).apply(raw)
@@ -602,9 +600,9 @@ def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, sett
         if settings.prompt == "regions":
             raise InputError(f"{bank.path or 'bank'}: holds no normal calibration, which the regions prompt needs; "
                              "rebuild the bank, or choose --prompt cog-box / cog-point.") from None
-        return None, None
+        return None, None, None
     labels = anomalous_regions(cal, levels, foreground=foreground)
-    return labels, levels
+    return labels, region_cores(cal, labels, levels), levels
 
 
 def region_labels(result: SegmentationResult) -> np.ndarray:

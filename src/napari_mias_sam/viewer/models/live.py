@@ -32,7 +32,7 @@ import numpy as np
 from ...evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
 from ...pipeline.segment import SegmentationResult, redecode_slice, region_labels, region_prompt_kind
-from ...method.regions import region_prompts, regions_prompt
+from ...method.region_prompts import region_prompts, regions_prompt
 from ...method.preprocess import from_frame
 from ...method.prompts import make_prompt
 from ...pipeline.settings import SegmentSettings
