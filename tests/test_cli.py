@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -104,7 +105,7 @@ def test_segment_json_with_gt(world, tmp_path, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     rep = json.loads(cap.out)
-    assert set(rep["outputs"]) == {"mask", "anomaly", "points"}
+    assert set(rep["outputs"]) == {"mask", "anomaly", "points", "lesions", "lesions_table"}
     assert rep["settings"]["prompt"] == "cog-point" and rep["settings"]["mask_index"] == 2
     pred = np.asarray(nib.load(rep["outputs"]["mask"]).dataobj) > 0
     gt = world["gt"] > 0
@@ -114,6 +115,24 @@ def test_segment_json_with_gt(world, tmp_path, monkeypatch, capsys):
     ds = 2 * np.logical_and(pred[..., s], gt[..., s]).sum() / (pred[..., s].sum() + gt[..., s].sum())
     assert rep["metrics"]["slice_dice"] == pytest.approx(ds)
     assert rep["metrics"]["lesion_slices"] == 1
+    # lesions: the mask's 26-connected components of >= 10 voxels, ids from the largest, with the input's geometry
+    lab_img = nib.load(rep["outputs"]["lesions"])
+    lab = np.asarray(lab_img.dataobj)
+    np.testing.assert_allclose(lab_img.affine, AFFINE)
+    from scipy import ndimage
+
+    comps, n = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+    sizes = sorted((int((comps == i).sum()) for i in range(1, n + 1)), reverse=True)
+    assert [int((lab == i).sum()) for i in range(1, lab.max() + 1)] == [v for v in sizes if v >= 10]
+    assert set(np.unique(lab[~pred])) == {0}
+    with open(rep["outputs"]["lesions_table"], newline="") as fh:
+        table = list(__import__("csv").DictReader(fh))
+    assert [int(r["id"]) for r in table] == list(range(1, lab.max() + 1))
+    assert all(float(r["volume_ml"]) == pytest.approx(int(r["voxels"]) * 2 / 1000) for r in table)  # 1 x 1 x 2 mm voxels
+    lw = rep["metrics"]["lesionwise"]
+    assert lw["gt_lesions"] == 1 and lw["detected"] + lw["missed"] == 1 and lw["pred_lesions"] == len(table)
+    assert [r["match"] for r in table].count("false positive") == lw["false_positives"]
+    assert 0.0 <= lw["lesionwise_dice"] <= 1.0
     assert snapshot(world["cases"]) == before
     # a second run into the same folder without --overwrite is refused, with --overwrite it works
     rc = main(["segment", str(case), "--bank", str(world["bank"]), "--out", str(out)])
@@ -222,13 +241,29 @@ def test_segment_with_a_bank_of_other_weights(world, tmp_path, monkeypatch, caps
 
 
 def test_segment_with_a_missing_sam_checkpoint(world, tmp_path, capsys):
+    bank = tmp_path / "sam-bank"  # a bank that records SAM ViT-B (its backbone is what the run loads)
+    shutil.copytree(world["bank"], bank)
+    manifest = json.loads((bank / "manifest.json").read_text())
+    manifest["backbone"]["name"] = "sam-vit_b"
+    (bank / "manifest.json").write_text(json.dumps(manifest))
     missing = tmp_path / "sam_vit_b_01ec64.pth"
-    rc = main(["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(tmp_path / "out"),
-               "--backbone", "sam-vit_b", "--checkpoint", str(missing)])
+    rc = main(["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(bank), "--out", str(tmp_path / "out"),
+               "--checkpoint", str(missing)])
     assert rc == 2
     line = one_line_error(capsys, "segment")
     assert "weights file not found" in line and str(missing) in line
     assert snapshot(tmp_path / "out") == {}
+
+
+def test_segment_with_another_backbone_than_the_banks(world, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(backbones_mod, "load_backbone", lambda *a, **k: loads.append(a))
+    rc = main(["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(tmp_path / "out"),
+               "--backbone", "sam-vit_b", "--checkpoint", str(tmp_path / "sam_vit_b_01ec64.pth")])
+    assert rc == 2
+    line = one_line_error(capsys, "segment")
+    assert "built with litemedsam but the selected backbone is sam-vit_b" in line and "select litemedsam" in line
+    assert loads == [] and snapshot(tmp_path / "out") == {}  # refused before any model loads
 
 
 def test_segment_output_would_overwrite_an_input(world, tmp_path, capsys):

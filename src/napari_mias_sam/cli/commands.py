@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core import defaults
 from ..core.errors import MiasSamError
 
 __all__ = ["main", "build_parser"]
@@ -21,6 +22,7 @@ EXAMPLES = {
     "build-bank": """examples:
   mias-sam build-bank normals/ --out banks/brain                      # a folder of normal NIfTI volumes
   mias-sam build-bank BraTS2021_Training/ --modality flair --margin 2 --exclude-subjects test.txt --out banks/brats-flair
+  mias-sam build-bank BraTS2021_Training/ --modality flair,t1ce,t2 --exclude-subjects test.txt --out banks/brats-3seq
   mias-sam build-bank LiTS/ --roi liver --exclude-subjects test.txt --out banks/lits   # CT preset ct-abdomen
   mias-sam build-bank a.nii.gz b.nii.gz --out banks/brain --layout mean256
   mias-sam build-bank BMAD/Brain_MRI --out banks/bmad-brain           # BMAD layout (train/good/*.png)
@@ -34,7 +36,9 @@ EXAMPLES = {
   mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/ --lesion-labels 1,4   # tumour core only
   mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
   mias-sam segment BMAD/Brain_MRI/test/Ungood/img --bank banks/bmad-brain --out out/ --normalisation reference
-outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv
+outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv,
+  <stem>_lesions.nii.gz (int32: one id per lesion, 1 = the largest) and <stem>_lesions.csv (one row per lesion:
+  voxels, mL, slice range, centroid in voxels and mm, peak/mean anomaly score, its prompts; with --gt its match)
 outputs (PNG slices): <stem>_mask.png (0/255) and <stem>_anomaly.npy (float32) per slice, one prompts.csv
   (the slices of one call are segmented together: reference normalisation spans them)""",
     "demo": """examples:
@@ -66,22 +70,38 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="encoder precision (bf16/fp16 only pay off on a GPU; default fp32)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE,
+                   help=f"slices encoded per batch (default {defaults.BATCH_SIZE})")
+
+
+def _add_lesion_args(p: argparse.ArgumentParser) -> None:
+    from ..core import defaults
+
+    g = p.add_argument_group("lesions: the mask's 3D connected components (<stem>_lesions.nii.gz and .csv)")
+    g.add_argument("--lesion-connectivity", type=int, choices=(6, 18, 26), default=defaults.LESION_CONNECTIVITY,
+                   help="voxels sharing a face (6), also an edge (18) or also a corner (26) join one lesion (default %(default)s)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--min-lesion-voxels", type=int, default=None,
+                      help=f"smallest lesion in voxels (default {defaults.MIN_LESION_VOXELS}; smaller specks stay in the mask "
+                           "but get no lesion id)")
+    size.add_argument("--min-lesion-ml", type=float, default=None, help="smallest lesion in mL (from each volume's voxel size)")
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     from ..jobs.dataset_runs import ROIS
 
     g = p.add_argument_group("labelled datasets (BraTS, LiTS): a bank from lesion-free slices")
-    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); ct for LiTS")
-    g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
+    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); "
+                                      "ct for LiTS; or three BraTS sequences, e.g. flair,t1ce,t2 (= t2f,t1c,t2w), which fill the "
+                                      "encoder's three channels for the bank and every run with it")
+    g.add_argument("--margin", type=int, default=defaults.DATASET_MARGIN,
+                   help=f"keep only slices more than this many slices from any labelled slice (default {defaults.DATASET_MARGIN})")
     g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
     g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
     g.add_argument("--roi", choices=ROIS, help="LiTS: mask every slice to the liver labels (1, 2), as BMAD's Liver CT does")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..core import defaults
     from ..bank import INDEX_TABLE, INDEX_TYPES
     from ..method.prompts import BACKBONE_PROMPTS, PROMPT_TYPES
     from ..method.reference_encoding import ENCODINGS
@@ -106,11 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or case folder, a LiTS folder): then only its lesion-free slices are used")
     b.add_argument("--out", required=True, type=Path, help="bank folder to write (index.faiss + manifest.json)")
     b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default=None,
-                   help="intensity preset (default mri; ct-abdomen for LiTS)")
+                   help=f"intensity preset (default {defaults.PREPROCESS}; ct-abdomen for LiTS)")
     _add_dataset_args(b)
-    b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
-    b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
-    b.add_argument("--index", choices=INDEX_TYPES, default="flat",
+    b.add_argument("--axis", default=defaults.SLICE_AXIS, help=f"slicing axis: axial, coronal, sagittal or 0/1/2 (default {defaults.SLICE_AXIS})")
+    b.add_argument("--layout", choices=PATCH_LAYOUTS, default=defaults.PATCH_LAYOUT,
+                   help=f"patch features: paper1024 (paper) or mean256 (default {defaults.PATCH_LAYOUT})")
+    b.add_argument("--index", choices=INDEX_TYPES, default=defaults.INDEX_TYPE,
                    help="faiss index: " + "; ".join(f"{t.name} ({t.help})" for t in INDEX_TABLE.values()))
     b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
                    help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
@@ -119,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the same volumes (layout, index, coreset) then skips the encoder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_backbone_args(b, default="litemedsam")
+    _add_backbone_args(b, default=defaults.BACKBONE)
     b.add_argument("--encoding", choices=ENCODINGS, default="standard",
                    help="how slices reach a SAM encoder: standard (float resize, float16 embeddings; default) or reference "
                         "(the paper's code exactly: 8-bit slice resized with PIL, float32 embeddings; SAM backbones only). "
@@ -153,13 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_lesion_args(s)
     _add_backbone_args(s, default=None)
 
     d = sub.add_parser("demo", help="run the whole job on the bundled sample (CPU, offline)", epilog=EXAMPLES["demo"], formatter_class=fmt,
                        description="Build a bank from the bundled normal volumes, segment the bundled test case with LiteMedSAM, print Dice and timings.")
     d.add_argument("--out", type=Path, default=Path("mias-sam-demo"), help="output folder (default ./mias-sam-demo)")
     d.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
-    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     e = sub.add_parser("evaluate", help="paper metrics, 3D metrics and ablations over a test set", epilog=EXAMPLES["evaluate"],
@@ -193,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--sizes", default="10k,100k,1M,7.68M", help="bank sizes in patches, comma-separated (k/M suffixes; default %(default)s)")
     k.add_argument("--encode-slices", type=int, default=None, help="slices to encode (default 8 on a CPU, all on a GPU; the rest is extrapolated)")
     k.add_argument("--decode-slices", type=int, default=None, help="slices to decode (default 8 on a CPU, all on a GPU)")
-    k.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch layout (default paper1024, the paper's)")
+    k.add_argument("--layout", choices=PATCH_LAYOUTS, default=defaults.PATCH_LAYOUT, help=f"patch layout (default {defaults.PATCH_LAYOUT})")
     k.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder precision (default fp32)")
-    k.add_argument("--knn-index", choices=INDEX_TYPES, default="flat", help="CPU index type for the kNN stage (default flat)")
+    k.add_argument("--knn-index", choices=INDEX_TYPES, default=defaults.INDEX_TYPE,
+                   help=f"CPU index type for the kNN stage (default {defaults.INDEX_TYPE})")
     k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
     k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
     k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio against the exact bank (data: --sample-dir)")
@@ -231,14 +254,12 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
     from ..core.atomic_outputs import check_output_folder
     from ..jobs.preflight import check_device, check_precision
     from ..method.preprocess import PREPROCESS_PRESETS
-    from ..jobs.bank_builds import build_bank_from_files
+    from ..jobs.bank_builds import build_bank_from_files, check_bank_out
 
     check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
     if a.out.exists() and not a.overwrite:
         raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
-    for n in a.normal:
-        if a.out.resolve() == n.resolve():
-            raise InputError(f"{a.out}: the bank folder cannot be an input folder.")
+    check_bank_out(a.out, a.normal)  # not an input folder, nor inside one (a dataset root, a case folder)
     if a.out.exists() and not (a.out / "manifest.json").is_file():  # refuse before the work, not after
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
@@ -261,7 +282,7 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
                                            layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
                                            progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
         else:
-            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
+            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], axis=a.axis,
                                          layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
                                          progress=progress, cache=cache)
         path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
@@ -283,7 +304,7 @@ def _dataset_input(a: argparse.Namespace) -> Path | None:
     from ..core.errors import InputError
 
     options = [f"--{n}" for n, v in (("modality", a.modality), ("subjects", a.subjects), ("exclude-subjects", a.exclude_subjects),
-                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != 2 else [])
+                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != defaults.DATASET_MARGIN else [])
     datasets = [n for n in a.normal if looks_like_dataset(n)]
     if not datasets:
         if options:
@@ -307,12 +328,13 @@ def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -
     if dataset is not None:
         from ..jobs.dataset_runs import dataset_groups, prepare_dataset
 
-        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi)
+        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi,
+                                           margin=a.margin, axis=a.axis)
         groups = dataset_groups(cases, mod, PREPROCESS_PRESETS[a.preprocess or kind.preprocess], axis=a.axis, margin=a.margin, roi=a.roi)
         print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
               f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
     else:
-        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or "mri"], a.axis)
+        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], a.axis)
     n_slices = sum(g.n for g in groups)
     est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
     total, avail = ram_bytes()
@@ -382,23 +404,24 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
+    """``segment``: every input checked before any work (:func:`~napari_mias_sam.jobs.run.prepare_run`,
+    the run path the widget's Run shares), then each volume run and written."""
     from .progress import ConsoleProgress
-    from ..backbones import load_backbone
-    from ..bank import check_compatible, load_bank
+    from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
     from ..jobs.dataset_runs import segment_inputs
     from ..data.datasets import lesion_description, lesion_mask
     from ..evaluation.scoring import gt_metrics
     from ..data.checks import about
-    from ..jobs.preflight import check_volume_for_bank, check_device, check_knn_memory, check_precision
     from ..data.volumes import nifti_stem
     from ..core.atomic_outputs import check_output_folder
-    from ..pipeline.segment import segment_volume
     from ..jobs.png_runs import png_inputs
-    from ..method.reference_encoding import encoding_of
+    from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import segment_outputs, write_outputs
+    from ..jobs.lesion_runs import lesion_line, lesion_report, lesion_rule, lesions_for
+    from ..evaluation.lesionwise import LESIONWISE_SUMMARY_KEYS
 
     pngs = png_inputs(a.volume)
     if pngs is not None:
@@ -407,8 +430,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
-    device = check_device(a.device)
-    check_precision(a.precision, device)
+    lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml)  # bad lesion options: refused before any work
+    device = check_machine(a.device, a.precision)  # before the bank is read
     check_output_folder(a.out)
     bank = load_bank(a.bank)
     # Case folders become their modality file, and a case's seg file its ground truth
@@ -420,22 +443,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
     outsets = [segment_outputs(a.out, stem, inputs, overwrite=a.overwrite) for stem in stems]
     for o in outsets:  # every output checked before any work, so a batch never stops half-written
         o.check()
-    most_slices = 0
-    for j in jobs:  # likewise every input: a bad later file must not stop the batch half-way
-        with about(j.image):
-            vol, _gt = j.load()
-            most_slices = max(most_slices, check_volume_for_bank(vol, bank, a.axis, j.image))
-        del vol, _gt
-    check_knn_memory(settings.k, most_slices, bank.ntotal)
+    # likewise every input (read once, masked to the bank's ROI, checked): a bad later file must not stop the batch half-way
+    prepared = prepare_run(bank, [RunInput(str(j.image), j.load, case=j.case) for j in jobs], settings,
+                           backbone=a.backbone, device=device, axis=a.axis)
     reports, failed = [], []
     with contextlib.ExitStack() as stack:
         claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
-        name = a.backbone or bank.backbone["name"]
-        bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(bank.backbone))
-        check_compatible(bank, bb.describe())
+        setup = prepared.start(_load_run_backbone(a, prepared))
         cache = None if a.no_cache else EmbeddingCache()
         progress = ConsoleProgress()
-        for n, job in enumerate(jobs):
+        for n, (job, inp) in enumerate(zip(jobs, prepared.inputs)):
             t0 = time.perf_counter()
             vpath = job.image
             if not a.json:
@@ -443,9 +460,10 @@ def cmd_segment(a: argparse.Namespace) -> int:
                       file=sys.stderr)
             try:
                 with about(vpath):
-                    vol, gt = job.load()
-                    res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
-                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
+                    res, gt = run(prepared, setup, inp, cache=cache, batch_size=a.batch_size, progress=progress)
+                    rule = lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml, res.volume.affine)
+                    lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
+                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n], lesions=lesions)
             except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
                 if len(jobs) == 1:
                     raise
@@ -455,16 +473,19 @@ def cmd_segment(a: argparse.Namespace) -> int:
                 continue
             rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
                    "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
-                   "seconds": round(time.perf_counter() - t0, 2)}
+                   "seconds": round(time.perf_counter() - t0, 2), "lesions": lesion_report(lesions, lw)}
             if gt is not None:
                 rep["ground_truth"] = str(job.gt)
                 rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
                 if job.roi:
                     rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
                 rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
+                rep["metrics"]["lesionwise"] = {k: lw[k] for k in LESIONWISE_SUMMARY_KEYS}
             reports.append(rep)
             if not a.json:
-                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name}, {paths['lesions'].name}, "
+                      f"{paths['lesions_table'].name} ({rep['seconds']} s)")
+                print(f"  {lesion_line(lesions, lw)}")
                 if gt is not None:
                     m = rep["metrics"]
                     print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
@@ -479,55 +500,42 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False, bank=None):
-    """The bank of ``--bank`` (or ``bank``, already loaded from it) and the backbone it was built with
-    (its encoding), checked compatible (``png``: the bank must be one of PNG slices; checked before the
-    backbone loads)."""
+def _load_run_backbone(a: argparse.Namespace, prepared):
+    """The backbone a prepared run names (its bank's encoding), from ``--checkpoint``, on the checked device."""
     from ..backbones import load_backbone
-    from ..bank import check_compatible, load_bank
-    from ..jobs.png_runs import check_png_bank
-    from ..method.reference_encoding import encoding_of
 
-    if bank is None:
-        bank = load_bank(a.bank)
-    if png:
-        check_png_bank(bank)
-    name = a.backbone or bank.backbone["name"]
-    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision, encoding=encoding_of(bank.backbone))
-    check_compatible(bank, bb.describe())
-    return bank, bb
+    return load_backbone(prepared.backbone, a.checkpoint, prepared.device, precision=prepared.precision,
+                         encoding=prepared.encoding)
 
 
 def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
-    """``segment`` on PNG slices: one call, one stack, one prompts CSV."""
+    """``segment`` on PNG slices: one call, one stack, one prompts CSV (the run path of volumes)."""
     from .progress import ConsoleProgress
+    from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
-    from ..jobs.png_runs import (
-        PROMPTS_CSV,
-        check_png_out_dir,
-        png_output_paths,
-        read_png_call,
-        segment_pngs,
-        write_png_outputs,
-    )
+    from ..jobs.png_runs import PROMPTS_CSV, check_png_out_dir, png_output_paths, png_volume, write_png_outputs
+    from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import check_outputs
 
     if a.gt:
         raise InputError("--gt takes NIfTI label volumes; to score PNG slices against their masks use "
                          "mias-sam evaluate --bmad DATASET (BMAD layout).")
+    device = check_machine(a.device, a.precision)
     check_png_out_dir(a.out, a.volume)
     check_outputs(png_output_paths(a.out, pngs), list(pngs) + [a.bank], overwrite=a.overwrite)
-    read_png_call(pngs)  # sizes checked before loading any model
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
     t0 = time.perf_counter()
-    bank, bb = _bank_and_backbone(a, png=True)
+    # the bank must be one of PNG slices; the slices are read once, sizes checked, before any model loads
+    prepared = prepare_run(load_bank(a.bank), [RunInput(f"{len(pngs)} PNG slices", lambda: (png_volume(pngs), None))],
+                           settings, backbone=a.backbone, device=device, slice_set=True)
+    setup = prepared.start(_load_run_backbone(a, prepared))
     if not a.json:
         print(f"{len(pngs)} PNG slices", file=sys.stderr)
-    res = segment_pngs(pngs, bank, bb, settings, cache=None if a.no_cache else EmbeddingCache(),
-                       batch_size=a.batch_size, progress=ConsoleProgress())
+    res, _ = run(prepared, setup, prepared.inputs[0], cache=None if a.no_cache else EmbeddingCache(),
+                 batch_size=a.batch_size, progress=ConsoleProgress())
     paths = write_png_outputs(res, pngs, a.out, overwrite=a.overwrite)
     rep = {"slices": len(pngs), "out": str(a.out), "prompts": str(paths[PROMPTS_CSV]),
            "masks_kept": int(sum(bool(res.decision[s]) and res.prompts[s] is not None for s in range(len(pngs)))),
@@ -586,7 +594,8 @@ def cmd_info(a: argparse.Namespace) -> int:
             from ..data.datasets import KINDS
 
             kind = KINDS[ds["layout"]].title if ds.get("layout") in KINDS else ds.get("layout")
-            print(f"  dataset {ds.get('root')} ({kind}): modality {ds.get('modality')}, lesion-free slices more than "
+            mods = ",".join(ds["sequences"]) + " (one per encoder channel)" if ds.get("sequences") else ds.get("modality")
+            print(f"  dataset {ds.get('root')} ({kind}): modality {mods}, lesion-free slices more than "
                   f"{ds.get('margin')} slices from any label" + (f", masked to the {ds['roi']}" if ds.get("roi") else "")
                   + f"; {len(ds.get('subjects') or [])} subjects: {', '.join((ds.get('subjects') or [])[:5])}"
                   + (" ..." if len(ds.get("subjects") or []) > 5 else ""))
@@ -637,6 +646,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     outs = report_outputs(a.out, overwrite=a.overwrite, inputs=[*(a.images or []), *(a.gts or [])])
     outs.check()  # existing results are never replaced without --overwrite
     banks = [load_bank(b) for b in a.bank]
+    from ..jobs.dataset_runs import bank_sequences
+
+    seqs = {bank_sequences(b.manifest) for b in banks}
+    if len(seqs) > 1 or (seqs != {None} and not a.dataset):
+        raise InputError(f"{a.bank[0]}: banks of several sequences per slice ({', '.join(','.join(q) for q in seqs if q)}) are "
+                         "evaluated on BraTS case folders with --dataset ROOT, each bank compared with banks of the same sequences.")
     test_set = None
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)

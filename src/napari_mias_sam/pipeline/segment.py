@@ -5,7 +5,7 @@ Progress is reported through a callback ``progress(stage, done, total)`` and can
 ``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
 is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
 
-Size: one module on purpose (about 510 lines): the one path a volume takes, stage by stage, and the
+Size: one module on purpose (about 700 lines): the one path a volume takes, stage by stage, and the
 result it returns, so that a reader follows a run without changing files.
 """
 
@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
-
+from typing import Any
 import numpy as np
 import torch
 
-from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
+from ..core import defaults
+from ..method.anomaly import calibration_entry, image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
 from ..method.prompts import Prompt, make_prompt, point_prompts_work
 from ..bank import MemoryBank, check_compatible
 from ..bank.store import preprocessing_from_bank
 from .embedding_cache import EmbeddingCache, frames_key
 from ..core.errors import Cancelled, InputError, MiasSamError
+from ..core.progress import CancelFn, ProgressFn
 from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
@@ -43,13 +44,14 @@ __all__ = [
     "neighbour_distances",
     "score_volume",
     "decode_all",
+    "SliceDecode",
     "redecode_slice",
+    "RunSetup",
+    "setup_run",
     "segment_volume",
     "maps_reusable",
 ]
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 #: Slices decoded together on a GPU (decode_all's default there; the CPU decodes slice by slice).
 GPU_DECODE_BATCH = 16
 
@@ -77,7 +79,7 @@ def encode_frames(
     frames: torch.Tensor,
     backbone,
     *,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
     stage: str = "encode slices",
@@ -101,7 +103,7 @@ def cached_encode(
     backbone,
     cache: EmbeddingCache | None,
     *,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> tuple[torch.Tensor, str, bool]:
@@ -119,7 +121,8 @@ def cached_encode(
 
 def _model_frames(volume: Volume, backbone, prep: Preprocessing, ax: int):
     """The volume's slices as the backbone sees them (its encoding) and which hold anatomy."""
-    return volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
+    data = volume.data if volume.channels is None else volume.channels
+    return volume_frames(data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
 
 
 def encode_volume(
@@ -127,9 +130,9 @@ def encode_volume(
     backbone,
     prep: Preprocessing,
     *,
-    axis: int | str = "axial",
+    axis: int | str = defaults.SLICE_AXIS,
     cache: EmbeddingCache | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> EncodedVolume:
@@ -147,9 +150,9 @@ def score_volume(
     embeddings: torch.Tensor,
     bank: MemoryBank,
     *,
-    k: int = 1,
-    sigma: float = 4.0,
-    batch_size: int = 8,
+    k: int = defaults.K,
+    sigma: float = defaults.SIGMA,
+    batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +166,8 @@ def neighbour_distances(
     embeddings: torch.Tensor,
     bank: MemoryBank,
     *,
-    k: int = 1,
-    batch_size: int = 8,
+    k: int = defaults.K,
+    batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> np.ndarray:
@@ -244,14 +247,20 @@ class SegmentationResult:
         """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
         With one prompt per region piece, the first one's: the most anomalous piece's (a mean of
         the centres would sit between two lesions, on neither)."""
-        centres = self.prompt_centres(s)
+        return self.prompt_voxel(s, self.prompts[s])
+
+    def prompt_voxel(self, s: int, prompt: Prompt | None) -> tuple[float, float, float] | None:
+        """:meth:`cog_voxel` of ``prompt`` placed on slice ``s`` (e.g. a :class:`SliceDecode`'s)."""
+        centres = self._centres(s, prompt)
         return centres[0] if centres else None
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
         (several for the regions prompt: one per region piece, most anomalous first; each is that
         piece's gamma-weighted centre of gravity, exactly where its prompt was sent)."""
-        p = self.prompts[s]
+        return self._centres(s, self.prompts[s])
+
+    def _centres(self, s: int, p: Prompt | None) -> list[tuple[float, float, float]]:
         if p is None:
             return []
         return [self._frame_to_voxel(s, x, y) for x, y in p.centres()]
@@ -259,7 +268,7 @@ class SegmentationResult:
     def mask_rule(self, s: int, mask_index: int | None = None) -> tuple[list[str], list[float]]:
         """Per prompt of slice ``s`` (regions prompt): which mask it kept with ``mask_index`` (the
         settings' by default) -- ``"1"``-``"3"`` or ``"region"`` (no decoder mask agreed with the
-        map) -- and that mask's agreement with its region. Empty for other prompts."""
+        map) -- and its agreement with the region's core. Empty for other prompts."""
         d = self.region_decodes[s] if self.region_decodes is not None else None
         if d is None or self.prompts[s] is None or self.settings.prompt != "regions":
             return [], []
@@ -293,12 +302,24 @@ class SegmentationResult:
                     "predicted_iou": "" if p is None else round(float(self.ious[s, m]), 4),
                     "anomalous": int(bool(self.decision[s])) if p is not None else 0,
                     "prompt": "none" if p is None else p.kind,
-                    "prompts": len(self.prompt_centres(s)),
+                    "prompts": len(self._centres(s, p)),
                     "mask_used": ";".join(used) if used else ("" if p is None else str(self.settings.mask_index)),
                     "agreement": ";".join(f"{a:.3f}" for a in agreement),
                 }
             )
         return rows
+
+    def apply(self, decoded: "SliceDecode") -> None:
+        """Take a slice decoded again (:func:`redecode_slice`) into this result: its prompt, logits
+        and IoUs replace the slice's, and its settings become the result's (what the live session,
+        which owns its result, does after each change)."""
+        s = decoded.s
+        self.prompts[s], self.logits[s], self.ious[s] = decoded.prompt, decoded.logits, decoded.ious
+        self.settings = decoded.settings
+        if self.region_decodes is not None or decoded.detail is not None:
+            if self.region_decodes is None:
+                self.region_decodes = [None] * self.n_slices
+            self.region_decodes[s] = decoded.detail
 
     def metadata(self) -> dict:
         """Every setting that made this result (stored in layer metadata and JSON output)."""
@@ -410,6 +431,20 @@ def decode_all(
     return prompts, logits, ious
 
 
+@dataclass(frozen=True)
+class SliceDecode:
+    """Slice ``s`` decoded again (:func:`redecode_slice`): its prompt, the decoder's three mask
+    logits (3, 256, 256) float16 and predicted IoUs (3,), and the settings that made them.
+    :meth:`SegmentationResult.apply` takes it into a result."""
+
+    s: int
+    prompt: Prompt | None
+    logits: np.ndarray
+    ious: np.ndarray
+    settings: SegmentSettings
+    detail: RegionDecode | None = None  # the regions prompt's pieces, prompts and masks kept
+
+
 def redecode_slice(
     result: SegmentationResult,
     backbone,
@@ -418,49 +453,39 @@ def redecode_slice(
     settings: SegmentSettings | None = None,
     point: tuple[float, float] | None = None,
     piece: int | None = None,
-) -> None:
-    """Recompute slice ``s`` in place after a settings change or a moved CoG point.
+) -> SliceDecode:
+    """Slice ``s`` of ``result`` prompted and decoded again after a settings change or a moved CoG
+    point, from its cached embedding and map; ``result`` is left as it is.
 
+    ``settings``: the new settings (default: the result's; an unset mask is the prompt's default).
     ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
     with a box prompt type the box is re-centred on it with the same size). With the regions
     prompt it replaces the prompt of region piece ``piece`` (0: the most anomalous); the other
-    pieces keep theirs.
+    pieces keep theirs. A slice without anatomy keeps what it has (no prompt).
     """
-    if settings is not None:
-        result.settings = settings.with_default_mask(result.settings.prompt)
-    st = result.settings
+    st = result.settings if settings is None else settings.with_default_mask(result.settings.prompt)
     if not result.encoded.foreground[s]:
-        return
+        return SliceDecode(s, result.prompts[s], result.logits[s].copy(), result.ious[s].copy(), st)
+    emb = result.encoded.embeddings[s]
     if st.prompt == "regions":
-        labels = region_labels(result)
-        kind = region_prompt_kind(backbone)
+        labels, kind = region_labels(result)[s], region_prompt_kind(backbone)
         moved = None
         if point is not None:
-            regs = region_prompts(labels[s], result.maps[s], gamma=st.gamma, kind=kind)
-            if regs:
-                j = min(max(int(piece or 0), 0), len(regs) - 1)
-                moved = {j: _moved(regs[j].prompt, point)}
+            regs = region_prompts(labels, result.maps[s], gamma=st.gamma, kind=kind)
+            if not regs:  # a point placed on a slice without a region: the user's own prompt
+                prompt = _moved(make_prompt(result.maps[s], "cog-" + kind, gamma=st.gamma), point)
+                return SliceDecode(s, prompt, *decode_one(backbone, emb, prompt), st)
+            j = min(max(int(piece or 0), 0), len(regs) - 1)
+            moved = {j: _moved(regs[j].prompt, point)}
         core = None if result.region_cores is None else result.region_cores[s]
-        d = decode_regions(backbone, result.encoded.embeddings[s], labels[s], result.maps[s], gamma=st.gamma, kind=kind,
-                           core=core, moved=moved)
-        if point is not None and not d.regions:  # a point placed on a slice without a region: the user's own prompt
-            prompt = _moved(make_prompt(result.maps[s], "cog-box" if region_prompt_kind(backbone) == "box" else "cog-point",
-                                        gamma=st.gamma), point)
-            result.prompts[s] = prompt
-            result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt)
-            _set_detail(result, s, None)
-            return
-        result.logits[s], result.ious[s], result.prompts[s] = d.logits, d.ious, d.prompt
-        _set_detail(result, s, d)
-        return
+        d = decode_regions(backbone, emb, labels, result.maps[s], gamma=st.gamma, kind=kind, core=core, moved=moved)
+        return SliceDecode(s, d.prompt, d.logits, d.ious, st, d)
     prompt = _slice_prompt(result.maps[s], st)
     if point is not None:
         prompt = _moved(prompt, point)
-    result.prompts[s] = prompt
-    if result.region_decodes is not None:
-        _set_detail(result, s, None)
     use_map = bool(st.extras.get("map_as_mask_input", False))
-    result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+    logits, ious = decode_one(backbone, emb, prompt, result.maps[s], use_map_as_mask=use_map)
+    return SliceDecode(s, prompt, logits, ious, st)
 
 
 def region_prompt_kind(backbone) -> str:
@@ -478,10 +503,49 @@ def _moved(prompt: Prompt | None, point: tuple[float, float]) -> Prompt:
     return Prompt("point", point=(float(point[0]), float(point[1])))
 
 
-def _set_detail(result: SegmentationResult, s: int, d: RegionDecode | None) -> None:
-    if result.region_decodes is None:
-        result.region_decodes = [None] * result.n_slices
-    result.region_decodes[s] = d
+@dataclass(frozen=True)
+class RunSetup:
+    """What every volume of one run shares, checked and resolved once (:func:`setup_run`): the
+    bank and the backbone (checked compatible), the settings made concrete, the bank's
+    preprocessing. :meth:`segment` runs one volume with it."""
+
+    bank: MemoryBank
+    backbone: Any
+    settings: SegmentSettings  # prompt and mask concrete
+    preprocessing: Preprocessing
+    backbone_info: dict
+
+    def segment(
+        self,
+        volume: Volume,
+        *,
+        axis: int | str | None = None,
+        cache: EmbeddingCache | None = None,
+        encoded: EncodedVolume | None = None,
+        reuse: SegmentationResult | None = None,
+        batch_size: int = defaults.BATCH_SIZE,
+        progress: ProgressFn | None = None,
+        cancelled: CancelFn | None = None,
+    ) -> SegmentationResult:
+        """Segment one volume (the arguments as :func:`segment_volume`'s)."""
+        return _segment(self, volume, axis=axis, cache=cache, encoded=encoded, reuse=reuse, batch_size=batch_size,
+                        progress=progress, cancelled=cancelled)
+
+
+def setup_run(bank: MemoryBank, backbone, settings: SegmentSettings | None = None, *, slice_set: bool = False) -> RunSetup:
+    """Check ``backbone`` against ``bank`` (:func:`~napari_mias_sam.bank.store.check_compatible`),
+    make unset ``settings`` concrete (:func:`~.settings.resolve_defaults`; ``slice_set``: see
+    :func:`segment_volume`), read the bank's preprocessing, and move the bank's search to the
+    backbone's GPU when it has one. Done once per run, whatever the number of volumes."""
+    settings = settings or SegmentSettings()
+    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
+    info = backbone.describe()
+    check_compatible(bank, info)
+    dev = getattr(backbone, "device", None)
+    if dev is not None and torch.device(dev).type == "cuda":
+        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    return RunSetup(bank=bank, backbone=backbone, settings=settings, preprocessing=preprocessing_from_bank(bank),
+                    backbone_info=info)
 
 
 def segment_volume(
@@ -494,12 +558,13 @@ def segment_volume(
     cache: EmbeddingCache | None = None,
     encoded: EncodedVolume | None = None,
     reuse: SegmentationResult | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     slice_set: bool = False,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
-    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
+    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring): :func:`setup_run`,
+    then :meth:`RunSetup.segment`. A run of several volumes sets up once and segments each.
 
     ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
     settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
@@ -510,14 +575,13 @@ def segment_volume(
     scores and raw maps too: only the normalisation, the prompts and the decoder run again
     (``maps_reused`` is then True).
     """
-    settings = settings or SegmentSettings()
-    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
-    info = backbone.describe()
-    check_compatible(bank, info)
-    prep = preprocessing_from_bank(bank)
-    dev = getattr(backbone, "device", None)
-    if dev is not None and torch.device(dev).type == "cuda":
-        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    return setup_run(bank, backbone, settings, slice_set=slice_set).segment(
+        volume, axis=axis, cache=cache, encoded=encoded, reuse=reuse, batch_size=batch_size, progress=progress,
+        cancelled=cancelled)
+
+
+def _segment(setup: RunSetup, volume: Volume, *, axis, cache, encoded, reuse, batch_size, progress, cancelled) -> SegmentationResult:
+    bank, backbone, settings, prep, info = setup.bank, setup.backbone, setup.settings, setup.preprocessing, setup.backbone_info
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     if encoded is None and reuse is not None:
@@ -550,14 +614,16 @@ def segment_volume(
         decision &= img > threshold
     t2 = time.perf_counter()
     details: list = []
-    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, details=details, progress=progress,
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, details=details,
+                                       progress=progress,
                                        cancelled=cancelled)
     t["prompt_and_decode_s"] = time.perf_counter() - t2
     return SegmentationResult(
         volume=volume, encoded=encoded, settings=settings, bank_info=_bank_info(bank), backbone_info=info,
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
-        maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels, region_decodes=details or None,
+        maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels,
+        region_decodes=details or None,
     )
 
 
@@ -590,7 +656,7 @@ def _same_bank(a: dict, b: dict) -> bool:
 def find_regions(bank: MemoryBank, raw: np.ndarray, foreground: np.ndarray, settings: SegmentSettings, *,
                  calibrated: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None, NormalLevels | None]:
     """The volume's anomalous 3D regions on its calibrated maps, their cores (pixels above the seed
-    level: what a mask must agree with) and the bank's normal levels.
+    level) and the bank's normal levels.
 
     ``(None, None, None)`` when the bank has no calibration (then the regions prompt is refused)."""
     try:
@@ -613,11 +679,9 @@ def region_labels(result: SegmentationResult) -> np.ndarray:
     return result.regions
 
 
-def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:
+def slice_decision_threshold(bank: MemoryBank, k: int = defaults.K, quantile: float = 100.0) -> float:
     """Image-score threshold from held-out NORMAL slices only (default: their maximum)."""
-    per_k = bank.manifest.get("calibration", {}).get("per_k", {})
-    key = str(k) if str(k) in per_k else "1"
-    scores = per_k.get(key, {}).get("slice_scores", [])
+    scores = (calibration_entry(bank.manifest.get("calibration"), k) or {}).get("slice_scores", [])
     if not scores:
         raise ValueError("the bank holds no calibration slice scores; the slice decision needs them")
     return float(np.percentile(scores, quantile))

@@ -32,6 +32,7 @@ from .models.live import (
     ranked_slices,
 )
 from ..data.datasets import lesion_mask
+from ..data.qa_table import CORRECTED
 from ..evaluation.metrics import dice
 from .models.layers import GEOMETRY_KEYS, geometry_metadata
 from .widget_review import ReviewController, status_colors
@@ -405,9 +406,12 @@ class LiveController:
             for row, p in zip(rows, points):
                 pts.data[row] = p
             self._snapshot = pts.data.copy()
-            status = self.session.status(s)
-            if any(pts.features["status"].iloc[r] != status for r in rows):
+            ses, status = self.session, self.session.status(s)
+            moved = [s in ses.overrides and ses.moved_piece.get(s, 0) == j for j in range(len(rows))]
+            if (any(pts.features["status"].iloc[r] != status for r in rows)
+                    or [bool(pts.features["moved"].iloc[r]) for r in rows] != moved):
                 pts.features.loc[rows, "status"] = status
+                pts.features.loc[rows, "moved"] = moved
                 pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
@@ -447,7 +451,7 @@ class LiveController:
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once
             pts.features.loc[moved, "moved"] = True
-            pts.features.loc[moved, "status"] = "corrected"
+            pts.features.loc[moved, "status"] = CORRECTED
             pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False

@@ -4,7 +4,8 @@ A :class:`LiveSession` owns a :class:`~napari_mias_sam.pipeline.segment.Segmenta
 backbone that made it, and turns viewer actions into pipeline calls:
 
 * a new gamma, prompt type or threshold re-prompts and re-decodes slices from the cached
-  embeddings and maps (:func:`~napari_mias_sam.pipeline.segment.redecode_slice`; no encoder, no kNN);
+  embeddings and maps (:func:`~napari_mias_sam.pipeline.segment.redecode_slice` returns each slice,
+  which the session takes into its result; no encoder, no kNN);
 * a new mask index only re-reads the cached decoder logits;
 * a CoG point moved by the user becomes that slice's prompt (kept across later changes until
   :meth:`LiveSession.reset_points`);
@@ -18,7 +19,7 @@ settings after the newest change. Arrays handed to the viewer are in display ord
 :mod:`napari_mias_sam.viewer.models.layers`); the result itself stays in file order.
 
 The comparison helpers (:func:`compare_with_gt`, :func:`error_overlay`, :func:`ranked_slices`)
-are pure functions on arrays.
+are pure functions on arrays. Size: about 490 lines: one session's state and every action on it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ...data.qa_table import ACCEPTED, CORRECTED, PENDING, REJECTED, STATUSES
 from ...evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
 from ...pipeline.segment import SegmentationResult, redecode_slice, region_labels, region_prompt_kind
@@ -112,13 +114,14 @@ class LiveSession:
         self._marks: dict[int, int] = {}  # per-slice count of 'made stale' events
         self.statuses: dict[int, str] = {}  # slice -> review status (absent: pending)
         self._method: dict[int, tuple] = {}  # slice -> the method's own (prompt, logits) under the settings in force
+        self.removed: np.ndarray | None = None  # file-order voxels of rejected lesions: kept out of the shown mask
         if overrides:  # moved points carried over from an earlier run of the same volume
             self.overrides = {int(s): (float(x), float(y)) for s, (x, y) in overrides.items() if 0 <= int(s) < self.n_slices}
             self.mark_stale(self.overrides)
         for s, st in (statuses or {}).items():  # the review carried over (rejected slices are cleared)
-            if 0 <= int(s) < self.n_slices and st != "pending" and self.result.prompts[int(s)] is not None:
+            if 0 <= int(s) < self.n_slices and st != PENDING and self.result.prompts[int(s)] is not None:
                 self.statuses[int(s)] = str(st)
-        self.mark_stale([s for s, st in self.statuses.items() if st == "rejected"])
+        self.mark_stale([s for s, st in self.statuses.items() if st == REJECTED])
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -156,9 +159,14 @@ class LiveSession:
         return int(np.clip(round(f[self.result.axis]), 0, self.n_slices - 1))
 
     # -- arrays for the viewer (display order) ----------------------------------------------------
-    def mask_display(self) -> np.ndarray:
+    def mask_volume(self) -> np.ndarray:
+        """The shown mask in file voxel order: the result's, less the voxels of rejected lesions."""
         with self.lock:
-            return np.ascontiguousarray(to_display(self.result.mask_volume(self.settings.mask_index), self.axes))
+            m = self.result.mask_volume(self.settings.mask_index)
+            return m if self.removed is None else np.where(self.removed, 0, m).astype(m.dtype)
+
+    def mask_display(self) -> np.ndarray:
+        return np.ascontiguousarray(to_display(self.mask_volume(), self.axes))
 
     def anomaly_display(self) -> np.ndarray:
         return np.ascontiguousarray(to_display(self.result.anomaly_volume(), self.axes))
@@ -166,6 +174,7 @@ class LiveSession:
     def slice_mask_display(self, s: int) -> np.ndarray:
         """uint8 mask of slice ``s`` shaped like ``mask_display()[slice_index(s)]``."""
         m = self.result.slice_mask(s, self.settings.mask_index)
+        m = m if self.removed is None else m & ~np.take(self.removed, int(s), axis=self.result.axis)
         return self._slice_to_display(m.astype(np.uint8))
 
     def point(self, s: int) -> tuple[float, float, float] | None:
@@ -203,9 +212,8 @@ class LiveSession:
         """Which mask each prompt of slice ``s`` kept and its agreement with the map's region
         (regions prompt), e.g. ``"mask 1 (agreement 0.74); region (no mask agreed)"``; '' otherwise."""
         used, agreement = self.result.mask_rule(s, self.settings.mask_index)
-        parts = [("region (no mask agreed with the map)" if u == "region" else f"mask {u} (agreement {a:.2f})")
-                 for u, a in zip(used, agreement)]
-        return "; ".join(parts)
+        return "; ".join("region (no mask agreed with the map)" if u == "region" else f"mask {u} (agreement {a:.2f})"
+                         for u, a in zip(used, agreement))
 
     def box_corners(self, s: int) -> list[np.ndarray]:
         """The box prompt(s) of slice ``s`` as (4, 3) display-order corner arrays (none for a
@@ -292,7 +300,7 @@ class LiveSession:
         xy = (float(np.clip(x, 0.0, hi)), float(np.clip(y, 0.0, hi)))
         self.overrides[int(s)] = xy
         self.moved_piece[int(s)] = int(piece)
-        self.statuses[int(s)] = "corrected"
+        self.statuses[int(s)] = CORRECTED
         self.mark_stale([int(s)])
         return xy
 
@@ -302,7 +310,7 @@ class LiveSession:
         self.overrides = {}
         self.moved_piece = {}
         for s in slices:  # a corrected slice is pending again
-            if self.statuses.get(s) == "corrected":
+            if self.statuses.get(s) == CORRECTED:
                 self.statuses.pop(s)
         self.mark_stale(slices)
         return slices
@@ -312,7 +320,7 @@ class LiveSession:
         """Slice ``s``'s review status ('' without a prompt)."""
         if self.result.prompts[s] is None:
             return ""
-        return self.statuses.get(int(s), "corrected" if int(s) in self.overrides else "pending")
+        return self.statuses.get(int(s), CORRECTED if int(s) in self.overrides else PENDING)
 
     def review(self, s: int, action: str) -> list[int]:
         """``accept``, ``reject`` or ``reset`` slice ``s``; returns the slices that became stale
@@ -323,14 +331,14 @@ class LiveSession:
             return []
         was = self.status(s)
         if action == "accept":
-            self.statuses[s] = "corrected" if s in self.overrides else "accepted"
-            stale = [s] if was == "rejected" else []
+            self.statuses[s] = CORRECTED if s in self.overrides else ACCEPTED
+            stale = [s] if was == REJECTED else []
         elif action == "reject":
-            self.statuses[s] = "rejected"
+            self.statuses[s] = REJECTED
             stale = [s]
         elif action == "reset":
             self.statuses.pop(s, None)
-            stale = [s] if (s in self.overrides or was == "rejected") else []
+            stale = [s] if (s in self.overrides or was == REJECTED) else []
             self.overrides.pop(s, None)
             self.moved_piece.pop(s, None)
         else:
@@ -341,7 +349,7 @@ class LiveSession:
     def review_counts(self) -> dict[str, int]:
         """How many prompted slices are pending, accepted, corrected, rejected (and prompted)."""
         sts = [self.status(s) for s in range(self.n_slices)]
-        out = {k: sts.count(k) for k in ("pending", "accepted", "corrected", "rejected")}
+        out = {k: sts.count(k) for k in STATUSES}
         out["prompted"] = sum(out.values())
         return out
 
@@ -351,7 +359,7 @@ class LiveSession:
         n = self.n_slices
         for d in range(1, n + 1):
             t = (int(s) + step * d) % n
-            if self.status(t) == "pending":
+            if self.status(t) == PENDING:
                 return t
         return None
 
@@ -364,30 +372,19 @@ class LiveSession:
         with self.lock:
             r = self.result
             plain = s not in self.overrides
-            if plain and (not with_mask or self.status(s) != "rejected"):
+            if plain and (not with_mask or self.status(s) != REJECTED):
                 return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
             st = self.settings
             if not with_mask and s not in self._method:  # the centre needs no decoder
-                keep = r.prompts[s]
                 if st.prompt == "regions":
-                    r.prompts[s] = regions_prompt(region_prompts(region_labels(r)[s], r.maps[s], gamma=st.gamma,
-                                                                 kind=region_prompt_kind(self.backbone)))
+                    p = regions_prompt(region_prompts(region_labels(r)[s], r.maps[s], gamma=st.gamma,
+                                                      kind=region_prompt_kind(self.backbone)))
                 else:
-                    r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
-                try:
-                    return r.cog_voxel(s), None
-                finally:
-                    r.prompts[s] = keep
-            if s not in self._method:
-                detail = r.region_decodes[s] if r.region_decodes is not None else None
-                keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
-                try:
-                    redecode_slice(r, self.backbone, s, settings=self.settings)
-                    self._method[s] = (r.cog_voxel(s), r.logits[s].copy())
-                finally:
-                    r.prompts[s], r.logits[s], r.ious[s], r.settings = keep
-                    if r.region_decodes is not None:
-                        r.region_decodes[s] = detail
+                    p = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
+                return r.prompt_voxel(s, p), None
+            if s not in self._method:  # decoded aside: the result keeps the review's prompt and mask
+                d = redecode_slice(r, self.backbone, s, settings=st)
+                self._method[s] = (r.prompt_voxel(s, d.prompt), d.logits)
             ijk, logits = self._method[s]
             if not with_mask:
                 return ijk, None
@@ -405,9 +402,9 @@ class LiveSession:
             if generation is not None and generation != self.generation:
                 return False
             mark = self._marks.get(s, 0)
-            redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s),
-                           piece=self.moved_piece.get(s))
-            if self.status(s) == "rejected":  # "no anomaly here": the prompt stays, the mask is cleared
+            self.result.apply(redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s),
+                                             piece=self.moved_piece.get(s)))
+            if self.status(s) == REJECTED:  # "no anomaly here": the prompt stays, the mask is cleared
                 self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
                 self.stale.discard(s)
