@@ -356,13 +356,13 @@ def test_the_volume_default_is_mias_sam_inside_regions_and_gamma_moves_it(world)
 
     bank = world["bank"]
     assert normal_peak_count(bank) < MIN_NORMAL_PEAKS and bank_levels(bank).method == "tail"
-    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone())
-    assert res.settings.prompt == "regions" and res.settings.gamma == 5.0
-    lesion_free = [s for s in range(4) if res.regions is not None and not res.regions[s].any()]
-    assert lesion_free and all(not res.mask_volume()[..., s].any() for s in lesion_free)  # no mask on every slice
-    other = segment_volume(load_volume(world["case"]), bank, FakeBackbone(), SegmentSettings(gamma=1.0), reuse=res)
+    discs = dict(masks="discs", radii=(110.0, 80.0, 50.0))  # masks that follow the point and agree with the map
+    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs))
+    assert res.settings.prompt == "regions" and res.settings.gamma == 5.0 and res.settings.mask_index == 1
+    assert res.prompts[3] is None and not res.mask_volume()[..., 3].any()  # the empty slice: nothing
+    other = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(gamma=1.0), reuse=res)
     s = next(s for s in range(4) if res.prompts[s] is not None)
-    assert np.abs(np.subtract(other.prompt_centres(s), res.prompt_centres(s))).max() > 0.1
+    assert np.abs(np.subtract(other.prompt_centres(s), res.prompt_centres(s))).max() > 1.0
     assert (other.mask_volume() != res.mask_volume()).any()
 
 
