@@ -27,6 +27,7 @@ import numpy as np
 
 from napari_mias_sam.evaluation.metrics import paired_bootstrap, paper_slice_dice, volume_dice  # noqa: E402
 from napari_mias_sam.method import regions as R  # noqa: E402
+from napari_mias_sam.method import region_prompts as RP  # noqa: E402
 from napari_mias_sam.method.prompts import Prompt  # noqa: E402
 from napari_mias_sam.pipeline.segment import decode_one  # noqa: E402
 from napari_mias_sam.method.anomaly import image_scores  # noqa: E402
@@ -167,7 +168,7 @@ def piece_prompt(m, piece, core, lv, d: Design):
         hx = (xs.max() - xs.min()) / 2 + d.pad
         hy = (ys.max() - ys.min()) / 2 + d.pad
     else:  # the product's symmetric box (its centre stays the centre of gravity)
-        return Prompt("box", box=R.moment_box(xc, yc, sx, sy, m.shape, n_sigma=d.n_sigma, pad=d.pad, min_half=d.min_half))
+        return Prompt("box", box=RP.moment_box(xc, yc, sx, sy, m.shape, n_sigma=d.n_sigma, pad=d.pad, min_half=d.min_half))
     return Prompt("box", box=clip_box((xc - hx, yc - hy, xc + hx, yc + hy)))
 
 
@@ -238,6 +239,28 @@ def predict(dec: Decoder, ui: int, u, m: np.ndarray, entry: dict, d: Design, sta
             out[s] |= fm
             n += 1
     return out, n
+
+
+def product_predict(bb, u, m: np.ndarray, entry: dict, stats: dict) -> tuple[np.ndarray, int]:
+    """The shipped default through the product's own code: the bank's levels (``method="auto"``),
+    3D regions and cores, :func:`~napari_mias_sam.pipeline.segment.decode_all` with the regions
+    prompt (gamma 5, mask 1, the mask-agreement rule); frame masks (N, 256, 256) bool."""
+    from napari_mias_sam.pipeline.segment import EncodedVolume, decode_all
+    from napari_mias_sam.pipeline.settings import SegmentSettings
+
+    lv = R.normal_levels(entry)
+    lab = R.anomalous_regions(m, lv, foreground=u.foreground, three_d=True)
+    enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
+    details: list = []
+    _, logits, _ = decode_all(enc, m, bb, SegmentSettings(prompt="regions", mask_index=1), regions=lab,
+                              cores=R.region_cores(m, lab, lv), details=details)
+    n = 0
+    for d in details:
+        if d is not None:
+            for o in d.outcomes[0]:
+                stats[int(o)] = stats.get(int(o), 0) + 1
+                n += 1
+    return logits[:, 0].astype(np.float32) > 0, n
 
 
 def _pieces(lab2d):
@@ -323,6 +346,14 @@ def main(argv=None) -> int:
         preds[name] = outs
         extra[name] = {"outcomes": {str(k): v for k, v in sorted(stats.items())}, "prompts_per_volume": nd / len(units)}
         dec.save()
+    stats, outs, nd = {}, [], 0
+    for ui, u in enumerate(units):  # the shipped default, run by the product's code (not the replica above)
+        o, n = product_predict(bb, u, cal[ui], entry, stats)
+        outs.append(o)
+        nd += n
+    preds["shipped default (product code: decode_all, regions)"] = outs
+    extra["shipped default (product code: decode_all, regions)"] = {"outcomes": {str(k): v for k, v in sorted(stats.items())},
+                                                                     "prompts_per_volume": nd / len(units)}
     res, _, _ = score(units, preds)
     print(f"| design | slice | d slice [95%] | volume | d volume [95%] | fp | outcomes (0 = region) |")
     for name, r in res.items():

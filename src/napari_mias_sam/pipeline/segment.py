@@ -568,7 +568,7 @@ def segment_volume(
 
     ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
     settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
-    of too few held-out normal slices, :func:`~napari_mias_sam.method.regions.regions_supported`).
+    without a usable calibration, :func:`~napari_mias_sam.method.regions.regions_supported`).
 
     ``reuse``: an earlier result. When it was made from the same slices (same content, axis and
     backbone) its embeddings are used, and when the bank, k and sigma are also the same its patch
