@@ -317,6 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--designs", type=Path, help="JSON: {name: {Design fields}}; default: a built-in grid")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--final", action="store_true", help="score only the shipped default (product code) against the baseline")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     bank = load_bank(a.bank)
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         encode_units(units, bb, EmbeddingCache(), None, 4)
     entry = bank.manifest["calibration"]["per_k"]["1"]
     dec = Decoder(bb, units, work)
-    designs = {"previous default (core box, mask 1)": Design(prompt="core", pad=R.CORE_PAD)}
+    designs = {} if a.final else {"previous default (core box, mask 1)": Design(prompt="core", pad=R.CORE_PAD)}
     if a.designs:
         designs.update({k: Design(**v) for k, v in json.loads(a.designs.read_text()).items()})
     preds: dict[str, list[np.ndarray]] = {"baseline": ref}  # thresholded at 0.5 on the slice grid, as evaluate does
