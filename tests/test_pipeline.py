@@ -348,19 +348,21 @@ def test_regions_prompt_uses_bank_levels_only(world):
             assert not res.mask_volume()[..., s].any() and rows[s]["prompt"] == "none"
 
 
-def test_the_volume_default_is_mias_sam_inside_regions_and_gamma_moves_it(world):
-    """No option: a volume gets the regions prompt even from this small bank (2 subjects, a few
-    held-out slices: tail-fit levels), each prompt the gamma-weighted CoG of its piece; another
-    gamma moves the points and changes the masks."""
+def test_regions_with_a_small_bank_use_the_gamma_cog_and_gamma_moves_it(world):
+    """This small bank (2 subjects, a few held-out slices) keeps the per-slice prompt as the
+    volumes' default; asked for, the regions prompt runs with tail-fit levels, each prompt the
+    gamma-weighted CoG of its piece, and another gamma moves the points and changes the masks."""
     from napari_mias_sam.method.regions import MIN_NORMAL_PEAKS, normal_peak_count
 
     bank = world["bank"]
     assert normal_peak_count(bank) < MIN_NORMAL_PEAKS and bank_levels(bank).method == "tail"
+    assert segment_volume(load_volume(world["case"]), bank, FakeBackbone()).settings.prompt == "cog-point"
     discs = dict(masks="discs", radii=(110.0, 80.0, 50.0))  # masks that follow the point and agree with the map
-    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs))
+    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(prompt="regions"))
     assert res.settings.prompt == "regions" and res.settings.gamma == 5.0 and res.settings.mask_index == 1
     assert res.prompts[3] is None and not res.mask_volume()[..., 3].any()  # the empty slice: nothing
-    other = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(gamma=1.0), reuse=res)
+    other = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(prompt="regions", gamma=1.0),
+                           reuse=res)
     s = next(s for s in range(4) if res.prompts[s] is not None)
     assert np.abs(np.subtract(other.prompt_centres(s), res.prompt_centres(s))).max() > 1.0
     assert (other.mask_volume() != res.mask_volume()).any()

@@ -106,9 +106,8 @@ class _Bank:
 
 @pytest.mark.parametrize("peaks, volume, prompt, mask", [
     (MIN_NORMAL_PEAKS, True, "regions", 1),  # enough normal peaks: 3D regions, decoder mask 1
-    (MIN_NORMAL_PEAKS - 1, True, "regions", 1),  # too few for a 97th percentile: tail-fit levels, still regions
-    (2, True, "regions", 1),  # two held-out slices: still regions
-    (1, True, "cog-box", 3),  # one peak holds no tail: the per-slice prompt
+    (MIN_NORMAL_PEAKS - 1, True, "cog-box", 3),  # too few for a 97th percentile: the per-slice default
+    (1, True, "cog-box", 3),
     (500, False, "cog-box", 3),  # 2D slice sets keep the paper's per-slice prompt and mask
 ])
 def test_volume_default_prompt_and_mask(peaks, volume, prompt, mask):
