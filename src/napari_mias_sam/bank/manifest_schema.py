@@ -41,6 +41,7 @@ def _schema() -> dict:
             "low": num,
             "high": num,
             "slice_max_map": {"type": "array", "items": num},
+            "local_peaks": {"type": "array", "items": {"type": "array", "items": num}},
             "slice_scores": {"type": "array", "items": num},
             "patch_score_quantiles": {"type": "object", "additionalProperties": num},
         },
