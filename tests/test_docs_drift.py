@@ -6,7 +6,7 @@
   pages in docs/ link to each other with relative ones.
 - The defaults that docs/settings.md, the README, the API examples, docs/architecture.md and each
   command's ``--help`` state are the code's own: ``core/defaults.py``, ``pipeline.settings.VOLUME_PROMPT``,
-  ``method.prompts.PROMPT_RULES`` / ``BACKBONE_PROMPTS``, ``method.regions``, ``method.preprocess``,
+  ``method.prompts.PROMPT_RULES`` / ``BACKBONE_PROMPTS``, ``method.regions`` and ``method.region_prompts``, ``method.preprocess``,
   the embedding cache's limit and the argparse defaults.
 - The figures the README quotes (the default against the thresholding baseline, with its
   intervals; the demo's time) are those of docs/results.md and docs/performance.md.
@@ -28,7 +28,7 @@ import pytest
 from napari_mias_sam.backbones.weights import registry
 from napari_mias_sam.cli.commands import build_parser
 from napari_mias_sam.core import defaults
-from napari_mias_sam.method import regions
+from napari_mias_sam.method import region_prompts, regions
 from napari_mias_sam.method.preprocess import CT_ABDOMEN_WINDOW, MRI_PERCENTILES
 from napari_mias_sam.method.prompts import BACKBONE_PROMPTS, default_mask_for
 from napari_mias_sam.pipeline.embedding_cache import DEFAULT_MAX_BYTES
@@ -223,15 +223,21 @@ def settings_problems(text: str) -> list[str]:
     problems += [f"settings.md: no row for {o} (default {shown(opts[o][0].default)!r})" for o in missing]
     # the regions prompt's levels, and the presets, as the prose states them
     prompt_section = text.split("## `--prompt`", 1)[-1].split("\n## ", 1)[0]
-    level_texts = {"SEED_QUANTILE": "{:g}th percentile", "EXTENT_QUANTILE": "their {:g}th",
-                   "CORE_PAD": "widened by {:g} px", "MIN_NORMAL_PEAKS": "at least {} held-out normal slices"}
-    for name, form in level_texts.items():
-        if not hasattr(regions, name):
-            problems.append(f"method/regions.py has no {name} any more: say on settings.md what replaced it, "
-                            f"and check that here")
-        elif form.format(getattr(regions, name)) not in prompt_section:
-            problems.append(f"settings.md, the --prompt section: expected {form.format(getattr(regions, name))!r} "
-                            f"(method/regions.py {name})")
+    prompt_section = " ".join(prompt_section.split())
+    level_texts = {(regions, "SEED_QUANTILE"): "the {:g}th percentile of held-out normal slices' peaks",
+                   (regions, "EXTENT_QUANTILE"): "above their {:g}th",
+                   (regions, "MIN_NORMAL_PEAKS"): "at least {} held-out normal slices",
+                   (regions, "TAIL_EXTENT_QUANTILE"): "(extent at their {:g}th percentile)",
+                   (region_prompts, "BOX_SIGMAS"): "a box around it of {:g} gamma-weighted standard deviations",
+                   (region_prompts, "BOX_PAD"): "plus {:g} px each side",
+                   (region_prompts, "AGREEMENT_MIN"): "Dice at least {:g} with the pixels above the seed level"}
+    for (module, name), form in level_texts.items():
+        where = module.__name__.replace("napari_mias_sam.", "").replace(".", "/") + ".py"
+        if not hasattr(module, name):
+            problems.append(f"{where} has no {name} any more: say on settings.md what replaced it, and check that here")
+        elif form.format(getattr(module, name)) not in prompt_section:
+            problems.append(f"settings.md, the --prompt section: expected {form.format(getattr(module, name))!r} "
+                            f"({where} {name})")
     lo, hi = MRI_PERCENTILES
     ct_lo, ct_hi = CT_ABDOMEN_WINDOW
     for want in (f"percentiles {lo:g}-{hi:g}", f"[{ct_lo:g}, {ct_hi:g}] HU",
@@ -289,9 +295,9 @@ def test_help_texts_state_the_codes_defaults():
 
 def readme_default_problems(text: str) -> list[str]:
     flat = " ".join(text.split())
-    m = re.search(r"The default \(`([\w-]+)` prompt, mask (\d)\)", flat)
+    m = re.search(r"The default \(`([\w-]+)` prompt, mask (\d)\b", flat)
     if not m:
-        return ["README: the evidence section should name the default as 'The default (`PROMPT` prompt, mask N)'"]
+        return ["README: the evidence section should name the default as 'The default (`PROMPT` prompt, mask N ...'"]
     if (m.group(1), int(m.group(2))) != (VOLUME_PROMPT, default_mask_for(VOLUME_PROMPT)):
         return [f"README: says the default is {m.group(1)} with mask {m.group(2)}, the code: "
                 f"{VOLUME_PROMPT} with mask {default_mask_for(VOLUME_PROMPT)}"]
@@ -389,6 +395,10 @@ def quoted_result_problems(readme: str, results: str) -> list[str]:
     link = re.search(r"docs/results\.md#([\w-]+)", flat[m.end():m.end() + 600])
     if not link:
         return ["README: the default-vs-baseline figures should link the results section they come from"]
+    newest = [slug(h) for h in re.findall(r"^#{2,3}\s+(.*)$", prose(results), flags=re.M) if "volumes' default" in h]
+    if newest and link.group(1) != newest[-1]:
+        return [f"README: the default-vs-baseline figures link docs/results.md#{link.group(1)}, but the newest "
+                f"section on the volumes' default is #{newest[-1]}"]
     rows = table_rows(section(results, link.group(1)), "**Test split")
     try:
         default = next(v for k, v in rows.items() if k.startswith("shipped default"))
@@ -479,6 +489,9 @@ def test_probes_each_checker_fails_on_a_disagreeing_page(tmp_path):
     m = QUOTE.search(" ".join(readme.split()))
     assert m, "the README's quoted result is not found"
     assert quoted_result_problems(" ".join(readme.split()).replace(m.group("vh"), "9.99", 1), results)
+    newest = [slug(h) for h in re.findall(r"^#{2,3}\s+(.*)$", prose(results), flags=re.M) if "volumes' default" in h]
+    if len(newest) > 1:  # linking an older section on the default is caught
+        assert quoted_result_problems(readme.replace(f"results.md#{newest[-1]}", f"results.md#{newest[0]}"), results)
     assert demo_time_problems(readme.replace("about ", "about 1", 1), "measured 1 s on a 2-core CPU",
                               (ROOT / "docs" / "performance.md").read_text())
     assert paper_dice_problems("The paper's Dice is 37.06.", "probe")

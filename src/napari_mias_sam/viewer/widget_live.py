@@ -300,6 +300,9 @@ class LiveController:
         text = f"slice {s}: {kind}"
         if not ses.result.decision[s]:
             return text + ", mask dropped by the slice decision"
+        rule = ses.mask_rule_text(s)
+        if rule:
+            text += f"; kept {rule}"
         ious = ses.ious(s)
         if not self.w.iou_tracks_quality():
             return text + " (IoU not shown: this backbone's IoU head does not track mask quality)"
@@ -348,7 +351,7 @@ class LiveController:
         self.updated.append(upd.s)
         self._unshown.discard(upd.s)
         mask.data[self.session.slice_index(upd.s)] = upd.mask
-        self._set_point(upd.s, upd.point)
+        self._set_point(upd.s, upd.points)
         now = time.perf_counter()
         if upd.s == self.current_slice() or now - self._last_refresh > 0.25:
             self._last_refresh = now
@@ -389,21 +392,26 @@ class LiveController:
         return text
 
     # -- points ---------------------------------------------------------------------------------
-    def _set_point(self, s: int, p) -> None:
+    def _set_point(self, s: int, points) -> None:
+        """Move slice ``s``'s CoG points (one per prompt) to ``points``; when their number changed
+        (a region piece appeared or went), the layer is rebuilt when the pass ends."""
         pts = self.layers.get("points")
-        if pts is None or pts not in self.viewer.layers or p is None:
+        if pts is None or pts not in self.viewer.layers or not points:
             return
         rows = np.flatnonzero(pts.features["slice"].to_numpy() == s) if len(pts.data) else []
-        if len(rows) != 1:
+        if len(rows) != len(points):
             return
         self._updating_points = True
         try:
-            pts.data[rows[0]] = p
+            for row, p in zip(rows, points):
+                pts.data[row] = p
             self._snapshot = pts.data.copy()
-            moved, status = s in self.session.overrides, self.session.status(s)
-            if bool(pts.features["moved"].iloc[rows[0]]) != moved or pts.features["status"].iloc[rows[0]] != status:
-                pts.features.loc[rows[0], "moved"] = moved
-                pts.features.loc[rows[0], "status"] = status
+            ses, status = self.session, self.session.status(s)
+            moved = [s in ses.overrides and ses.moved_piece.get(s, 0) == j for j in range(len(rows))]
+            if (any(pts.features["status"].iloc[r] != status for r in rows)
+                    or [bool(pts.features["moved"].iloc[r]) for r in rows] != moved):
+                pts.features.loc[rows, "status"] = status
+                pts.features.loc[rows, "moved"] = moved
                 pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
@@ -436,8 +444,9 @@ class LiveController:
         if moved.size == 0:
             return
         slices = pts.features["slice"].to_numpy()
+        pieces = pts.features["piece"].to_numpy() if "piece" in pts.features else np.zeros(len(slices), int)
         for i in moved:
-            self.session.move_point(int(slices[i]), data[i])
+            self.session.move_point(int(slices[i]), data[i], piece=int(pieces[i]))
         self._snapshot = data.copy()
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once
