@@ -14,7 +14,9 @@ backbone that made it, and turns viewer actions into pipeline calls:
 
 Every method that decodes takes the session lock, and a *generation* number lets a background
 pass give up as soon as a newer change supersedes it, so slices are never decoded with stale
-settings after the newest change. Arrays handed to the viewer are in display order (see
+settings after the newest change. Decodes go through a
+:class:`~napari_mias_sam.pipeline.decode_cache.CachedDecoder`: a slice whose prompt did not move
+(or moved back) is not decoded again. Arrays handed to the viewer are in display order (see
 :mod:`napari_mias_sam.viewer.models.layers`); the result itself stays in file order.
 
 The comparison helpers (:func:`compare_with_gt`, :func:`error_overlay`, :func:`ranked_slices`)
@@ -31,6 +33,7 @@ import numpy as np
 
 from ...evaluation.metrics import dice, slice_dice, volume_dice
 from .layers import to_display
+from ...pipeline.decode_cache import CachedDecoder, embedding_digest
 from ...pipeline.segment import SegmentationResult, redecode_slice
 from ...method.preprocess import from_frame
 from ...method.prompts import make_prompt
@@ -77,12 +80,15 @@ def classify_change(old: SegmentSettings, new: SegmentSettings) -> str:
 
 @dataclass
 class SliceUpdate:
-    """One slice brought up to date: its mask (display order), prompt centre and IoUs."""
+    """One slice brought up to date: its mask (display order), prompt centre, IoUs, box prompt
+    corners (display order) and their kind (the prompt type, or ``moved``)."""
 
     s: int
     mask: np.ndarray
     point: tuple[float, float, float] | None
     ious: np.ndarray
+    boxes: list[np.ndarray] | None = None
+    box_kind: str = ""
 
 
 class LiveSession:
@@ -96,9 +102,13 @@ class LiveSession:
         *,
         overrides: dict[int, tuple[float, float]] | None = None,
         statuses: dict[int, str] | None = None,
+        decoder: CachedDecoder | None = None,
     ) -> None:
         self.result = result
         self.backbone = backbone
+        # decodes remember their results (a decoder shared with earlier sessions keeps theirs)
+        self.decoder = decoder if (decoder is not None and decoder.backbone is backbone) else CachedDecoder(backbone)
+        self._digests: dict[int, bytes] = {}  # slice -> embedding digest (hashed once)
         self.axes = tuple(int(a) for a in display_axes)
         self.settings = result.settings
         self.overrides: dict[int, tuple[float, float]] = {}  # slice -> (x, y) in the model frame
@@ -212,20 +222,24 @@ class LiveSession:
         prompt type, or ``moved`` for a box re-centred on a user-moved point)."""
         shapes, feats = [], {"slice": [], "kind": []}
         for s in range(self.n_slices):
-            kind = "moved" if s in self.overrides else str(self.settings.prompt)
+            kind = self.box_kind(s)
             for corners in self.box_corners(s):
                 shapes.append(corners)
                 feats["slice"].append(s)
                 feats["kind"].append(kind)
         return shapes, {"slice": np.asarray(feats["slice"], dtype=int), "kind": np.asarray(feats["kind"], dtype=object)}
 
-    def mask_counts(self) -> dict[str, int]:
+    def mask_counts(self, nonempty: np.ndarray | None = None) -> dict[str, int]:
         """How many slices hold anatomy, were prompted, were dropped by the slice decision, and
-        kept a non-empty mask (with the mask choice in force)."""
+        kept a non-empty mask (with the mask choice in force). ``nonempty``: which slices' shown
+        masks are non-empty, when the caller has them (else each slice's mask is computed)."""
         r = self.result
         prompted = [s for s in range(self.n_slices) if r.prompts[s] is not None]
         dropped = [s for s in prompted if not r.decision[s]]
-        kept = [s for s in prompted if r.decision[s] and bool(r.slice_mask(s, self.settings.mask_index).any())]
+        if nonempty is None:
+            kept = [s for s in prompted if r.decision[s] and bool(r.slice_mask(s, self.settings.mask_index).any())]
+        else:
+            kept = [s for s in prompted if r.decision[s] and bool(nonempty[s])]
         return {"slices": self.n_slices, "anatomy": int(np.sum(r.encoded.foreground)), "prompted": len(prompted),
                 "dropped": len(dropped), "kept": len(kept)}
 
@@ -354,7 +368,8 @@ class LiveSession:
             if s not in self._method:
                 keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
                 try:
-                    redecode_slice(r, self.backbone, s, settings=self.settings)
+                    with self._decoding(s):
+                        redecode_slice(r, self.decoder, s, settings=self.settings)
                     self._method[s] = (r.cog_voxel(s), r.logits[s].copy())
                 finally:
                     r.prompts[s], r.logits[s], r.ious[s], r.settings = keep
@@ -375,23 +390,36 @@ class LiveSession:
             if generation is not None and generation != self.generation:
                 return False
             mark = self._marks.get(s, 0)
-            redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s))
+            with self._decoding(s):
+                redecode_slice(self.result, self.decoder, s, settings=self.settings, point=self.overrides.get(s))
             if self.status(s) == "rejected":  # "no anomaly here": the prompt stays, the mask is cleared
                 self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
                 self.stale.discard(s)
         return True
 
+    def _decoding(self, s: int):
+        """Decodes of slice ``s`` name its embedding to the cache (hashed on first use only)."""
+        if s not in self._digests:
+            self._digests[s] = embedding_digest(self.result.encoded.embeddings[s])
+        return self.decoder.embedding_known(self._digests[s])
+
     def order_from(self, s: int) -> list[int]:
         """Every slice, nearest to ``s`` first (the current slice updates first)."""
         idx = np.arange(self.n_slices)
         return [int(i) for i in idx[np.argsort(np.abs(idx - int(s)), kind="stable")]]
 
+    def box_kind(self, s: int) -> str:
+        """What slice ``s``'s box prompts are shown as: ``moved`` (re-centred on a moved point) or
+        the prompt type."""
+        return "moved" if int(s) in self.overrides else str(self.settings.prompt)
+
     def slice_update(self, s: int) -> SliceUpdate:
         """Everything the viewer shows for slice ``s`` (computed under the lock)."""
         with self.lock:
             mask = self.slice_mask_display(s)
-            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy())
+            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy(),
+                               boxes=self.box_corners(s), box_kind=self.box_kind(s))
 
     def refresh_iter(self, order: list[int], generation: int, cancelled=None) -> Iterator[SliceUpdate]:
         """Bring slices in ``order`` up to date: decode the stale ones, yield every slice's update.
