@@ -139,6 +139,7 @@ class LiveController:
                 self._watch_gt(gt)
         self._lesion = None
         self._point_rows: dict = {}  # slice -> row of the CoG points layer
+        self._points_owned = None  # the points array this controller set (written in place)
         self._box_drawn: dict = {}  # slice -> (corner arrays, kind) of the boxes drawn
         self._box_dirty: set = set()  # slices whose boxes changed and are not drawn yet
         # The shown slice's boxes are redrawn just after its mask (a second, short paint).
@@ -513,8 +514,10 @@ class LiveController:
         return text
 
     # -- points ---------------------------------------------------------------------------------
-    def _index_points(self) -> None:
+    def _index_points(self, owned: bool = False) -> None:
+        """Slice -> row of the CoG points; ``owned``: this controller just set the layer's array."""
         pts = self.layers.get("points")
+        self._points_owned = pts.data if (owned and pts is not None) else None
         slices = pts.features["slice"].to_numpy() if (pts is not None and len(pts.data)) else []
         self._point_rows = {int(s): i for i, s in enumerate(slices)}
 
@@ -529,6 +532,9 @@ class LiveController:
             return (row is None) != (p is None)
         self._updating_points = True
         try:
+            if pts.data is not self._points_owned:  # an array someone else set (and may hold): not written in place
+                pts.data = np.array(pts.data, dtype=float)
+                self._points_owned = pts.data
             pts.data[row] = p
             if self._snapshot is not None and len(self._snapshot) == len(pts.data):
                 self._snapshot[row] = p
@@ -556,7 +562,7 @@ class LiveController:
             self._snapshot = pts.data.copy()
         finally:
             self._updating_points = False
-        self._index_points()
+        self._index_points(owned=True)
         pts.refresh()
 
     def _on_points_data(self, event) -> None:
