@@ -207,13 +207,13 @@ def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
     bb = FakeBackbone()
     frames = frames_from_seed(12, seed=6)
     seen = []
-    real = bank_build.torch_knn
+    real = bank_build.BoundedSearcher.search
 
-    def spy(q, index, k, *, exclude=None, **kw):
+    def spy(self, q, k, *, exclude=None):
         seen.append(exclude)
-        return real(q, index, k, exclude=exclude, **kw)
+        return real(self, q, k, exclude=exclude)
 
-    monkeypatch.setattr(bank_build, "torch_knn", spy)
+    monkeypatch.setattr(bank_build.BoundedSearcher, "search", spy)
     bank = build_bank([group("only", frames)], bb, layout="mean256", preprocessing=PREP, calibration_slices=3, coreset_ratio=0.25)
     assert bank.manifest["calibration"]["method"] == "leave-neighbouring-slices-out"
     assert seen and all(0 <= lo < hi <= bank.ntotal and hi - lo < bank.ntotal for lo, hi in seen)
