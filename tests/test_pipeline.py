@@ -350,3 +350,31 @@ def test_two_lesions_on_one_slice_get_two_boxes_and_normal_slices_nothing():
     m3 = logits[1, 2] > 0  # the fake's mask = its box; both boxes lie inside their regions' boxes
     assert m3[60, 60] and m3[180, 190] and not m3[128, 128]
     np.testing.assert_allclose(ious[1], [0.5, 0.6, 0.7])
+
+
+def test_reopened_volume_reads_its_neighbour_distances_from_the_cache(world, tmp_path, monkeypatch):
+    """A volume opened again with the same bank and k (a new session: no earlier result to reuse)
+    waits on neither the encoder nor the search: the distances come from the cache, and the
+    result is the same. Another k or another bank searches."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    bank = world["bank"]
+    searches = []
+    search = bank.search
+    monkeypatch.setattr(bank, "search", lambda *a, **k: (searches.append(1), search(*a, **k))[1])
+    bb = CountingBackbone(FakeBackbone())
+    first = segment_volume(load_volume(world["case"]), bank, bb, cache=cache)
+    n_search, n_encode = len(searches), bb.encode_calls
+    assert n_search > 0 and n_encode > 0 and any(p.name.startswith("knn-") for p in (tmp_path / "cache").iterdir())
+    again = segment_volume(load_volume(world["case"]), bank, bb, cache=cache)
+    assert len(searches) == n_search and bb.encode_calls == n_encode and again.encoded.from_cache
+    np.testing.assert_array_equal(again.scores, first.scores)
+    np.testing.assert_array_equal(again.mask_volume(), first.mask_volume())
+    segment_volume(load_volume(world["case"]), bank, bb, SegmentSettings(k=2), cache=cache)
+    assert len(searches) > n_search  # another k: another search
+    n_search = len(searches)
+    other = build_bank_from_files(world["normals"], FakeBackbone(), preprocessing=PREPROCESS_PRESETS["mri"], layout="mean256")
+    searched = []
+    osearch = other.search
+    monkeypatch.setattr(other, "search", lambda *a, **k: (searched.append(1), osearch(*a, **k))[1])
+    segment_volume(load_volume(world["case"]), other, bb, cache=cache)
+    assert searched  # another bank (built anew: another manifest) never reads these distances
