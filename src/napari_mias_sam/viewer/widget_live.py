@@ -8,7 +8,7 @@ The computations are :class:`napari_mias_sam.viewer.models.live.LiveSession` met
 
 Where the time of a live update goes: the changed slice's decode (background thread), then on the
 GUI thread only what that slice changes: its row of the mask array, its point, its boxes (edited in
-place), its Dice counts (:class:`~napari_mias_sam.viewer.models.dice_tracker.DiceTracker`), and a
+place), its Dice counts (:class:`~napari_mias_sam.viewer.models.compare.DiceTracker`), and a
 refresh of the layers only when the slice is the one shown. The rest of the volume's slices are
 written into the layers' arrays as they arrive (napari draws them when the user gets there); the QA
 columns are recomputed once the updates pause. Settings and dragged points are applied at once
@@ -28,18 +28,9 @@ import napari
 from qtpy.QtCore import QTimer
 
 from .widget_threads import start_generator
-from .models.live import (
-    CHANGE_MASK,
-    CHANGE_PROMPT,
-    CHANGE_RERUN,
-    FN,
-    FP,
-    LiveSession,
-    error_overlay,
-    ranked_slices,
-)
+from .models.live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, LiveSession, ranked_slices
 from ..data.datasets import lesion_mask
-from .models.dice_tracker import DiceTracker, error_slice
+from .models.compare import FN, FP, DiceTracker, error_overlay, error_slice
 from .models.layers import GEOMETRY_KEYS, geometry_metadata
 from .widget_review import ReviewController, status_colors
 

@@ -19,8 +19,9 @@ settings after the newest change. Decodes go through a
 (or moved back) is not decoded again. Arrays handed to the viewer are in display order (see
 :mod:`napari_mias_sam.viewer.models.layers`); the result itself stays in file order.
 
-The comparison helpers (:func:`compare_with_gt`, :func:`error_overlay`, :func:`ranked_slices`)
-are pure functions on arrays.
+:func:`ranked_slices` is a pure function on arrays; the comparison with a ground truth
+(:func:`compare_with_gt`, :func:`error_overlay`, the per-slice counts the viewer keeps) is in
+:mod:`napari_mias_sam.viewer.models.compare`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ...evaluation.metrics import dice, slice_dice, volume_dice
+from .compare import FN, FP, compare_with_gt, error_overlay  # noqa: F401 (the comparison helpers' public home was here)
 from .layers import to_display
 from ...pipeline.decode_cache import CachedDecoder, embedding_digest
 from ...pipeline.segment import SegmentationResult, redecode_slice
@@ -60,8 +61,6 @@ CHANGE_MASK = "mask"  # re-read cached logits
 CHANGE_PROMPT = "prompt"  # re-prompt and re-decode (no encoder, no kNN)
 CHANGE_RERUN = "rerun"  # needs new anomaly maps: run the pipeline again (embeddings are cached)
 
-FP = 1  # label value of false positives in the error overlay
-FN = 2  # label value of false negatives
 
 _PROMPT_FIELDS = ("gamma", "prompt", "threshold")
 _MAP_FIELDS = ("k", "sigma", "normalisation", "slice_decision")
@@ -445,39 +444,6 @@ class LiveSession:
         md["stale_slices"] = sorted(self.stale)
         md["display_axes"] = list(self.axes)
         return md
-
-
-# -- comparison with a ground truth -------------------------------------------------------------
-def compare_with_gt(pred: np.ndarray, gt: np.ndarray, *, axis: int, s: int) -> dict[str, Any]:
-    """Dice of one slice, of the whole volume, and the paper's mean slice Dice (lesion slices).
-
-    ``pred`` and ``gt`` are same-shape 3D arrays (non-zero = foreground), ``axis`` the slicing
-    axis and ``s`` the slice. A slice where both are empty has no Dice (NaN).
-    """
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
-    if p.shape != g.shape:
-        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
-    ps, gs = np.take(p, s, axis=axis), np.take(g, s, axis=axis)
-    sd = slice_dice(p, g, axis=axis)
-    return {
-        "slice": int(s),
-        "slice_dice": dice(ps, gs, empty_value=float("nan")),
-        "slice_has_lesion": bool(gs.any()),
-        "volume_dice": volume_dice(p, g),
-        "mean_slice_dice": sd["mean"],
-        "lesion_slices": sd["n_slices"],
-    }
-
-
-def error_overlay(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """uint8 labels: :data:`FP` where predicted but not in the GT, :data:`FN` where missed."""
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
-    out = np.zeros(p.shape, dtype=np.uint8)
-    out[p & ~g] = FP
-    out[~p & g] = FN
-    return out
 
 
 def ranked_slices(image_scores: np.ndarray, foreground: np.ndarray | None = None) -> list[int]:

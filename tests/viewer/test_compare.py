@@ -1,4 +1,4 @@
-"""The viewer's per-slice Dice counts (viewer/models/dice_tracker.py) give what the metrics give
+"""The viewer's per-slice Dice counts (viewer/models/compare.py) give what the metrics give
 for the same masks, after any sequence of slice updates."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from napari_mias_sam.evaluation.metrics import dice, slice_dice, volume_dice
-from napari_mias_sam.viewer.models.dice_tracker import DiceTracker, error_slice
-from napari_mias_sam.viewer.models.live import FN, FP, compare_with_gt, error_overlay
+from napari_mias_sam.viewer.models.compare import DiceTracker, error_slice
+from napari_mias_sam.viewer.models.compare import FN, FP, compare_with_gt, error_overlay
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

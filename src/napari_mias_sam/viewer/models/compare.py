@@ -1,7 +1,9 @@
-"""Dice against a ground truth kept up to date slice by slice (no Qt).
+"""Comparing a mask with a ground truth (no Qt): Dice of a slice, of the volume and the paper's
+mean slice Dice, the false-positive / false-negative overlay, and their counts kept up to date
+slice by slice.
 
 A live update changes one slice's mask at a time; recounting the whole volume after each one
-(what :func:`~napari_mias_sam.viewer.models.live.compare_with_gt` does) costs a pass over every
+(what :func:`compare_with_gt` does) costs a pass over every
 voxel per slice shown. :class:`DiceTracker` keeps each slice's ``|P & G|``, ``|P|`` and ``|G|``
 (the counts :mod:`napari_mias_sam.evaluation.metrics` builds its Dice from) and recounts only the
 slice that changed; the slice, volume and mean slice Dice then come from the counts, equal to
@@ -15,7 +17,44 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DiceTracker", "error_slice"]
+from ...evaluation.metrics import dice, slice_dice, volume_dice
+
+__all__ = ["DiceTracker", "compare_with_gt", "error_overlay", "error_slice", "FP", "FN"]
+
+FP = 1  # label value of false positives in the error overlay
+FN = 2  # label value of false negatives
+
+
+def compare_with_gt(pred: np.ndarray, gt: np.ndarray, *, axis: int, s: int) -> dict[str, Any]:
+    """Dice of one slice, of the whole volume, and the paper's mean slice Dice (lesion slices).
+
+    ``pred`` and ``gt`` are same-shape 3D arrays (non-zero = foreground), ``axis`` the slicing
+    axis and ``s`` the slice. A slice where both are empty has no Dice (NaN).
+    """
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
+    ps, gs = np.take(p, s, axis=axis), np.take(g, s, axis=axis)
+    sd = slice_dice(p, g, axis=axis)
+    return {
+        "slice": int(s),
+        "slice_dice": dice(ps, gs, empty_value=float("nan")),
+        "slice_has_lesion": bool(gs.any()),
+        "volume_dice": volume_dice(p, g),
+        "mean_slice_dice": sd["mean"],
+        "lesion_slices": sd["n_slices"],
+    }
+
+
+def error_overlay(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """uint8 labels: :data:`FP` where predicted but not in the GT, :data:`FN` where missed."""
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    out = np.zeros(p.shape, dtype=np.uint8)
+    out[p & ~g] = FP
+    out[~p & g] = FN
+    return out
 
 
 def error_slice(pred: np.ndarray, gt: np.ndarray, fp: int, fn: int) -> np.ndarray:
