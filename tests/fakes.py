@@ -47,9 +47,10 @@ class FakeBackbone:
         self.calls += 1
         self.encode_calls += 1
         self.frames_encoded += len(frames)
-        x = F.avg_pool2d(frames[:, None].float(), 4)  # (N, 1, 64, 64)
+        grey = frames.float().mean(1, keepdim=True) if frames.ndim == 4 else frames[:, None].float()  # sequences: their mean
+        x = F.avg_pool2d(grey, 4)  # (N, 1, 64, 64)
         if self.embedding == "intensity":
-            sq = F.avg_pool2d(frames[:, None].float() ** 2, 4)
+            sq = F.avg_pool2d(grey ** 2, 4)
             return torch.cat([x, sq], dim=1).repeat(1, 128, 1, 1)
         return torch.tanh(self.a[None, :, None, None] * x + self.b[None, :, None, None])
 

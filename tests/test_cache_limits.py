@@ -110,6 +110,6 @@ def test_cli_limit_evicts_at_once(cache_home, capsys):
         cache.put(k, ENTRY)
         _age(cache, k, 100 - i)
     size = _entry_bytes(cache)
-    assert main(["cache", "limit", str(size)]) == 0
+    assert main(["cache", "limit", f"{size}B"]) == 0  # explicit bytes: a bare number under 1 MiB is a forgotten unit
     assert "removed 2 least recently used" in capsys.readouterr().out
     assert [p.stem for p in cache.entries()] == [KEYS[2]]

@@ -104,7 +104,7 @@ def test_segment_json_with_gt(world, tmp_path, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     rep = json.loads(cap.out)
-    assert set(rep["outputs"]) == {"mask", "anomaly", "points"}
+    assert set(rep["outputs"]) == {"mask", "anomaly", "points", "lesions", "lesions_table"}
     assert rep["settings"]["prompt"] == "cog-point" and rep["settings"]["mask_index"] == 2
     pred = np.asarray(nib.load(rep["outputs"]["mask"]).dataobj) > 0
     gt = world["gt"] > 0
@@ -114,6 +114,24 @@ def test_segment_json_with_gt(world, tmp_path, monkeypatch, capsys):
     ds = 2 * np.logical_and(pred[..., s], gt[..., s]).sum() / (pred[..., s].sum() + gt[..., s].sum())
     assert rep["metrics"]["slice_dice"] == pytest.approx(ds)
     assert rep["metrics"]["lesion_slices"] == 1
+    # lesions: the mask's 26-connected components of >= 10 voxels, ids from the largest, with the input's geometry
+    lab_img = nib.load(rep["outputs"]["lesions"])
+    lab = np.asarray(lab_img.dataobj)
+    np.testing.assert_allclose(lab_img.affine, AFFINE)
+    from scipy import ndimage
+
+    comps, n = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+    sizes = sorted((int((comps == i).sum()) for i in range(1, n + 1)), reverse=True)
+    assert [int((lab == i).sum()) for i in range(1, lab.max() + 1)] == [v for v in sizes if v >= 10]
+    assert set(np.unique(lab[~pred])) == {0}
+    with open(rep["outputs"]["lesions_table"], newline="") as fh:
+        table = list(__import__("csv").DictReader(fh))
+    assert [int(r["id"]) for r in table] == list(range(1, lab.max() + 1))
+    assert all(float(r["volume_ml"]) == pytest.approx(int(r["voxels"]) * 2 / 1000) for r in table)  # 1 x 1 x 2 mm voxels
+    lw = rep["metrics"]["lesionwise"]
+    assert lw["gt_lesions"] == 1 and lw["detected"] + lw["missed"] == 1 and lw["pred_lesions"] == len(table)
+    assert [r["match"] for r in table].count("false positive") == lw["false_positives"]
+    assert 0.0 <= lw["lesionwise_dice"] <= 1.0
     assert snapshot(world["cases"]) == before
     # a second run into the same folder without --overwrite is refused, with --overwrite it works
     rc = main(["segment", str(case), "--bank", str(world["bank"]), "--out", str(out)])

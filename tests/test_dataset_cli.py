@@ -65,7 +65,8 @@ def test_segment_a_case_folder(world, tmp_path, capsys):
     rep = json.loads(cap.out)
     assert rep["volume"] == str(case / "BraTS2021_00001_flair.nii.gz")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "BraTS2021_00001_flair_anomaly.nii.gz", "BraTS2021_00001_flair_mask.nii.gz", "BraTS2021_00001_flair_points.csv"]
+        "BraTS2021_00001_flair_anomaly.nii.gz", "BraTS2021_00001_flair_lesions.csv", "BraTS2021_00001_flair_lesions.nii.gz",
+        "BraTS2021_00001_flair_mask.nii.gz", "BraTS2021_00001_flair_points.csv"]
     assert rep["ground_truth"] == str(case / "BraTS2021_00001_seg.nii.gz")
     lab = rep["lesion_labels"]
     assert lab["rule"] == "any non-zero label" and lab["counted"] == [1, 2, 4] and "BraTS 2021" in lab["source"]

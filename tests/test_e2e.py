@@ -103,7 +103,7 @@ def test_bank_manifest_and_calibration(e2e):
 def test_written_outputs(e2e):
     paths, res = e2e["api_paths"], e2e["result"]
     assert sorted(p.name for p in (e2e["root"] / "api-out").iterdir()) == [
-        "case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
+        "case_anomaly.nii.gz", "case_lesions.csv", "case_lesions.nii.gz", "case_mask.nii.gz", "case_points.csv"]
     mask, amap = nib.load(str(paths["mask"])), nib.load(str(paths["anomaly"]))
     for img in (mask, amap):
         assert img.shape == (64, 64, 3)
@@ -146,8 +146,9 @@ def test_cli_segment_json_with_gt_reuses_the_cache(e2e):
     rep = e2e["seg_report"]
     out = e2e["root"] / "cli-out"
     assert rep["volume"] == str(e2e["case"])
-    assert rep["outputs"] == {k: str(out / f"case_{k}{'.csv' if k == 'points' else '.nii.gz'}") for k in ("mask", "anomaly", "points")}
-    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
+    assert rep["outputs"] == {**{k: str(out / f"case_{k}{'.csv' if k == 'points' else '.nii.gz'}") for k in ("mask", "anomaly", "points", "lesions")},
+                              "lesions_table": str(out / "case_lesions.csv")}
+    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_lesions.csv", "case_lesions.nii.gz", "case_mask.nii.gz", "case_points.csv"]
     met = rep["metrics"]
     pred = np.asarray(nib.load(rep["outputs"]["mask"]).dataobj) > 0
     gt = e2e["gt"]

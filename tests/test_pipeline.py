@@ -136,7 +136,8 @@ def test_write_outputs_and_refusals(world, tmp_path):
     res = segment_volume(vol, world["bank"], FakeBackbone())
     out = tmp_path / "out"
     paths = write_outputs(res, out)
-    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_lesions.csv", "case_lesions.nii.gz", "case_mask.nii.gz",
+                                                     "case_points.csv"]
     m, a = nib.load(str(paths["mask"])), nib.load(str(paths["anomaly"]))
     assert m.get_data_dtype() == np.uint8 and a.get_data_dtype() == np.float32
     np.testing.assert_allclose(m.affine, AFFINE)
@@ -153,7 +154,8 @@ def test_write_outputs_and_refusals(world, tmp_path):
         write_outputs(res, out)
     assert snapshot(out) == before
     write_outputs(res, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz", "case_points.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_anomaly.nii.gz", "case_lesions.csv", "case_lesions.nii.gz", "case_mask.nii.gz",
+                                                     "case_points.csv"]
 
     # an output that would replace an input
     inputs_before = snapshot(world["root"] / "cases")

@@ -112,3 +112,38 @@ def test_bad_qa_files_are_refused_with_one_line_and_nothing_written(two_reviews,
     assert "already exists" in capsys.readouterr().err and (out / "qa_report.json").read_bytes() == before
     assert main(["qa-report", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
     assert len(QA_COLUMNS) == len(set(QA_COLUMNS))
+
+
+def test_qa_report_adds_up_the_saved_lesions(tmp_path, capsys):
+    rows = [_row(0, "accepted", 2.0, True, True, True, 0.0, 0.8, 0.8)]
+    lesion_a = {"lesions": 3, "lesions_accepted": 1, "lesions_rejected": 1, "lesionwise_dice": 0.5, "lesionwise_hd95": 100.0,
+                "true_lesions": 2, "lesions_detected": 2, "lesions_missed": 0, "lesions_false_positive": 1}
+    lesion_b = dict(lesion_a, lesions=1, lesions_rejected=0, lesionwise_dice=0.9, lesionwise_hd95=2.0, true_lesions=2,
+                    lesions_detected=1, lesions_missed=1, lesions_false_positive=0)
+    a = _write(tmp_path / "a_qa.csv", "a", [dict(r, **lesion_a) for r in rows], 0.5, 0.5)
+    b = _write(tmp_path / "b_qa.csv", "b", [dict(r, **lesion_b) for r in rows], 0.5, 0.5)
+    old = _write(tmp_path / "c_qa.csv", "c", rows, 0.5, 0.5)  # saved before lesions existed: no lesion columns filled
+    assert main(["qa-report", str(a), str(b), str(old), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    allv = res["overall"]
+    assert (allv["lesions"], allv["lesions_rejected"], allv["lesions_missed"], allv["lesions_false_positive"]) == (4, 1, 1, 1)
+    assert allv["lesionwise_dice"] == pytest.approx(0.7) and allv["lesionwise_hd95"] == pytest.approx(51.0)
+    assert res["volumes"][2]["lesions"] is None
+    assert main(["qa-report", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert "| a | 3 | 1 | 1 | 0.500 | 100.0 | 2 | 2 | 0 | 1 |" in text and "| **all** | 4 |" in text
+
+
+def test_the_viewer_reads_qa_files_with_the_same_checks(tmp_path):
+    """The napari reader of a saved review refuses what qa-report refuses, naming the line: a file
+    cut short, a Dice out of range (tests/reliability_inputs.py makes the damaged files)."""
+    from napari_mias_sam.core.errors import InputError
+    from napari_mias_sam.viewer.models.review import qa_points_layer
+    from reliability_inputs import qa_file
+
+    data, kwargs, kind = qa_points_layer(qa_file(tmp_path, "good", "good_qa.csv"))
+    assert kind == "points" and len(data) == 3
+    for damage, says in (("cut-in-affine", "line 5 ends after 23 of the 34 columns"), ("dice-5e300", "line 4: slice_dice_before"),
+                         ("rows-missing", "after 2 of the volume's 4 slices")):
+        with pytest.raises(InputError, match=says.replace("(", r"\(")):
+            qa_points_layer(qa_file(tmp_path, damage, f"{damage}_qa.csv"))

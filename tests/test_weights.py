@@ -8,12 +8,19 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from napari_mias_sam.backbones import weights
 from napari_mias_sam.cli.commands import main
 from napari_mias_sam.core.errors import WeightsError
 
 from weights_fixtures import PAYLOAD, server, test_registry  # noqa: F401  (fixtures)
+
+
+def _state_dict_file(path):
+    """A real PyTorch state dict of no known model (an unknown checkpoint)."""
+    torch.save({"image_encoder.neck.0.weight": torch.zeros(4, 4)}, path)
+    return path
 
 
 def test_builtin_registry_has_the_official_checkpoints_with_published_hashes():
@@ -78,24 +85,32 @@ def test_check_names_a_known_file_and_refuses_another_architecture(test_registry
 
 
 def test_unknown_checkpoint_is_accepted_with_a_warning(test_registry, tmp_path):
-    f = tmp_path / "my_finetune.pth"
-    f.write_bytes(b"something else")
+    f = _state_dict_file(tmp_path / "my_finetune.pth")
     with pytest.warns(weights.UnknownWeightsWarning, match="not a known vit_b checkpoint"):
         entry, sha = weights.check_checkpoint(f, "vit_b")
-    assert entry is None and sha == hashlib.sha256(b"something else").hexdigest()
+    assert entry is None and sha == hashlib.sha256(f.read_bytes()).hexdigest()
+    # a file that is no PyTorch checkpoint at all is refused as such, with no warning that would use it
+    garbage = tmp_path / "notes.pth"
+    garbage.write_bytes(b"something else")
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        weights.check_checkpoint(garbage, "vit_b")
 
 
 def test_sam_backbone_names_checks_and_finds_fetched_weights(test_registry, tmp_path, capsys):
-    """--checkpoint: an unknown file warns (one line on stderr) before it is read; a known file of
-    another architecture is refused before the model is built; without --checkpoint the fetched
-    file of that backbone is used."""
+    """--checkpoint: a file that is not a checkpoint is refused before the model is built; an
+    unknown checkpoint warns (one line on stderr) before it is read; a known file of another
+    architecture is refused before the model is built; without --checkpoint the fetched file of
+    that backbone is used."""
     from napari_mias_sam.backbones import load_backbone
 
     bad = tmp_path / "notes.pth"
     bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        load_backbone("sam-vit_b", bad, "cpu")
+    other = _state_dict_file(tmp_path / "other.pth")
     with pytest.warns(weights.UnknownWeightsWarning):
-        with pytest.raises(WeightsError, match="cannot read this checkpoint"):
-            load_backbone("sam-vit_b", bad, "cpu")
+        with pytest.raises(WeightsError, match="does not match the SAM vit_b architecture"):
+            load_backbone("sam-vit_b", other, "cpu")
     known = tmp_path / "tiny.pth"
     known.write_bytes(PAYLOAD)
     with pytest.raises(WeightsError, match="use --backbone sam-vit_b"):
@@ -104,20 +119,19 @@ def test_sam_backbone_names_checks_and_finds_fetched_weights(test_registry, tmp_
         load_backbone("sam-vit_l", None, "cpu")
     fetched = weights.weights_dir() / "sam_vit_l_0b3195.pth"  # where `weights fetch sam-vit_l` puts it
     fetched.write_bytes(b"a damaged download")
-    with pytest.warns(weights.UnknownWeightsWarning), pytest.raises(WeightsError, match=str(fetched)):
+    with pytest.raises(WeightsError, match=f"{fetched}: not a PyTorch checkpoint"):
         load_backbone("sam-vit_l", None, "cpu")
 
 
 def test_cli_prints_the_unknown_checkpoint_warning_as_one_line(test_registry, tmp_path, capsys):
     from napari_mias_sam.core.paths import sample_data_dir
 
-    bad = tmp_path / "notes.pth"
-    bad.write_bytes(b"not a checkpoint")
+    bad = _state_dict_file(tmp_path / "notes.pth")
     rc = main(["build-bank", str(sample_data_dir() / "normal_01.nii.gz"), "--out", str(tmp_path / "bank"),
                "--backbone", "sam-vit_b", "--checkpoint", str(bad), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert any(line.startswith("mias-sam build-bank: warning: notes.pth: not a known vit_b checkpoint") for line in err), err
-    assert err[-1].startswith("mias-sam build-bank: error: ") and "cannot read this checkpoint" in err[-1]
+    assert err[-1].startswith("mias-sam build-bank: error: ") and "does not match the SAM vit_b architecture" in err[-1]
     assert not (tmp_path / "bank").exists()
 

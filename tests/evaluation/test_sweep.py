@@ -111,6 +111,15 @@ def test_evaluate_rows_and_report(volumes, tmp_path):
     assert v["mean_a"] == pytest.approx(default["volume_dice"], abs=1e-4) and v["groups"] == 2  # per-subject values are rounded to 1e-4
     assert v["mean_b"] == pytest.approx(det["baseline_threshold_0.5"]["volume_dice"], abs=1e-4)
     assert "Volume Dice, subject by subject" in (tmp_path / "out" / "results.md").read_text()
+    # lesion-wise (BraTS 2023 rule) beside slice and volume Dice: the default's masks, subject by subject
+    lw = default["lesionwise"]
+    assert lw["cases"] == 2 and [c["subject"] for c in default["lesionwise_per_subject"]] == ["t0", "t1"]
+    assert lw["lesionwise_dice"] == pytest.approx(np.mean([c["lesionwise_dice"] for c in default["lesionwise_per_subject"]]))
+    assert lw["detected"] + lw["missed"] == lw["gt_lesions"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "### Lesion-wise (BraTS 2023 rule" in md and "| default | t0 |" in md
+    assert "lesionwise_dice" in (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
+    assert all("lesionwise" not in r for r in res["rows"] if r["ablation"] == "gamma")
 
 
 def test_evaluate_regions_prompt(volumes):

@@ -117,7 +117,8 @@ def test_save_reopen_and_apply_gives_the_same_state(tmp_path):
     out = tmp_path / "results"
     paths = save_results(ses, rows, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(["volume_mask.nii.gz", "volume_anomaly.nii.gz",
-                                                             "volume_points.csv", "volume_qa.csv"])
+                                                             "volume_points.csv", "volume_qa.csv",
+                                                             "volume_lesions.nii.gz", "volume_lesions.csv"])
     table = read_qa(paths["qa"])
     assert table.volume == "volume" and table.shape == (4, 50, 60) and table.backbone == "disc"
     assert [table.status(s) for s in range(4)] == ["accepted", "corrected", "rejected", "pending"]

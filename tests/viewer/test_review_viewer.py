@@ -109,7 +109,8 @@ def test_review_by_keys_save_rerun_and_reopen(shown, qtbot, tmp_path, make_napar
     saved = read_qa(tmp_path / "results" / "case_01_qa.csv")
     assert [saved.status(s) for s in range(3)] == ["accepted", "rejected", "corrected"]
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
-        "case_01_anomaly.nii.gz", "case_01_mask.nii.gz", "case_01_points.csv", "case_01_qa.csv"]
+        "case_01_anomaly.nii.gz", "case_01_lesions.csv", "case_01_lesions.nii.gz", "case_01_mask.nii.gz",
+        "case_01_points.csv", "case_01_qa.csv"]
     viewer.layers.selection.active = points
     viewer.layers.save(str(tmp_path / "cog.csv"), selected=True, plugin=PLUGIN)
     assert (tmp_path / "cog_qa.csv").read_text() == (tmp_path / "results" / "case_01_qa.csv").read_text()

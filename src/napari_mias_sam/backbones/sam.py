@@ -64,12 +64,12 @@ class SamBackbone(SamLikeBackbone):
                     f"{self.name}' where there is internet, or download it by hand and pass --checkpoint PATH."
                 )
         if checkpoint is not None:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():  # before building the model: a typo should not cost seconds
-                raise WeightsError(
-                    f"SAM {variant} weights file not found: {path}. Run 'mias-sam weights fetch {self.name}' or "
-                    f"download {_OFFICIAL_NAMES[variant]} from the segment-anything release page and pass its path."
-                )
+            from .weights import weights_file
+
+            # before building the model: a typo should not cost seconds
+            path = weights_file(checkpoint, missing=(
+                f"SAM {variant} weights file not found. Run 'mias-sam weights fetch {self.name}' or download "
+                f"{_OFFICIAL_NAMES[variant]} from the segment-anything release page and pass its path."))
         self.weights_entry = None
         if checkpoint is not None:
             from .weights import check_checkpoint
@@ -103,8 +103,9 @@ class SamBackbone(SamLikeBackbone):
     def _encoder_input(self, frames: torch.Tensor) -> torch.Tensor:
         if self.encoding == "reference":
             return reference_sam_input(frames, self.input_size, self.model.pixel_mean, self.model.pixel_std)
-        # The reference feeds 256 x 256 grey slices as 0-255 RGB to SAM's 1024 resize and normalisation.
-        x = frames[:, None].expand(-1, 3, -1, -1) * 255.0
+        # The reference feeds 256 x 256 grey slices as 0-255 RGB to SAM's 1024 resize and normalisation;
+        # three sequences of a case (N, 3, 256, 256) fill the three channels instead.
+        x = (frames if frames.ndim == 4 else frames[:, None].expand(-1, 3, -1, -1)) * 255.0
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         mean = self.model.pixel_mean.to(x.device)
         std = self.model.pixel_std.to(x.device)

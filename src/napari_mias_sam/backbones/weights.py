@@ -5,7 +5,10 @@ Downloads go through pooch into ``<user cache>/weights/`` (``MIAS_SAM_CACHE`` mo
 writes to a temporary file in that folder, checks the hash and only then renames it into place, so
 a failed or corrupted download leaves nothing behind. A file passed with ``--checkpoint`` is
 hashed once (remembered per path, size and modification time) and named when it is a known file;
-an unknown file is accepted with a warning.
+an unknown file is accepted with a warning once it is seen to be a PyTorch checkpoint at all:
+:func:`weights_file` refuses a folder, a broken link or an empty file, :func:`inspect_checkpoint`
+(``mias-sam weights check``) anything that is not a state dict of named tensors (read with
+``weights_only=True`` and memory-mapped, so a 2.5 GB file costs no copy).
 
 Hashes (checked against public sources; never computed here, as these machines cannot download):
 the three SAM checkpoints' SHA-256 values are the ones segment-anything's users and micro-sam's
@@ -22,13 +25,15 @@ import hashlib
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import WeightsError
 
 __all__ = ["WeightsEntry", "UnknownWeightsWarning", "registry", "weights_dir", "fetch", "local_file",
-           "file_digests", "identify", "check_checkpoint", "checkpoint_error"]
+           "file_digests", "identify", "check_checkpoint", "checkpoint_error", "weights_file", "CheckpointInfo",
+           "inspect_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -191,16 +196,106 @@ def identify(path: str | os.PathLike) -> tuple[WeightsEntry | None, dict[str, st
     return None, digests
 
 
+def weights_file(path: str | os.PathLike, *, missing: str = "") -> Path:
+    """``path`` when it can hold weights; otherwise a one-line :class:`WeightsError` naming what is
+    there: nothing (``missing``: the message then, else "no such file"), a broken link, a folder (and the weights files in
+    it), something other than a file, or an empty file."""
+    p = Path(path).expanduser()
+    if p.is_symlink() and not p.exists():
+        raise WeightsError(f"{p}: a broken link (to {os.readlink(p)}, which does not exist); point it at the weights file.")
+    if p.is_dir():
+        try:
+            found = sorted(f.name for f in p.iterdir() if f.suffix in (".pth", ".pt", ".ckpt", ".bin") and f.is_file())
+        except OSError:
+            found = []
+        inside = f" (it holds {', '.join(found[:3])}{' ...' if len(found) > 3 else ''}: pass one of those)" if found else ""
+        raise WeightsError(f"{p}: is a folder, not a weights file{inside}.")
+    if not p.exists():
+        raise WeightsError(f"{p}: {missing or 'no such file.'}")
+    if not p.is_file():
+        raise WeightsError(f"{p}: is not a regular file (a device or a pipe?); pass the weights file itself.")
+    if p.stat().st_size == 0:
+        raise WeightsError(f"{p}: is empty (0 bytes; an interrupted download or copy?); download the weights again.")
+    return p
+
+
+def _container(path: Path) -> str:
+    """``zip`` (torch.save's format since PyTorch 1.6) or ``legacy`` (a pickle); a
+    :class:`WeightsError` for anything else, checked from the file's first bytes and, for a zip,
+    its table of contents."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:1] == b"\x80":  # a pickle (protocol 2 and up), torch.save's format before 1.6
+        return "legacy"
+    if head != b"PK\x03\x04":
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle, as torch.save writes); "
+                           "pass the original weights file.")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise WeightsError(f"{path}: a zip archive cut short (truncated: an interrupted download or copy?); "
+                           "download the weights again.") from None
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        raise WeightsError(f"{path}: a zip archive but not a PyTorch checkpoint (no data.pkl inside; it holds "
+                           f"{', '.join(names[:3]) or 'nothing'}); pass the original weights file.")
+    return "zip"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint holds: its tensors, their parameters, and the backbone it is shaped like."""
+
+    tensors: int
+    parameters: int
+    shaped_like: str | None  #: e.g. ``SAM ViT-B``; None when no known architecture matches
+    backbone: str | None  #: the ``--backbone`` of that architecture
+
+
+#: SAM image encoders by their embedding width (``image_encoder.pos_embed``'s last dimension).
+_SAM_WIDTHS = {768: ("SAM ViT-B (or MedSAM)", "sam-vit_b"), 1024: ("SAM ViT-L", "sam-vit_l"), 1280: ("SAM ViT-H", "sam-vit_h")}
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Read a checkpoint safely (``weights_only``, memory-mapped) and say what it holds; a
+    one-line :class:`WeightsError` for a file that is not a state dict of named tensors."""
+    import torch
+
+    path = weights_file(path)
+    kind = _container(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except Exception as exc:
+        raise checkpoint_error(path, exc, "model") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a training checkpoint: {"model": state dict, "epoch": ...}
+    if isinstance(state, torch.Tensor):
+        raise WeightsError(f"{path}: a PyTorch file holding one tensor, not a state dict of named tensors; pass the model's weights file.")
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        held = f"a {type(state).__name__}" + (f" of {len(state)} entries" if hasattr(state, "__len__") else "")
+        raise WeightsError(f"{path}: a PyTorch file, but not a state dict of named tensors (it holds {held}); "
+                           "pass the model's weights file.")
+    shaped, backbone = None, None
+    pos = state.get("image_encoder.pos_embed")
+    if pos is not None and pos.ndim == 4 and int(pos.shape[-1]) in _SAM_WIDTHS:
+        shaped, backbone = _SAM_WIDTHS[int(pos.shape[-1])]
+    elif "image_encoder.patch_embed.seq.0.c.weight" in state:
+        shaped, backbone = "LiteMedSAM (TinyViT encoder)", "litemedsam"
+    return CheckpointInfo(len(state), int(sum(v.numel() for v in state.values())), shaped, backbone)
+
+
 def check_checkpoint(path: str | os.PathLike, variant: str) -> tuple[WeightsEntry | None, str]:
     """Check a checkpoint given for SAM ``variant``: a known file of another architecture is
-    refused (:class:`WeightsError`), an unknown file is accepted with an
-    :class:`UnknownWeightsWarning`. Returns the entry (or None) and the file's SHA-256."""
-    path = Path(path)
+    refused (:class:`WeightsError`), as is a file that is not a PyTorch checkpoint at all; an
+    unknown checkpoint is accepted with an :class:`UnknownWeightsWarning`. Returns the entry (or
+    None) and the file's SHA-256."""
+    path = weights_file(path)
     entry, digests = identify(path)
     if entry is not None and entry.variant != variant:
         raise WeightsError(f"{path}: this is {entry.title} ({entry.name}), a {entry.variant} model; "
                            f"use --backbone {entry.backbone} with it, or give a {variant} checkpoint.")
     if entry is None:
+        _container(path)  # not a checkpoint at all: refused before the warning that would use it
         warnings.warn(f"{path.name}: not a known {variant} checkpoint (SHA-256 {digests['sha256'][:12]}...); "
                       "using it as given (mias-sam weights list shows the known files).", UnknownWeightsWarning, stacklevel=2)
     return entry, digests["sha256"]

@@ -310,6 +310,9 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
     """Open a bank folder; check its manifest and index agree. ``mmap`` maps large indexes."""
     path = Path(path)
     mf = path / MANIFEST_FILE
+    if path.is_file():  # e.g. the bank's own manifest.json or index.faiss, given for the folder
+        inside = " (it is one of a bank's files: give its folder, " + str(path.parent) + ")" if path.name in (MANIFEST_FILE, "index.faiss") else ""
+        raise InputError(f"{path}: is a file, not a memory bank folder{inside}.")
     if not path.is_dir() or not mf.is_file():
         raise InputError(f"{path}: not a memory bank folder (no {MANIFEST_FILE}). Build one with 'mias-sam build-bank'.")
     try:

@@ -21,6 +21,7 @@ EXAMPLES = {
     "build-bank": """examples:
   mias-sam build-bank normals/ --out banks/brain                      # a folder of normal NIfTI volumes
   mias-sam build-bank BraTS2021_Training/ --modality flair --margin 2 --exclude-subjects test.txt --out banks/brats-flair
+  mias-sam build-bank BraTS2021_Training/ --modality flair,t1ce,t2 --exclude-subjects test.txt --out banks/brats-3seq
   mias-sam build-bank LiTS/ --roi liver --exclude-subjects test.txt --out banks/lits   # CT preset ct-abdomen
   mias-sam build-bank a.nii.gz b.nii.gz --out banks/brain --layout mean256
   mias-sam build-bank BMAD/Brain_MRI --out banks/bmad-brain           # BMAD layout (train/good/*.png)
@@ -34,7 +35,9 @@ EXAMPLES = {
   mias-sam segment BraTS2021_00495/ --bank banks/brats-flair --out results/ --lesion-labels 1,4   # tumour core only
   mias-sam segment cases/*.nii.gz --bank banks/brain --out results/ --gamma 3 --mask 2 --prompt max-point
   mias-sam segment BMAD/Brain_MRI/test/Ungood/img --bank banks/bmad-brain --out out/ --normalisation reference
-outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv
+outputs (per volume): <stem>_mask.nii.gz (uint8), <stem>_anomaly.nii.gz (float32), <stem>_points.csv,
+  <stem>_lesions.nii.gz (int32: one id per lesion, 1 = the largest) and <stem>_lesions.csv (one row per lesion:
+  voxels, mL, slice range, centroid in voxels and mm, peak/mean anomaly score, its prompts; with --gt its match)
 outputs (PNG slices): <stem>_mask.png (0/255) and <stem>_anomaly.npy (float32) per slice, one prompts.csv
   (the slices of one call are segmented together: reference normalisation spans them)""",
     "demo": """examples:
@@ -69,11 +72,26 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
 
 
+def _add_lesion_args(p: argparse.ArgumentParser) -> None:
+    from ..core import defaults
+
+    g = p.add_argument_group("lesions: the mask's 3D connected components (<stem>_lesions.nii.gz and .csv)")
+    g.add_argument("--lesion-connectivity", type=int, choices=(6, 18, 26), default=defaults.LESION_CONNECTIVITY,
+                   help="voxels sharing a face (6), also an edge (18) or also a corner (26) join one lesion (default %(default)s)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--min-lesion-voxels", type=int, default=None,
+                      help=f"smallest lesion in voxels (default {defaults.MIN_LESION_VOXELS}; smaller specks stay in the mask "
+                           "but get no lesion id)")
+    size.add_argument("--min-lesion-ml", type=float, default=None, help="smallest lesion in mL (from each volume's voxel size)")
+
+
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     from ..jobs.dataset_runs import ROIS
 
     g = p.add_argument_group("labelled datasets (BraTS, LiTS): a bank from lesion-free slices")
-    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); ct for LiTS")
+    g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); "
+                                      "ct for LiTS; or three BraTS sequences, e.g. flair,t1ce,t2 (= t2f,t1c,t2w), which fill the "
+                                      "encoder's three channels for the bank and every run with it")
     g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
     g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
     g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
@@ -153,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_lesion_args(s)
     _add_backbone_args(s, default=None)
 
     d = sub.add_parser("demo", help="run the whole job on the bundled sample (CPU, offline)", epilog=EXAMPLES["demo"], formatter_class=fmt,
@@ -231,14 +250,12 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
     from ..core.atomic_outputs import check_output_folder
     from ..jobs.preflight import check_device, check_precision
     from ..method.preprocess import PREPROCESS_PRESETS
-    from ..jobs.bank_builds import build_bank_from_files
+    from ..jobs.bank_builds import build_bank_from_files, check_bank_out
 
     check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
     if a.out.exists() and not a.overwrite:
         raise InputError(f"{a.out}: already exists; choose another --out or pass --overwrite.")
-    for n in a.normal:
-        if a.out.resolve() == n.resolve():
-            raise InputError(f"{a.out}: the bank folder cannot be an input folder.")
+    check_bank_out(a.out, a.normal)  # not an input folder, nor inside one (a dataset root, a case folder)
     if a.out.exists() and not (a.out / "manifest.json").is_file():  # refuse before the work, not after
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
@@ -307,7 +324,8 @@ def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -
     if dataset is not None:
         from ..jobs.dataset_runs import dataset_groups, prepare_dataset
 
-        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi)
+        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi,
+                                           margin=a.margin, axis=a.axis)
         groups = dataset_groups(cases, mod, PREPROCESS_PRESETS[a.preprocess or kind.preprocess], axis=a.axis, margin=a.margin, roi=a.roi)
         print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
               f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
@@ -399,6 +417,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from ..method.reference_encoding import encoding_of
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import segment_outputs, write_outputs
+    from ..jobs.lesion_runs import lesion_line, lesion_report, lesion_rule, lesions_for
+    from ..evaluation.lesionwise import LESIONWISE_SUMMARY_KEYS
 
     pngs = png_inputs(a.volume)
     if pngs is not None:
@@ -407,6 +427,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise InputError(f"--gt needs one ground truth per volume: got {len(a.gt)} for {len(a.volume)} volumes.")
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
+    lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml)  # bad lesion options: refused before any work
     device = check_device(a.device)
     check_precision(a.precision, device)
     check_output_folder(a.out)
@@ -445,7 +466,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
                 with about(vpath):
                     vol, gt = job.load()
                     res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
-                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n])
+                    rule = lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml, vol.affine)
+                    lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
+                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n], lesions=lesions)
             except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
                 if len(jobs) == 1:
                     raise
@@ -455,16 +478,19 @@ def cmd_segment(a: argparse.Namespace) -> int:
                 continue
             rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
                    "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
-                   "seconds": round(time.perf_counter() - t0, 2)}
+                   "seconds": round(time.perf_counter() - t0, 2), "lesions": lesion_report(lesions, lw)}
             if gt is not None:
                 rep["ground_truth"] = str(job.gt)
                 rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
                 if job.roi:
                     rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
                 rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
+                rep["metrics"]["lesionwise"] = {k: lw[k] for k in LESIONWISE_SUMMARY_KEYS}
             reports.append(rep)
             if not a.json:
-                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name} ({rep['seconds']} s)")
+                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name}, {paths['lesions'].name}, "
+                      f"{paths['lesions_table'].name} ({rep['seconds']} s)")
+                print(f"  {lesion_line(lesions, lw)}")
                 if gt is not None:
                     m = rep["metrics"]
                     print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
@@ -586,7 +612,8 @@ def cmd_info(a: argparse.Namespace) -> int:
             from ..data.datasets import KINDS
 
             kind = KINDS[ds["layout"]].title if ds.get("layout") in KINDS else ds.get("layout")
-            print(f"  dataset {ds.get('root')} ({kind}): modality {ds.get('modality')}, lesion-free slices more than "
+            mods = ",".join(ds["sequences"]) + " (one per encoder channel)" if ds.get("sequences") else ds.get("modality")
+            print(f"  dataset {ds.get('root')} ({kind}): modality {mods}, lesion-free slices more than "
                   f"{ds.get('margin')} slices from any label" + (f", masked to the {ds['roi']}" if ds.get("roi") else "")
                   + f"; {len(ds.get('subjects') or [])} subjects: {', '.join((ds.get('subjects') or [])[:5])}"
                   + (" ..." if len(ds.get("subjects") or []) > 5 else ""))
@@ -637,6 +664,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     outs = report_outputs(a.out, overwrite=a.overwrite, inputs=[*(a.images or []), *(a.gts or [])])
     outs.check()  # existing results are never replaced without --overwrite
     banks = [load_bank(b) for b in a.bank]
+    from ..jobs.dataset_runs import bank_sequences
+
+    seqs = {bank_sequences(b.manifest) for b in banks}
+    if len(seqs) > 1 or (seqs != {None} and not a.dataset):
+        raise InputError(f"{a.bank[0]}: banks of several sequences per slice ({', '.join(','.join(q) for q in seqs if q)}) are "
+                         "evaluated on BraTS case folders with --dataset ROOT, each bank compared with banks of the same sequences.")
     test_set = None
     if a.bmad:
         ss = read_bmad_test(a.bmad, a.split)

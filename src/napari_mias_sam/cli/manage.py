@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def add_parsers(sub, fmt) -> None:
     ci = csub.add_parser("info", help="folder, size, limit and what else is kept there")
     ci.add_argument("--json", action="store_true")
     cc = csub.add_parser("clear", help="remove the cached embeddings")
-    cc.add_argument("--all", action="store_true", help="remove everything in the cache folder (downloaded weights, ONNX exports too)")
+    cc.add_argument("--all", action="store_true", help="remove everything mias-sam keeps in the cache folder (downloaded weights, ONNX exports too; files it did not make stay)")
     cl = csub.add_parser("limit", help="set the embedding cache's size limit (e.g. 500M, 8G)")
     cl.add_argument("size", help="bytes with an optional K/M/G suffix (binary units)")
+    # '-1G' is a (negative) size to check, not an unknown option: argparse takes only '-1' and '-0.5'
+    # for numbers, so widen its test on this parser, which has no option that looks like a number
+    cl._negative_number_matcher = re.compile(r"^-[\d.]")
 
     q = sub.add_parser("qa-report", help="summarise prompt reviews saved from the viewer (<stem>_qa.csv)",
                        epilog=EXAMPLES["qa-report"], formatter_class=fmt,
@@ -65,18 +69,6 @@ def add_parsers(sub, fmt) -> None:
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--out", type=Path, help="also write qa_report.json, qa_report.md and qa_displacement.png there")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
-
-
-def _size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if t[-1:] in "KMGT" and t[-1:] else t)
-    except ValueError:
-        raise InputError(f"{text!r}: not a size; write e.g. 500M or 8G.") from None
-    if value < 0:
-        raise InputError(f"{text!r}: a size cannot be negative.")
-    return int(value * mult)
 
 
 def _folder_bytes(path: Path) -> int:
@@ -108,25 +100,50 @@ def cmd_weights(a: argparse.Namespace) -> int:
         print(f"{e.name}: {path} ({e.hash or 'no published hash: not verified'}{' verified' if e.hash else ''})")
         print(f"use it with --backbone {e.backbone} (found there automatically) or --checkpoint {path}")
         return 0
-    if not a.file.is_file():
-        raise InputError(f"{a.file}: no such file.")
-    entry, digests = weights.identify(a.file)
+    path = weights.weights_file(a.file)  # a folder, a broken link, an empty file: refused as such
+    entry, digests = weights.identify(path)
+    info = None if entry else weights.inspect_checkpoint(path)  # a file with a published hash is that file
     if a.json:
-        print(json.dumps({"file": str(a.file), "known_as": entry.name if entry else None, **digests}, indent=2))
+        print(json.dumps({"file": str(a.file), "known_as": entry.name if entry else None, **digests,
+                          "checkpoint": None if info is None else vars(info)}, indent=2))
     elif entry:
         print(f"{a.file}: {entry.title} ({entry.name}; use --backbone {entry.backbone}); {entry.hash} matches")
     else:
-        print(f"{a.file}: not a known checkpoint (SHA-256 {digests['sha256']}); it can still be used with --checkpoint, with a warning")
+        shaped = f", shaped like {info.shaped_like} (--backbone {info.backbone})" if info.shaped_like else ""
+        print(f"{a.file}: not a known checkpoint (SHA-256 {digests['sha256']}); a PyTorch state dict of {info.tensors:,} "
+              f"tensors ({info.parameters / 1e6:.1f} M parameters){shaped}; it can be used with --checkpoint, with a warning")
     return 0
 
 
+def _kept(root: Path, cache_root: Path) -> tuple[dict, dict]:
+    """What else the cache folder holds: the tool's own entries (ONNX exports and weights by file
+    name, other folders and files by size) and, apart, the files it did not make."""
+    from fnmatch import fnmatch
+
+    from ..pipeline.embedding_cache import TOOL_FILES
+
+    own, foreign = {}, {}
+    for child in sorted(root.iterdir()):
+        if child == cache_root:
+            continue
+        if not any(fnmatch(child.name, pat) for pat in TOOL_FILES):
+            foreign[child.name + ("/" if child.is_dir() else "")] = _folder_bytes(child)
+        elif child.is_dir() and child.name in ("onnx", "weights"):
+            own[child.name] = {f.name: f.stat().st_size for f in sorted(child.iterdir()) if f.is_file() and not f.name.startswith(".")}
+        else:
+            own[child.name] = _folder_bytes(child)
+    return own, foreign
+
+
 def cmd_cache(a: argparse.Namespace) -> int:
+    from fnmatch import fnmatch
+
     from ..core.paths import cache_dir
-    from ..pipeline.embedding_cache import EmbeddingCache, set_cache_limit
+    from ..pipeline.embedding_cache import TOOL_FILES, EmbeddingCache, parse_cache_limit, set_cache_limit
 
     root = cache_dir()
     if a.cache_command == "limit":
-        set_cache_limit(_size(a.size))
+        set_cache_limit(parse_cache_limit(a.size))  # checked for what it means before it is saved
         cache = EmbeddingCache()
         removed = cache.evict()
         print(f"embedding cache limit: {human_bytes(cache.max_bytes)}" + (f"; removed {removed} least recently used entries" if removed else ""))
@@ -134,25 +151,43 @@ def cmd_cache(a: argparse.Namespace) -> int:
     cache = EmbeddingCache()
     if a.cache_command == "clear":
         n = cache.clear()
-        if a.all:
-            for child in root.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink(missing_ok=True)
-            print(f"removed everything in {root} ({n} cached embeddings among it)")
+        if a.all:  # only what the tool made: MIAS_SAM_CACHE may point at a folder holding the user's files
+            left = []
+            for child in sorted(root.iterdir()):
+                if any(fnmatch(child.name, pat) for pat in TOOL_FILES):
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
+                else:
+                    left.append(child.name + ("/" if child.is_dir() else ""))
+            print(f"removed everything mias-sam keeps in {root} ({n} cached embeddings among it)"
+                  + (f"; left alone what it did not make: {', '.join(left)}" if left else ""))
         else:
             print(f"removed {n} cached embeddings from {cache.root}")
         return 0
     info = cache.info()
-    others = {child.name: _folder_bytes(child) for child in sorted(root.iterdir()) if child != cache.root}
+    own, foreign = _kept(root, cache.root)
     if a.json:
-        print(json.dumps({"cache_folder": str(root), "embeddings": info, "other_bytes": others}, indent=2))
+        sizes = {k: (sum(v.values()) if isinstance(v, dict) else v) for k, v in own.items()}
+        print(json.dumps({"cache_folder": str(root), "embeddings": {**info, "limit": human_bytes(info["max_bytes"])},
+                          "other_bytes": sizes | foreign, "onnx_models": sorted(own.get("onnx", {})),
+                          "weights": sorted(own.get("weights", {})), "not_made_by_mias_sam": sorted(foreign)}, indent=2))
         return 0
     print(f"cache folder: {root}  (MIAS_SAM_CACHE moves it)")
     print(f"  embeddings: {info['entries']} entries, {human_bytes(info['bytes'])} of {human_bytes(info['max_bytes'])} "
           f"(least recently used removed beyond that; mias-sam cache limit SIZE)")
     if info["entries"]:
         print(f"    used between {info['oldest_use']} and {info['newest_use']}")
-    for name, size in others.items():
-        print(f"  {name}: {human_bytes(size)}")
+    for name, what in own.items():
+        if isinstance(what, dict):
+            label = {"onnx": "exported ONNX model", "weights": "downloaded weights file"}[name]
+            print(f"  {name}: {len(what)} {label}{'s' if len(what) != 1 else ''}, {human_bytes(sum(what.values()))}")
+            for f, size in what.items():
+                print(f"    {f} ({human_bytes(size)})")
+        elif name == "cache-settings.json":
+            print(f"  {name}: the limit above (mias-sam cache limit)")
+        else:
+            print(f"  {name}: {human_bytes(what)}")
+    if foreign:
+        print("  not made by mias-sam (cache clear --all leaves them): " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in foreign.items()))
     return 0
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "BASELINE_THRESHOLD",
     "GAMMA_SWEEP",
     "K_SWEEP",
+    "LESION_CONNECTIVITY",
+    "MIN_LESION_VOXELS",
 ]
 
 #: Centre-of-gravity exponent (Eq. 2 of the paper).
@@ -37,3 +39,8 @@ BASELINE_THRESHOLD = 0.5
 #: The evaluation's sweeps (``mias-sam evaluate --gammas / --ks``; the benchmark's gamma rows).
 GAMMA_SWEEP: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 8.0)
 K_SWEEP: tuple[int, ...] = (1, 3, 5)
+#: Lesions are the final mask's 3D connected components: voxels sharing a face, edge or corner
+#: (26 neighbours, as BraTS's lesion-wise metrics) join, and a lesion has at least this many voxels
+#: (smaller specks stay in the mask but get no lesion id).
+LESION_CONNECTIVITY = 26
+MIN_LESION_VOXELS = 10

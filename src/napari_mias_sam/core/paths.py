@@ -17,7 +17,10 @@ _SAMPLE_SUFFIXES = (".nii.gz", ".md")
 
 
 def cache_dir() -> Path:
-    """The user cache folder (``$MIAS_SAM_CACHE`` overrides it); created on first use."""
+    """The user cache folder (``$MIAS_SAM_CACHE`` overrides it); created on first use. A path
+    that is a file, or where no folder can be made, is refused in one line naming it."""
+    from .errors import InputError
+
     env = os.environ.get("MIAS_SAM_CACHE")
     if env:
         path = Path(env).expanduser()
@@ -25,7 +28,14 @@ def cache_dir() -> Path:
         import platformdirs
 
         path = Path(platformdirs.user_cache_dir("napari-mias-sam", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
+    where = "MIAS_SAM_CACHE" if env else "the user cache folder"
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: the cache folder ({where}) is a file, not a folder; point MIAS_SAM_CACHE at a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create the cache folder ({where}): {exc.strerror or exc}; "
+                         "point MIAS_SAM_CACHE at a writable folder.") from None
     return path
 
 

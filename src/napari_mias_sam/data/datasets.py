@@ -15,7 +15,8 @@ Layouts (names as the releases ship them, see ``docs/datasets.md``):
 
 Lesion labels: which label values count as the anomaly. BraTS: the whole tumour (any non-zero);
 LiTS: 2 (the tumour; the liver is normal tissue); any other file: non-zero. ``None`` stands for
-"any non-zero label"; a tuple lists the values.
+"any non-zero label"; a tuple lists the values (:mod:`.lesion_labels`: parsing, masks, and the
+check of user-given labels against the ground truths).
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.errors import InputError
+from .lesion_labels import (  # noqa: F401  (re-exported: the lesion labels were defined here first)
+    LesionLabels,
+    LesionLabelsWarning,
+    check_lesion_labels,
+    label_values,
+    lesion_description,
+    lesion_mask,
+    parse_lesion_labels,
+)
 
 __all__ = [
     "MODALITIES",
@@ -42,6 +52,9 @@ __all__ = [
     "parse_lesion_labels",
     "lesion_mask",
     "lesion_description",
+    "LesionLabelsWarning",
+    "label_values",
+    "check_lesion_labels",
     "read_case_folder",
     "lits_cases",
     "find_cases",
@@ -51,6 +64,7 @@ __all__ = [
     "read_subject_list",
     "select_cases",
     "dataset_kind",
+    "check_margin",
     "normal_slices",
 ]
 
@@ -65,8 +79,6 @@ MODALITY_ALIASES = {
     "ct": "ct",
 }
 
-#: ``None``: every non-zero label is a lesion; a tuple: those label values.
-LesionLabels = tuple[int, ...] | None
 
 _NIFTI = r"\.nii(?:\.gz)?$"
 _BRATS_FILE = re.compile(r"^(?P<case>brats.+?)[_-](?P<kind>flair|t1ce|t1c|t1n|t1|t2f|t2w|t2|seg)" + _NIFTI, re.IGNORECASE)
@@ -131,48 +143,6 @@ def canonical_modality(name: str) -> str:
     if key not in MODALITY_ALIASES:
         raise InputError(f"unknown modality {name!r}; choose flair (= t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w) or ct.")
     return MODALITY_ALIASES[key]
-
-
-# -- lesion labels -------------------------------------------------------------------------------
-def parse_lesion_labels(text: str | None) -> LesionLabels:
-    """``"1,2,4"`` -> ``(1, 2, 4)``; empty, ``"nonzero"`` or ``"any"`` -> ``None`` (every non-zero)."""
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if t in ("", "nonzero", "non-zero", "any", "all"):
-        return None
-    try:
-        vals = tuple(sorted({int(v) for v in re.split(r"[,\s]+", t) if v}))
-    except ValueError as exc:
-        raise InputError(f"lesion labels: expected integers such as 1,2,4 (or 'nonzero'), got {text!r}") from exc
-    if not vals:
-        return None
-    if 0 in vals:
-        raise InputError(f"lesion labels: 0 is the background and cannot be a lesion label (got {text!r}).")
-    return vals
-
-
-def lesion_mask(labels: np.ndarray, lesion: LesionLabels = None) -> np.ndarray:
-    """The binary ground truth of a label volume: True where the label is a lesion label
-    (``None``: any non-zero label). The one place where labels become the anomaly."""
-    arr = np.asarray(labels)
-    if lesion is None:
-        return arr != 0
-    return np.isin(arr, np.asarray(lesion, dtype=arr.dtype if arr.dtype.kind in "iu" else np.int64))
-
-
-def lesion_description(lesion: LesionLabels, labels: np.ndarray | None = None, *, source: str = "") -> dict:
-    """What counted as the lesion, for reports: the rule, the values present that counted, and
-    where the choice came from."""
-    out: dict = {"rule": "any non-zero label" if lesion is None else "labels " + ",".join(map(str, lesion)),
-                 "labels": None if lesion is None else list(lesion)}
-    if labels is not None:
-        present = [int(v) for v in np.unique(np.asarray(labels)) if v != 0]
-        out["present"] = present
-        out["counted"] = present if lesion is None else [v for v in present if v in lesion]
-    if source:
-        out["source"] = source
-    return out
 
 
 # -- recognising layouts ----------------------------------------------------------------------------
@@ -249,6 +219,9 @@ def find_cases(root: str | os.PathLike) -> list[Case]:
     a root folder of case folders (LiTS batch folders included). Raises :class:`InputError` for a
     missing or empty root, and for roots that mix BraTS and LiTS."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: is a file, not a folder; a dataset is a BraTS case folder, a LiTS folder or a root "
+                         "folder of them (single NIfTI volumes are given as files, e.g. evaluate --images/--gts).")
     if not root.is_dir():
         raise InputError(f"{root}: no such folder (expected a BraTS case folder, a LiTS folder or a dataset root).")
     case = read_case_folder(root)
@@ -359,7 +332,7 @@ def read_subject_list(path: str | os.PathLike) -> list[str]:
     lines and ``#`` comments are ignored; a path or file name is reduced to its case name."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, Excel) is not part of the first name
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read this subject list ({exc}).") from exc
     names = []
@@ -408,20 +381,49 @@ def select_cases(cases: list[Case], *, subjects: str | os.PathLike | None = None
 
 
 def dataset_kind(cases: list[Case]) -> DatasetKind:
-    """The layout of a set of cases (BraTS 2021 and 2023+ together count as BraTS 2021's
-    vocabulary with whole-tumour lesions, which is the same for both)."""
+    """The layout of a set of cases. BraTS 2021 and 2023+ cases together are refused, naming the
+    cases of each: their label numbers differ (enhancing tumour 4 vs 3, so ``--lesion-labels`` and
+    the reports would mean different things per case) and the 2023 release re-issues the 2021
+    patients under new names, so one patient could sit in a bank and in its test set."""
     kinds = {c.kind for c in cases}
+    if kinds == {"brats2021", "brats2023"}:
+        raise InputError(_mixed_releases(cases))
     if len(kinds) == 1:
         return KINDS[kinds.pop()]
-    return KINDS["brats2021"] if kinds <= {"brats2021", "brats2023"} else KINDS["nifti"]
+    return KINDS["nifti"]
+
+
+def _mixed_releases(cases: list[Case]) -> str:
+    def named(kind: str) -> str:
+        subs = [c.subject for c in cases if c.kind == kind]
+        return f"{len(subs)} {KINDS[kind].title} case{'s' if len(subs) > 1 else ''} ({', '.join(subs[:3])}{' ...' if len(subs) > 3 else ''})"
+
+    def number(c: Case) -> str | None:
+        m = re.search(r"(\d{5})", c.subject)
+        return m[1] if m else None
+
+    old = {number(c): c.subject for c in cases if c.kind == "brats2021"}
+    twins = [(old[number(c)], c.subject) for c in cases if c.kind == "brats2023" and number(c) in old]
+    twin = f"; {twins[0][0]} and {twins[0][1]} may be one patient" if twins else ""
+    roots = sorted({str(c.folder.parent) for c in cases})
+    return (f"{roots[0]}: mixes BraTS releases: {named('brats2021')} and {named('brats2023')}; their label numbers differ "
+            f"(enhancing tumour 4 in 2021, 3 in 2023) and the 2023 release re-issues the 2021 patients under new names{twin}. "
+            "Keep one release per root, or choose one with --subjects / --exclude-subjects.")
 
 
 # -- lesion-free slices ----------------------------------------------------------------------------
+def check_margin(margin) -> int:
+    """``--margin`` as a number of slices: a whole number, 0 or more."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise InputError(f"--margin {margin}: must be a whole number of slices, 0 or more (kept slices lie more than "
+                         "this many slices from any labelled slice; default 2).")
+    return int(margin)
+
+
 def normal_slices(labels: np.ndarray, axis: int, *, margin: int = 2, normal: tuple[int, ...] = (0,)) -> np.ndarray:
     """Boolean per slice along ``axis``: every label of the slice is normal tissue (``normal``)
     and the slice is more than ``margin`` slices away from any slice that is not."""
-    if margin < 0:
-        raise InputError(f"--margin must be 0 or more, got {margin}")
+    check_margin(margin)
     lab = np.moveaxis(np.asarray(labels), axis, 0)
     abnormal = (~np.isin(lab, np.asarray(normal))).reshape(lab.shape[0], -1).any(axis=1)
     if margin and abnormal.any():

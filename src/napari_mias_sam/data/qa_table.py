@@ -32,6 +32,7 @@ __all__ = [
     "STATUSES",
     "SHARED_COLUMNS",
     "QA_COLUMNS",
+    "LESION_QA_COLUMNS",
     "QA_SUFFIX",
     "QaTable",
     "qa_name",
@@ -51,6 +52,10 @@ REVIEW_COLUMNS = ("status", "orig_i", "orig_j", "orig_k", "displacement_mm", "ha
                   "in_lesion_after", "slice_dice_before", "slice_dice_after", "volume_dice_before", "volume_dice_after")
 VOLUME_COLUMNS = ("volume", "volume_shape", "affine", "backbone", "settings")
 QA_COLUMNS = SHARED_COLUMNS + REVIEW_COLUMNS + VOLUME_COLUMNS
+#: Optional volume columns (files saved before lesions existed lack them): the saved lesions, the
+#: whole-lesion review and, with a ground truth, the BraTS lesion-wise scores of the saved lesions.
+LESION_QA_COLUMNS = ("lesions", "lesions_accepted", "lesions_rejected", "lesionwise_dice", "lesionwise_hd95",
+                     "true_lesions", "lesions_detected", "lesions_missed", "lesions_false_positive")
 QA_SUFFIX = "_qa.csv"
 REPORT_NAMES = ("qa_report.json", "qa_report.md", "qa_displacement.png")
 
@@ -82,10 +87,11 @@ def _cell(v: Any) -> Any:
 def qa_csv_text(rows: list[dict]) -> str:
     """The QA table as CSV text (:data:`QA_COLUMNS`; missing values and NaN as empty cells)."""
     buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(QA_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    cols = list(QA_COLUMNS) + list(LESION_QA_COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({c: _cell(r.get(c)) for c in QA_COLUMNS})
+        w.writerow({c: _cell(r.get(c)) for c in cols})
     return buf.getvalue()
 
 
@@ -105,56 +111,162 @@ class QaTable:
         return next((r["status"] for r in self.rows if r["slice"] == s), "")
 
 
-def _parse_row(path: Path, n: int, raw: dict) -> dict:
+_DICE = ("slice_dice_before", "slice_dice_after", "volume_dice_before", "volume_dice_after")
+_CENTRES = (("i", "j", "k"), ("orig_i", "orig_j", "orig_k"))
+#: Columns with one value for the whole file (one QA file holds one volume's review).
+_SAME_ON_EVERY_ROW = VOLUME_COLUMNS + ("volume_dice_before", "volume_dice_after")
+
+
+def _bad(path: Path, line: int, what: str) -> InputError:
+    return InputError(f"{path}: line {line}: {what}; save the QA file again from the viewer.")
+
+
+def _number(path: Path, line: int, col: str, text: str) -> float | None:
+    """A numeric cell: empty (or NaN, as other tools write it) is None; anything else must be a finite number."""
+    t = text.strip()
+    if t == "" or t.lower() == "nan":
+        return None
+    try:
+        v = float(t)
+    except ValueError:
+        raise _bad(path, line, f"{col} {t!r} is not a number") from None
+    if not math.isfinite(v):
+        raise _bad(path, line, f"{col} {t} is not a finite number")
+    return v
+
+
+def _flag(path: Path, line: int, col: str, text: str) -> bool | None:
+    t = text.strip().lower()
+    if t == "":
+        return None
+    if t in ("0", "1", "0.0", "1.0", "true", "false"):
+        return t in ("1", "1.0", "true")
+    raise _bad(path, line, f"{col} {text!r} is not 0 or 1")
+
+
+def _parse_row(path: Path, line: int, cells: list[str], header: list[str]) -> dict:
+    """One row's cells, typed and checked for what they mean (ranges, finite numbers, 0/1 flags)."""
+    raw = dict(zip(header, cells))
     row: dict[str, Any] = dict(raw)
     try:
         row["slice"] = int(raw["slice"])
-        row["anomalous"] = int(raw["anomalous"] or 0)
-        for c in _FLOATS:
-            row[c] = float(raw[c]) if raw[c] not in ("", None) else None
-        for c in _BOOLS:
-            row[c] = None if raw[c] in ("", None) else bool(int(raw[c]))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: row {n} is not a QA row ({exc}); save the QA file again from the viewer.") from None
+    except ValueError:
+        raise _bad(path, line, f"slice {raw['slice']!r} is not a slice number") from None
+    row["anomalous"] = int(_flag(path, line, "anomalous", raw["anomalous"]) or False)
+    for c in _FLOATS:
+        row[c] = _number(path, line, c, raw[c])
+    for c in _BOOLS:
+        row[c] = _flag(path, line, c, raw[c])
+    for c in LESION_QA_COLUMNS:  # optional: files saved before lesions existed lack them
+        row[c] = _number(path, line, c, raw[c]) if c in raw else None
     if row["status"] not in STATUSES + ("",):
-        raise InputError(f"{path}: row {n} has status '{row['status']}', not one of {', '.join(STATUSES)}.")
+        raise _bad(path, line, f"status '{row['status']}' is not one of {', '.join(STATUSES)}")
+    for c in _DICE:
+        if row[c] is not None and not 0.0 <= row[c] <= 1.0:
+            raise _bad(path, line, f"{c} {row[c]:g} is outside [0, 1], where a Dice lies")
+    if row["displacement_mm"] is not None and row["displacement_mm"] < 0:
+        raise _bad(path, line, f"displacement_mm {row['displacement_mm']:g} is negative (a distance)")
     return row
 
 
+def _cut_short(path: Path, line: int, cells: list[str], header: list[str], last: bool) -> InputError:
+    got = len(cells)
+    where = f"ends after {got} of the {len(header)} columns (in '{header[got - 1]}')" if got else "is empty"
+    if last:
+        return InputError(f"{path}: line {line} {where}: the file is cut short (an interrupted copy or save?); "
+                          "save the QA file again from the viewer.")
+    return _bad(path, line, f"{got} cells where the header has {len(header)}")
+
+
+def _check_geometry(path: Path, rows: list[tuple[int, dict]], shape: tuple[int, ...], affine: np.ndarray | None) -> None:
+    """Prompt centres inside the volume, displacements no longer than its diagonal, and one row
+    per slice along the slicing axis (found from the centres: the axis whose index is the slice)."""
+    dims = np.asarray(shape, dtype=float)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0) if affine is not None else np.ones(3)
+    diagonal = float(np.linalg.norm((dims - 1) * spacing)) if len(shape) == 3 else math.inf
+    axes = set(range(len(shape)))
+    for line, r in rows:
+        for cols in _CENTRES:
+            vals = [r[c] for c in cols]
+            for c, v, n in zip(cols, vals, shape):
+                if v is not None and not -0.5 <= v <= n - 0.5:
+                    raise _bad(path, line, f"{c} {v:g} lies outside the volume ({'x'.join(map(str, shape))})")
+            if cols[0] == "i" and None not in vals:
+                axes &= {a for a in range(len(shape)) if round(vals[a]) == r["slice"]}
+        if r["displacement_mm"] is not None and r["displacement_mm"] > diagonal + 1e-6:
+            raise _bad(path, line, f"displacement_mm {r['displacement_mm']:g} is longer than the volume's diagonal "
+                                   f"({diagonal:.1f} mm)")
+    if len(shape) != 3:
+        return
+    counts = sorted({shape[a] for a in (axes or range(3))})
+    if len(rows) not in counts and len(rows) < max(counts):
+        expected = min(c for c in counts if c > len(rows))
+        raise InputError(f"{path}: ends at line {rows[-1][0]} after {len(rows)} of the volume's {expected} slices "
+                         f"(slice {rows[-1][1]['slice']} is the last): the file is cut short (an interrupted copy or save?); "
+                         "save the QA file again from the viewer.")
+
+
 def read_qa(path: str | Path) -> QaTable:
-    """Read a ``<stem>_qa.csv``; a one-line :class:`InputError` for a file that is not one (missing
-    columns, bad values, rows of several volumes)."""
+    """Read a ``<stem>_qa.csv`` and check what every cell means; a one-line :class:`InputError`
+    naming the line for a file that is not one: empty, missing columns, separated by ';', cut
+    short (a last row without all its cells, or fewer rows than the volume's slices), two files
+    joined, values out of range (a Dice outside [0, 1], a negative, infinite or impossibly long
+    displacement, a prompt centre outside the volume, a flag other than 0/1), or rows that
+    disagree on the volume."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; pass a <stem>_qa.csv file (or give the folder to qa-report).")
     if not path.is_file():
         raise InputError(f"{path}: no such QA file; pass the <stem>_qa.csv saved from the viewer.")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot be read as a QA file ({exc}).") from None
-    reader = csv.DictReader(_io.StringIO(text))
-    missing = [c for c in QA_COLUMNS if c not in (reader.fieldnames or [])]
+    if not text.strip():
+        raise InputError(f"{path}: is empty ({path.stat().st_size} bytes): the save was interrupted? Save the QA file again from the viewer.")
+    reader = csv.reader(_io.StringIO(text))
+    header = next(reader)
+    missing = [c for c in QA_COLUMNS if c not in header]
     if missing:
+        for sep, name in ((";", "';'"), ("\t", "tabs")):
+            if len(header) < 3 and sep in text.splitlines()[0]:
+                raise InputError(f"{path}: its cells are separated by {name}, not commas (re-saved by a spreadsheet?); "
+                                 "save it again from the viewer, or export it as comma-separated CSV.")
         named = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise InputError(f"{path}: not a MIAS-SAM QA file: missing column{'s' if len(missing) > 1 else ''} {named}; "
                          "save it from the viewer (File > Save Selected Layers on the CoG layer).")
-    rows = [_parse_row(path, n, r) for n, r in enumerate(reader, start=2)]
+    records = [(reader.line_num, cells) for cells in reader if cells]
+    rows: list[tuple[int, dict]] = []
+    for n, (line, cells) in enumerate(records):
+        if cells == header:
+            raise _bad(path, line, "repeats the header: two QA files joined into one? One QA file holds one volume")
+        if len(cells) != len(header):
+            if len(cells) > len(header):
+                raise _bad(path, line, f"{len(cells)} cells where the header has {len(header)}")
+            raise _cut_short(path, line, cells, header, last=n == len(records) - 1)
+        rows.append((line, _parse_row(path, line, cells, header)))
     if not rows:
         raise InputError(f"{path}: the QA file has no rows.")
-    volumes = sorted({(r["volume"], r["volume_shape"]) for r in rows})
-    if len(volumes) > 1:
-        raise InputError(f"{path}: rows of {len(volumes)} volumes ({', '.join(v for v, _ in volumes)}); one QA file holds one volume.")
-    first = rows[0]
+    first_line, first = rows[0]
+    for line, r in rows[1:]:
+        for c in _SAME_ON_EVERY_ROW:
+            if r[c] != first[c]:
+                raise _bad(path, line, f"{c} {r[c]!r} differs from line {first_line}'s {first[c]!r}; one QA file holds "
+                                       "one volume's review")
     try:
         shape = tuple(int(x) for x in str(first["volume_shape"]).split("x"))
         settings = json.loads(first["settings"]) if first["settings"] else {}
         affine = np.asarray(json.loads(first["affine"]), dtype=float).reshape(4, 4) if first["affine"] else None
     except ValueError as exc:
-        raise InputError(f"{path}: bad volume_shape or settings ({exc}); save the QA file again from the viewer.") from None
-    slices = [r["slice"] for r in rows]
+        raise _bad(path, first_line, f"bad volume_shape, affine or settings ({exc})") from None
+    if affine is not None and not np.isfinite(affine).all():
+        raise _bad(path, first_line, "the affine holds NaN or infinite values")
+    slices = [r["slice"] for _, r in rows]
     if len(set(slices)) != len(slices) or min(slices) < 0 or (len(shape) == 3 and max(slices) >= max(shape)):
         raise InputError(f"{path}: slice numbers repeat or lie outside the volume; save the QA file again from the viewer.")
+    _check_geometry(path, rows, shape, affine)
     return QaTable(path=path, volume=str(first["volume"]), shape=shape, backbone=str(first["backbone"]),
-                   settings=settings, affine=affine, rows=sorted(rows, key=lambda r: r["slice"]))
+                   settings=settings, affine=affine, rows=sorted((r for _, r in rows), key=lambda r: r["slice"]))
 
 
 def check_same_volume(table: QaTable, volume: str, shape: Iterable[int], n_slices: int) -> None:
@@ -202,6 +314,7 @@ def _volume_summary(t: QaTable) -> dict:
         "volume_dice_before": t.rows[0]["volume_dice_before"], "volume_dice_after": t.rows[0]["volume_dice_after"],
         "corrections": [{"slice": r["slice"], "image_score": r["image_score"], "displacement_mm": r["displacement_mm"]}
                         for r in corrected],
+        **{c: t.rows[0].get(c) for c in LESION_QA_COLUMNS},
     }
 
 
@@ -225,6 +338,9 @@ def summarise(tables: list[QaTable]) -> dict:
                    volume_dice_before=_mean([p["volume_dice_before"] for p in per]),
                    volume_dice_after=_mean([p["volume_dice_after"] for p in per]))
     overall["corrections"] = [dict(c, volume=p["volume"]) for p in per for c in p["corrections"]]
+    for c in LESION_QA_COLUMNS:  # counts add up over volumes; lesion-wise scores are means over volumes with them
+        vals = [p[c] for p in per if p.get(c) is not None]
+        overall[c] = (_mean(vals) if c.startswith("lesionwise") else float(sum(vals))) if vals else None
     return {"volumes": per, "overall": overall}
 
 
@@ -250,4 +366,20 @@ def report_text(summary: dict) -> str:
     lines.append("\nCoG in lesion: prompted slices holding lesion whose prompt centre lies in it (a rejected one "
                  "counts as a miss after review). Slice Dice: mean over lesion slices. '-': no ground truth was "
                  "picked, or nothing to count.")
+    rows = [p for p in summary["volumes"] + [summary["overall"]] if p.get("lesions") is not None]
+    if rows:
+        def n(v) -> str:
+            return "-" if v is None else str(int(v))
+
+        lines.append("\n| volume | lesions saved | accepted | rejected | lesion-wise Dice | lesion-wise HD95 (mm) | true lesions "
+                     "| detected | missed | false positives |")
+        lines.append("|" + "---|" * 10)
+        for p in rows:
+            name = p["volume"] if p["volume"] != "all" else "**all**"
+            hd = "-" if p["lesionwise_hd95"] is None else f"{p['lesionwise_hd95']:.1f}"
+            lines.append(f"| {name} | {n(p['lesions'])} | {n(p['lesions_accepted'])} | {n(p['lesions_rejected'])} | "
+                         f"{_f(p['lesionwise_dice'])} | {hd} | {n(p['true_lesions'])} | {n(p['lesions_detected'])} | "
+                         f"{n(p['lesions_missed'])} | {n(p['lesions_false_positive'])} |")
+        lines.append("\nLesions: the saved mask's 3D connected components; rejected ones were removed from the mask and "
+                     "the lesion files. Lesion-wise scores: the BraTS 2023 rule on the saved lesions.")
     return "\n".join(lines) + "\n"

@@ -44,6 +44,9 @@ class Volume:
     header: nib.Nifti1Header | None = None
     path: Path | None = None
     meta: dict = field(default_factory=dict)
+    #: Several co-registered sequences of one case (C, X, Y, Z) float32 that go into the encoder's
+    #: channels (a multi-sequence bank), ``data`` being the first; ``None``: ``data`` alone.
+    channels: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -14,11 +14,40 @@ from ..method.regions import EXTENT_QUANTILE, SEED_QUANTILE
 __all__ = ["write_report", "markdown_tables", "report_outputs", "REPORT_NAMES"]
 
 _COLS = ["ablation", "value", "bank", "layout", "k", "normalisation", "prompt", "gamma", "mask",
-         "slice_dice", "slice_dice_with_decision", "volume_dice", "volume_dice_with_decision"]
+         "slice_dice", "slice_dice_with_decision", "volume_dice", "volume_dice_with_decision",
+         "lesionwise_dice", "lesionwise_hd95", "lesions_detected", "lesions_missed", "lesions_false_positive"]
 
 
 def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def _lesion_columns(row: dict) -> dict:
+    t = row.get("lesionwise") or {}
+    return {"lesionwise_dice": t.get("lesionwise_dice"), "lesionwise_hd95": t.get("lesionwise_hd95"),
+            "lesions_detected": t.get("detected"), "lesions_missed": t.get("missed"),
+            "lesions_false_positive": t.get("false_positives")}
+
+
+def _lesionwise_table(res: dict) -> list[str]:
+    """Lesion-wise Dice, HD95 and lesion counts of the default (and each bank), per subject."""
+    rows = [r for r in res["rows"] if r.get("lesionwise") and (r["ablation"] == "default" or
+                                                                (r["ablation"] == "bank" and len(res.get("banks", [])) > 1))]
+    if not rows:
+        return []
+    out = ["\n### Lesion-wise (BraTS 2023 rule: true lesions dilated 3 voxels, overlap matches, false positives "
+           "score Dice 0 and HD95 374 mm; true lesions of at most 50 mm^3 not counted)\n",
+           "| run | subject | lesion-wise Dice | lesion-wise HD95 (mm) | true lesions | detected | missed | false positives | predicted lesions |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = "default" if r["ablation"] == "default" else r["value"]
+        for c in r["lesionwise_per_subject"]:
+            out.append(f"| {name} | {c['subject']} | {_pct(c['lesionwise_dice'])} | {c['lesionwise_hd95']:.1f} | {c['gt_lesions']} | "
+                       f"{c['detected']} | {c['missed']} | {c['false_positives']} | {c['pred_lesions']} |")
+        t = r["lesionwise"]
+        out.append(f"| {name} | **mean of {t['cases']}** | **{_pct(t['lesionwise_dice'])}** | **{t['lesionwise_hd95']:.1f}** | "
+                   f"{t['gt_lesions']} | {t['detected']} | {t['missed']} | {t['false_positives']} | {t['pred_lesions']} |")
+    return out
 
 
 def markdown_tables(res: dict) -> str:
@@ -43,11 +72,13 @@ def markdown_tables(res: dict) -> str:
         out.append(f"| {d['bank']} | {d['layout']} | {d['k']} | {_pct(d['p_auroc'])} | {_pct(d['aupro_0.3'])} | "
                    f"{_pct(d['image_auroc'])} | {_pct(b['slice_dice'])} | {_pct(b['volume_dice'])} |")
     out.append("\n### Segmentation (Dice %, one factor varied at a time around the default)\n")
-    out.append("| ablation | value | slice Dice | slice Dice, slice decision | volume Dice | volume Dice, slice decision |")
-    out.append("|---|---|---|---|---|---|")
+    out.append("| ablation | value | slice Dice | slice Dice, slice decision | volume Dice | volume Dice, slice decision | lesion-wise Dice |")
+    out.append("|---|---|---|---|---|---|---|")
     for r in res["rows"]:
+        lw = (r.get("lesionwise") or {}).get("lesionwise_dice")
         out.append(f"| {r['ablation']} | {r['value']} | {_pct(r['slice_dice'])} | {_pct(r['slice_dice_with_decision'])} | "
-                   f"{_pct(r['volume_dice'])} | {_pct(r['volume_dice_with_decision'])} |")
+                   f"{_pct(r['volume_dice'])} | {_pct(r['volume_dice_with_decision'])} | {_pct(lw) if lw is not None else ''} |")
+    out.extend(_lesionwise_table(res))
     cmp = res.get("default_vs_baseline")
     if cmp:
         line = (f"\n**Default vs the 0.5-threshold baseline** ({cmp['bank']}, {cmp['n']} anomalous slices): slice Dice "
@@ -143,7 +174,7 @@ def write_report(res: dict, out: str | Path, *, overwrite: bool = False, claim: 
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_COLS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(res["rows"])
+    w.writerows([{**r, **_lesion_columns(r)} for r in res["rows"]])
     with contextlib.ExitStack() as stack:
         outs = claim if claim is not None else stack.enter_context(report_outputs(out, overwrite=overwrite))
         outs.temp("results.csv").write_text(buf.getvalue(), encoding="utf-8")

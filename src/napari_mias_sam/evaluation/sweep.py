@@ -1,4 +1,5 @@
-"""Evaluation over many subjects or slices: the paper's metrics, 3D metrics and ablations.
+"""Evaluation over many subjects or slices: the paper's metrics, 3D metrics, lesion-wise metrics
+(BraTS 2023 rule, for the default and each bank) and ablations.
 
 Each test slice is encoded once (embedding cache); the kNN runs once per (bank, k); a decode
 pass runs once per (bank, k, normalisation, prompt, gamma); the three masks of one pass give
@@ -19,10 +20,12 @@ from ..core import defaults
 from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, NORMALISATIONS
 from ..bank import MemoryBank, check_compatible
 from ..pipeline.embedding_cache import EmbeddingCache
-from ..data.datasets import LesionLabels, lesion_mask
+from ..data.datasets import LesionLabels, check_lesion_labels, label_values, lesion_mask
 from ..core.errors import InputError
 from ..data.volumes import Volume, load_labels, load_volume
 from .scoring import baseline_slices
+from .lesionwise import LESIONWISE_SUMMARY_KEYS, lesionwise, summarise_cases
+from ..method.lesions import LesionRule, label_lesions
 from .metrics import aupro, image_auroc, paired_bootstrap, paper_slice_dice, pixel_auroc, volume_dice
 from ..method.patches import GRID
 from ..pipeline.segment import EncodedVolume, cached_encode, decode_all, neighbour_distances, slice_decision_threshold
@@ -52,16 +55,21 @@ class TestUnit:
     labels: np.ndarray  # (N,) 1 = anomalous slice
     is_volume: bool
     embeddings: torch.Tensor | None = None
+    spacing: tuple[float, float, float] | None = None  # mm per voxel, slices first (volumes: for lesion-wise HD95)
 
 
 def unit_from_volume(vol: Volume, gt: np.ndarray, bank: MemoryBank, axis: int | str | None = None, *, name: str | None = None) -> TestUnit:
     """One unit from an image volume and its binary ground truth (file order), preprocessed as the bank was."""
     ax = resolve_axis(axis if axis is not None else bank.slice_axis, vol.affine)
-    frames, fg = volume_frames(vol.data, preprocessing_from_bank(bank), ax, source=str(vol.path or vol.name),
+    frames, fg = volume_frames(vol.data if vol.channels is None else vol.channels, preprocessing_from_bank(bank), ax,
+                               source=str(vol.path or vol.name),
                              encoding=encoding_of(bank.backbone))
     g = volume_slices(np.asarray(gt, dtype=bool), ax)
     h, w = g.shape[1:]
-    return TestUnit(name or vol.name, frames, fg, Frame(h, w), np.ascontiguousarray(g), g.reshape(len(g), -1).any(1).astype(int), True)
+    sp = vol.spacing
+    spacing = (sp[ax], *[sp[a] for a in range(3) if a != ax])
+    return TestUnit(name or vol.name, frames, fg, Frame(h, w), np.ascontiguousarray(g), g.reshape(len(g), -1).any(1).astype(int), True,
+                    spacing=spacing)
 
 
 def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, axis: int | str | None = None, *,
@@ -70,6 +78,9 @@ def units_from_volumes(images: list[Path], gts: list[Path], bank: MemoryBank, ax
     as the anomaly (None: any non-zero)."""
     if len(images) != len(gts):
         raise InputError(f"--images and --gts must pair up: got {len(images)} images and {len(gts)} ground truths.")
+    if lesion is not None:  # labels the user chose: held by the ground truths, or refused before the images load
+        check_lesion_labels(lesion, {Path(g).name: label_values(g) for g in gts},
+                            source=f"--lesion-labels {','.join(map(str, lesion))}")
     units = []
     for img_p, gt_p in zip(images, gts):
         vol = load_volume(img_p)
@@ -214,11 +225,22 @@ def _masks(u: TestUnit, logits: np.ndarray, mask_index: int, keep: np.ndarray) -
     return m
 
 
-def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int, k: int, per_slice: list | None = None) -> dict:
+def _lesion_scores(u: TestUnit, m: np.ndarray) -> dict:
+    """The BraTS lesion-wise scores of one volume's mask: its lesions (the default rule) against the
+    ground truth's lesions."""
+    lab = label_lesions(m, LesionRule())
+    lw = lesionwise(lab > 0, u.gt, u.spacing or (1.0, 1.0, 1.0), pred_labels=lab)
+    return {"subject": u.name, **{k: lw[k] for k in LESIONWISE_SUMMARY_KEYS}}
+
+
+def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int, k: int, per_slice: list | None = None,
+                          lesions: bool = False) -> dict:
     """Slice and volume Dice of one decode pass, with and without the slice decision.
-    ``per_slice``: if given, receives (unit index, slice Dice) of every anomalous slice."""
+    ``per_slice``: if given, receives (unit index, slice Dice) of every anomalous slice.
+    ``lesions``: also the lesion-wise scores of each volume (BraTS 2023 rule)."""
     thr = slice_decision_threshold(ctx.banks[b], k)
     preds, preds_dec, gts, labels, vd, vd_dec, owner = [], [], [], [], [], [], []
+    lesion_rows = []
     for u, lg, pr, sc in zip(ctx.units, pas.logits, pas.prompts, unit_scores(ctx, b, k)):
         has_prompt = np.array([p is not None for p in pr])
         keep = u.foreground & has_prompt
@@ -232,6 +254,8 @@ def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int,
         if u.is_volume:
             vd.append(volume_dice(m, u.gt))
             vd_dec.append(volume_dice(m_dec, u.gt))
+            if lesions:
+                lesion_rows.append(_lesion_scores(u, m))
     lab = np.asarray(labels)
     sd = paper_slice_dice(preds, gts, labels=lab)
     if per_slice is not None:
@@ -244,6 +268,7 @@ def _segmentation_metrics(ctx: EvalContext, pas: _Pass, mask_index: int, b: int,
         "volume_dice_per_subject": [round(v, 4) for v in vd],
         "decision_threshold": thr,
         "slices_kept_with_decision": int(sum(bool(m.any()) for m in preds_dec)),
+        **({"lesionwise": summarise_cases(lesion_rows), "lesionwise_per_subject": lesion_rows} if lesion_rows else {}),
     }
 
 
@@ -323,7 +348,7 @@ def evaluate(
         pas = _decode_pass(ctx, b, k, norm, prompt, gamma)
         row = {"ablation": group, "value": str(value), "bank": _bank_name(banks[b]), "layout": banks[b].layout,
                "k": k, "normalisation": norm, "prompt": prompt, "gamma": gamma, "mask": mask}
-        row.update(_segmentation_metrics(ctx, pas, mask, b, k, per_slice=per_slice))
+        row.update(_segmentation_metrics(ctx, pas, mask, b, k, per_slice=per_slice, lesions=group in ("default", "bank")))
         rows.append(row)
 
     d = base

@@ -8,6 +8,7 @@ can be checked against it (:func:`check_disjoint`).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,11 @@ from ..data.datasets import (
     canonical_modality,
     case_for_file,
     check_case,
+    check_lesion_labels,
+    check_margin,
     dataset_kind,
     find_cases,
+    label_values,
     lesion_description,
     lesion_mask,
     normal_slices,
@@ -32,6 +36,7 @@ from ..data.datasets import (
     select_cases,
 )
 from ..core.errors import InputError
+from ..data.sequences import case_sequence_files, parse_sequences
 from ..data.volumes import Volume, load_labels, load_volume
 from ..method.preprocess import resolve_axis, PREPROCESS_PRESETS, Preprocessing
 from ..core.records import to_dict
@@ -53,6 +58,9 @@ __all__ = [
     "segment_inputs",
     "units_from_dataset",
     "roi_for_bank",
+    "bank_sequences",
+    "with_sequences",
+    "sequences_for_bank",
 ]
 
 ROIS = ("liver",)
@@ -85,8 +93,19 @@ def apply_roi(image: Volume, labels: Volume, roi: str, kind: DatasetKind) -> Vol
 
 
 def load_case(case: Case, modality: str | None = None, *, roi: str | None = None, need_labels: bool = False) -> CaseData:
-    """Read one modality of ``case`` (default: the layout's) with its labels on the same grid."""
-    mod = canonical_modality(modality or case.info.default_modality)
+    """Read one modality of ``case`` (default: the layout's) with its labels on the same grid;
+    ``modality`` naming three sequences (``"flair,t1ce,t2"``) reads them as the image's channels."""
+    seqs = parse_sequences(modality or case.info.default_modality)
+    if len(seqs) > 1:
+        if roi:
+            raise InputError("--roi masks one CT image per case; it does not combine with several sequences.")
+        image = with_sequences(case, seqs)
+        labels = load_labels(case.seg, like=image) if case.seg is not None else None
+        if labels is None and need_labels:
+            raise InputError(f"{case.folder}: case {case.subject} has no segmentation file; its lesion-free slices cannot "
+                             "be found without it.")
+        return CaseData(case, ",".join(seqs), image, labels, None)
+    mod = seqs[0]
     path = case.image(mod)
     check_case(case, [mod])
     if case.seg is None and (need_labels or roi):
@@ -104,8 +123,9 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
     """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
     ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
     groups = []
+    first = parse_sequences(modality)[0]
     for case in cases:
-        path = case.image(modality)
+        path = case.image(first)
         import nibabel as nib
 
         shape = nib.load(str(path)).shape
@@ -114,7 +134,8 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
         def load(case: Case = case) -> tuple[torch.Tensor, int, list[int], dict]:
             cd = load_case(case, modality, roi=roi, need_labels=True)
             ax = resolve_axis(axis, cd.image.affine)
-            frames, fg = volume_frames(cd.image.data, prep, ax, source=str(cd.image.path), encoding=encoding)
+            data = cd.image.data if cd.image.channels is None else cd.image.channels
+            frames, fg = volume_frames(data, prep, ax, source=str(cd.image.path), encoding=encoding)
             normal = normal_slices(cd.labels.data, ax, margin=margin, normal=case.info.normal)
             keep = np.flatnonzero(normal & fg)
             lesion = normal_slices(cd.labels.data, ax, margin=0, normal=case.info.normal)
@@ -128,20 +149,57 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
 
 
 def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, subjects=None, exclude=None,
-                    roi: str | None = None) -> tuple[list[Case], DatasetKind, str]:
+                    roi: str | None = None, margin: int | None = None,
+                    axis: int | str = "axial") -> tuple[list[Case], DatasetKind, str]:
     """The cases of ``root`` chosen by the subject lists, their layout and the canonical modality;
-    every case is checked (files present, one grid) before any work."""
+    every case is checked (files present, one grid) before any work. With ``margin``: the margin
+    is checked, and refused when it leaves no slice of the cases (their labels are read for that)."""
+    if margin is not None:
+        check_margin(margin)  # before anything is read or printed
     cases = select_cases(find_cases(root), subjects=subjects, exclude=exclude)
     kind = dataset_kind(cases)
-    mod = canonical_modality(modality or kind.default_modality)
+    seqs = parse_sequences(modality or kind.default_modality)
+    mod = ",".join(seqs)
     if roi is not None and roi not in kind.rois:
         raise InputError(f"--roi {roi}: {root} is a {kind.title} dataset, which has no {roi} labels.")
+    if len(seqs) > 1 and roi is not None:
+        raise InputError("--roi masks one CT image per case; it does not combine with several sequences.")
     for c in cases:
-        check_case(c, [mod])
+        if len(seqs) > 1:
+            case_sequence_files(c, seqs)  # a missing sequence: one line naming its file
+        check_case(c, list(seqs))
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; a bank from lesion-free slices "
                              "needs the labels (leave the case out with --exclude-subjects).")
+    if margin is not None:
+        _check_margin_leaves_slices(cases, margin, axis)
     return cases, kind, mod
+
+
+@functools.lru_cache(maxsize=4096)
+def _abnormal_slices(seg: str, stamp: tuple, axis: int | str, normal: tuple[int, ...]) -> np.ndarray:
+    """Per slice along ``axis``: holds a label that is not normal tissue (``stamp``: the file's
+    size and time, so a changed file is read again)."""
+    import nibabel as nib
+
+    img = nib.load(seg)
+    ax = resolve_axis(axis, img.affine)
+    lab = np.moveaxis(np.asarray(img.dataobj), ax, 0)
+    return (~np.isin(lab, np.asarray(normal))).reshape(lab.shape[0], -1).any(axis=1)
+
+
+def _check_margin_leaves_slices(cases: list[Case], margin: int, axis: int | str) -> None:
+    """Refuse a margin that excludes every slice of every case, with the counts that show it."""
+    total = lesion = kept = 0
+    for c in cases:
+        st = c.seg.stat()
+        abnormal = _abnormal_slices(str(c.seg), (st.st_size, st.st_mtime_ns), axis, tuple(c.info.normal))
+        free = normal_slices(abnormal[:, None], 0, margin=margin, normal=(False,))
+        total, lesion, kept = total + len(abnormal), lesion + int(abnormal.sum()), kept + int(free.sum())
+    if kept == 0:
+        raise InputError(f"--margin {margin} leaves no slice: of the {total} slices of {len(cases)} case{'s' if len(cases) > 1 else ''}, "
+                         f"{lesion} hold lesion labels and the other {total - lesion} lie within {margin} slices of one; "
+                         "use a smaller --margin (default 2), or add cases without lesions.")
 
 
 def build_bank_from_dataset(
@@ -168,9 +226,8 @@ def build_bank_from_dataset(
     ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
     layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
     records the layout, root, modality, margin, ROI and subjects."""
-    if margin < 0:
-        raise InputError(f"--margin must be 0 or more, got {margin}")
-    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi)
+    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi,
+                                       margin=margin, axis=axis)
     preset = preprocess or kind.preprocess
     if preset not in PREPROCESS_PRESETS:
         raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
@@ -180,10 +237,12 @@ def build_bank_from_dataset(
     bank = build_bank(groups, backbone, layout=layout, preprocessing=to_dict(prep), slice_axis=axis_name,
                       index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
                       progress=progress, cancelled=cancelled, embed=embed)
+    seqs = parse_sequences(mod)
     bank.manifest["dataset"] = {
         "layout": kind.name,
         "root": str(Path(root).resolve()),
-        "modality": mod,
+        "modality": seqs[0],
+        **({"sequences": list(seqs)} if len(seqs) > 1 else {}),
         "margin": int(margin),
         "normal_labels": list(kind.normal),
         "roi": roi,
@@ -233,10 +292,12 @@ class SegmentInput:
     lesion: LesionLabels = None
     lesion_source: str = "default: any non-zero label"
     roi: str | None = None
+    sequences: tuple[str, ...] | None = None  # a multi-sequence bank's: read from the case as channels
 
     def load(self) -> tuple[Volume, Volume | None]:
-        """The image (masked to the ROI when the bank was built that way) and its label volume."""
-        image = load_volume(self.image)
+        """The image (masked to the ROI when the bank was built that way; with the case's other
+        sequences as channels when the bank takes several) and its label volume."""
+        image = with_sequences(self.case, self.sequences) if self.sequences else load_volume(self.image)
         labels = load_labels(self.gt, like=image) if self.gt is not None else None
         if self.roi:
             image = apply_roi(image, labels, self.roi, self.case.info)
@@ -260,6 +321,10 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
     ``modality``) and LiTS files, each paired with its segmentation unless ``gts`` are given."""
     dataset = manifest.get("dataset") or {}
     roi = dataset.get("roi")
+    seqs = bank_sequences(manifest)
+    if seqs and modality and parse_sequences(modality) != seqs:
+        raise InputError(f"--modality {modality}: the bank was built from the sequences {','.join(seqs)}; runs with it "
+                         "read the same ones (drop --modality).")
     out = []
     for n, v in enumerate(volumes):
         v = Path(v)
@@ -270,13 +335,20 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
                 raise InputError(f"{v}: holds {len(cases)} cases; give one case folder per volume, or evaluate the "
                                  "whole dataset with 'mias-sam evaluate --dataset'.")
             case = cases[0]
-            mod = _case_modality(case, modality, dataset)
+            mod = seqs[0] if seqs else _case_modality(case, modality, dataset)
+            if seqs:
+                case_sequence_files(case, seqs)
             image = case.image(mod)
-            check_case(case, [mod], seg=gt is None)
+            check_case(case, list(seqs or [mod]), seg=gt is None)
         else:
             case, image = case_for_file(v), v
-            if modality and case is not None:
+            if modality and case is not None and not seqs:
                 raise InputError(f"{v}: --modality applies to case folders; give the folder {case.folder} or drop --modality.")
+            if seqs:
+                if case is None:
+                    raise InputError(f"{v}: the bank was built from {len(seqs)} sequences of BraTS cases ({', '.join(seqs)}); "
+                                     "give the case folder (or a file of it, named as the release names it).")
+                case_sequence_files(case, seqs)
         if gt is None and case is not None:
             gt = case.seg
         if roi:
@@ -293,8 +365,19 @@ def segment_inputs(volumes: list[Path], gts: list[Path] | None, manifest: dict, 
         else:
             source = "default: any non-zero label"
         out.append(SegmentInput(image=image, gt=gt, case=case, lesion=lesion_for(case, lesion_labels),
-                                lesion_source=source, roi=roi if roi and case is not None else None))
+                                lesion_source=source, roi=roi if roi and case is not None else None, sequences=seqs))
+    if lesion_labels is not None and str(lesion_labels).strip():
+        _check_given_labels(lesion_labels, {j.gt: j.lesion for j in out if j.gt is not None})
     return out
+
+
+def _check_given_labels(text: str, gts: dict[Path, LesionLabels]) -> None:
+    """``--lesion-labels`` against the ground truths it scores (their label values read first)."""
+    if not gts:
+        raise InputError(f"--lesion-labels {text}: applies to ground truths, and none is given; pass --gt (one per volume) "
+                         "or case folders whose seg file lies beside the images.")
+    lesion = next(iter(gts.values()))
+    check_lesion_labels(lesion, {p.name: label_values(p) for p in gts}, source=f"--lesion-labels {text}")
 
 
 def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subjects=None, exclude=None,
@@ -310,15 +393,22 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
         check_disjoint(bank, cases)
     kind = dataset_kind(cases)
     ds = banks[0].manifest.get("dataset") or {}
-    mod = canonical_modality(modality or ds.get("modality") or kind.default_modality)
+    seqs = bank_sequences(banks[0].manifest)
+    if seqs and modality and parse_sequences(modality) != seqs:
+        raise InputError(f"--modality {modality}: the bank was built from the sequences {','.join(seqs)}; drop --modality.")
+    mod = ",".join(seqs) if seqs else canonical_modality(modality or ds.get("modality") or kind.default_modality)
     roi = ds.get("roi") if ds.get("roi") in kind.rois else None
     if ds.get("roi") and roi is None:
         raise InputError(f"{root}: the bank was built with --roi {ds['roi']} ({ds.get('layout')}) but this is a {kind.title} dataset.")
     for c in cases:  # every file checked before the first is read
-        check_case(c, [mod])
+        if seqs:
+            case_sequence_files(c, seqs)
+        check_case(c, list(parse_sequences(mod)))
         if c.seg is None:
             raise InputError(f"{c.folder}: case {c.subject} has no segmentation file; evaluation needs the ground truth "
                              "(leave the case out with --exclude-subjects).")
+    if lesion_labels is not None and str(lesion_labels).strip():
+        _check_given_labels(lesion_labels, {c.seg: lesion_for(c, lesion_labels) for c in cases})
     units, counted = [], set()
     lesion = lesion_for(cases[0], lesion_labels)
     for c in cases:
@@ -344,3 +434,39 @@ def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
                          f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
                          "masked the same way.")
     return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)
+
+
+# -- several sequences of a case in the encoder's channels --------------------------------------------
+def bank_sequences(manifest: dict) -> tuple[str, ...] | None:
+    """The sequences a bank put into the encoder's channels (None: one image per slice)."""
+    seqs = (manifest.get("dataset") or {}).get("sequences")
+    return tuple(seqs) if seqs and len(seqs) > 1 else None
+
+
+def with_sequences(case: Case, sequences) -> Volume:
+    """The case's ``sequences`` as one :class:`Volume`: the first as ``data`` (geometry), all of
+    them as ``channels``. A missing file or one off the case's grid: one line naming it."""
+    files = case_sequence_files(case, sequences)
+    check_case(case, list(sequences), seg=False)
+    vols = [load_volume(f) for f in files]
+    first = vols[0]
+    return Volume(data=first.data, affine=first.affine, header=first.header, path=first.path,
+                  meta={**first.meta, "sequences": list(sequences)}, channels=np.stack([v.data for v in vols]))
+
+
+def sequences_for_bank(volume: Volume, manifest: dict) -> Volume:
+    """``volume`` with the other sequences the bank takes, read from its BraTS case folder (what the
+    widget runs); unchanged for a one-image bank."""
+    seqs = bank_sequences(manifest)
+    if seqs is None:
+        return volume
+    case = case_for_file(volume.path) if volume.path is not None else None
+    if case is None:
+        raise InputError(f"the bank was built from {len(seqs)} sequences of BraTS cases ({', '.join(seqs)}): open a volume "
+                         "of a BraTS case folder (named as the release names it), so its other sequences can be read.")
+    full = with_sequences(case, seqs)
+    if full.data.shape != volume.data.shape:
+        raise InputError(f"{case.folder}: its sequences are {full.data.shape} but the image is {volume.data.shape}; "
+                         "open the case's own image.")
+    return Volume(data=volume.data, affine=volume.affine, header=volume.header, path=volume.path,
+                  meta={**volume.meta, "sequences": list(seqs)}, channels=full.channels)

@@ -4,7 +4,10 @@ are encoded once, whichever volume file, widget session or evaluation sweep asks
 Entries are written atomically (a temporary file beside the entry, renamed into place). The cache
 is bounded: after each write the least recently used entries (reading an entry marks it used) are
 removed until the folder holds at most ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`;
-``MIAS_SAM_CACHE_MAX_GB`` or ``mias-sam cache limit`` change it)."""
+``MIAS_SAM_CACHE_MAX_GB`` or ``mias-sam cache limit`` change it). A limit is checked for what it
+means (:func:`parse_cache_limit`: a size, not negative, not larger than the disk, not a bare number
+of bytes smaller than one entry); a saved or environment value that is not one is named in a
+warning and the default applies."""
 
 from __future__ import annotations
 
@@ -12,17 +15,21 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.errors import InputError
+from ..core.machine import human_bytes
 from ..core.paths import cache_dir
 from ..method.reference_encoding import embedding_dtype, encoding_of
 
 __all__ = ["EmbeddingCache", "frames_key", "neighbours_key", "cached_encoder", "DEFAULT_MAX_BYTES", "cache_limit",
-           "set_cache_limit"]
+           "set_cache_limit", "parse_cache_limit", "CacheSettingsWarning", "TOOL_FILES"]
 
 #: Default size cap of the embedding cache: 4 GiB. One slice's embedding (256 x 64 x 64, fp16) is
 #: 2 MiB, so this holds about 2,000 slices: 13 BraTS volumes of 155 slices.
@@ -31,18 +38,74 @@ _ENTRY = re.compile(r"^[^.].*\.npy$")  # temporary files of writes in progress s
 _SETTINGS = "cache-settings.json"
 
 
+#: What the tool itself keeps in the cache folder (``mias-sam cache clear --all`` removes these and
+#: nothing else): embeddings, ONNX exports, downloaded weights and their digests, the settings,
+#: the copies of the bundled sample data (``sample-data-<version>``).
+TOOL_FILES = ("embeddings", "onnx", "weights", "weights-digests.json", _SETTINGS, "sample-data-*")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SMALLEST_BARE = 1024**2  # a number without a unit below this is a forgotten unit, not a byte count
+
+
+class CacheSettingsWarning(UserWarning):
+    """A saved or environment cache limit that is not a size (the default applies instead)."""
+
+
+def parse_cache_limit(text: str, *, disk_bytes: int | None = None) -> int:
+    """A cache limit as the user writes it (``500M``, ``8G``, ``8 GiB``, ``0``; binary units; a bare
+    number is bytes) in bytes. Refused (:class:`InputError`, naming the value): anything that is not
+    a finite size, a negative size, more than the disk holding the cache folder (``disk_bytes``,
+    default: measured), and a bare number under 1 MiB (``8``: 8 bytes is surely 8G meant)."""
+    m = _SIZE.match(str(text))
+    if m is None:
+        raise InputError(f"{text!r}: not a size; write e.g. 500M or 8G (binary units: K, M, G, T).")
+    value, unit, explicit_bytes = float(m[1]), m[2].upper(), bool(m[3])
+    if value < 0:
+        raise InputError(f"{text!r}: a size cannot be negative; write e.g. 8G, or 0 to keep only the newest entry.")
+    size = value * _UNITS[unit]
+    if disk_bytes is None:
+        disk_bytes = shutil.disk_usage(cache_dir()).total
+    if size > disk_bytes:
+        raise InputError(f"{text!r} is larger than the whole disk holding the cache folder ({human_bytes(disk_bytes)}); "
+                         f"give a limit up to that, e.g. {human_bytes(disk_bytes // 4)}.")
+    if not unit and not explicit_bytes and 0 < size < _SMALLEST_BARE:
+        raise InputError(f"{text!r}: {int(size)} bytes is smaller than one cached slice (about 2 MiB); write {text.strip()}G for "
+                         f"{text.strip()} GiB or {text.strip()}M for {text.strip()} MiB ({text.strip()}B if you mean bytes).")
+    return int(size)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CacheSettingsWarning, stacklevel=3)
+
+
 def cache_limit() -> int:
-    """The embedding cache's size cap in bytes: ``$MIAS_SAM_CACHE_MAX_GB``, else the value saved by
-    ``mias-sam cache limit``, else :data:`DEFAULT_MAX_BYTES`."""
+    """The embedding cache's size cap in bytes: ``$MIAS_SAM_CACHE_MAX_GB`` (GiB, or a size such as
+    ``500M``), else the value saved by ``mias-sam cache limit``, else :data:`DEFAULT_MAX_BYTES`. A
+    value that is not a size is named in a :class:`CacheSettingsWarning` and skipped."""
     env = os.environ.get("MIAS_SAM_CACHE_MAX_GB")
     if env:
         try:
-            return max(0, int(float(env) * 1024**3))
-        except ValueError:
-            pass
+            text = env.strip()
+            return parse_cache_limit(text + ("G" if re.fullmatch(r"[0-9.eE+-]+", text) else ""))
+        except InputError as exc:
+            why = str(exc).split(": ", 1)[-1].rstrip(".")
+            _warn(f"MIAS_SAM_CACHE_MAX_GB={env!r} is not a cache size in GiB such as 8 or 0.5 ({why}); it is ignored.")
+    settings = cache_dir() / _SETTINGS
     try:
-        return int(json.loads((cache_dir() / _SETTINGS).read_text())["max_bytes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        text = settings.read_text()
+    except FileNotFoundError:
+        return DEFAULT_MAX_BYTES
+    except OSError as exc:
+        _warn(f"{settings}: cannot be read ({exc.strerror or exc}); the default limit {human_bytes(DEFAULT_MAX_BYTES)} applies.")
+        return DEFAULT_MAX_BYTES
+    try:
+        value = json.loads(text)["max_bytes"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"max_bytes {value!r} is not a size in bytes")
+        return value
+    except (ValueError, KeyError, TypeError) as exc:
+        _warn(f"{settings}: not a cache setting ({exc}); the default limit {human_bytes(DEFAULT_MAX_BYTES)} applies "
+              "(mias-sam cache limit SIZE saves a new one).")
         return DEFAULT_MAX_BYTES
 
 
@@ -50,6 +113,8 @@ def set_cache_limit(max_bytes: int) -> None:
     """Save the embedding cache's size cap (used by every later run)."""
     from ..data.volumes import atomic_write_text
 
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise InputError(f"cache limit {max_bytes!r}: not a size in bytes.")
     atomic_write_text(cache_dir() / _SETTINGS, json.dumps({"max_bytes": int(max_bytes)}))
 
 

@@ -34,7 +34,14 @@ def volume_frames(data: np.ndarray, prep: Preprocessing, axis: int, *, source: s
     (``encoding``: see :func:`preprocess.to_frame`).
 
     Returns ``(frames (N, 256, 256), foreground (N,) bool)``; slices without anatomy are marked.
+    ``data`` of shape (C, X, Y, Z): C co-registered sequences, each normalised on its own, give
+    frames (N, C, 256, 256) (the encoder's channels); the foreground is the first sequence's.
     """
+    if np.ndim(data) == 4:
+        if encoding != "standard":
+            raise InputError(f"{source}: several sequences go to the encoder with the standard encoding only, not {encoding!r}.")
+        parts = [volume_frames(d, prep, axis, source=source, encoding=encoding) for d in data]
+        return torch.stack([f for f, _ in parts], dim=1), parts[0][1]
     check_slice_size(data.shape, axis, source)
     norm = normalise_intensities(data, prep, source=source)
     slices = volume_slices(norm, axis)

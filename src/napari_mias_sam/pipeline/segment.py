@@ -126,7 +126,8 @@ def cached_encode(
 
 def _model_frames(volume: Volume, backbone, prep: Preprocessing, ax: int):
     """The volume's slices as the backbone sees them (its encoding) and which hold anatomy."""
-    return volume_frames(volume.data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
+    data = volume.data if volume.channels is None else volume.channels
+    return volume_frames(data, prep, ax, source=str(volume.path or "volume"), encoding=encoding_of(backbone))
 
 
 def encode_volume(

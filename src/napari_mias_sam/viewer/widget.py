@@ -35,6 +35,7 @@ from superqt import QCollapsible
 from .widget_bank import BankMixin, path_or_none
 from .widget_dataset import DatasetMixin
 from .widget_files import FilesMixin
+from .widget_lesions import LesionPanel
 from .widget_live import LiveController, is_output_layer, plural
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
@@ -201,6 +202,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                      self.progress, self.status, self.counts_info),
             _section("Compare with ground truth", self.gt, *compare_controls, self.show_errors, self.dice_info),
             _section("Review prompts", self.review_info, self.results_folder, self.save_results_btn),
+            _section("Lesions"),
         ]
         self._containers = [c for _, c in boxes]
         self.sections = {box.text(): box for box, _ in boxes}  # by title (a folded bank section adds its summary)
@@ -210,7 +212,10 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         lay.setSpacing(0)
         for box, _ in boxes:
             lay.addWidget(box)
-        compare_box = boxes[-2][0]
+        self.lesions = LesionPanel(self)
+        boxes[-1][0].addWidget(self.lesions)
+        boxes[-1][0].collapse(animate=False)  # unfolded on demand: the dock keeps the live QA in view
+        compare_box = boxes[-3][0]
         compare_box.addWidget(self.profile)
         compare_box.addWidget(self.next_btn.native)
         lay.addStretch(1)
@@ -508,12 +513,13 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         decoder = self.live.session.decoder if self.live is not None else None  # remembers the decodes of earlier runs
 
         def job(progress, cancelled):
-            from ..jobs.dataset_runs import roi_for_bank
+            from ..jobs.dataset_runs import roi_for_bank, sequences_for_bank
             from ..pipeline.decode_cache import CachedDecoder
 
             bb = self.get_backbone(key, progress)
             dec = decoder if (decoder is not None and decoder.backbone is bb) else CachedDecoder(bb)
-            res = segment_volume(roi_for_bank(volume, bank.manifest), bank, dec, settings, cache=cache, reuse=previous,
+            vol = sequences_for_bank(roi_for_bank(volume, bank.manifest), bank.manifest)  # a multi-sequence bank: the case's
+            res = segment_volume(vol, bank, dec, settings, cache=cache, reuse=previous,
                                  batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
@@ -601,11 +607,14 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     # -- review ---------------------------------------------------------------------------------
     def save_results(self) -> Optional[dict]:
-        """'Save results': the reviewed mask, the anomaly map, <stem>_points.csv and <stem>_qa.csv."""
+        """'Save results': the reviewed mask, the anomaly map, <stem>_points.csv, the lesions (less
+        the rejected ones) and <stem>_qa.csv."""
         if self.live is None:
             self.report_error("nothing to save yet: run MIAS-SAM on an image layer first.")
             return None
-        return self.live.review.save()
+        panel = self.lesions
+        lesions = panel.lesion_set()
+        return self.live.review.save(lesions, panel.model.qa_fields() if lesions is not None else None)
 
     def _jump(self, s: int) -> None:
         if self.live is not None:

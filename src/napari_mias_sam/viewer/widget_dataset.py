@@ -16,9 +16,20 @@ from ..core.errors import InputError, MiasSamError
 from .models.layers import CT_WINDOWS
 from .widget_bank import path_or_none
 
-__all__ = ["DatasetMixin", "MODALITY_CHOICES"]
+__all__ = ["DatasetMixin", "MODALITY_CHOICES", "modality_choices"]
 
 MODALITY_CHOICES = ("auto", "flair", "t1", "t1ce", "t2", "ct")
+
+
+def modality_choices(cases) -> tuple:
+    """What the cases offer: auto, each sequence every case has, and each three of them (FLAIR
+    first when present) for a multi-sequence bank."""
+    from itertools import combinations
+
+    common = set.intersection(*(set(c.images) for c in cases)) if cases else set()
+    order = [m for m in ("flair", "t1ce", "t2", "t1", "ct") if m in common]
+    threes = [",".join(t) for t in combinations(order, 3)]
+    return ("auto", *order, *threes)
 
 
 class DatasetMixin:
@@ -28,7 +39,8 @@ class DatasetMixin:
         self.dataset_root = FileEdit(mode="d", label="or a dataset",
                                      tooltip="a BraTS root or case folder, or a LiTS folder: the bank takes its lesion-free slices")
         self.ds_modality = ComboBox(choices=MODALITY_CHOICES, value="auto", label="modality",
-                                    tooltip="auto: flair for BraTS (= t2f), ct for LiTS")
+                                    tooltip="auto: flair for BraTS (= t2f), ct for LiTS; three sequences of a BraTS case "
+                                            "(e.g. flair,t1ce,t2) fill the encoder's three channels")
         self.ds_margin = SpinBox(value=2, min=0, max=50, label="margin (slices)",
                                  tooltip="keep only slices more than this many slices from any labelled slice")
         self.ds_subjects = FileEdit(mode="r", filter="*.txt *.csv *", label="subjects file",
@@ -60,11 +72,12 @@ class DatasetMixin:
             return
         try:
             cases = find_cases(root)
+            kind = dataset_kind(cases)  # mixed BraTS releases are refused, naming the cases of each
         except MiasSamError as exc:
             self.status.value = f"dataset: {exc}"
             return
-        kind = dataset_kind(cases)
         self.preprocess.value = kind.preprocess
+        self.ds_modality.choices = modality_choices(cases)
         self.status.value = f"dataset: {kind.title}, {len(cases)} cases"
 
     def build_bank_from_dataset(self):

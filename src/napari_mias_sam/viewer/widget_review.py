@@ -148,7 +148,7 @@ class ReviewController:
         pts.metadata = md
         return rows
 
-    def save(self) -> Optional[dict]:
+    def save(self, lesions=None, lesion_fields: Optional[dict] = None) -> Optional[dict]:
         """"Save results": the reviewed mask, the map, the points and QA CSVs into the results folder."""
         folder = self.w.results_folder.value
         if folder is None or str(folder) in ("", "."):
@@ -159,7 +159,8 @@ class ReviewController:
             self.w.report_error("slices are still being updated; save once the live updates are done.")
             return None
         try:
-            paths = save_results(self.session, self.update_qa(), folder)
+            rows = [dict(r, **(lesion_fields or {})) for r in self.update_qa()]
+            paths = save_results(self.session, rows, folder, lesions=lesions)
         except (MiasSamError, InputError, ValueError) as exc:
             self.w.report_error(str(exc))
             return None

@@ -14,6 +14,7 @@ import numpy as np
 from ...evaluation.metrics import dice, volume_dice
 from ...core.errors import InputError
 from ...jobs.outputs import output_paths, write_outputs
+from ...pipeline.lesion_set import result_lesions
 from ...core.atomic_outputs import OutputSet
 from ...data.qa_table import QA_SUFFIX, QaTable, check_same_volume, qa_csv_text, qa_name, read_qa
 from .layers import WORLD_AXIS_LABELS, display_axes, layer_affine, read_nifti_layers
@@ -55,7 +56,7 @@ def qa_rows(session: LiveSession, gt: np.ndarray | None = None) -> list[dict]:
     with session.lock:
         base = r.points_rows()  # the <stem>_points.csv columns, as the CLI writes them
         method = {s: session.method_slice(s, with_mask=gt is not None) for s in range(r.n_slices)}
-        after = r.mask_volume(session.settings.mask_index) != 0 if gt is not None else None
+        after = session.mask_volume() != 0 if gt is not None else None  # rejected lesions left out
     common = volume_fields(session)
     if gt is not None and after is not None:
         before = np.moveaxis(after.copy(), ax, 0)
@@ -106,15 +107,17 @@ def apply_table(session: LiveSession, table: QaTable) -> list[int]:
 
 
 def results_names(stem: str) -> list[str]:
-    """The files of a saved review: the CLI's three outputs and ``<stem>_qa.csv``."""
+    """The files of a saved review: the CLI's five outputs and ``<stem>_qa.csv``."""
     return [p.name for p in output_paths(".", stem).values()] + [qa_name(stem)]
 
 
-def save_results(session: LiveSession, rows: list[dict], folder: str | os.PathLike) -> dict[str, Path]:
-    """Write the reviewed mask, the anomaly map, ``<stem>_points.csv`` (as the CLI does) and
-    ``<stem>_qa.csv`` into ``folder``, all or none. Saving again replaces the files of the same
-    volume's review; any other existing file of those names is refused (one line), and an input
-    is never overwritten."""
+def save_results(session: LiveSession, rows: list[dict], folder: str | os.PathLike, *, lesions=None) -> dict[str, Path]:
+    """Write the reviewed mask, the anomaly map, ``<stem>_points.csv``, the lesions
+    (``<stem>_lesions.nii.gz`` and ``.csv``, as the CLI does) and ``<stem>_qa.csv`` into ``folder``,
+    all or none. ``lesions``: the dock's reviewed :class:`~napari_mias_sam.pipeline.lesion_set.LesionSet`
+    (default: the shown mask's lesions; rejected lesions are in neither). Saving again replaces
+    the files of the same volume's review; any other existing file of those names is refused (one
+    line), and an input is never overwritten."""
     r = session.result
     stem = r.volume.name
     folder = Path(folder)
@@ -130,7 +133,9 @@ def save_results(session: LiveSession, rows: list[dict], folder: str | os.PathLi
     inputs = [r.volume.path] if r.volume.path else []
     with OutputSet(folder, names, overwrite=overwrite, inputs=inputs, lock_name=stem, what="results folder") as outs:
         outs.temp(qa_name(stem)).write_text(qa_csv_text(rows), encoding="utf-8")
-        paths = write_outputs(r, folder, stem=stem, overwrite=overwrite, claim=outs)
+        if lesions is None:
+            lesions = result_lesions(r, mask=session.mask_volume())
+        paths = write_outputs(r, folder, stem=stem, overwrite=overwrite, claim=outs, lesions=lesions)
     paths["qa"] = folder / qa_name(stem)
     return paths
 
