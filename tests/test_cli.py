@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -240,13 +241,29 @@ def test_segment_with_a_bank_of_other_weights(world, tmp_path, monkeypatch, caps
 
 
 def test_segment_with_a_missing_sam_checkpoint(world, tmp_path, capsys):
+    bank = tmp_path / "sam-bank"  # a bank that records SAM ViT-B (its backbone is what the run loads)
+    shutil.copytree(world["bank"], bank)
+    manifest = json.loads((bank / "manifest.json").read_text())
+    manifest["backbone"]["name"] = "sam-vit_b"
+    (bank / "manifest.json").write_text(json.dumps(manifest))
     missing = tmp_path / "sam_vit_b_01ec64.pth"
-    rc = main(["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(tmp_path / "out"),
-               "--backbone", "sam-vit_b", "--checkpoint", str(missing)])
+    rc = main(["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(bank), "--out", str(tmp_path / "out"),
+               "--checkpoint", str(missing)])
     assert rc == 2
     line = one_line_error(capsys, "segment")
     assert "weights file not found" in line and str(missing) in line
     assert snapshot(tmp_path / "out") == {}
+
+
+def test_segment_with_another_backbone_than_the_banks(world, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(backbones_mod, "load_backbone", lambda *a, **k: loads.append(a))
+    rc = main(["segment", str(world["cases"] / "case.nii.gz"), "--bank", str(world["bank"]), "--out", str(tmp_path / "out"),
+               "--backbone", "sam-vit_b", "--checkpoint", str(tmp_path / "sam_vit_b_01ec64.pth")])
+    assert rc == 2
+    line = one_line_error(capsys, "segment")
+    assert "built with litemedsam but the selected backbone is sam-vit_b" in line and "select litemedsam" in line
+    assert loads == [] and snapshot(tmp_path / "out") == {}  # refused before any model loads
 
 
 def test_segment_output_would_overwrite_an_input(world, tmp_path, capsys):

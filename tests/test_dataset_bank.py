@@ -78,7 +78,7 @@ def test_lits_bank_with_the_liver_roi(roots):
     outside = ~np.isin(cd.labels.data, (1, 2))
     assert cd.image.data[outside].max() <= -1024 and cd.image.meta["roi"] == "liver"
     # a volume opened elsewhere (the widget's layer) is masked the same way for this bank
-    from napari_mias_sam.jobs.dataset_runs import roi_for_bank
+    from napari_mias_sam.jobs.run import roi_for_bank
     from napari_mias_sam.data.volumes import Volume, load_volume
 
     vol = load_volume(roots["lits"] / "volume-2.nii")

@@ -117,17 +117,24 @@ def test_cancel_stops_the_run(world):
 def test_redecode_slice_with_a_moved_point(world):
     fake = FakeBackbone()
     res = segment_volume(load_volume(world["case"]), world["bank"], fake, SegmentSettings(prompt="cog-point"))
-    redecode_slice(res, fake, 1, point=(100.0, 50.0))
-    assert res.prompts[1] == Prompt("point", point=(100.0, 50.0))
-    m3 = res.logits[1, 2] > 0  # the fake's finest mask: the square of half-side 4 around the point
+    before = (list(res.prompts), res.logits.copy(), res.ious.copy(), res.settings)
+    d = redecode_slice(res, fake, 1, point=(100.0, 50.0))
+    assert d.s == 1 and d.prompt == Prompt("point", point=(100.0, 50.0))
+    m3 = d.logits[2] > 0  # the fake's finest mask: the square of half-side 4 around the point
     rows, cols = np.nonzero(m3)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (46, 54, 96, 104)
-    redecode_slice(res, fake, 1, settings=res.settings.replace(prompt="cog-box"), point=(100.0, 50.0))
-    x0, y0, x1, y1 = res.prompts[1].box  # box re-centred on the point, same size
+    # a new slice result: the result itself is left as it was
+    same_prompts = [a is b for a, b in zip(res.prompts, before[0])]
+    assert all(same_prompts) and np.array_equal(res.logits, before[1]) and res.settings is before[3]
+    res.apply(d)
+    assert res.prompts[1] == d.prompt and np.array_equal(res.logits[1], d.logits) and np.array_equal(res.ious[1], d.ious)
+    d = redecode_slice(res, fake, 1, settings=res.settings.replace(prompt="cog-box"), point=(100.0, 50.0))
+    x0, y0, x1, y1 = d.prompt.box  # box re-centred on the point, same size
     assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((100.0, 50.0))
+    assert d.settings.prompt == "cog-box" and res.settings.prompt == "cog-point"
     n_before = fake.decode_calls
-    redecode_slice(res, fake, 3, point=(10.0, 10.0))  # the empty slice stays empty
-    assert res.prompts[3] is None and fake.decode_calls == n_before
+    d = redecode_slice(res, fake, 3, point=(10.0, 10.0))  # the empty slice stays empty
+    assert d.prompt is None and fake.decode_calls == n_before
 
 
 # --------------------------------------------------------------------------- outputs

@@ -147,13 +147,20 @@ def test_mixed_sizes_refused_and_nothing_written(pngs, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["nifti-among-pngs", "gt", "out-is-input", "nifti-bank", "missing-png"])
+@pytest.mark.parametrize("case", ["nifti-among-pngs", "gt", "out-is-input", "nifti-bank", "missing-png", "device-bogus",
+                                  "fp16-on-cpu"])
 def test_refusals(pngs, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = ["segment", str(pngs["test"]), "--bank", str(pngs["bank"]), "--out", str(out)]
     want = {"nifti-among-pngs": "separate calls", "gt": "--gt", "out-is-input": "another --out",
-            "nifti-bank": "PNG slices need a bank", "missing-png": "no such PNG"}[case]
-    if case == "nifti-among-pngs":
+            "nifti-bank": "PNG slices need a bank", "missing-png": "no such PNG",
+            # the device and precision checks of volumes (the PNG branch skipped them before the one run path)
+            "device-bogus": "not a device", "fp16-on-cpu": "--precision fp16"}[case]
+    if case == "device-bogus":
+        args += ["--device", "gpu0"]
+    elif case == "fp16-on-cpu":
+        args += ["--device", "cpu", "--precision", "fp16"]
+    elif case == "nifti-among-pngs":
         vol = tmp_path / "v.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), vol)
         args.insert(2, str(vol))

@@ -115,10 +115,10 @@ def test_backbone_refusals():
 def test_cli_build_bank_encoding(tmp_path, capsys):
     from napari_mias_sam.cli.commands import main
 
-    folder = tmp_path / "train" / "good"
+    folder = tmp_path / "bmad" / "train" / "good"
     folder.mkdir(parents=True)
     Image.fromarray(SLICE).save(folder / "a.png")
-    rc = main(["build-bank", str(tmp_path), "--out", str(tmp_path / "bank"), "--encoding", "reference"])
+    rc = main(["build-bank", str(tmp_path / "bmad"), "--out", str(tmp_path / "bank"), "--encoding", "reference"])
     err = capsys.readouterr().err
     assert rc == 2 and "LiteMedSAM has only the standard encoding" in err.strip().splitlines()[-1]
     assert not (tmp_path / "bank").exists()

@@ -45,6 +45,7 @@ import napari_mias_sam.backbones as backbones_mod
 from core_fixtures import anatomy_volume, disk, snapshot, write_nifti
 from fakes import FakeBackbone
 from napari_mias_sam.cli.commands import main
+from napari_mias_sam.jobs.outputs import output_paths
 from reliability_inputs import cache_folder, dataset_roots, qa_file, weights_file
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -296,7 +297,7 @@ def _overwrite_results(c: Ctx) -> list[str]:
 def _garbage_checkpoint(c: Ctx) -> list[str]:
     g = c.inp / "lite_medsam.pth"
     g.write_bytes(np.random.default_rng(3).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    return c.seg_args() + ["--backbone", "litemedsam", "--checkpoint", str(g)]
+    return c.seg_args(bank=c.bank_copy(lambda m: m["backbone"].update(name="litemedsam"))) + ["--checkpoint", str(g)]
 
 
 def _in_batch_bad(c: Ctx) -> list[str]:
@@ -410,17 +411,17 @@ CASES: list[Case] = [
     Case("build-bank-thin-input", lambda c: ["build-bank", bad_volume(c, "thin-181x2x6"), "--out", str(c.out)], says=("181 x 2",)),
     # ---- weights
     Case("segment-garbage-checkpoint", _garbage_checkpoint, says=("lite_medsam.pth", "not a PyTorch checkpoint")),
-    Case("segment-missing-sam-weights", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint", str(c.inp / "sam_vit_b.pth")],
-         says=("sam_vit_b.pth", "weights file not found")),
+    Case("segment-missing-sam-weights", lambda c: c.seg_args(bank=c.bank_copy(lambda m: m["backbone"].update(name="sam-vit_b")))
+         + ["--checkpoint", str(c.inp / "sam_vit_b.pth")], says=("sam_vit_b.pth", "weights file not found")),
+    Case("segment-backbone-not-the-banks", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint", str(c.inp / "sam_vit_b.pth")],
+         says=("built with fake", "selected backbone is sam-vit_b")),
 ]
 
 
 # --------------------------------------------------------------------------- round two (issue 26)
-SEG_OUT = ("_mask.nii.gz", "_anomaly.nii.gz", "_points.csv")
-
-
 def seg_creates(stem: str) -> Callable[[Ctx], set[str]]:
-    return lambda c: {"out", *(f"out/{stem}{s}" for s in SEG_OUT)}
+    """What ``segment`` writes for ``stem`` into ``out/`` (the names ``write_outputs`` uses)."""
+    return lambda c: {"out", *(f"out/{p.name}" for p in output_paths("out", stem).values())}
 
 
 BANK_OUT = lambda c: {"out", "out/index.faiss", "out/manifest.json"}  # noqa: E731
@@ -697,14 +698,14 @@ def test_batch_reports_each_volume_and_keeps_only_complete_sets(world, tmp_path,
     import napari_mias_sam.pipeline.segment as pipeline
 
     monkeypatch.setattr(backbones_mod, "load_backbone", fake_load)
-    real = pipeline.segment_volume
+    real = pipeline.RunSetup.segment  # one volume of a run (jobs.run.run)
 
-    def failing(vol, *a, **k):
+    def failing(setup, vol, *a, **k):
         if vol.path.name == "case2.nii.gz":
             raise np.linalg.LinAlgError("SVD did not converge")
-        return real(vol, *a, **k)
+        return real(setup, vol, *a, **k)
 
-    monkeypatch.setattr(pipeline, "segment_volume", failing)
+    monkeypatch.setattr(pipeline.RunSetup, "segment", failing)
     out = tmp_path / "out"
     case, case2 = world["cases"] / "case.nii.gz", world["cases"] / "case2.nii.gz"
     rc = main(["segment", str(case2), str(case), "--bank", str(world["bank"]), "--out", str(out)])

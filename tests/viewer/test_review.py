@@ -11,7 +11,7 @@ import pytest
 
 from napari_mias_sam.core.errors import InputError
 from napari_mias_sam.jobs.outputs import write_outputs
-from napari_mias_sam.data.qa_table import QA_COLUMNS, SHARED_COLUMNS, qa_csv_text, read_qa
+from napari_mias_sam.data.qa_table import LESION_QA_COLUMNS, QA_COLUMNS, SHARED_COLUMNS, qa_csv_text, read_qa
 from napari_mias_sam.viewer.models.live import LiveSession
 from napari_mias_sam.viewer.models.review import apply_table, qa_rows, save_results
 from test_live import _result, disc_backbone
@@ -57,6 +57,29 @@ def test_statuses_accept_reject_reset_and_next_pending():
     assert ses.metadata()["review"] == {"0": "accepted"}
     with pytest.raises(ValueError):
         ses.review(0, "approve")
+
+
+def test_the_methods_own_slice_is_decoded_aside():
+    """The QA table's "before" (``method_slice``) decodes the method's own prompt beside the result:
+    during and after that decode the result holds the review's prompt, mask and settings (nothing
+    is swapped out and back, so a viewer drawing the result meanwhile sees the correction)."""
+    ses = _session()
+    ses.move_point(1, (1.0, 10.0, 45.0))
+    _decode(ses)
+    r = ses.result
+    corrected, logits, settings = r.prompts[1], r.logits[1].copy(), r.settings
+    seen, decode = [], ses.backbone.decode
+
+    def watching(*args, **kwargs):
+        seen.append(r.prompts[1] is corrected and r.settings is settings and np.array_equal(r.logits[1], logits))
+        return decode(*args, **kwargs)
+
+    ses.backbone.decode = watching
+    ijk, mask = ses.method_slice(1)
+    assert seen == [True]  # one decode, with the result untouched meanwhile
+    assert r.prompts[1] is corrected and np.array_equal(r.logits[1], logits) and r.settings is settings
+    assert mask.any() and np.linalg.norm(np.subtract(ijk, r.cog_voxel(1))) > 1.0  # the method's point, not the moved one
+    assert ses.method_slice(1)[0] == ijk and seen == [True]  # cached: no second decode
 
 
 def test_a_rerun_keeps_corrections_and_rejections():
@@ -161,7 +184,7 @@ def test_bad_qa_files_are_refused_with_one_line(tmp_path):
     with pytest.raises(InputError, match="not from a review of 'volume'"):
         save_results(ses, qa_rows(ses), tmp_path / "res")
     assert (tmp_path / "res" / "volume_mask.nii.gz").read_bytes() == b"someone else's"
-    assert set(QA_COLUMNS) >= set(head)
+    assert set(QA_COLUMNS) | set(LESION_QA_COLUMNS) >= set(head)
 
 
 def test_a_qa_file_opens_as_the_reviewed_points_where_the_session_had_them(tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..core import defaults
 from ..core.errors import WeightsError
 from .base import Backbone, Decoded, pick_device
 from ..method.prompts import Prompt
@@ -49,7 +50,7 @@ def iou_tracks_quality_for(name: str) -> bool:
 
 
 def load_backbone(
-    name: str = "litemedsam",
+    name: str = defaults.BACKBONE,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     *,

@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..method.anomaly import maps_from_scores, mean_of_k_nearest
 from ..core.errors import Cancelled, InputError
 from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
@@ -25,9 +26,9 @@ from .store import (
     CORESET_CHUNK_CPU,
     INDEX_FILE,
     MemoryBank,
-    ProgressFn,
     SliceGroup,
 )
+from ..core.progress import CancelFn, ProgressFn
 
 __all__ = ["build_bank", "CALIBRATION_KS"]
 
@@ -47,17 +48,17 @@ def build_bank(
     groups: Iterable[SliceGroup],
     backbone,
     *,
-    layout: str = "paper1024",
+    layout: str = defaults.PATCH_LAYOUT,
     preprocessing: dict,
-    slice_axis: str = "axial",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    slice_axis: str = defaults.SLICE_AXIS,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     calibration_slices: int = 48,
-    sigma: float = 4.0,
+    sigma: float = defaults.SIGMA,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
     coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: CancelFn | None = None,
 ) -> MemoryBank:
     """Encode every normal slice, add its patches to a faiss index (streaming, batch by batch),
     then calibrate: held-out normal slices are scored against the bank *without their own

@@ -16,10 +16,11 @@ both the memory and the quadratic cost.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
+
+from ..core.progress import CancelFn
 
 __all__ = ["DEFAULT_PROJECT_DIM", "coreset_size", "coreset_indices"]
 
@@ -43,7 +44,7 @@ def coreset_indices(
     start: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: CancelFn | None = None,
 ) -> np.ndarray:
     """Indices (in pick order) of a greedy k-center coreset of ``features`` (N, D).
 

@@ -19,6 +19,8 @@ import faiss
 import numpy as np
 import torch
 
+from ..core import defaults
+
 __all__ = ["index_vectors", "torch_knn", "TorchSearcher", "RERANK"]
 
 #: Extra low-precision candidates per query and bank chunk that get an exact fp32 re-score.
@@ -234,7 +236,7 @@ class TorchSearcher:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = defaults.K, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
         """Squared L2 distances (M, k) to the k nearest bank vectors (as :func:`torch_knn`)."""
         q_all = torch.as_tensor(queries).to(self.device, dtype=torch.float32)
         k_eff = min(k, self.ntotal - (exclude[1] - exclude[0] if exclude else 0))

@@ -21,10 +21,11 @@ import faiss
 import numpy as np
 import torch
 
-from ..method.anomaly import Calibration, mean_of_k_nearest
+from ..core import defaults
+from ..method.anomaly import Calibration, calibration_entry, mean_of_k_nearest
 from ..core.errors import BankMismatchError, InputError
 from ..method.patches import GRID, feature_dim
-from ..method.preprocess import Preprocessing
+from ..method.preprocess import PREPROCESS_PRESETS, Preprocessing
 from .manifest_schema import index_file_inside, validate_manifest
 from .indexes import TRAIN_MAX, check_index_type, index_bytes, set_nprobe
 from .knn import TorchSearcher
@@ -35,6 +36,7 @@ __all__ = [
     "SliceGroup",
     "MemoryBank",
     "load_bank",
+    "check_backbone_name",
     "check_compatible",
     "estimate_bank_memory",
     "bank_output",
@@ -49,8 +51,6 @@ MANIFEST_FILE = "manifest.json"
 #: selection, which grows with chunk size x kept patches (one pass over the chunk per pick).
 CORESET_CHUNK = 262_144
 CORESET_CHUNK_CPU = 32_768
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -67,7 +67,7 @@ class SliceGroup:
     path: str | None = None  # the source file or folder, recorded in the manifest
 
 
-def estimate_bank_memory(n_patches: int, layout: str = "paper1024", index_type: str = "flat", *, coreset_ratio: float | None = None) -> dict:
+def estimate_bank_memory(n_patches: int, layout: str = defaults.PATCH_LAYOUT, index_type: str = defaults.INDEX_TYPE, *, coreset_ratio: float | None = None) -> dict:
     """Bytes a bank of ``n_patches`` encoded patches needs (after a coreset with ``coreset_ratio``).
 
     ``index``: the index in memory (= its file size, to a few kB) when searching on the CPU;
@@ -167,18 +167,16 @@ class MemoryBank:
 
     @property
     def slice_axis(self) -> str:
-        return str(self.manifest.get("slice_axis", "axial"))
+        return str(self.manifest.get("slice_axis", defaults.SLICE_AXIS))
 
-    def calibration(self, k: int = 1) -> Calibration:
-        cal = self.manifest.get("calibration") or {}
-        per_k = cal.get("per_k", {})
-        if not per_k:
+    def calibration(self, k: int = defaults.K) -> Calibration:
+        entry = calibration_entry(self.manifest.get("calibration"), k)
+        if entry is None:
             raise BankMismatchError(
                 f"{self.path or 'bank'}: holds no calibration statistics (it needs normal slices from at "
                 "least one source); use --normalisation reference or rebuild the bank."
             )
-        key = str(k) if str(k) in per_k else str(max(int(x) for x in per_k if int(x) <= max(k, 1)))
-        return Calibration(low=float(per_k[key]["low"]), high=float(per_k[key]["high"]))
+        return Calibration(low=float(entry["low"]), high=float(entry["high"]))
 
     def summary(self) -> str:
         b = self.backbone
@@ -199,7 +197,7 @@ class MemoryBank:
         )
 
     # -- searching ------------------------------------------------------------------------
-    def search(self, features: np.ndarray | torch.Tensor, k: int = 1, *, params: faiss.SearchParameters | None = None) -> np.ndarray:
+    def search(self, features: np.ndarray | torch.Tensor, k: int = defaults.K, *, params: faiss.SearchParameters | None = None) -> np.ndarray:
         """Squared L2 distances (M, k) of each feature row to its k nearest bank patches."""
         on_torch = self._torch is not None and params is None
         if on_torch and isinstance(features, torch.Tensor):
@@ -246,7 +244,7 @@ class MemoryBank:
             start += n
         return out
 
-    def patch_scores(self, features: torch.Tensor | np.ndarray, k: int = 1) -> np.ndarray:
+    def patch_scores(self, features: torch.Tensor | np.ndarray, k: int = defaults.K) -> np.ndarray:
         """(N, 1024, D) patch features -> (N, 32, 32) scores: mean squared L2 to the k nearest."""
         n = features.shape[0]
         d = self.search(features.reshape(-1, features.shape[-1]), k)
@@ -348,6 +346,17 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
     return MemoryBank(index, manifest, path)
 
 
+def check_backbone_name(bank: MemoryBank, name: str) -> None:
+    """Refuse a backbone other than the bank's by its name, before any model loads (the weights
+    and the encoding are checked once it is loaded: :func:`check_compatible`)."""
+    built = bank.backbone.get("name")
+    if built != name:
+        raise BankMismatchError(
+            f"{bank.path or 'the memory bank'} was built with {built} but the selected backbone is {name}; "
+            f"select {built} or build a bank with {name}."
+        )
+
+
 def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: dict | None = None) -> None:
     """Refuse a bank made with another backbone, other weights or another encoding (its embedding
     space is different)."""
@@ -376,13 +385,16 @@ def check_compatible(bank: MemoryBank, backbone_info: dict, *, preprocessing: di
 
 
 def preprocessing_from_bank(bank: MemoryBank) -> Preprocessing:
-    """The intensity preprocessing the bank was built with (runs must use the same)."""
+    """The intensity preprocessing the bank was built with (runs must use the same): a bank of PNG
+    slices gets the ``minmax-slice`` preset; a field the manifest lacks, the :class:`Preprocessing`
+    default."""
     p = dict(bank.preprocessing)
     if p.get("mode") not in ("mri", "ct", "minmax"):
-        return Preprocessing(mode="minmax", scope="slice")
+        return PREPROCESS_PRESETS["minmax-slice"]
+    d = Preprocessing(mode=p["mode"])
     return Preprocessing(
-        mode=p["mode"],
-        percentiles=tuple(p.get("percentiles", (0.5, 99.5))),
-        window=tuple(p.get("window", (-200.0, 250.0))),
-        scope=p.get("scope", "volume"),
+        mode=d.mode,
+        percentiles=tuple(p.get("percentiles", d.percentiles)),
+        window=tuple(p.get("window", d.window)),
+        scope=p.get("scope", d.scope),
     )

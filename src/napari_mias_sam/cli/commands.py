@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core import defaults
 from ..core.errors import MiasSamError
 
 __all__ = ["main", "build_parser"]
@@ -69,7 +70,8 @@ def _add_backbone_args(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="encoder precision (bf16/fp16 only pay off on a GPU; default fp32)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch (default 4)")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE,
+                   help=f"slices encoded per batch (default {defaults.BATCH_SIZE})")
 
 
 def _add_lesion_args(p: argparse.ArgumentParser) -> None:
@@ -92,14 +94,14 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modality", help="image of each case: flair (default for BraTS; = t2f), t1 (= t1n), t1ce (= t1c), t2 (= t2w); "
                                       "ct for LiTS; or three BraTS sequences, e.g. flair,t1ce,t2 (= t2f,t1c,t2w), which fill the "
                                       "encoder's three channels for the bank and every run with it")
-    g.add_argument("--margin", type=int, default=2, help="keep only slices more than this many slices from any labelled slice (default 2)")
+    g.add_argument("--margin", type=int, default=defaults.DATASET_MARGIN,
+                   help=f"keep only slices more than this many slices from any labelled slice (default {defaults.DATASET_MARGIN})")
     g.add_argument("--subjects", type=Path, help="text file of the subjects to use, one per line (default: all)")
     g.add_argument("--exclude-subjects", type=Path, help="text file of subjects to leave out (e.g. the test split)")
     g.add_argument("--roi", choices=ROIS, help="LiTS: mask every slice to the liver labels (1, 2), as BMAD's Liver CT does")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..core import defaults
     from ..bank import INDEX_TABLE, INDEX_TYPES
     from ..method.prompts import BACKBONE_PROMPTS, PROMPT_TYPES
     from ..method.reference_encoding import ENCODINGS
@@ -124,11 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or case folder, a LiTS folder): then only its lesion-free slices are used")
     b.add_argument("--out", required=True, type=Path, help="bank folder to write (index.faiss + manifest.json)")
     b.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default=None,
-                   help="intensity preset (default mri; ct-abdomen for LiTS)")
+                   help=f"intensity preset (default {defaults.PREPROCESS}; ct-abdomen for LiTS)")
     _add_dataset_args(b)
-    b.add_argument("--axis", default="axial", help="slicing axis: axial (default), coronal, sagittal or 0/1/2")
-    b.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch features: paper1024 (paper) or mean256")
-    b.add_argument("--index", choices=INDEX_TYPES, default="flat",
+    b.add_argument("--axis", default=defaults.SLICE_AXIS, help=f"slicing axis: axial, coronal, sagittal or 0/1/2 (default {defaults.SLICE_AXIS})")
+    b.add_argument("--layout", choices=PATCH_LAYOUTS, default=defaults.PATCH_LAYOUT,
+                   help=f"patch features: paper1024 (paper) or mean256 (default {defaults.PATCH_LAYOUT})")
+    b.add_argument("--index", choices=INDEX_TYPES, default=defaults.INDEX_TYPE,
                    help="faiss index: " + "; ".join(f"{t.name} ({t.help})" for t in INDEX_TABLE.values()))
     b.add_argument("--coreset", type=float, default=None, metavar="RATIO",
                    help="keep a greedy k-center coreset of this fraction of each source's patches (e.g. 0.1); default: all")
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the same volumes (layout, index, coreset) then skips the encoder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_backbone_args(b, default="litemedsam")
+    _add_backbone_args(b, default=defaults.BACKBONE)
     b.add_argument("--encoding", choices=ENCODINGS, default="standard",
                    help="how slices reach a SAM encoder: standard (float resize, float16 embeddings; default) or reference "
                         "(the paper's code exactly: 8-bit slice resized with PIL, float32 embeddings; SAM backbones only). "
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a bank from the bundled normal volumes, segment the bundled test case with LiteMedSAM, print Dice and timings.")
     d.add_argument("--out", type=Path, default=Path("mias-sam-demo"), help="output folder (default ./mias-sam-demo)")
     d.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
-    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     e = sub.add_parser("evaluate", help="paper metrics, 3D metrics and ablations over a test set", epilog=EXAMPLES["evaluate"],
@@ -212,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--sizes", default="10k,100k,1M,7.68M", help="bank sizes in patches, comma-separated (k/M suffixes; default %(default)s)")
     k.add_argument("--encode-slices", type=int, default=None, help="slices to encode (default 8 on a CPU, all on a GPU; the rest is extrapolated)")
     k.add_argument("--decode-slices", type=int, default=None, help="slices to decode (default 8 on a CPU, all on a GPU)")
-    k.add_argument("--layout", choices=PATCH_LAYOUTS, default="paper1024", help="patch layout (default paper1024, the paper's)")
+    k.add_argument("--layout", choices=PATCH_LAYOUTS, default=defaults.PATCH_LAYOUT, help=f"patch layout (default {defaults.PATCH_LAYOUT})")
     k.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder precision (default fp32)")
-    k.add_argument("--knn-index", choices=INDEX_TYPES, default="flat", help="CPU index type for the kNN stage (default flat)")
+    k.add_argument("--knn-index", choices=INDEX_TYPES, default=defaults.INDEX_TYPE,
+                   help=f"CPU index type for the kNN stage (default {defaults.INDEX_TYPE})")
     k.add_argument("--knn-queries", type=int, default=None, help="CPU: time this many query patches instead of whole slices (slow index types)")
     k.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works (its numbers are not the targets')")
     k.add_argument("--accuracy", action="store_true", help="instead: the Dice cost of each index type and coreset ratio against the exact bank (data: --sample-dir)")
@@ -278,7 +282,7 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
                                            layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
                                            progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
         else:
-            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or "mri"], axis=a.axis,
+            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], axis=a.axis,
                                          layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
                                          progress=progress, cache=cache)
         path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
@@ -300,7 +304,7 @@ def _dataset_input(a: argparse.Namespace) -> Path | None:
     from ..core.errors import InputError
 
     options = [f"--{n}" for n, v in (("modality", a.modality), ("subjects", a.subjects), ("exclude-subjects", a.exclude_subjects),
-                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != 2 else [])
+                                      ("roi", a.roi)) if v is not None] + (["--margin"] if a.margin != defaults.DATASET_MARGIN else [])
     datasets = [n for n in a.normal if looks_like_dataset(n)]
     if not datasets:
         if options:
@@ -330,7 +334,7 @@ def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -
         print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
               f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
     else:
-        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or "mri"], a.axis)
+        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], a.axis)
     n_slices = sum(g.n for g in groups)
     est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
     total, avail = ram_bytes()
@@ -400,21 +404,20 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
+    """``segment``: every input checked before any work (:func:`~napari_mias_sam.jobs.run.prepare_run`,
+    the run path the widget's Run shares), then each volume run and written."""
     from .progress import ConsoleProgress
-    from ..backbones import load_backbone
-    from ..bank import check_compatible, load_bank
+    from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
     from ..jobs.dataset_runs import segment_inputs
     from ..data.datasets import lesion_description, lesion_mask
     from ..evaluation.scoring import gt_metrics
     from ..data.checks import about
-    from ..jobs.preflight import check_volume_for_bank, check_device, check_knn_memory, check_precision
     from ..data.volumes import nifti_stem
     from ..core.atomic_outputs import check_output_folder
-    from ..pipeline.segment import segment_volume
     from ..jobs.png_runs import png_inputs
-    from ..method.reference_encoding import encoding_of
+    from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import segment_outputs, write_outputs
     from ..jobs.lesion_runs import lesion_line, lesion_report, lesion_rule, lesions_for
@@ -428,8 +431,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
     lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml)  # bad lesion options: refused before any work
-    device = check_device(a.device)
-    check_precision(a.precision, device)
+    device = check_machine(a.device, a.precision)  # before the bank is read
     check_output_folder(a.out)
     bank = load_bank(a.bank)
     # Case folders become their modality file, and a case's seg file its ground truth
@@ -441,22 +443,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
     outsets = [segment_outputs(a.out, stem, inputs, overwrite=a.overwrite) for stem in stems]
     for o in outsets:  # every output checked before any work, so a batch never stops half-written
         o.check()
-    most_slices = 0
-    for j in jobs:  # likewise every input: a bad later file must not stop the batch half-way
-        with about(j.image):
-            vol, _gt = j.load()
-            most_slices = max(most_slices, check_volume_for_bank(vol, bank, a.axis, j.image))
-        del vol, _gt
-    check_knn_memory(settings.k, most_slices, bank.ntotal)
+    # likewise every input (read once, masked to the bank's ROI, checked): a bad later file must not stop the batch half-way
+    prepared = prepare_run(bank, [RunInput(str(j.image), j.load, case=j.case) for j in jobs], settings,
+                           backbone=a.backbone, device=device, axis=a.axis)
     reports, failed = [], []
     with contextlib.ExitStack() as stack:
         claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
-        name = a.backbone or bank.backbone["name"]
-        bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(bank.backbone))
-        check_compatible(bank, bb.describe())
+        setup = prepared.start(_load_run_backbone(a, prepared))
         cache = None if a.no_cache else EmbeddingCache()
         progress = ConsoleProgress()
-        for n, job in enumerate(jobs):
+        for n, (job, inp) in enumerate(zip(jobs, prepared.inputs)):
             t0 = time.perf_counter()
             vpath = job.image
             if not a.json:
@@ -464,9 +460,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
                       file=sys.stderr)
             try:
                 with about(vpath):
-                    vol, gt = job.load()
-                    res = segment_volume(vol, bank, bb, settings, axis=a.axis, cache=cache, batch_size=a.batch_size, progress=progress)
-                    rule = lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml, vol.affine)
+                    res, gt = run(prepared, setup, inp, cache=cache, batch_size=a.batch_size, progress=progress)
+                    rule = lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml, res.volume.affine)
                     lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
                     paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n], lesions=lesions)
             except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
@@ -505,55 +500,42 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bank_and_backbone(a: argparse.Namespace, *, png: bool = False, bank=None):
-    """The bank of ``--bank`` (or ``bank``, already loaded from it) and the backbone it was built with
-    (its encoding), checked compatible (``png``: the bank must be one of PNG slices; checked before the
-    backbone loads)."""
+def _load_run_backbone(a: argparse.Namespace, prepared):
+    """The backbone a prepared run names (its bank's encoding), from ``--checkpoint``, on the checked device."""
     from ..backbones import load_backbone
-    from ..bank import check_compatible, load_bank
-    from ..jobs.png_runs import check_png_bank
-    from ..method.reference_encoding import encoding_of
 
-    if bank is None:
-        bank = load_bank(a.bank)
-    if png:
-        check_png_bank(bank)
-    name = a.backbone or bank.backbone["name"]
-    bb = load_backbone(name, a.checkpoint, a.device, precision=a.precision, encoding=encoding_of(bank.backbone))
-    check_compatible(bank, bb.describe())
-    return bank, bb
+    return load_backbone(prepared.backbone, a.checkpoint, prepared.device, precision=prepared.precision,
+                         encoding=prepared.encoding)
 
 
 def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
-    """``segment`` on PNG slices: one call, one stack, one prompts CSV."""
+    """``segment`` on PNG slices: one call, one stack, one prompts CSV (the run path of volumes)."""
     from .progress import ConsoleProgress
+    from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
-    from ..jobs.png_runs import (
-        PROMPTS_CSV,
-        check_png_out_dir,
-        png_output_paths,
-        read_png_call,
-        segment_pngs,
-        write_png_outputs,
-    )
+    from ..jobs.png_runs import PROMPTS_CSV, check_png_out_dir, png_output_paths, png_volume, write_png_outputs
+    from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import check_outputs
 
     if a.gt:
         raise InputError("--gt takes NIfTI label volumes; to score PNG slices against their masks use "
                          "mias-sam evaluate --bmad DATASET (BMAD layout).")
+    device = check_machine(a.device, a.precision)
     check_png_out_dir(a.out, a.volume)
     check_outputs(png_output_paths(a.out, pngs), list(pngs) + [a.bank], overwrite=a.overwrite)
-    read_png_call(pngs)  # sizes checked before loading any model
     settings = SegmentSettings(gamma=a.gamma, mask_index=a.mask, prompt=a.prompt, k=a.k,
                                normalisation=a.normalisation, slice_decision=a.slice_decision)
     t0 = time.perf_counter()
-    bank, bb = _bank_and_backbone(a, png=True)
+    # the bank must be one of PNG slices; the slices are read once, sizes checked, before any model loads
+    prepared = prepare_run(load_bank(a.bank), [RunInput(f"{len(pngs)} PNG slices", lambda: (png_volume(pngs), None))],
+                           settings, backbone=a.backbone, device=device, slice_set=True)
+    setup = prepared.start(_load_run_backbone(a, prepared))
     if not a.json:
         print(f"{len(pngs)} PNG slices", file=sys.stderr)
-    res = segment_pngs(pngs, bank, bb, settings, cache=None if a.no_cache else EmbeddingCache(),
-                       batch_size=a.batch_size, progress=ConsoleProgress())
+    res, _ = run(prepared, setup, prepared.inputs[0], cache=None if a.no_cache else EmbeddingCache(),
+                 batch_size=a.batch_size, progress=ConsoleProgress())
     paths = write_png_outputs(res, pngs, a.out, overwrite=a.overwrite)
     rep = {"slices": len(pngs), "out": str(a.out), "prompts": str(paths[PROMPTS_CSV]),
            "masks_kept": int(sum(bool(res.decision[s]) and res.prompts[s] is not None for s in range(len(pngs)))),

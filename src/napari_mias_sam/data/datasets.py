@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..core import defaults
 from ..core.errors import InputError
 from .lesion_labels import (  # noqa: F401  (re-exported: the lesion labels were defined here first)
     LesionLabels,
@@ -99,7 +100,7 @@ class DatasetKind:
     normal: tuple[int, ...]
     rois: dict = field(default_factory=dict)
     default_modality: str = "flair"
-    preprocess: str = "mri"
+    preprocess: str = defaults.PREPROCESS
 
 
 KINDS: dict[str, DatasetKind] = {
@@ -416,11 +417,11 @@ def check_margin(margin) -> int:
     """``--margin`` as a number of slices: a whole number, 0 or more."""
     if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
         raise InputError(f"--margin {margin}: must be a whole number of slices, 0 or more (kept slices lie more than "
-                         "this many slices from any labelled slice; default 2).")
+                         f"this many slices from any labelled slice; default {defaults.DATASET_MARGIN}).")
     return int(margin)
 
 
-def normal_slices(labels: np.ndarray, axis: int, *, margin: int = 2, normal: tuple[int, ...] = (0,)) -> np.ndarray:
+def normal_slices(labels: np.ndarray, axis: int, *, margin: int = defaults.DATASET_MARGIN, normal: tuple[int, ...] = (0,)) -> np.ndarray:
     """Boolean per slice along ``axis``: every label of the slice is normal tissue (``normal``)
     and the slice is more than ``margin`` slices away from any slice that is not."""
     check_margin(margin)

@@ -30,6 +30,10 @@ from ..core.errors import InputError
 
 __all__ = [
     "STATUSES",
+    "PENDING",
+    "ACCEPTED",
+    "CORRECTED",
+    "REJECTED",
     "SHARED_COLUMNS",
     "QA_COLUMNS",
     "LESION_QA_COLUMNS",
@@ -45,7 +49,10 @@ __all__ = [
     "REPORT_NAMES",
 ]
 
-STATUSES = ("pending", "accepted", "corrected", "rejected")
+#: A prompted slice's review status: not reviewed yet; its prompt accepted; its prompt moved by the
+#: reviewer; rejected ("no anomaly here": its mask is cleared). Spelled here only.
+PENDING, ACCEPTED, CORRECTED, REJECTED = "pending", "accepted", "corrected", "rejected"
+STATUSES = (PENDING, ACCEPTED, CORRECTED, REJECTED)
 #: The columns of the CLI's ``<stem>_points.csv`` (:meth:`SegmentationResult.points_rows`).
 SHARED_COLUMNS = ("slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt")
 REVIEW_COLUMNS = ("status", "orig_i", "orig_j", "orig_k", "displacement_mm", "has_lesion", "in_lesion_before",
@@ -300,12 +307,12 @@ def _volume_summary(t: QaTable) -> dict:
     # Hit rate: prompted slices that hold lesion whose prompt centre lies in it; after review a
     # rejected lesion slice is a miss (no prompt is kept there).
     before = [r["in_lesion_before"] for r in lesion if r["in_lesion_before"] is not None]
-    after = [bool(r["in_lesion_after"]) and r["status"] != "rejected" for r in lesion if r["in_lesion_after"] is not None]
+    after = [bool(r["in_lesion_after"]) and r["status"] != REJECTED for r in lesion if r["in_lesion_after"] is not None]
     dice_rows = [r for r in t.rows if r["has_lesion"]]
-    corrected = [r for r in prompted if r["status"] == "corrected"]
+    corrected = [r for r in prompted if r["status"] == CORRECTED]
     return {
         "volume": t.volume, "file": str(t.path), "backbone": t.backbone, "slices": len(t.rows), "prompted": len(prompted),
-        "reviewed": len(prompted) - counts["pending"], **counts,
+        "reviewed": len(prompted) - counts[PENDING], **counts,
         "ground_truth": any(r["has_lesion"] is not None for r in t.rows), "lesion_slices": len(dice_rows),
         "hit_rate_before": _rate(before), "hit_rate_after": _rate(after), "hit_slices": len(before),
         "median_displacement_mm": _median([r["displacement_mm"] for r in corrected]),

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..core.machine import machine_info
+from ..core.progress import ProgressFn
 
 __all__ = ["accuracy_files", "bank_accuracy"]
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 def accuracy_files(folder: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -48,7 +48,7 @@ def bank_accuracy(
     *,
     options: tuple[dict, ...] | None = None,
     backbone=None,
-    layout: str = "paper1024",
+    layout: str = defaults.PATCH_LAYOUT,
     cache=None,
     progress: ProgressFn | None = None,
 ) -> dict:

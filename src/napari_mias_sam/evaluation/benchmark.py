@@ -24,7 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..core.machine import machine_info, peak_rss_mb, ram_bytes
+from ..core.progress import ProgressFn
 
 __all__ = ["BENCH_SHAPE", "DEFAULT_SIZES", "synthetic_volume", "run_benchmark", "format_report"]
 
@@ -33,7 +35,6 @@ DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 7_680_000)
 #: CPU kNN: query slices per bank size are chosen so one measurement costs about this many flops.
 CPU_KNN_FLOP_BUDGET = 4e11
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 class _Clock:
@@ -111,9 +112,9 @@ def run_benchmark(
     sizes: tuple[int, ...] = DEFAULT_SIZES,
     encode_slices: int | None = None,
     decode_slices: int | None = None,
-    layout: str = "paper1024",
+    layout: str = defaults.PATCH_LAYOUT,
     precision: str = "fp32",
-    knn_index: str = "flat",
+    knn_index: str = defaults.INDEX_TYPE,
     knn_queries: int | None = None,
     knn_backend: str = "auto",
     memory_fraction: float = 0.5,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..core import defaults
+from ..core.progress import ProgressFn
 from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, NORMALISATIONS
 from ..bank import MemoryBank, check_compatible
 from ..pipeline.embedding_cache import EmbeddingCache
@@ -40,7 +40,6 @@ from ..pipeline.frames import volume_frames
 __all__ = ["TestUnit", "unit_from_volume", "units_from_volumes", "units_from_slices", "Ablations", "EvalContext",
            "encode_units", "unit_scores", "unit_maps", "baseline_scores", "evaluate"]
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -322,7 +321,7 @@ def evaluate(
     base: SegmentSettings | None = None,
     ablations: Ablations | None = None,
     cache: EmbeddingCache | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
 ) -> dict:
     """Run the default setting and the ablations; return rows and detection metrics."""

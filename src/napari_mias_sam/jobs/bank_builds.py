@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..core import defaults
 from ..bank import MemoryBank, build_bank
 from ..method.preprocess import Preprocessing, resolve_axis
 from ..method.reference_encoding import encoding_of
@@ -13,7 +14,7 @@ from ..core.errors import InputError
 from ..core.records import to_dict
 from ..pipeline.embedding_cache import EmbeddingCache, cached_encoder
 from ..pipeline.frames import PNG_PREPROCESSING, normal_groups
-from ..pipeline.segment import CancelFn, ProgressFn
+from ..core.progress import CancelFn, ProgressFn
 
 __all__ = ["build_bank_from_files", "check_bank_out"]
 
@@ -26,10 +27,10 @@ def build_bank_from_files(
     backbone,
     *,
     preprocessing: Preprocessing,
-    axis: int | str = "axial",
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    axis: int | str = defaults.SLICE_AXIS,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     coreset_ratio: float | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,

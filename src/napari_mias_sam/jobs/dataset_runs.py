@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..bank import MemoryBank, SliceGroup, build_bank
 from ..data.datasets import (
     Case,
@@ -57,7 +58,6 @@ __all__ = [
     "SegmentInput",
     "segment_inputs",
     "units_from_dataset",
-    "roi_for_bank",
     "bank_sequences",
     "with_sequences",
     "sequences_for_bank",
@@ -118,8 +118,8 @@ def load_case(case: Case, modality: str | None = None, *, roi: str | None = None
     return CaseData(case, mod, image, labels, roi)
 
 
-def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = "axial",
-                   margin: int = 2, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
+def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axis: int | str = defaults.SLICE_AXIS,
+                   margin: int = defaults.DATASET_MARGIN, roi: str | None = None, encoding: str = "standard") -> list[SliceGroup]:
     """One :class:`SliceGroup` per case: its lesion-free slices (every label normal, more than
     ``margin`` slices from any other) that hold anatomy (inside the ROI when one is given)."""
     groups = []
@@ -150,7 +150,7 @@ def dataset_groups(cases: list[Case], modality: str, prep: Preprocessing, *, axi
 
 def prepare_dataset(root: str | os.PathLike, *, modality: str | None = None, subjects=None, exclude=None,
                     roi: str | None = None, margin: int | None = None,
-                    axis: int | str = "axial") -> tuple[list[Case], DatasetKind, str]:
+                    axis: int | str = defaults.SLICE_AXIS) -> tuple[list[Case], DatasetKind, str]:
     """The cases of ``root`` chosen by the subject lists, their layout and the canonical modality;
     every case is checked (files present, one grid) before any work. With ``margin``: the margin
     is checked, and refused when it leaves no slice of the cases (their labels are read for that)."""
@@ -207,15 +207,15 @@ def build_bank_from_dataset(
     backbone,
     *,
     modality: str | None = None,
-    margin: int = 2,
+    margin: int = defaults.DATASET_MARGIN,
     subjects: str | os.PathLike | None = None,
     exclude: str | os.PathLike | None = None,
     roi: str | None = None,
     preprocess: str | None = None,
-    axis: int | str = "axial",
-    layout: str = "paper1024",
-    index_type: str = "flat",
-    batch_size: int = 4,
+    axis: int | str = defaults.SLICE_AXIS,
+    layout: str = defaults.PATCH_LAYOUT,
+    index_type: str = defaults.INDEX_TYPE,
+    batch_size: int = defaults.BATCH_SIZE,
     coreset_ratio: float | None = None,
     progress=None,
     cancelled=None,
@@ -295,12 +295,11 @@ class SegmentInput:
     sequences: tuple[str, ...] | None = None  # a multi-sequence bank's: read from the case as channels
 
     def load(self) -> tuple[Volume, Volume | None]:
-        """The image (masked to the ROI when the bank was built that way; with the case's other
-        sequences as channels when the bank takes several) and its label volume."""
+        """The image, as in its file (with the case's other sequences as channels when the bank
+        takes several), and its label volume (a run masks the image to the bank's ROI:
+        :func:`~napari_mias_sam.jobs.run.roi_for_bank`)."""
         image = with_sequences(self.case, self.sequences) if self.sequences else load_volume(self.image)
         labels = load_labels(self.gt, like=image) if self.gt is not None else None
-        if self.roi:
-            image = apply_roi(image, labels, self.roi, self.case.info)
         return image, labels
 
 
@@ -420,20 +419,6 @@ def units_from_dataset(root: str | os.PathLike, banks: list[MemoryBank], *, subj
     info = {"root": str(root), "layout": kind.name, "modality": mod, "roi": roi, "subjects": [c.subject for c in cases],
             "lesion_labels": {**lesion_description(lesion, source=source), "counted": sorted(counted)}}
     return units, info
-
-
-def roi_for_bank(volume: Volume, manifest: dict) -> Volume:
-    """``volume`` masked the way the bank's slices were (``--roi``), from the labels of the dataset
-    case the volume's file belongs to; unchanged when the bank has no ROI."""
-    roi = (manifest.get("dataset") or {}).get("roi")
-    if not roi:
-        return volume
-    case = case_for_file(volume.path) if volume.path is not None else None
-    if case is None or roi not in case.info.rois or case.seg is None:
-        raise InputError(f"the bank was built with --roi {roi}: open a {(manifest.get('dataset') or {}).get('layout')} "
-                         f"volume whose segmentation lies beside it (volume-N with segmentation-N), so the {roi} can be "
-                         "masked the same way.")
-    return apply_roi(volume, load_labels(case.seg, like=volume), roi, case.info)
 
 
 # -- several sequences of a case in the encoder's channels --------------------------------------------

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
-
+from ..core import defaults
+from ..core.progress import ProgressFn
 from ..method.anomaly import normalise_maps
 from ..backbones import load_backbone
 from ..core.errors import InputError
@@ -49,7 +49,7 @@ def prepare_out_dir(out: Path) -> None:
     (out / DEMO_MARKER).write_text("made by mias-sam demo; safe to delete\n")
 
 
-def run_demo(out: Path, *, device: str = "cpu", batch_size: int = 4, progress: Callable | None = None) -> dict:
+def run_demo(out: Path, *, device: str = "cpu", batch_size: int = defaults.BATCH_SIZE, progress: ProgressFn | None = None) -> dict:
     """Run the demo and return its report (timings in seconds, Dice, output paths)."""
     files = sample_files()
     prepare_out_dir(out)

@@ -17,17 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bank import MemoryBank, check_compatible
+from ..core import defaults
+from ..bank import MemoryBank
 from ..pipeline.embedding_cache import EmbeddingCache
 from ..core.errors import BankMismatchError, InputError
 from ..data.volumes import Volume, atomic_path, is_nifti, read_png_files
-from ..pipeline.segment import CancelFn, EncodedVolume, ProgressFn, SegmentationResult, cached_encode, segment_volume
+from ..core.progress import CancelFn, ProgressFn
+from ..pipeline.segment import EncodedVolume, SegmentationResult, cached_encode, setup_run
 from ..method.preprocess import Frame, foreground_slices, from_frame, to_frame
 from ..method.reference_encoding import encoding_of
 from ..pipeline.settings import SegmentSettings
 from .outputs import check_outputs
 
-__all__ = ["PROMPTS_CSV", "png_inputs", "check_png_out_dir", "check_png_bank", "read_png_call", "png_output_paths", "segment_pngs", "prompt_rows", "write_png_outputs"]
+__all__ = ["PROMPTS_CSV", "png_inputs", "check_png_out_dir", "check_png_bank", "read_png_call", "png_output_paths",
+           "png_volume", "encode_png_stack", "segment_pngs", "prompt_rows", "write_png_outputs"]
 
 #: The one prompts table a PNG call writes into its output folder.
 PROMPTS_CSV = "prompts.csv"
@@ -122,22 +125,39 @@ def segment_pngs(
     settings: SegmentSettings | None = None,
     *,
     cache: EmbeddingCache | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
     """Segment the PNG slices of one call together (a stack of slices along axis 0)."""
     check_png_bank(bank)
-    check_compatible(bank, backbone.describe())
-    stack = read_png_call(pngs)
+    setup = setup_run(bank, backbone, settings, slice_set=True)
+    volume = png_volume(pngs)
+    encoded = encode_png_stack(volume.data, backbone, cache, batch_size=batch_size, progress=progress, cancelled=cancelled)
+    return setup.segment(volume, axis=0, encoded=encoded, progress=progress, cancelled=cancelled)
+
+
+def png_volume(pngs: list[Path]) -> Volume:
+    """The PNG slices of one call as one stack (N, H, W) in [0, 1] (sizes checked by :func:`read_png_call`)."""
+    return Volume(data=read_png_call(pngs), affine=np.eye(4), path=None, meta={"png_slices": [str(p) for p in pngs]})
+
+
+def encode_png_stack(
+    stack: np.ndarray,
+    backbone,
+    cache: EmbeddingCache | None = None,
+    *,
+    batch_size: int = defaults.BATCH_SIZE,
+    progress: ProgressFn | None = None,
+    cancelled: CancelFn | None = None,
+) -> EncodedVolume:
+    """A PNG stack in the model frame (its grey levels as they are: no intensity preprocessing) and
+    its embeddings (from ``cache`` when it holds them)."""
     n, h, w = stack.shape
     frames = to_frame(stack, encoding=encoding_of(backbone))
     emb, key, hit = cached_encode(frames, backbone, cache, batch_size=batch_size, progress=progress, cancelled=cancelled)
-    encoded = EncodedVolume(embeddings=emb, frames=frames, foreground=foreground_slices(stack), axis=0,
-                            frame=Frame(h, w), key=key, from_cache=hit)
-    volume = Volume(data=stack, affine=np.eye(4), path=None, meta={"png_slices": [str(p) for p in pngs]})
-    return segment_volume(volume, bank, backbone, settings, axis=0, encoded=encoded, slice_set=True, progress=progress,
-                          cancelled=cancelled)
+    return EncodedVolume(embeddings=emb, frames=frames, foreground=foreground_slices(stack), axis=0,
+                         frame=Frame(h, w), key=key, from_cache=hit)
 
 
 def prompt_rows(result: SegmentationResult, pngs: list[Path]) -> list[dict]:

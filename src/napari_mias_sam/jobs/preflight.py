@@ -8,14 +8,13 @@ import os
 import re
 import sys
 
+from ..core.defaults import KNN_BATCH_SLICES
 from ..core.errors import InputError
 from ..data.checks import about, check_affine, check_slice_size
 
 __all__ = ["check_device", "check_precision", "knn_search_bytes", "check_knn_memory", "check_volume_for_bank"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-#: Slices searched together by the pipeline's nearest-neighbour step (pipeline.neighbour_distances).
-KNN_BATCH_SLICES = 8
 #: Share of the available memory a run's search may take before it is refused.
 MEMORY_SHARE = 0.8
 
@@ -88,14 +87,15 @@ def check_knn_memory(k: int, n_slices: int, ntotal: int, *, what: str = "--k") -
 def check_volume_for_bank(volume, bank, axis: int | str | None = None, source: str | os.PathLike | None = None) -> int:
     """What a run of ``volume`` against ``bank`` needs of it, before any work: a finite invertible
     affine, slices large enough along the slicing axis (``axis`` or the bank's), and intensities
-    the bank's preprocessing can use (not constant, no NaN). Returns the number of slices."""
+    the bank's preprocessing can use (not constant, no NaN; checked without normalising them: the
+    run does that, once). Returns the number of slices."""
     from ..bank.store import preprocessing_from_bank
-    from ..method.preprocess import normalise_intensities, resolve_axis
+    from ..method.preprocess import check_intensities, resolve_axis
 
     source = source or volume.path or "volume"
     check_affine(volume.affine, source)
     with about(source):
         ax = resolve_axis(axis if axis is not None else bank.slice_axis, volume.affine)
     check_slice_size(volume.shape, ax, source)
-    normalise_intensities(volume.data, preprocessing_from_bank(bank), source=str(source))
+    check_intensities(volume.data, preprocessing_from_bank(bank), source=str(source))
     return int(volume.shape[ax])

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..core import defaults
 from .patches import GRID
 from .preprocess import FRAME
 
-__all__ = ["NORMALISATIONS", "Calibration", "mean_of_k_nearest", "maps_from_scores", "normalise_maps", "image_scores"]
+__all__ = ["NORMALISATIONS", "Calibration", "calibration_entry", "mean_of_k_nearest", "maps_from_scores", "normalise_maps", "image_scores"]
 
 #: How distances become a map: the bank's normal calibration, or the reference code's min-max.
 NORMALISATIONS: tuple[str, ...] = ("calibrated", "reference")
@@ -43,7 +44,22 @@ class Calibration:
         return np.clip((maps - self.low) / span, 0.0, None).astype(np.float32)
 
 
-def maps_from_scores(scores: np.ndarray | torch.Tensor, *, size: int = FRAME, sigma: float = 4.0) -> np.ndarray:
+def calibration_entry(calibration: dict | None, k: int) -> dict | None:
+    """The entry of a bank's calibration (``manifest["calibration"]``) that serves ``k``: its own
+    (banks store k = 1 to 5); else the largest stored k below ``k``; else the smallest stored.
+    ``None`` when the bank holds no calibration. The one rule for every reader of the entry: the
+    normalisation, the regions' levels, the slice decision and the count of normal peaks."""
+    per_k = (calibration or {}).get("per_k") or {}
+    if not per_k:
+        return None
+    if str(k) in per_k:
+        return per_k[str(k)]
+    stored = sorted(int(x) for x in per_k)
+    below = [x for x in stored if x <= k]
+    return per_k[str(below[-1] if below else stored[0])]
+
+
+def maps_from_scores(scores: np.ndarray | torch.Tensor, *, size: int = FRAME, sigma: float = defaults.SIGMA) -> np.ndarray:
     """(N, 32, 32) patch scores -> (N, size, size) maps: bilinear upsampling, then Gaussian sigma."""
     t = torch.as_tensor(np.asarray(scores, dtype=np.float32)).reshape(-1, 1, GRID, GRID)
     up = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()

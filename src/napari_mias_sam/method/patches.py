@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..core import defaults
 import torch.nn.functional as F
 
 __all__ = ["PATCH_LAYOUTS", "GRID", "PATCH", "feature_dim", "patch_features", "paper_kernels"]
@@ -49,7 +51,7 @@ def paper_kernels(channels: int = 256, device: torch.device | None = None, dtype
     return k.reshape(channels * 4, 1, PATCH, PATCH).to(device=device, dtype=dtype)
 
 
-def patch_features(embeddings: torch.Tensor, layout: str = "paper1024") -> torch.Tensor:
+def patch_features(embeddings: torch.Tensor, layout: str = defaults.PATCH_LAYOUT) -> torch.Tensor:
     """(N, C, 64, 64) embeddings -> (N, 1024, D) features, patches in row-major 32 x 32 order."""
     if embeddings.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) embeddings, got shape {tuple(embeddings.shape)}")

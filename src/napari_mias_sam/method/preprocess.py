@@ -20,9 +20,12 @@ from ..core.errors import InputError
 __all__ = [
     "Preprocessing",
     "PREPROCESS_PRESETS",
+    "MRI_PERCENTILES",
+    "CT_ABDOMEN_WINDOW",
     "SLICE_AXES",
     "FRAME",
     "Frame",
+    "check_intensities",
     "normalise_intensities",
     "resolve_axis",
     "volume_slices",
@@ -34,6 +37,10 @@ __all__ = [
 FRAME = 256  # side of the square model frame (pixels)
 #: Slice axes by name (voxel axes of a RAS-oriented volume).
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: MRI: intensities clipped to these percentiles of the foreground (voxels above the minimum).
+MRI_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: CT: the abdomen window (Hounsfield units), the ``ct`` mode's default and LiTS's preset.
+CT_ABDOMEN_WINDOW: tuple[float, float] = (-200.0, 250.0)
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,8 @@ class Preprocessing:
     """
 
     mode: Literal["mri", "ct", "minmax"] = "mri"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    window: tuple[float, float] = (-200.0, 250.0)
+    percentiles: tuple[float, float] = MRI_PERCENTILES
+    window: tuple[float, float] = CT_ABDOMEN_WINDOW
     scope: Literal["volume", "slice"] = "volume"
 
     def describe(self) -> str:
@@ -62,12 +69,25 @@ class Preprocessing:
 # Named presets offered by the CLI and the widget.
 PREPROCESS_PRESETS: dict[str, Preprocessing] = {
     "mri": Preprocessing(mode="mri"),
-    "ct-abdomen": Preprocessing(mode="ct", window=(-200.0, 250.0)),
+    "ct-abdomen": Preprocessing(mode="ct", window=CT_ABDOMEN_WINDOW),
     "ct-liver": Preprocessing(mode="ct", window=(-100.0, 200.0)),
     "ct-brain": Preprocessing(mode="ct", window=(0.0, 80.0)),
     "minmax": Preprocessing(mode="minmax"),
     "minmax-slice": Preprocessing(mode="minmax", scope="slice"),
 }
+
+
+def check_intensities(data: np.ndarray, prep: Preprocessing, *, source: str = "volume") -> None:
+    """What :func:`normalise_intensities` needs of ``data``, checked without normalising it: finite
+    values, not every voxel the same, a CT window with lower < upper (an :class:`InputError` naming
+    ``source`` otherwise)."""
+    arr = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{source}: contains NaN or infinite values; replace them before preprocessing.")
+    if np.ptp(arr) == 0:
+        raise InputError(f"{source}: every voxel has the same value ({float(arr.flat[0]):g}); nothing to segment.")
+    if prep.mode == "ct" and not prep.window[1] > prep.window[0]:
+        raise InputError(f"CT window must have lower < upper, got {prep.window}")
 
 
 def normalise_intensities(data: np.ndarray, prep: Preprocessing, *, source: str = "volume") -> np.ndarray:
@@ -78,14 +98,9 @@ def normalise_intensities(data: np.ndarray, prep: Preprocessing, *, source: str 
     slice becomes all zeros (it is skipped downstream).
     """
     arr = np.asarray(data, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(f"{source}: contains NaN or infinite values; replace them before preprocessing.")
-    if np.ptp(arr) == 0:
-        raise InputError(f"{source}: every voxel has the same value ({float(arr.flat[0]):g}); nothing to segment.")
+    check_intensities(arr, prep, source=source)
     if prep.mode == "ct":
         lo, hi = prep.window
-        if not hi > lo:
-            raise InputError(f"CT window must have lower < upper, got {prep.window}")
         return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32)
     if prep.scope == "slice" and arr.ndim == 3:
         return np.stack([_normalise_one(s, prep) for s in arr]).astype(np.float32)

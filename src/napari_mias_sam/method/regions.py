@@ -32,8 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..core import defaults
+from .anomaly import calibration_entry
+from .patches import GRID, PATCH
+from .preprocess import FRAME
 from .prompts import Prompt
-from ..core.defaults import SIGMA
 
 __all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "SliceRegion", "slice_regions",
            "region_piece", "region_cores", "regions_prompt", "decode_regions", "SEED_QUANTILE", "EXTENT_QUANTILE", "CORE_PAD",
@@ -44,9 +47,10 @@ SEED_QUANTILE = 97.0
 #: Where a region ends: this (lower) percentile of the same peaks.
 EXTENT_QUANTILE = 95.0
 #: A box prompt reaches this far (frame pixels) beyond its region's core: how far the map spreads
-#: one hot spot, the 5x5 patch's half-width (2 embedding cells of 256 / 64 = 4 frame pixels) plus
-#: the map's Gaussian smoothing (sigma 4 frame pixels).
-CORE_PAD = 2 * 4.0 + SIGMA
+#: one hot spot, the 5x5 patch's half-width (2 embedding cells of 256 / 64 = 4 frame pixels; the
+#: 32 x 32 patch grid has stride 2 over the 64 x 64 embedding) plus the map's Gaussian smoothing
+#: (``defaults.SIGMA``, 4 frame pixels): 12 frame pixels.
+CORE_PAD = (PATCH // 2) * FRAME / (2 * GRID) + defaults.SIGMA
 #: The fewest held-out normal peaks whose 97th percentile is not simply their maximum (1 / 3 %):
 #: with fewer, the volumes' default falls back to the backbone's per-slice prompt.
 MIN_NORMAL_PEAKS = math.ceil(100.0 / (100.0 - SEED_QUANTILE))
@@ -182,24 +186,22 @@ def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, core: np.ndarray
     return out
 
 
-def bank_levels(bank, k: int = 1, **kwargs) -> NormalLevels:
-    """:func:`normal_levels` from a bank's calibration for ``k`` (the nearest stored k)."""
-    per_k = (bank.manifest.get("calibration") or {}).get("per_k", {})
-    if not per_k:
+def bank_levels(bank, k: int = defaults.K, **kwargs) -> NormalLevels:
+    """:func:`normal_levels` from a bank's calibration entry for ``k`` (:func:`~.anomaly.calibration_entry`)."""
+    entry = calibration_entry(bank.manifest.get("calibration"), k)
+    if entry is None:
         raise ValueError(f"{getattr(bank, 'path', None) or 'bank'}: holds no calibration statistics; region prompts "
                          "need the held-out normal slices' peaks (rebuild the bank from normal slices).")
-    key = str(k) if str(k) in per_k else str(max([int(x) for x in per_k if int(x) <= max(k, 1)] or [min(int(x) for x in per_k)]))
-    return normal_levels(per_k[key], **kwargs)
+    return normal_levels(entry, **kwargs)
 
 
-def normal_peak_count(bank, k: int = 1) -> int:
-    """How many held-out normal slices' peaks the bank's calibration holds (for ``k``, else k = 1)."""
-    per_k = (bank.manifest.get("calibration") or {}).get("per_k", {})
-    entry = per_k.get(str(k)) or per_k.get("1") or {}
+def normal_peak_count(bank, k: int = defaults.K) -> int:
+    """How many held-out normal slices' peaks the bank's calibration entry for ``k`` holds."""
+    entry = calibration_entry(bank.manifest.get("calibration"), k) or {}
     return len(entry.get("slice_max_map") or [])
 
 
-def regions_supported(bank, k: int = 1) -> bool:
+def regions_supported(bank, k: int = defaults.K) -> bool:
     """Whether the bank's calibration holds enough normal peaks (:data:`MIN_NORMAL_PEAKS`) for the
     regions prompt to be the volumes' default."""
     return normal_peak_count(bank, k) >= MIN_NORMAL_PEAKS

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import defaults
 from ..bank import SliceGroup
 from ..core.errors import InputError
 from ..data.checks import check_slice_size
@@ -49,7 +50,7 @@ def volume_frames(data: np.ndarray, prep: Preprocessing, axis: int, *, source: s
     return to_frame(slices, encoding=encoding), fg
 
 
-def volume_groups(paths: list[Path], prep: Preprocessing, axis: int | str = "axial", *, encoding: str = "standard") -> list[SliceGroup]:
+def volume_groups(paths: list[Path], prep: Preprocessing, axis: int | str = defaults.SLICE_AXIS, *, encoding: str = "standard") -> list[SliceGroup]:
     """One :class:`SliceGroup` per NIfTI volume; empty or constant slices are skipped."""
     groups = []
     for p in paths:
@@ -104,7 +105,7 @@ def png_groups(folder: Path, *, blocks: int = 10, encoding: str = "standard") ->
     return groups
 
 
-def normal_groups(inputs: list[str | os.PathLike], prep: Preprocessing, axis: int | str = "axial", *,
+def normal_groups(inputs: list[str | os.PathLike], prep: Preprocessing, axis: int | str = defaults.SLICE_AXIS, *,
                   encoding: str = "standard") -> tuple[list[SliceGroup], str]:
     """Groups for :func:`bank.build_bank` from files/folders; returns ``(groups, kind)`` where
     kind is ``"nifti"`` or ``"png"``. NIfTI and PNG inputs cannot be mixed in one bank."""

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
-
+from typing import Any
 import numpy as np
 import torch
 
-from ..method.anomaly import image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
+from ..core import defaults
+from ..method.anomaly import calibration_entry, image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
 from ..method.prompts import Prompt, make_prompt
 from ..bank import MemoryBank, check_compatible
 from ..bank.store import preprocessing_from_bank
 from .embedding_cache import EmbeddingCache, frames_key, neighbours_key
 from ..core.errors import Cancelled, InputError, MiasSamError
+from ..core.progress import CancelFn, ProgressFn
 from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
@@ -50,13 +51,14 @@ __all__ = [
     "neighbour_distances",
     "score_volume",
     "decode_all",
+    "SliceDecode",
     "redecode_slice",
+    "RunSetup",
+    "setup_run",
     "segment_volume",
     "maps_reusable",
 ]
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 #: Slices decoded together on a GPU (decode_all's default there; the CPU decodes slice by slice).
 GPU_DECODE_BATCH = 16
 
@@ -84,7 +86,7 @@ def encode_frames(
     frames: torch.Tensor,
     backbone,
     *,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
     stage: str = "encode slices",
@@ -108,7 +110,7 @@ def cached_encode(
     backbone,
     cache: EmbeddingCache | None,
     *,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> tuple[torch.Tensor, str, bool]:
@@ -135,9 +137,9 @@ def encode_volume(
     backbone,
     prep: Preprocessing,
     *,
-    axis: int | str = "axial",
+    axis: int | str = defaults.SLICE_AXIS,
     cache: EmbeddingCache | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> EncodedVolume:
@@ -155,9 +157,9 @@ def score_volume(
     embeddings: torch.Tensor,
     bank: MemoryBank,
     *,
-    k: int = 1,
-    sigma: float = 4.0,
-    batch_size: int = 8,
+    k: int = defaults.K,
+    sigma: float = defaults.SIGMA,
+    batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
     cache: EmbeddingCache | None = None,
@@ -184,8 +186,8 @@ def neighbour_distances(
     embeddings: torch.Tensor,
     bank: MemoryBank,
     *,
-    k: int = 1,
-    batch_size: int = 8,
+    k: int = defaults.K,
+    batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> np.ndarray:
@@ -264,13 +266,19 @@ class SegmentationResult:
         """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
         With several boxes (one per region), the first one's: the most anomalous region's (a mean
         of the centres would sit between two lesions, on neither)."""
-        centres = self.prompt_centres(s)
+        return self.prompt_voxel(s, self.prompts[s])
+
+    def prompt_voxel(self, s: int, prompt: Prompt | None) -> tuple[float, float, float] | None:
+        """:meth:`cog_voxel` of ``prompt`` placed on slice ``s`` (e.g. a :class:`SliceDecode`'s)."""
+        centres = self._centres(s, prompt)
         return centres[0] if centres else None
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
         (several for the regions prompt: one per region, most anomalous first)."""
-        p = self.prompts[s]
+        return self._centres(s, self.prompts[s])
+
+    def _centres(self, s: int, p: Prompt | None) -> list[tuple[float, float, float]]:
         if p is None:
             return []
         if p.kind == "point":
@@ -308,6 +316,14 @@ class SegmentationResult:
                 }
             )
         return rows
+
+    def apply(self, decoded: "SliceDecode") -> None:
+        """Take a slice decoded again (:func:`redecode_slice`) into this result: its prompt, logits
+        and IoUs replace the slice's, and its settings become the result's (what the live session,
+        which owns its result, does after each change)."""
+        s = decoded.s
+        self.prompts[s], self.logits[s], self.ious[s] = decoded.prompt, decoded.logits, decoded.ious
+        self.settings = decoded.settings
 
     def metadata(self) -> dict:
         """Every setting that made this result (stored in layer metadata and JSON output)."""
@@ -410,6 +426,19 @@ def decode_all(
     return prompts, logits, ious
 
 
+@dataclass(frozen=True)
+class SliceDecode:
+    """Slice ``s`` decoded again (:func:`redecode_slice`): its prompt, the decoder's three mask
+    logits (3, 256, 256) float16 and predicted IoUs (3,), and the settings that made them.
+    :meth:`SegmentationResult.apply` takes it into a result."""
+
+    s: int
+    prompt: Prompt | None
+    logits: np.ndarray
+    ious: np.ndarray
+    settings: SegmentSettings
+
+
 def redecode_slice(
     result: SegmentationResult,
     backbone,
@@ -417,23 +446,23 @@ def redecode_slice(
     *,
     settings: SegmentSettings | None = None,
     point: tuple[float, float] | None = None,
-) -> None:
-    """Recompute slice ``s`` in place after a settings change or a moved CoG point.
+) -> SliceDecode:
+    """Slice ``s`` of ``result`` prompted and decoded again after a settings change or a moved CoG
+    point, from its cached embedding and map; ``result`` is left as it is.
 
+    ``settings``: the new settings (default: the result's; an unset mask is the prompt's default).
     ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
-    with a box prompt type the box is re-centred on it with the same size).
+    with a box prompt type the box is re-centred on it with the same size). A slice without
+    anatomy keeps what it has (no prompt).
     """
-    if settings is not None:
-        result.settings = settings.with_default_mask(result.settings.prompt)
-    st = result.settings
+    st = result.settings if settings is None else settings.with_default_mask(result.settings.prompt)
     if not result.encoded.foreground[s]:
-        return
+        return SliceDecode(s, result.prompts[s], result.logits[s].copy(), result.ious[s].copy(), st)
     if st.prompt == "regions" and point is None:
-        labels = region_labels(result)
         cores = result.region_cores
-        result.logits[s], result.ious[s], result.prompts[s] = decode_regions(
-            backbone, result.encoded.embeddings[s], labels[s], result.maps[s], core=None if cores is None else cores[s])
-        return
+        logits, ious, prompt = decode_regions(backbone, result.encoded.embeddings[s], region_labels(result)[s], result.maps[s],
+                                              core=None if cores is None else cores[s])
+        return SliceDecode(s, prompt, logits, ious, st)
     if st.prompt == "regions":  # a moved point: the box of the region it stood for (the most anomalous), re-centred
         regs = slice_regions(region_labels(result)[s], result.maps[s],
                              core=None if result.region_cores is None else result.region_cores[s])
@@ -447,9 +476,54 @@ def redecode_slice(
             prompt = Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
         else:
             prompt = Prompt("point", point=(float(point[0]), float(point[1])))
-    result.prompts[s] = prompt
     use_map = bool(st.extras.get("map_as_mask_input", False))
-    result.logits[s], result.ious[s] = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+    logits, ious = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+    return SliceDecode(s, prompt, logits, ious, st)
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What every volume of one run shares, checked and resolved once (:func:`setup_run`): the
+    bank and the backbone (checked compatible), the settings made concrete, the bank's
+    preprocessing. :meth:`segment` runs one volume with it."""
+
+    bank: MemoryBank
+    backbone: Any
+    settings: SegmentSettings  # prompt and mask concrete
+    preprocessing: Preprocessing
+    backbone_info: dict
+
+    def segment(
+        self,
+        volume: Volume,
+        *,
+        axis: int | str | None = None,
+        cache: EmbeddingCache | None = None,
+        encoded: EncodedVolume | None = None,
+        reuse: SegmentationResult | None = None,
+        batch_size: int = defaults.BATCH_SIZE,
+        progress: ProgressFn | None = None,
+        cancelled: CancelFn | None = None,
+    ) -> SegmentationResult:
+        """Segment one volume (the arguments as :func:`segment_volume`'s)."""
+        return _segment(self, volume, axis=axis, cache=cache, encoded=encoded, reuse=reuse, batch_size=batch_size,
+                        progress=progress, cancelled=cancelled)
+
+
+def setup_run(bank: MemoryBank, backbone, settings: SegmentSettings | None = None, *, slice_set: bool = False) -> RunSetup:
+    """Check ``backbone`` against ``bank`` (:func:`~napari_mias_sam.bank.store.check_compatible`),
+    make unset ``settings`` concrete (:func:`~.settings.resolve_defaults`; ``slice_set``: see
+    :func:`segment_volume`), read the bank's preprocessing, and move the bank's search to the
+    backbone's GPU when it has one. Done once per run, whatever the number of volumes."""
+    settings = settings or SegmentSettings()
+    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
+    info = backbone.describe()
+    check_compatible(bank, info)
+    dev = getattr(backbone, "device", None)
+    if dev is not None and torch.device(dev).type == "cuda":
+        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    return RunSetup(bank=bank, backbone=backbone, settings=settings, preprocessing=preprocessing_from_bank(bank),
+                    backbone_info=info)
 
 
 def segment_volume(
@@ -462,12 +536,13 @@ def segment_volume(
     cache: EmbeddingCache | None = None,
     encoded: EncodedVolume | None = None,
     reuse: SegmentationResult | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     slice_set: bool = False,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
 ) -> SegmentationResult:
-    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring).
+    """Run MIAS-SAM slice-wise on a whole volume (see the module docstring): :func:`setup_run`,
+    then :meth:`RunSetup.segment`. A run of several volumes sets up once and segments each.
 
     ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
     settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
@@ -478,14 +553,13 @@ def segment_volume(
     scores and raw maps too: only the normalisation, the prompts and the decoder run again
     (``maps_reused`` is then True).
     """
-    settings = settings or SegmentSettings()
-    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
-    info = backbone.describe()
-    check_compatible(bank, info)
-    prep = preprocessing_from_bank(bank)
-    dev = getattr(backbone, "device", None)
-    if dev is not None and torch.device(dev).type == "cuda":
-        bank.use_gpu(dev)  # faiss-gpu, else the torch search on the backbone's GPU
+    return setup_run(bank, backbone, settings, slice_set=slice_set).segment(
+        volume, axis=axis, cache=cache, encoded=encoded, reuse=reuse, batch_size=batch_size, progress=progress,
+        cancelled=cancelled)
+
+
+def _segment(setup: RunSetup, volume: Volume, *, axis, cache, encoded, reuse, batch_size, progress, cancelled) -> SegmentationResult:
+    bank, backbone, settings, prep, info = setup.bank, setup.backbone, setup.settings, setup.preprocessing, setup.backbone_info
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     if encoded is None and reuse is not None:
@@ -581,11 +655,9 @@ def region_labels(result: SegmentationResult) -> np.ndarray:
     return result.regions
 
 
-def slice_decision_threshold(bank: MemoryBank, k: int = 1, quantile: float = 100.0) -> float:
+def slice_decision_threshold(bank: MemoryBank, k: int = defaults.K, quantile: float = 100.0) -> float:
     """Image-score threshold from held-out NORMAL slices only (default: their maximum)."""
-    per_k = bank.manifest.get("calibration", {}).get("per_k", {})
-    key = str(k) if str(k) in per_k else "1"
-    scores = per_k.get(key, {}).get("slice_scores", [])
+    scores = (calibration_entry(bank.manifest.get("calibration"), k) or {}).get("slice_scores", [])
     if not scores:
         raise ValueError("the bank holds no calibration slice scores; the slice decision needs them")
     return float(np.percentile(scores, quantile))

@@ -42,7 +42,7 @@ from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
 from ..core import defaults
 from ..backbones import BACKBONES, iou_tracks_quality_for, point_prompts_work_for
-from ..core.errors import BankMismatchError, Cancelled, InputError, MiasSamError
+from ..core.errors import Cancelled, InputError, MiasSamError
 from ..method.prompts import PROMPT_RULES, PROMPT_TYPES, default_mask_for, default_prompt_for
 from ..method.regions import regions_supported
 from ..method.anomaly import NORMALISATIONS
@@ -124,7 +124,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self._pinned = False  # a backbone given by use_backbone() overrides the controls
 
         # -- model ------------------------------------------------------------------------------
-        self.backbone_choice = ComboBox(choices=BACKBONES, value="litemedsam", label="backbone",
+        self.backbone_choice = ComboBox(choices=BACKBONES, value=defaults.BACKBONE, label="backbone",
                                         tooltip="litemedsam: weights bundled, runs on a CPU; sam-vit_*: pick the SAM checkpoint file")
         self.checkpoint = FileEdit(mode="r", filter="*.pth *.pt", label="checkpoint", enabled=False,
                                    tooltip="SAM weights file (e.g. sam_vit_b_01ec64.pth); LiteMedSAM needs none")
@@ -140,8 +140,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                                      tooltip="lesion-free NIfTI volumes for the memory bank")
         self.normals_info = Label(value="no normal volumes chosen")
         self.normal_folder = FileEdit(mode="d", label="or a folder", tooltip="a folder of normal NIfTI volumes, or a BMAD dataset folder")
-        self.preprocess = ComboBox(choices=sorted(PREPROCESS_PRESETS), value="mri", label="intensities")
-        self.layout_choice = ComboBox(choices=PATCH_LAYOUTS, value="paper1024", label="patch features")
+        self.preprocess = ComboBox(choices=sorted(PREPROCESS_PRESETS), value=defaults.PREPROCESS, label="intensities")
+        self.layout_choice = ComboBox(choices=PATCH_LAYOUTS, value=defaults.PATCH_LAYOUT, label="patch features")
         self.sample_normals_btn = PushButton(text="Use sample normals")
         self.build_btn = PushButton(text="Build bank")
         self.bank_path = FileEdit(mode="d", label="bank folder")
@@ -151,7 +151,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         dataset_controls = self._make_dataset_controls()
         # -- run --------------------------------------------------------------------------------
         self.image = ComboBox(choices=self._image_choices, label="image layer")
-        self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for("litemedsam"), label="prompt")
+        self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for(defaults.BACKBONE), label="prompt")
         self.prompt_note = Label(value="")
         self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
@@ -161,7 +161,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.normalisation = ComboBox(choices=NORMALISATIONS, value=defaults.NORMALISATION, label="normalisation")
         self.k = SpinBox(value=defaults.K, min=1, max=5, label="k neighbours")
         self.slice_decision = CheckBox(value=False, text="keep masks only on slices scored anomalous")
-        self.batch_size = SpinBox(value=4, min=1, max=64, label="batch size")
+        self.batch_size = SpinBox(value=defaults.BATCH_SIZE, min=1, max=64, label="batch size")
         self.run_btn = PushButton(text="Run MIAS-SAM")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.reset_points_btn = PushButton(text="Reset moved points")
@@ -471,9 +471,12 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> Optional[Job]:
-        """Segment the selected image layer in the background; layers are added when it finishes."""
-        from ..jobs.preflight import check_volume_for_bank, check_knn_memory
+        """Segment the selected image layer in the background; layers are added when it finishes.
+        The run path of ``mias-sam segment`` (:mod:`napari_mias_sam.jobs.run`): every check first,
+        here; the backbone checked against the bank once (here when it is loaded, else in the job)."""
         from ..data.checks import check_voxel_dtype
+        from ..jobs.dataset_runs import sequences_for_bank
+        from ..jobs.run import RunInput, prepare_run
         from .models.layers import volume_from_layer
         from .writer import layer_data_to_world
 
@@ -487,40 +490,35 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
                 raise InputError("no memory bank: build one from normal volumes (Memory bank > Build bank) "
                                  "or load a saved bank folder (Load bank) first.")
             key = self.selected_backbone_key(encoding_of(self.bank.backbone))
-            if self.bank.backbone.get("name") != key[0]:
-                raise BankMismatchError(
-                    f"the memory bank was built with {self.bank.backbone.get('name')} but the selected backbone is "
-                    f"{key[0]}; select {self.bank.backbone.get('name')} or build a bank with {key[0]}."
-                )
-            if self.backbone is not None and self.backbone_key == key:
-                from ..bank import check_compatible
-
-                check_compatible(self.bank, self.backbone.describe())
             if getattr(layer.data, "dtype", None) is not None:  # the CLI's checks, before any work
                 check_voxel_dtype(layer.data.dtype, f"layer '{layer.name}'")
             volume, axes = volume_from_layer(layer.data, layer.metadata, layer_data_to_world(layer), name=layer.name)
-            settings = self.current_settings()
-            n_slices = check_volume_for_bank(volume, self.bank, None, f"layer '{layer.name}'")
-            check_knn_memory(settings.k, n_slices, self.bank.ntotal)
+            # the backbone's name against the bank's, the device, the ROI, the volume, the search's memory; a
+            # multi-sequence bank's other sequences read from the volume's case folder
+            bank = self.bank
+            source = RunInput(f"layer '{layer.name}'", lambda: (sequences_for_bank(volume, bank.manifest), None))
+            prepared = prepare_run(bank, [source], self.current_settings(), backbone=key[0], device=key[2])
+            setup = prepared.start(self.backbone) if (self.backbone is not None and self.backbone_key == key) else None
         except (MiasSamError, ValueError) as exc:
             self.report_error(str(exc))
             return None
+        from ..jobs.run import run
         from ..pipeline.embedding_cache import EmbeddingCache
-        from ..pipeline.segment import segment_volume
 
-        bank, batch, cache = self.bank, int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
+        batch, cache = int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
         decoder = self.live.session.decoder if self.live is not None else None  # remembers the decodes of earlier runs
 
         def job(progress, cancelled):
-            from ..jobs.dataset_runs import roi_for_bank, sequences_for_bank
+            from dataclasses import replace
+
             from ..pipeline.decode_cache import CachedDecoder
 
             bb = self.get_backbone(key, progress)
             dec = decoder if (decoder is not None and decoder.backbone is bb) else CachedDecoder(bb)
-            vol = sequences_for_bank(roi_for_bank(volume, bank.manifest), bank.manifest)  # a multi-sequence bank: the case's
-            res = segment_volume(vol, bank, dec, settings, cache=cache, reuse=previous,
-                                 batch_size=batch, progress=progress, cancelled=cancelled)
+            run_setup = replace(setup or prepared.start(bb), backbone=dec)  # decodes remembered for the live updates
+            res, _ = run(prepared, run_setup, prepared.inputs[0], cache=cache, reuse=previous,
+                         batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
             # napari's Points/Labels layers import pandas and scipy.linalg on first use: do it here,

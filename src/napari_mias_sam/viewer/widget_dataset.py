@@ -12,6 +12,7 @@ import napari
 from magicgui.widgets import ComboBox, FileEdit, LineEdit, PushButton, SpinBox
 
 from ..data.datasets import dataset_kind, find_cases, looks_like_dataset, parse_lesion_labels
+from ..core import defaults
 from ..core.errors import InputError, MiasSamError
 from .models.layers import CT_WINDOWS
 from .widget_bank import path_or_none
@@ -41,7 +42,7 @@ class DatasetMixin:
         self.ds_modality = ComboBox(choices=MODALITY_CHOICES, value="auto", label="modality",
                                     tooltip="auto: flair for BraTS (= t2f), ct for LiTS; three sequences of a BraTS case "
                                             "(e.g. flair,t1ce,t2) fill the encoder's three channels")
-        self.ds_margin = SpinBox(value=2, min=0, max=50, label="margin (slices)",
+        self.ds_margin = SpinBox(value=defaults.DATASET_MARGIN, min=0, max=50, label="margin (slices)",
                                  tooltip="keep only slices more than this many slices from any labelled slice")
         self.ds_subjects = FileEdit(mode="r", filter="*.txt *.csv *", label="subjects file",
                                     tooltip="optional: the subjects to use, one per line (default: all)")

@@ -31,6 +31,7 @@ from .widget_threads import start_generator
 from .models.live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, LiveSession, ranked_slices
 from ..data.datasets import lesion_mask
 from .models.compare import FN, FP, DiceTracker, error_overlay, error_slice
+from ..data.qa_table import CORRECTED
 from .models.layers import GEOMETRY_KEYS, geometry_metadata
 from .widget_review import ReviewController, status_colors
 
@@ -575,7 +576,7 @@ class LiveController:
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once
             pts.features.loc[moved, "moved"] = True
-            pts.features.loc[moved, "status"] = "corrected"
+            pts.features.loc[moved, "status"] = CORRECTED
             pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False

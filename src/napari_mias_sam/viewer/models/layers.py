@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from ...core.errors import InputError
-from ...method.preprocess import PREPROCESS_PRESETS
+from ...method.preprocess import MRI_PERCENTILES, PREPROCESS_PRESETS
 from ...data.datasets import case_for_file
 from ...data.volumes import Volume, is_nifti, load_labels, load_volume, nifti_stem, save_nifti
 
@@ -152,10 +152,11 @@ def geometry_metadata(volume: Volume, axes: tuple[int, ...]) -> dict[str, Any]:
 
 
 def _robust_limits(data: np.ndarray) -> list[float]:
+    """Contrast limits: the foreground percentiles the MRI preset clips to (what the encoder sees)."""
     lo, hi = float(np.min(data)), float(np.max(data))
     fg = data[data > lo]
     if fg.size > 16:
-        lo2, hi2 = (float(v) for v in np.percentile(fg[:: max(1, fg.size // 500_000)], (0.5, 99.5)))
+        lo2, hi2 = (float(v) for v in np.percentile(fg[:: max(1, fg.size // 500_000)], MRI_PERCENTILES))
         if hi2 > lo2:
             return [min(lo, lo2), hi2]
     return [lo, hi if hi > lo else lo + 1.0]

@@ -4,7 +4,8 @@ A :class:`LiveSession` owns a :class:`~napari_mias_sam.pipeline.segment.Segmenta
 backbone that made it, and turns viewer actions into pipeline calls:
 
 * a new gamma, prompt type or threshold re-prompts and re-decodes slices from the cached
-  embeddings and maps (:func:`~napari_mias_sam.pipeline.segment.redecode_slice`; no encoder, no kNN);
+  embeddings and maps (:func:`~napari_mias_sam.pipeline.segment.redecode_slice` returns each slice,
+  which the session takes into its result; no encoder, no kNN);
 * a new mask index only re-reads the cached decoder logits;
 * a CoG point moved by the user becomes that slice's prompt (kept across later changes until
   :meth:`LiveSession.reset_points`);
@@ -33,6 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ...data.qa_table import ACCEPTED, CORRECTED, PENDING, REJECTED, STATUSES
 from .compare import FN, FP, compare_with_gt, error_overlay  # noqa: F401 (the comparison helpers' public home was here)
 from .layers import to_display
 from ...pipeline.decode_cache import CachedDecoder, embedding_digest
@@ -123,9 +125,9 @@ class LiveSession:
             self.overrides = {int(s): (float(x), float(y)) for s, (x, y) in overrides.items() if 0 <= int(s) < self.n_slices}
             self.mark_stale(self.overrides)
         for s, st in (statuses or {}).items():  # the review carried over (rejected slices are cleared)
-            if 0 <= int(s) < self.n_slices and st != "pending" and self.result.prompts[int(s)] is not None:
+            if 0 <= int(s) < self.n_slices and st != PENDING and self.result.prompts[int(s)] is not None:
                 self.statuses[int(s)] = str(st)
-        self.mark_stale([s for s, st in self.statuses.items() if st == "rejected"])
+        self.mark_stale([s for s, st in self.statuses.items() if st == REJECTED])
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -292,7 +294,7 @@ class LiveSession:
         hi = fr.size - 1.0
         xy = (float(np.clip(x, 0.0, hi)), float(np.clip(y, 0.0, hi)))
         self.overrides[int(s)] = xy
-        self.statuses[int(s)] = "corrected"
+        self.statuses[int(s)] = CORRECTED
         self.mark_stale([int(s)])
         return xy
 
@@ -301,7 +303,7 @@ class LiveSession:
         slices = sorted(self.overrides)
         self.overrides = {}
         for s in slices:  # a corrected slice is pending again
-            if self.statuses.get(s) == "corrected":
+            if self.statuses.get(s) == CORRECTED:
                 self.statuses.pop(s)
         self.mark_stale(slices)
         return slices
@@ -311,7 +313,7 @@ class LiveSession:
         """Slice ``s``'s review status ('' without a prompt)."""
         if self.result.prompts[s] is None:
             return ""
-        return self.statuses.get(int(s), "corrected" if int(s) in self.overrides else "pending")
+        return self.statuses.get(int(s), CORRECTED if int(s) in self.overrides else PENDING)
 
     def review(self, s: int, action: str) -> list[int]:
         """``accept``, ``reject`` or ``reset`` slice ``s``; returns the slices that became stale
@@ -322,14 +324,14 @@ class LiveSession:
             return []
         was = self.status(s)
         if action == "accept":
-            self.statuses[s] = "corrected" if s in self.overrides else "accepted"
-            stale = [s] if was == "rejected" else []
+            self.statuses[s] = CORRECTED if s in self.overrides else ACCEPTED
+            stale = [s] if was == REJECTED else []
         elif action == "reject":
-            self.statuses[s] = "rejected"
+            self.statuses[s] = REJECTED
             stale = [s]
         elif action == "reset":
             self.statuses.pop(s, None)
-            stale = [s] if (s in self.overrides or was == "rejected") else []
+            stale = [s] if (s in self.overrides or was == REJECTED) else []
             self.overrides.pop(s, None)
         else:
             raise ValueError(f"unknown review action {action!r}: accept, reject or reset")
@@ -339,7 +341,7 @@ class LiveSession:
     def review_counts(self) -> dict[str, int]:
         """How many prompted slices are pending, accepted, corrected, rejected (and prompted)."""
         sts = [self.status(s) for s in range(self.n_slices)]
-        out = {k: sts.count(k) for k in ("pending", "accepted", "corrected", "rejected")}
+        out = {k: sts.count(k) for k in STATUSES}
         out["prompted"] = sum(out.values())
         return out
 
@@ -349,7 +351,7 @@ class LiveSession:
         n = self.n_slices
         for d in range(1, n + 1):
             t = (int(s) + step * d) % n
-            if self.status(t) == "pending":
+            if self.status(t) == PENDING:
                 return t
         return None
 
@@ -362,24 +364,16 @@ class LiveSession:
         with self.lock:
             r = self.result
             plain = s not in self.overrides
-            if plain and (not with_mask or self.status(s) != "rejected"):
+            if plain and (not with_mask or self.status(s) != REJECTED):
                 return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
             st = self.settings
             if not with_mask and s not in self._method and st.prompt != "regions":  # the centre needs no decoder
-                keep = r.prompts[s]
-                r.prompts[s] = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
-                try:
-                    return r.cog_voxel(s), None
-                finally:
-                    r.prompts[s] = keep
-            if s not in self._method:
-                keep = (r.prompts[s], r.logits[s].copy(), r.ious[s].copy(), r.settings)
-                try:
-                    with self._decoding(s):
-                        redecode_slice(r, self.decoder, s, settings=self.settings)
-                    self._method[s] = (r.cog_voxel(s), r.logits[s].copy())
-                finally:
-                    r.prompts[s], r.logits[s], r.ious[s], r.settings = keep
+                return r.prompt_voxel(s, make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma,
+                                                     threshold=st.threshold)), None
+            if s not in self._method:  # decoded aside: the result keeps the review's prompt and mask
+                with self._decoding(s):
+                    d = redecode_slice(r, self.decoder, s, settings=st)
+                self._method[s] = (r.prompt_voxel(s, d.prompt), d.logits)
             ijk, logits = self._method[s]
             if not with_mask:
                 return ijk, None
@@ -398,8 +392,8 @@ class LiveSession:
                 return False
             mark = self._marks.get(s, 0)
             with self._decoding(s):
-                redecode_slice(self.result, self.decoder, s, settings=self.settings, point=self.overrides.get(s))
-            if self.status(s) == "rejected":  # "no anomaly here": the prompt stays, the mask is cleared
+                self.result.apply(redecode_slice(self.result, self.decoder, s, settings=self.settings, point=self.overrides.get(s)))
+            if self.status(s) == REJECTED:  # "no anomaly here": the prompt stays, the mask is cleared
                 self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
                 self.stale.discard(s)

@@ -16,7 +16,18 @@ from ...core.errors import InputError
 from ...jobs.outputs import output_paths, write_outputs
 from ...pipeline.lesion_set import result_lesions
 from ...core.atomic_outputs import OutputSet
-from ...data.qa_table import QA_SUFFIX, QaTable, check_same_volume, qa_csv_text, qa_name, read_qa
+from ...data.qa_table import (
+    ACCEPTED,
+    CORRECTED,
+    PENDING,
+    QA_SUFFIX,
+    REJECTED,
+    QaTable,
+    check_same_volume,
+    qa_csv_text,
+    qa_name,
+    read_qa,
+)
 from .layers import WORLD_AXIS_LABELS, display_axes, layer_affine, read_nifti_layers
 from ...core.records import to_dict
 from .live import LiveSession
@@ -25,7 +36,7 @@ __all__ = ["qa_rows", "volume_fields", "apply_table", "in_mask", "save_results",
            "QA_LAYER_KEY", "QA_KEY", "qa_points_layer", "results_folder_layers"]
 
 #: Point colours by review status (pending: the computed prompt's red).
-STATUS_COLORS = {"pending": "red", "accepted": "lime", "corrected": "orange", "rejected": "gray", "": "red"}
+STATUS_COLORS = {PENDING: "red", ACCEPTED: "lime", CORRECTED: "orange", REJECTED: "gray", "": "red"}
 QA_LAYER_KEY = "mias_sam_qa"  # metadata of a CoG layer read from a QA file: {"path", "volume", "shape"}
 QA_KEY = "qa_rows"  # the CoG layer's metadata["mias_sam"] entry holding the QA table (what the writer saves)
 
@@ -80,7 +91,7 @@ def qa_rows(session: LiveSession, gt: np.ndarray | None = None) -> list[dict]:
         if gt is not None:
             g = np.take(gt, s, axis=ax)
             row.update(has_lesion=bool(g.any()), in_lesion_before=in_mask(gt, orig),
-                       in_lesion_after=None if cur is None else (status != "rejected" and bool(in_mask(gt, cur))),
+                       in_lesion_after=None if cur is None else (status != REJECTED and bool(in_mask(gt, cur))),
                        slice_dice_before=dice(np.take(before, s, axis=ax), g, empty_value=float("nan")),
                        slice_dice_after=dice(np.take(after, s, axis=ax), g, empty_value=float("nan")))
         rows.append(row)
@@ -95,14 +106,14 @@ def apply_table(session: LiveSession, table: QaTable) -> list[int]:
     stale: set[int] = set()
     for row in table.rows:
         s, st = row["slice"], row["status"]
-        if not st or st == "pending" or r.prompts[s] is None:
+        if not st or st == PENDING or r.prompts[s] is None:
             continue
         moved = (row["displacement_mm"] or 0.0) > 1e-3
-        if (st == "corrected" or moved) and None not in (row["i"], row["j"], row["k"]):
+        if (st == CORRECTED or moved) and None not in (row["i"], row["j"], row["k"]):
             session.move_point(s, session.file_to_display((row["i"], row["j"], row["k"])))
             stale.add(s)
-        if st in ("accepted", "rejected"):
-            stale.update(session.review(s, "accept" if st == "accepted" else "reject"))
+        if st in (ACCEPTED, REJECTED):
+            stale.update(session.review(s, "accept" if st == ACCEPTED else "reject"))
     return sorted(stale | session.stale)
 
 
