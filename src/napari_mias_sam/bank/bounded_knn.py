@@ -135,7 +135,7 @@ class BoundedSearcher:
         return out.masked_fill_(torch.from_numpy(ids < 0), float("inf"))
 
     @torch.inference_mode()
-    def search(self, queries, k: int = 1, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
+    def search(self, queries, k: int, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
         """Squared L2 distances (M, k) of ``queries`` to their k nearest vectors, sorted, exactly
         as a full search gives them (bank ids ``exclude=(lo, hi)`` left out)."""
         q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32))
