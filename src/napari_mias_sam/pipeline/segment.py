@@ -5,7 +5,7 @@ Progress is reported through a callback ``progress(stage, done, total)`` and can
 ``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
 is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
 
-Size: one module on purpose (about 510 lines): the one path a volume takes, stage by stage, and the
+Size: one module on purpose (about 690 lines): the one path a volume takes, stage by stage, and the
 result it returns, so that a reader follows a run without changing files.
 """
 

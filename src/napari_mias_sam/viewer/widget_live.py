@@ -14,7 +14,7 @@ written into the layers' arrays as they arrive (napari draws them when the user 
 columns are recomputed once the updates pause. Settings and dragged points are applied at once
 (no debounce): a newer change supersedes a pass at its next slice.
 
-Size: about 650 lines because one controller owns every output layer of a run and keeps them in
+Size: about 700 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
 in :mod:`napari_mias_sam.viewer.models.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
