@@ -419,6 +419,11 @@ CASES: list[Case] = [
 
 
 # --------------------------------------------------------------------------- round two (issue 26)
+def _recorded_as(backbone: str) -> Callable[[dict], None]:
+    """A manifest edit: the bank says it was built with ``backbone``."""
+    return lambda m: m["backbone"].update(name=backbone)
+
+
 def seg_creates(stem: str) -> Callable[[Ctx], set[str]]:
     """What ``segment`` writes for ``stem`` into ``out/`` (the names ``write_outputs`` uses)."""
     return lambda c: {"out", *(f"out/{p.name}" for p in output_paths("out", stem).values())}
@@ -495,11 +500,12 @@ ROUND_TWO: list[Case] = [
     W("dangling", "dangling.pth", "broken link", "moved-away.pth"),
     W("state-dict", rc=0, check=_says("state dict of 2 tensors", "--checkpoint", where="out")),
     R("weights-check-missing", lambda c: ["weights", "check", str(c.inp / "nope.pth")], "nope.pth", "no such file"),
-    R("segment-checkpoint-folder", lambda c: c.seg_args() + ["--backbone", "litemedsam", "--checkpoint",
+    # (each with a bank recorded with the backbone it loads: another backbone is refused by name first)
+    R("segment-checkpoint-folder", lambda c: c.seg_args(bank=c.bank_copy(_recorded_as("litemedsam"))) + ["--checkpoint",
                                                               str(weights_file(c.inp, "folder"))], "weights", "is a folder"),
-    R("segment-sam-checkpoint-empty", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint",
+    R("segment-sam-checkpoint-empty", lambda c: c.seg_args(bank=c.bank_copy(_recorded_as("sam-vit_b"))) + ["--checkpoint",
                                                                  str(weights_file(c.inp, "empty"))], "empty.pth", "is empty (0 bytes"),
-    R("segment-sam-checkpoint-random", lambda c: c.seg_args() + ["--backbone", "sam-vit_b", "--checkpoint",
+    R("segment-sam-checkpoint-random", lambda c: c.seg_args(bank=c.bank_copy(_recorded_as("sam-vit_b"))) + ["--checkpoint",
                                                                   str(weights_file(c.inp, "random"))], "random.pth", "not a PyTorch checkpoint"),
     # ---- cache: limits within sane bounds, the folder's other contents, settings and environment
     K("limit-huge", lambda c: (c.cache(), ["cache", "limit", "99999999999999999999999T"])[1], "99999999999999999999999T", "larger than"),

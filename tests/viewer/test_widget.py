@@ -109,7 +109,9 @@ def test_run_end_to_end_with_litemedsam(setup, qtbot, sample_subset, tmp_path, c
         print(f"\n[event loop latency] {lat.n_ticks} ticks of 50 ms; longest gap while the worker ran: "
               f"{working * 1000:.0f} ms; while the output layers were added at the end: {adding * 1000:.0f} ms")
     assert lat.n_ticks > 10
-    assert working < 0.5, f"the viewer froze for {working:.2f} s while the worker ran"
+    # Work on the GUI thread would freeze it for the whole encode (tens of seconds); 54 ms is typical on a
+    # quiet 2-core machine, 0.86 s was seen with the load average at 17, hence the margin.
+    assert working < 2.0, f"the viewer froze for {working:.2f} s while the worker ran"
     assert adding < 3.0
 
     anomaly, points, mask = _layer(viewer, " anomaly"), _layer(viewer, " CoG"), _layer(viewer, " mask")
