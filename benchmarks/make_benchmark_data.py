@@ -18,6 +18,10 @@ Subjects (kept apart: no anatomy of a test subject is ever in the bank):
   necrosis or chronic lesions on T1), irregular shapes, random places in deep brain tissue. One
   test subject has no lesion, and every lesion leaves slices above and below it lesion-free.
 
+``--reverse`` swaps the two real subjects (the second fold): the bank is Colin27 and its
+pseudo-subjects, the test cases are the MNI152 template and its pseudo-subjects, with the same
+slabs, lesion plan and generator.
+
 Outputs (under ``--out``): ``train/normal_XX.nii.gz``, ``test/images/case_XX.nii.gz``,
 ``test/labels/case_XX.nii.gz`` (0/1, same name as its image) and ``benchmark.json`` (seed,
 subjects, every lesion's size, contrast, centre in world mm, voxel count and slices). Geometry,
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=6, help="train (bank) volumes: the template + pseudo-subjects (default 6)")
     parser.add_argument("--test", type=int, default=len(LESION_PLAN), help=f"test volumes (default {len(LESION_PLAN)})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
+    parser.add_argument("--reverse", action="store_true",
+                        help="the second fold: bank from Colin27 pseudo-subjects, tests on MNI152 ones")
     args = parser.parse_args(argv)
     if args.train < 1 or args.test < 1:
         parser.error("--train and --test must be at least 1")
@@ -140,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     bank, test = msd.load_mni152(), msd.load_colin27()
+    if args.reverse:
+        bank, test = test, bank
     grid = msd.Grid(*msd.inplane_world_box([bank, test], msd.INPLANE_MARGIN_MM))
     rng = np.random.default_rng(args.seed)
     manifest: dict = {"seed": args.seed, "generator": "benchmarks/make_benchmark_data.py",
-                      "train_subject": bank.name, "test_subject": test.name,
+                      "train_subject": bank.name, "test_subject": test.name, "reverse": bool(args.reverse),
                       "slice_mm": SLICE_MM, "train": [], "test": []}
     for out, info in make_train(bank, grid, rng, args.train):
         msd.save_atomic(msd.to_nifti(out), args.out / info["file"])

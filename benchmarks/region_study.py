@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from napari_mias_sam.method import prompts as P
 from napari_mias_sam.method.prompts import Prompt
@@ -46,13 +47,109 @@ from napari_mias_sam.method.regions import (
     NormalLevels,
     anomalous_regions,
     bank_levels,
-    decode_regions,
     normal_levels,
     region_cores,
-    region_piece,
-    slice_regions,
 )
 from napari_mias_sam.pipeline.settings import SegmentSettings
+
+
+# -- the previous default (issue 15: a box around each region's core), kept here so that the
+# -- tables made with this study reproduce; the product now uses method/region_prompts.py.
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SliceRegion:
+    """One region's part on one slice: its label, its box prompt (x0, y0, x1, y1), the piece's
+    own bounding box ``extent_box``, its peak and area (frame pixels)."""
+
+    label: int
+    box: Box
+    peak: float
+    area: int
+    extent_box: Box
+
+
+def _padded(box: Box, pad: float, shape: tuple[int, int]) -> Box:
+    h, w = shape
+    return (max(0.0, box[0] - pad), max(0.0, box[1] - pad), min(w - 1.0, box[2] + pad), min(h - 1.0, box[3] + pad))
+
+
+def _box_of(sl: tuple[slice, slice]) -> Box:
+    """A ``find_objects`` slice as an inclusive (x0, y0, x1, y1) box."""
+    r, c = sl
+    return (float(c.start), float(r.start), float(c.stop - 1), float(r.stop - 1))
+
+
+def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, core: np.ndarray | None = None,
+                  pad: float = CORE_PAD) -> list[SliceRegion]:
+    """The regions present on one slice (each 2D piece of a label is one prompt), largest peak first.
+
+    ``core``: the slice's :func:`region_cores`; a piece's box prompt is the bounding box of its
+    core pixels widened by ``pad``. Without ``core``, or where the piece holds no core pixel, the
+    piece's own bounding box is the prompt.
+    """
+    out: list[SliceRegion] = []
+    shape = labels_2d.shape
+    for lab in np.unique(labels_2d):
+        if lab == 0:
+            continue
+        pieces, _ = ndimage.label(labels_2d == lab)
+        for i, sl in enumerate(ndimage.find_objects(pieces), start=1):
+            if sl is None:
+                continue
+            piece = pieces[sl] == i  # within the piece's own bounding box
+            extent_box = _box_of(sl)
+            inner = piece & core[sl] if core is not None else None
+            box = extent_box
+            if inner is not None and inner.any():
+                x0, y0 = sl[1].start, sl[0].start
+                ib = _box_of(ndimage.find_objects(inner.astype(np.int8))[0])
+                box = _padded((ib[0] + x0, ib[1] + y0, ib[2] + x0, ib[3] + y0), pad, shape)
+            out.append(SliceRegion(int(lab), box, float(map_2d[sl][piece].max()), int(piece.sum()), extent_box))
+    out.sort(key=lambda r: -r.peak)
+    return out
+
+
+def region_piece(labels_2d: np.ndarray, region: SliceRegion) -> np.ndarray:
+    """The region's pixels inside its own bounding box on this slice (bool, frame)."""
+    piece = np.zeros(labels_2d.shape, bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in region.extent_box)
+    piece[y0:y1 + 1, x0:x1 + 1] = labels_2d[y0:y1 + 1, x0:x1 + 1] == region.label
+    return piece
+
+
+def regions_prompt(regions: list[SliceRegion]) -> Prompt | None:
+    """The slice's prompt as recorded in results: one box, several boxes, or none."""
+    if not regions:
+        return None
+    if len(regions) == 1:
+        return Prompt("box", box=regions[0].box)
+    return Prompt("boxes", boxes=tuple(r.box for r in regions))
+
+
+def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarray, *,
+                   core: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Prompt | None]:
+    """Decode one slice with one box per region piece (:func:`slice_regions`) and unite the masks.
+
+    Returns (logits (3, 256, 256) float16, predicted IoUs (3,), the prompt). Slot ``i`` of the
+    logits is the union, over regions, of decoder mask ``i + 1`` clipped to the piece it was
+    prompted from (outside the piece its logits are capped at -1, so it is never foreground).
+    IoUs: the best region's per slot.
+    """
+    regions = slice_regions(labels_2d, map_2d, core=core)
+    shape = (3, *labels_2d.shape)
+    if not regions:
+        return np.zeros(shape, np.float16), np.full(3, np.nan, np.float32), None
+    logits = np.full(shape, -np.inf, np.float32)
+    ious = np.full(3, -np.inf, np.float32)
+    emb = embedding.float() if hasattr(embedding, "float") else embedding
+    for reg in regions:
+        out = backbone.decode(emb, Prompt("box", box=reg.box))
+        lg = np.asarray(out.logits, np.float32)
+        ious = np.maximum(ious, np.asarray(out.iou, np.float32))
+        logits = np.maximum(logits, np.where(region_piece(labels_2d, reg)[None], lg, np.minimum(lg, -1.0)))
+    return logits.astype(np.float16), ious, regions_prompt(regions)
 
 
 class Decoder:

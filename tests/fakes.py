@@ -3,6 +3,8 @@ paths are tested with real weights (tests/backbones/, tests/test_e2e.py)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,12 +28,14 @@ class FakeBackbone:
     the prompt's centre (the mean of its boxes' centres). IoUs are always (0.5, 0.6, 0.7).
 
     Counters: ``calls`` and ``encode_calls`` (``encode`` calls), ``frames_encoded``, ``decode_calls``.
+    ``delay``: seconds ``encode`` sleeps per frame (a slow encoder, for the Dask fault tests).
     """
 
     precision = "fp32"
 
     def __init__(self, name: str = "fake", sha: str = "fake-weights-0001", seed: int = 0, channels: int = 256, *,
-                 embedding: str = "tanh", masks: str = "boxes", radii: tuple[float, float, float] = (40.0, 20.0, 10.0)) -> None:
+                 embedding: str = "tanh", masks: str = "boxes", radii: tuple[float, float, float] = (40.0, 20.0, 10.0),
+                 delay: float = 0.0) -> None:
         if embedding not in ("tanh", "intensity") or masks not in ("boxes", "discs"):
             raise ValueError(f"unknown fake backbone kind: embedding={embedding!r}, masks={masks!r}")
         g = torch.Generator().manual_seed(seed)
@@ -42,11 +46,14 @@ class FakeBackbone:
         self.a = torch.randn(channels, generator=g) * 3.0
         self.b = torch.randn(channels, generator=g) * 0.5
         self.calls = self.encode_calls = self.frames_encoded = self.decode_calls = 0
+        self.delay = float(delay)
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.encode_calls += 1
         self.frames_encoded += len(frames)
+        if self.delay:
+            time.sleep(self.delay * len(frames))
         grey = frames.float().mean(1, keepdim=True) if frames.ndim == 4 else frames[:, None].float()  # sequences: their mean
         x = F.avg_pool2d(grey, 4)  # (N, 1, 64, 64)
         if self.embedding == "intensity":

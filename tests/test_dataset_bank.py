@@ -10,7 +10,8 @@ import pytest
 
 from fakes import FakeBackbone
 from dataset_fixtures import brats2021_root, brats2023_root, lits_root
-from napari_mias_sam.jobs.dataset_runs import build_bank_from_dataset, check_disjoint, load_case
+from napari_mias_sam.jobs.bank_builds import build_bank_from_dataset
+from napari_mias_sam.jobs.dataset_runs import check_disjoint, load_case
 from napari_mias_sam.data.datasets import find_cases
 from napari_mias_sam.core.errors import InputError
 

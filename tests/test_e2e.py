@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 AFFINE = np.array([[-1.2, 0, 0, 30.0], [0, 1.2, 0, -40.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1.0]])
 BLOB = {"centre": (40, 24), "radius": 6, "value": 1.0, "slices": [1, 2]}
-CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt"]
+CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt", "prompts", "mask_used", "agreement"]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:

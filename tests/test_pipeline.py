@@ -21,12 +21,13 @@ from napari_mias_sam.data.volumes import load_volume
 from napari_mias_sam.method.patches import patch_features
 from napari_mias_sam.pipeline.segment import encode_volume, redecode_slice, segment_volume, EncodedVolume, decode_all
 from napari_mias_sam.method.preprocess import Frame, PREPROCESS_PRESETS
-from napari_mias_sam.method.regions import NormalLevels, anomalous_regions, bank_levels, slice_regions
+from napari_mias_sam.method.regions import NormalLevels, anomalous_regions, bank_levels
+from napari_mias_sam.method.region_prompts import region_prompts
 from napari_mias_sam.pipeline.settings import SegmentSettings
 from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 from napari_mias_sam.jobs.outputs import check_outputs, output_paths, write_outputs
 
-CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt"]
+CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt", "prompts", "mask_used", "agreement"]
 AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
 
 
@@ -338,18 +339,44 @@ def test_regions_prompt_uses_bank_levels_only(world):
     assert res.settings.prompt == "regions"
     assert res.region_levels == bank_levels(world["bank"], 1)
     assert res.metadata()["region_levels"] == res.region_levels.as_dict()
-    pieces = [slice_regions(res.regions[s], res.maps[s]) for s in range(4)]
-    assert fake.decode_calls == sum(len(p) for p in pieces)
+    pieces = [region_prompts(res.regions[s], res.maps[s], gamma=res.settings.gamma, kind="point") for s in range(4)]
+    assert fake.decode_calls == sum(len(p) for p in pieces) > 0
+    rows = res.points_rows()
     for s in range(4):
         has = bool(pieces[s])
         assert (res.prompts[s] is not None) == has and bool(res.decision[s]) == has
-        assert len(res.prompt_centres(s)) == len(pieces[s])
-        if not has:
-            assert not res.mask_volume()[..., s].any()
+        # the CoG layer's points are the prompts sent: each piece's gamma-weighted centre of gravity
+        assert [res._frame_to_voxel(s, *p.centre) for p in pieces[s]] == res.prompt_centres(s)
+        assert rows[s]["prompts"] == len(pieces[s])
+        if has:
+            assert set(rows[s]["mask_used"].split(";")) <= {"1", "2", "3", "region"} and rows[s]["agreement"]
+        else:
+            assert not res.mask_volume()[..., s].any() and rows[s]["prompt"] == "none"
+
+
+def test_regions_with_a_small_bank_use_the_gamma_cog_and_gamma_moves_it(world):
+    """This small bank (2 subjects, a few held-out slices) keeps the per-slice prompt as the
+    volumes' default; asked for, the regions prompt runs with tail-fit levels, each prompt the
+    gamma-weighted CoG of its piece, and another gamma moves the points and changes the masks."""
+    from napari_mias_sam.method.regions import MIN_NORMAL_PEAKS, normal_peak_count
+
+    bank = world["bank"]
+    assert normal_peak_count(bank) < MIN_NORMAL_PEAKS and bank_levels(bank).method == "tail"
+    assert segment_volume(load_volume(world["case"]), bank, FakeBackbone()).settings.prompt == "cog-point"
+    discs = dict(masks="discs", radii=(110.0, 80.0, 50.0))  # masks that follow the point and agree with the map
+    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(prompt="regions"))
+    assert res.settings.prompt == "regions" and res.settings.gamma == 5.0 and res.settings.mask_index == 1
+    assert res.prompts[3] is None and not res.mask_volume()[..., 3].any()  # the empty slice: nothing
+    other = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(prompt="regions", gamma=1.0),
+                           reuse=res)
+    s = next(s for s in range(4) if res.prompts[s] is not None)
+    assert np.abs(np.subtract(other.prompt_centres(s), res.prompt_centres(s))).max() > 1.0
+    assert (other.mask_volume() != res.mask_volume()).any()
 
 
 def test_two_lesions_on_one_slice_get_two_boxes_and_normal_slices_nothing():
-    """decode_all with the regions prompt: each region piece is its own box, masks united."""
+    """decode_all with the regions prompt: each region piece gets its own prompt (a point at the
+    piece's gamma-weighted CoG for a point backbone), masks united."""
     maps = np.zeros((3, 256, 256), np.float32)
     maps[1] = 2.0 * disk((256, 256), (60, 60), 20) + 1.8 * disk((256, 256), (180, 190), 25)
     maps[0] = 0.9 * disk((256, 256), (128, 128), 30)  # raised, but no higher than normal peaks
@@ -359,10 +386,10 @@ def test_two_lesions_on_one_slice_get_two_boxes_and_normal_slices_nothing():
     fake = FakeBackbone()
     prompts, logits, ious = decode_all(enc, maps, fake, SegmentSettings(prompt="regions"), regions=regions)
     assert prompts[0] is None and prompts[2] is None and (logits[[0, 2]] == 0).all()
-    assert prompts[1].kind == "boxes" and len(prompts[1].boxes) == 2 and fake.decode_calls == 2
-    (x0, y0, x1, y1), (u0, v0, u1, v1) = prompts[1].boxes  # most anomalous first
-    assert (x0, y0, x1, y1) == (40.0, 40.0, 80.0, 80.0) and (u0, v0, u1, v1) == (165.0, 155.0, 215.0, 205.0)
-    m3 = logits[1, 2] > 0  # the fake's mask = its box; both boxes lie inside their regions' boxes
+    assert prompts[1].kind == "points" and len(prompts[1].points) == 2 and fake.decode_calls == 2
+    (x, y), (u, v) = prompts[1].points  # most anomalous first, each its disc's centre of gravity
+    assert (x, y) == pytest.approx((60.0, 60.0)) and (u, v) == pytest.approx((190.0, 180.0))
+    m3 = logits[1, 2] > 0  # the fake's mask = a square around its point, inside its region
     assert m3[60, 60] and m3[180, 190] and not m3[128, 128]
     np.testing.assert_allclose(ious[1], [0.5, 0.6, 0.7])
 

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from napari_mias_sam.method.regions import (
-    CORE_PAD,
     MIN_NORMAL_PEAKS,
     anomalous_regions,
-    decode_regions,
+    local_peaks,
     normal_levels,
     normal_peak_count,
     region_cores,
     regions_supported,
-    slice_regions,
+    tail_level,
 )
+from napari_mias_sam.method.region_prompts import decode_regions, region_prompts
 from napari_mias_sam.pipeline.settings import SegmentSettings, resolve_defaults
 from napari_mias_sam.backbones.base import Decoded
 
@@ -29,33 +29,37 @@ def blob(shape, centre, radius, value):
 
 
 def test_levels_come_from_the_normal_peaks_only():
-    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100, method="quantile")
     # calibrated peaks: (p - 1) / 2 -> 0.5, 0.6, 0.8, 1.0, 1.2
     assert lv.seed == pytest.approx(1.2)  # no held-out normal slice went above it
     assert lv.extent == pytest.approx(0.8)  # the median normal peak
-    assert normal_levels(ENTRY, extent_quantile=0).extent == pytest.approx(0.5)
-    default = normal_levels(ENTRY)  # the 97th and 95th percentiles of the normal peaks (linear interpolation)
-    assert default.seed == pytest.approx(1.176) and default.extent == pytest.approx(1.16)
+    assert normal_levels(ENTRY, extent_quantile=0, method="quantile").extent == pytest.approx(0.5)
+    # the 97th and 95th percentiles of the normal peaks (linear interpolation)
+    q = normal_levels(ENTRY, method="quantile")
+    assert q.seed == pytest.approx(1.176) and q.extent == pytest.approx(1.16) and q.method == "quantile"
+    auto = normal_levels(ENTRY)  # 5 held-out slices are too few for a 97th percentile: the tail fit
+    assert auto.method == "tail" and auto.extent_quantile == 85.0 and auto.extent <= auto.seed
+    assert normal_levels({**ENTRY, "slice_max_map": [2.0] * MIN_NORMAL_PEAKS}).method == "quantile"
     with pytest.raises(ValueError, match="no held-out normal slice peaks"):
         normal_levels({"low": 0, "high": 1, "slice_max_map": []})
 
 
 def test_two_lesions_on_one_slice_are_two_regions_and_normal_slices_get_none():
-    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100, method="quantile")
     maps = np.zeros((3, 64, 64), np.float32)
     maps[1] = blob((64, 64), (16, 16), 5, 2.0) + blob((64, 64), (45, 48), 6, 1.6)
     maps[0] = blob((64, 64), (30, 30), 8, 1.1)  # raised, but below what normal slices reach
     lab = anomalous_regions(maps, lv, three_d=False)
     assert not lab[0].any() and not lab[2].any()
-    regs = slice_regions(lab[1], maps[1])
+    regs = region_prompts(lab[1], maps[1], kind="point")
     assert len(regs) == 2
     assert regs[0].peak == pytest.approx(2.0)  # most anomalous first
-    x0, y0, x1, y1 = regs[0].box
-    assert (x0, y0, x1, y1) == (11.0, 11.0, 21.0, 21.0)
+    assert regs[0].centre == pytest.approx((16.0, 16.0)) and regs[0].prompt.point == regs[0].centre
+    assert regs[0].extent_box == (11.0, 11.0, 21.0, 21.0)
 
 
 def test_3d_regions_carry_to_neighbours_above_the_extent_level():
-    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)
+    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100, method="quantile")
     maps = np.zeros((4, 32, 32), np.float32)
     maps[1] = blob((32, 32), (16, 16), 4, 1.5)  # a seed: above every normal peak
     maps[2] = blob((32, 32), (16, 17), 4, 1.0)  # below the seed, above the extent: carried in 3D
@@ -74,31 +78,23 @@ def test_foreground_and_empty_maps():
     assert not anomalous_regions(np.zeros((2, 16, 16)), lv).any()
 
 
-def test_box_prompts_surround_the_core_and_masks_stay_inside_their_region():
-    """A wide, low region with a small hot core: the box is the core's box widened by one patch
-    radius (not the whole region), and a decoder mask that spills out is clipped to the region."""
-    lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100)  # extent 0.8, seed 1.2
-    m = np.zeros((1, 128, 128), np.float32)
-    m[0] = blob((128, 128), (64, 64), 40, 1.0) + blob((128, 128), (60, 70), 4, 0.5)  # core: the 1.5 blob
-    lab = anomalous_regions(m, lv, three_d=True)
-    cores = region_cores(m, lab, lv)
-    assert cores.sum() == blob((128, 128), (60, 70), 4, 1).sum()
-    (reg,) = slice_regions(lab[0], m[0], core=cores[0])
-    assert reg.extent_box == (24.0, 24.0, 104.0, 104.0)
-    assert reg.box == (66 - CORE_PAD, 56 - CORE_PAD, 74 + CORE_PAD, 64 + CORE_PAD)
-    (whole,) = slice_regions(lab[0], m[0])  # without cores: the region's own box
-    assert whole.box == whole.extent_box
-
-    class Spill:  # a decoder whose every mask covers the whole frame
-        def decode(self, emb, prompt):
-            self.prompt = prompt
-            return Decoded(logits=np.full((3, 128, 128), 4.0, np.float32), iou=np.array([0.5, 0.6, 0.7], np.float32))
-
-    dec = Spill()
-    logits, ious, prompt = decode_regions(dec, np.zeros((256, 64, 64), np.float32), lab[0], m[0], core=cores[0])
-    assert prompt.box == reg.box == dec.prompt.box
-    assert ((logits > 0) == (lab[0] > 0)[None]).all()  # clipped to the region, each of the 3 masks
-    assert ious.tolist() == pytest.approx([0.5, 0.6, 0.7])
+def test_tail_levels_hold_with_one_subject_and_use_every_local_maximum():
+    """A bank from one subject: 12 held-out normal maps (fewer than a 97th percentile needs). The
+    tail fit of their local maxima gives a seed above most of them and below the rare top ones,
+    not simply the largest peak, and an extent below the seed."""
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, 1.0, size=(12, 64, 64)).astype(np.float32)
+    peaks = local_peaks(maps, top=16, window=9)
+    assert all(len(p) == 16 and p == sorted(p, reverse=True) for p in peaks)
+    top = max(max(p) for p in peaks)
+    entry = {"low": 0.0, "high": 1.0, "slice_max_map": [max(p) for p in peaks], "local_peaks": peaks}
+    lv = normal_levels(entry)
+    assert lv.method == "tail" and 0 < lv.extent < lv.seed
+    # about 3 % of normal slices reach the seed: well up in the slices' peaks, near their top
+    assert np.mean([max(p) > lv.seed for p in peaks]) <= 0.25 and lv.seed > 0.8 * top
+    assert tail_level(peaks, 1.0) < tail_level(peaks, 0.1) < tail_level(peaks, 0.01)  # rarer: higher
+    with pytest.raises(ValueError, match="too few"):
+        tail_level([[1.0]], 0.1)
 
 
 class _Bank:
@@ -110,7 +106,8 @@ class _Bank:
 
 @pytest.mark.parametrize("peaks, volume, prompt, mask", [
     (MIN_NORMAL_PEAKS, True, "regions", 1),  # enough normal peaks: 3D regions, decoder mask 1
-    (MIN_NORMAL_PEAKS - 1, True, "cog-box", 3),  # too few to tell the 97th percentile from the max
+    (MIN_NORMAL_PEAKS - 1, True, "cog-box", 3),  # too few for a 97th percentile: the per-slice default
+    (1, True, "cog-box", 3),
     (500, False, "cog-box", 3),  # 2D slice sets keep the paper's per-slice prompt and mask
 ])
 def test_volume_default_prompt_and_mask(peaks, volume, prompt, mask):

@@ -148,7 +148,7 @@ def test_widget_scores_lits_with_its_lesion_label(make_napari_viewer, qtbot, roo
     """volume-3: the liver (1) covers the prediction, the tumour (2) lies elsewhere: the live
     Dice with the LiTS lesion label is low; set to 1,2 in the widget (stored in the layer's
     metadata) it counts the liver; the FP/FN overlay follows."""
-    from napari_mias_sam.jobs.dataset_runs import build_bank_from_dataset
+    from napari_mias_sam.jobs.bank_builds import build_bank_from_dataset
 
     fake = FakeBackbone(name="litemedsam")
     (roots["base"] / "lits-train.txt").write_text("volume-0\nvolume-1\n")

@@ -202,3 +202,55 @@ def test_compute_and_io_modules_import_without_qt():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def _regions_result() -> tuple[SegmentationResult, FakeBackbone]:
+    """A regions-prompt result: two anomalous pieces on slice 1 (a high one and a lower one), one
+    on slice 0 where no decoder mask agrees (the discs are far too small), none on slice 2."""
+    from napari_mias_sam.method.regions import NormalLevels, anomalous_regions, region_cores
+
+    n, rr, cc = 3, *np.mgrid[:256, :256]
+    maps = np.zeros((n, 256, 256), np.float32)
+    maps[1] = 2.0 * ((rr - 60) ** 2 + (cc - 60) ** 2 <= 25 ** 2) + 1.6 * ((rr - 180) ** 2 + (cc - 190) ** 2 <= 25 ** 2)
+    maps[0] = 1.5 * ((rr - 128) ** 2 + (cc - 128) ** 2 <= 90 ** 2)
+    levels = NormalLevels(seed=1.2, extent=0.8, extent_quantile=50.0)
+    regions = anomalous_regions(maps, levels, three_d=False)
+    cores = region_cores(maps, regions, levels)
+    enc = EncodedVolume(embeddings=torch.zeros((n, 256, 64, 64)), frames=torch.zeros((n, 256, 256)),
+                        foreground=np.ones(n, bool), axis=2, frame=Frame(256, 256), key="k")
+    settings = SegmentSettings(prompt="regions", mask_index=1)
+    bb = FakeBackbone(name="disc", sha="none", masks="discs", radii=(22.0, 12.0, 6.0))
+    details: list = []
+    prompts, logits, ious = decode_all(enc, maps, bb, settings, regions=regions, cores=cores, details=details)
+    res = SegmentationResult(
+        volume=Volume(data=np.zeros((256, 256, n), np.float32), affine=np.eye(4)), encoded=enc, settings=settings,
+        bank_info={}, backbone_info={"name": "disc"}, preprocessing={}, scores=np.zeros((n, 32, 32), np.float32),
+        raw_maps=maps, maps=maps, image_scores=np.zeros(n, np.float32), decision=np.array([True, True, False]),
+        decision_threshold=None, prompts=prompts, logits=logits, ious=ious, regions=regions, region_cores=cores,
+        region_levels=levels, region_decodes=details)
+    return res, bb
+
+
+def test_the_cog_layer_holds_every_prompt_sent_and_the_mask_rule():
+    """Regions prompt: one CoG point per region piece, each exactly where its prompt was sent;
+    the mask each kept (or the region where none agreed) is in the points' features and the
+    dock's text; a slice without a region has no point and no mask."""
+    res, bb = _regions_result()
+    ses = LiveSession(res, bb, (0, 1, 2))
+    coords, feats = ses.points()
+    sent = [(s, p) for s in range(3) for p in (res.prompts[s].centres() if res.prompts[s] else [])]
+    assert len(coords) == len(sent) == 3 and feats["slice"].tolist() == [0, 1, 1] and feats["piece"].tolist() == [0, 0, 1]
+    for (s, (x, y)), c in zip(sent, coords):  # display order = file order here: (row, col, slice)
+        assert tuple(c) == pytest.approx((y, x, s))
+    assert feats["mask_used"].tolist() == ["region", "1", "1"]
+    assert "region (no mask agreed with the map)" in ses.mask_rule_text(0)
+    assert ses.mask_rule_text(1).startswith("mask 1 (agreement") and ses.mask_rule_text(2) == ""
+    assert res.prompts[2] is None and not res.slice_mask(2).any()
+    # gamma moves the points of the session after re-decoding, and each point is still the prompt sent
+    before = coords.copy()
+    ses.change_settings(res.settings.replace(gamma=1.0))
+    list(ses.refresh_iter(ses.order_from(1), ses.generation))
+    after, _ = ses.points()
+    assert after.shape == before.shape
+    for s in range(2):
+        assert [ses.file_to_display(v) for v in res.prompt_centres(s)] == ses.slice_points(s)

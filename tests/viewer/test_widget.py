@@ -170,17 +170,18 @@ def test_gamma_change_moves_the_cog(shown, qtbot, count_calls):
 def test_mask_change_changes_the_mask(shown, qtbot, count_calls):
     viewer, widget, image, gt = shown
     mask = _layer(viewer, " mask")
-    m3 = mask.data.copy()
-    widget.mask.value = 1
+    before = mask.data.copy()
+    other = 3 if widget.live.session.settings.mask_index == 1 else 1  # the volumes' default (regions) uses mask 1
+    widget.mask.value = other
     _settle(qtbot, widget)
-    assert (mask.data != m3).any()
+    assert (mask.data != before).any()
     ses = widget.live.session
     np.testing.assert_array_equal(mask.data, ses.mask_display())
-    np.testing.assert_array_equal(np.transpose(mask.data, np.argsort(ses.axes)), ses.result.mask_volume(1))
+    np.testing.assert_array_equal(np.transpose(mask.data, np.argsort(ses.axes)), ses.result.mask_volume(other))
     assert count_calls["decode"] == 0 and count_calls["encode"] == 0  # cached logits only
-    assert mask.metadata["mias_sam"]["settings"]["mask_index"] == 1
+    assert mask.metadata["mias_sam"]["settings"]["mask_index"] == other
     # LiteMedSAM's IoU head does not track quality: the readout says so instead of showing figures.
-    assert "mask 1:" not in widget.iou_info.value and "does not track mask quality" in widget.iou_info.value
+    assert f"mask {other}:" not in widget.iou_info.value and "does not track mask quality" in widget.iou_info.value
 
 
 def test_moving_a_point_redecodes_that_slice(shown, qtbot, count_calls):
@@ -193,9 +194,10 @@ def test_moving_a_point_redecodes_that_slice(shown, qtbot, count_calls):
     data = points.data.copy()
     inplane = [a for a in range(3) if a != ses.display_axis]
     data[row, inplane[0]] += 25.0  # drag the CoG 25 voxels towards posterior
+    prompts = len(ses.slice_points(s))  # the regions prompt: one per region piece of that slice
     points.data = data
     _settle(qtbot, widget)
-    assert count_calls["decode"] == 1
+    assert count_calls["decode"] == prompts  # that slice only, each of its prompts once
     idx = ses.slice_index(s)
     assert (mask.data[idx] != before[idx]).any()
     others = [t for t in range(ses.n_slices) if t != s]

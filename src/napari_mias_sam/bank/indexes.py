@@ -144,8 +144,9 @@ def index_bytes(n: int, d: int, index_type: str) -> tuple[int, int | None]:
 
 class IndexSink:
     """Receives a build's patch vectors in order (ids are assigned in that order). Index types
-    that need training buffer the first vectors (up to :data:`TRAIN_MAX`), train on them, then
-    stream like the flat ones."""
+    that need training buffer exactly the first ``min(TRAIN_MAX, expected)`` vectors, train on
+    them, then stream like the flat ones: the index does not depend on how the vectors were cut
+    into blocks (a build from staged sources adds them in other blocks than a streaming one)."""
 
     def __init__(self, d: int, index_type: str, expected: int) -> None:
         row = check_index_type(index_type)
@@ -156,24 +157,40 @@ class IndexSink:
         self._buffered = 0
         self.count = 0
 
+    @property
+    def trained(self) -> bool:
+        return self.index is not None
+
     def add(self, x: np.ndarray) -> None:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.d)
         self.count += len(x)
-        if self.index is not None:
-            self.index.add(x)
-            return
-        self._buffer.append(x)
-        self._buffered += len(x)
-        if self._buffered >= min(TRAIN_MAX, self.expected):
+        if not self.trained:
+            room = min(TRAIN_MAX, self.expected) - self._buffered
+            self._buffer.append(x[:room])
+            self._buffered += len(x[:room])
+            if self._buffered < min(TRAIN_MAX, self.expected):
+                return
             self._train()
+            x = x[room:]
+        if len(x):
+            self._place(x)
+
+    def _place(self, x: np.ndarray) -> None:
+        """Add vectors to the (trained) index."""
+        assert self.index is not None
+        self.index.add(x)
 
     def _train(self) -> None:
         data = np.concatenate(self._buffer)
         self._buffer, self._buffered = [], 0
         self.index, self.info = trained_index(self.d, self.index_type, data, self.expected)
-        self.index.add(data)
+        self._after_training()
+        self._place(data)
+
+    def _after_training(self) -> None:
+        """Hook: the trained (empty) index is in ``self.index``."""
 
     def finish(self) -> faiss.Index | None:
-        if self.index is None and self._buffered:
+        if not self.trained and self._buffered:
             self._train()
         return self.index

@@ -1,5 +1,9 @@
 """The memory bank's ``manifest.json`` checked against a JSON schema (jsonschema) before use.
 
+Format 1: one index file (``index.file``). Format 2 (sharded banks): ``index.shards``, a list of
+``{"file", "ntotal"}`` in id order whose counts add up to ``index.ntotal``; every file stays inside
+the bank folder.
+
 Types, allowed values (an unknown preprocessing mode, layout or index type is refused instead of
 silently replaced), finite numbers only (``NaN`` / ``Infinity`` in the calibration would make every
 map NaN), a feature size that matches the patch layout, and an index file that stays inside the
@@ -37,6 +41,7 @@ def _schema() -> dict:
             "low": num,
             "high": num,
             "slice_max_map": {"type": "array", "items": num},
+            "local_peaks": {"type": "array", "items": {"type": "array", "items": num}},
             "slice_scores": {"type": "array", "items": num},
             "patch_score_quantiles": {"type": "object", "additionalProperties": num},
         },
@@ -80,6 +85,16 @@ def _schema() -> dict:
                     "nlist": {"type": "integer", "minimum": 1},
                     "nprobe": {"type": "integer", "minimum": 1},
                     "trained_on": count,
+                    "shards": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["file", "ntotal"],
+                            "properties": {"file": {"type": "string", "minLength": 1}, "ntotal": count},
+                        },
+                    },
+                    "shard_align": {"type": "integer", "minimum": 1},
                 },
             },
             "counts": {
@@ -158,17 +173,21 @@ def validate_manifest(manifest: object, where: str | os.PathLike) -> None:
         raise InputError(f"{where}: field '{_field(err)}' {_describe(err)}; the bank manifest is damaged or edited by hand, "
                          "rebuild the bank with 'mias-sam build-bank'.")
     assert isinstance(manifest, dict)
+    shards = manifest["index"].get("shards")
+    if shards is not None and sum(int(e["ntotal"]) for e in shards) != manifest["index"]["ntotal"]:
+        raise InputError(f"{where}: field 'index.shards' holds {sum(int(e['ntotal']) for e in shards)} vectors in all but "
+                         f"'index.ntotal' says {manifest['index']['ntotal']}; the manifest does not describe this bank, rebuild it.")
     want = feature_dim(manifest["patch_layout"])
     if manifest["feature_dim"] != want:
         raise InputError(f"{where}: field 'feature_dim' is {manifest['feature_dim']} but layout '{manifest['patch_layout']}' "
                          f"makes {want}-d patch features; the manifest does not describe this bank, rebuild it.")
 
 
-def index_file_inside(bank: Path, name: str, where: str | os.PathLike) -> Path:
+def index_file_inside(bank: Path, name: str, where: str | os.PathLike, *, field: str = "index.file") -> Path:
     """``bank / name`` if it stays inside the bank folder (links resolved); else :class:`InputError`."""
     candidate = bank / name
     root = bank.resolve()
     if Path(name).is_absolute() or ".." in Path(name).parts or not candidate.resolve().is_relative_to(root):
-        raise InputError(f"{where}: field 'index.file' ({name!r}) points outside the bank folder; a bank reads only "
-                         "its own files. Rebuild the bank, or restore 'index.file' to 'index.faiss'.")
+        fix = " Rebuild the bank, or restore 'index.file' to 'index.faiss'." if field == "index.file" else " Rebuild the bank."
+        raise InputError(f"{where}: field '{field}' ({name!r}) points outside the bank folder; a bank reads only its own files.{fix}")
     return candidate

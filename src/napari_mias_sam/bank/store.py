@@ -1,7 +1,8 @@
 """The normal memory bank: patch features of normal slices in a faiss index, with provenance.
 
-A bank is a folder holding ``index.faiss`` (faiss's own binary format, which cannot run code)
-and ``manifest.json`` (what made it: backbone and weights hash, preprocessing, slice axis, patch
+A bank is a folder holding ``index.faiss`` (faiss's own binary format, which cannot run code), or
+for a sharded bank (format version 2) ``index-00000-of-0000N.faiss`` ... (consecutive id ranges,
+searched memory-mapped: :mod:`napari_mias_sam.bank.shards`), and ``manifest.json`` (what made it: backbone and weights hash, preprocessing, slice axis, patch
 layout, counts, and the normal-score calibration). Saves are atomic; loading checks the files
 against the manifest, and :func:`check_compatible` refuses a bank made with another backbone.
 """
@@ -29,10 +30,12 @@ from ..method.preprocess import PREPROCESS_PRESETS, Preprocessing
 from .manifest_schema import index_file_inside, validate_manifest
 from .indexes import TRAIN_MAX, check_index_type, index_bytes, set_nprobe
 from .knn import TorchSearcher
+from .shards import ShardedIndex
 
 __all__ = [
     "BANK_FORMAT",
     "BANK_FORMAT_VERSION",
+    "SHARDED_FORMAT_VERSION",
     "SliceGroup",
     "MemoryBank",
     "load_bank",
@@ -44,6 +47,9 @@ __all__ = [
 
 BANK_FORMAT = "napari-mias-sam memory bank"
 BANK_FORMAT_VERSION = 1
+#: The format version of sharded banks (``index.shards`` in the manifest); one-file banks keep
+#: version 1, so that earlier versions of the package still read them.
+SHARDED_FORMAT_VERSION = 2
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 #: A coreset is selected within chunks of at most this many patches of one source (256 slices
@@ -67,7 +73,8 @@ class SliceGroup:
     path: str | None = None  # the source file or folder, recorded in the manifest
 
 
-def estimate_bank_memory(n_patches: int, layout: str = defaults.PATCH_LAYOUT, index_type: str = defaults.INDEX_TYPE, *, coreset_ratio: float | None = None) -> dict:
+def estimate_bank_memory(n_patches: int, layout: str = defaults.PATCH_LAYOUT, index_type: str = defaults.INDEX_TYPE, *,
+                         coreset_ratio: float | None = None, shards: int = 1) -> dict:
     """Bytes a bank of ``n_patches`` encoded patches needs (after a coreset with ``coreset_ratio``).
 
     ``index``: the index in memory (= its file size, to a few kB) when searching on the CPU;
@@ -92,6 +99,8 @@ def estimate_bank_memory(n_patches: int, layout: str = defaults.PATCH_LAYOUT, in
         "index_bytes": size,
         "build_peak_bytes": int(size + max(buffers, default=0)),
         "gpu_search_bytes": int(n * d * (2 + 4) + n * 4),
+        "shards": int(shards),
+        "shard_bytes": int(math.ceil(size / max(1, shards))),
     }
 
 
@@ -112,8 +121,16 @@ class MemoryBank:
         self._torch: TorchSearcher | None = None
         self._bounded = None  # BoundedSearcher, built on the first large CPU search of a flat bank
         self._lock = threading.Lock()
+        self._remote = None  # a searcher elsewhere (Dask workers holding the shards): napari_mias_sam.scale
         if self.nprobe is not None:
-            set_nprobe(index, self.nprobe)
+            self._set_nprobe(index, self.nprobe)
+
+    @staticmethod
+    def _set_nprobe(index, nprobe: int) -> None:
+        if isinstance(index, ShardedIndex):
+            index.set_nprobe(nprobe)
+        else:
+            set_nprobe(index, nprobe)
 
     # -- what it is -----------------------------------------------------------------------
     @property
@@ -145,7 +162,12 @@ class MemoryBank:
         self.manifest["index"]["nprobe"] = int(value)
         for idx in (self.index, self._gpu_index):
             if idx is not None:
-                set_nprobe(idx, int(value))
+                self._set_nprobe(idx, int(value))
+
+    @property
+    def shards(self) -> int:
+        """How many index files the bank has (1: one ``index.faiss``)."""
+        return len(self.index) if isinstance(self.index, ShardedIndex) else 1
 
     @property
     def search_device(self) -> torch.device:
@@ -155,6 +177,8 @@ class MemoryBank:
     @property
     def search_backend(self) -> str:
         """Where searches run: ``faiss-gpu``, ``torch-<device>`` or ``faiss-cpu``."""
+        if self._remote is not None:
+            return str(getattr(self._remote, "backend", "remote"))
         if self._gpu_index is not None:
             return "faiss-gpu"
         if self._torch is not None:
@@ -188,6 +212,7 @@ class MemoryBank:
             + (f", {b['encoding']} encoding" if "encoding" in b else "")
             + f"), layout {self.layout} ({self.dim}-d), "
             f"index {self.manifest['index']['type']}"
+            + (f" in {self.shards} shards" if self.shards > 1 else "")
             + (f" (nlist {self.manifest['index']['nlist']}, nprobe {self.nprobe})" if self.nprobe is not None else "")
             + (f", coreset {self.manifest['coreset']['ratio']:g} of {self.manifest['coreset']['encoded_patches']:,} patches"
                if self.manifest.get("coreset") else "")
@@ -213,6 +238,8 @@ class MemoryBank:
         if self.ntotal == 0:
             raise BankMismatchError("the memory bank is empty; build it from normal slices first")
         k = min(k, self.ntotal)
+        if self._remote is not None and params is None:
+            return self._remote.search(x, k)
         if on_torch:
             return self._torch.search(x, k)
         if params is None and self._gpu_index is None and self._bounded_pays(len(x), k):
@@ -257,7 +284,7 @@ class MemoryBank:
         searches IVF banks exhaustively, i.e. exactly). Returns False (CPU search) otherwise."""
         if self._gpu_index is not None or self._torch is not None:
             return True
-        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0 and not isinstance(self.index, ShardedIndex):
             self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
             if self.nprobe is not None:
                 set_nprobe(self._gpu_index, self.nprobe)
@@ -274,6 +301,11 @@ class MemoryBank:
         self._gpu_index = None
         self._torch = None
 
+    def use_searcher(self, searcher) -> None:
+        """Search through ``searcher`` from now on (``searcher.search(x, k, exclude=None)`` ->
+        distances, e.g. Dask workers that hold the shards); ``None``: search here again."""
+        self._remote = searcher
+
     # -- saving ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, claim=None) -> Path:
         """Write the bank folder atomically (a temporary folder moved into place) under a lock on
@@ -287,13 +319,42 @@ class MemoryBank:
         with contextlib.ExitStack() as stack:
             outs = claim if claim is not None else stack.enter_context(bank_output(target, overwrite=overwrite))
             tmp = outs.temp_dir(target.name)
-            faiss.write_index(self.index, str(tmp / INDEX_FILE))
             manifest = dict(self.manifest)
-            manifest["index"] = dict(manifest["index"], file=INDEX_FILE, ntotal=self.ntotal)
+            if isinstance(self.index, ShardedIndex):
+                entries = _write_shards(self.index, tmp)
+                manifest["index"] = dict(manifest["index"], shards=entries, ntotal=self.ntotal)
+                manifest["index"].pop("file", None)
+                manifest["format_version"] = SHARDED_FORMAT_VERSION
+            else:
+                faiss.write_index(self.index, str(tmp / INDEX_FILE))
+                manifest["index"] = dict(manifest["index"], file=INDEX_FILE, ntotal=self.ntotal)
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             outs.commit()
         self.path = target
         return target
+
+
+def _write_shards(index: ShardedIndex, folder: Path) -> list[dict]:
+    """The shards into ``folder``: hard links to (else copies of) their files where they lie on
+    disk (a staging area beside the bank), else written from memory."""
+    import shutil
+
+    from .shards import shard_file_name
+
+    entries = []
+    for i, shard in enumerate(index.shards):
+        name = shard_file_name(i, len(index))
+        dst = folder / name
+        src = index.files[i] if index.files is not None else None
+        if src is not None and src.is_file():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        else:
+            faiss.write_index(shard, str(dst))
+        entries.append({"file": name, "ntotal": int(shard.ntotal)})
+    return entries
 
 
 def bank_output(target: str | os.PathLike, *, overwrite: bool = False):
@@ -320,17 +381,9 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
     if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
         raise InputError(f"{mf}: not a napari-mias-sam bank manifest.")
     version = manifest.get("format_version", 0)
-    if isinstance(version, int) and version > BANK_FORMAT_VERSION:
+    if isinstance(version, int) and version > SHARDED_FORMAT_VERSION:
         raise InputError(f"{path}: bank format {manifest.get('format_version')} is newer than this version of napari-mias-sam; upgrade it.")
     validate_manifest(manifest, mf)
-    idx_file = index_file_inside(path, manifest["index"].get("file", INDEX_FILE), mf)
-    if not idx_file.is_file():
-        raise InputError(f"{idx_file}: missing; the bank folder is incomplete, rebuild it.")
-    try:
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(idx_file), flags)
-    except Exception as exc:
-        raise InputError(f"{idx_file}: cannot read the faiss index ({exc}); the bank is damaged, rebuild it.") from exc
     missing = [k for k in ("backbone", "preprocessing", "patch_layout", "feature_dim") if k not in manifest]
     try:
         want_d, want_n = int(manifest["feature_dim"]), int(manifest["index"]["ntotal"])
@@ -338,12 +391,41 @@ def load_bank(path: str | os.PathLike, *, mmap: bool = False) -> MemoryBank:
         missing.append("index.ntotal")
     if missing:
         raise InputError(f"{mf}: lacks or garbles {', '.join(missing)}; the bank is damaged, rebuild it.")
+    if manifest["index"].get("shards"):
+        index = _read_shards(path, manifest, mf)
+    else:
+        idx_file = index_file_inside(path, manifest["index"].get("file", INDEX_FILE), mf)
+        index = _read_index(idx_file, mmap)
     if index.d != want_d or index.ntotal != want_n:
         raise InputError(
             f"{path}: index ({index.ntotal} x {index.d}) does not match its manifest "
             f"({manifest['index']['ntotal']} x {manifest['feature_dim']}); rebuild the bank."
         )
     return MemoryBank(index, manifest, path)
+
+
+def _read_index(idx_file: Path, mmap: bool) -> faiss.Index:
+    if not idx_file.is_file():
+        raise InputError(f"{idx_file}: missing; the bank folder is incomplete, rebuild it.")
+    try:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        return faiss.read_index(str(idx_file), flags)
+    except Exception as exc:
+        raise InputError(f"{idx_file}: cannot read the faiss index ({exc}); the bank is damaged, rebuild it.") from exc
+
+
+def _read_shards(path: Path, manifest: dict, mf: Path) -> ShardedIndex:
+    """A sharded bank's index files, memory-mapped, each checked against its manifest entry."""
+    shards, files = [], []
+    for entry in manifest["index"]["shards"]:
+        f = index_file_inside(path, entry["file"], mf, field="index.shards")
+        shard = _read_index(f, True)
+        if shard.ntotal != int(entry["ntotal"]) or shard.d != int(manifest["feature_dim"]):
+            raise InputError(f"{f}: holds {shard.ntotal} x {shard.d} vectors but the manifest says {entry['ntotal']} x "
+                             f"{manifest['feature_dim']}; the bank is damaged, rebuild it.")
+        shards.append(shard)
+        files.append(f)
+    return ShardedIndex(shards, files)
 
 
 def check_backbone_name(bank: MemoryBank, name: str) -> None:

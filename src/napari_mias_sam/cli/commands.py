@@ -1,7 +1,7 @@
 """``mias-sam``: build-bank, segment, demo, evaluate, benchmark, info. Every command prints
 progress on stderr and exits non-zero with a one-line reason on bad input.
 
-Size: one module on purpose (about 520 lines): the whole command line, every parser and its thin
+Size: one module on purpose (about 900 lines): the whole command line, every parser and its thin
 handler, reads top to bottom; the work is in the modules each handler imports."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,14 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--roi", choices=ROIS, help="LiTS: mask every slice to the liver labels (1, 2), as BMAD's Liver CT does")
 
 
+def _add_dask_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dask", metavar="SCHEDULER",
+                   help=f"{what} on a Dask cluster: local (one worker per GPU, else per core), local:N (N worker processes "
+                        "here), a scheduler address (tcp://host:8786) or a scheduler file (scheduler.json, e.g. from "
+                        "dask-jobqueue on SLURM); files must be visible to every worker (docs/distributed.md). "
+                        "Needs pip install napari-mias-sam[dask]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..bank import INDEX_TABLE, INDEX_TYPES
     from ..method.prompts import BACKBONE_PROMPTS, PROMPT_TYPES
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", action="store_true",
                    help="read/store slice embeddings in the embedding cache (float16, about 2 MB per slice): another bank "
                         "from the same volumes (layout, index, coreset) then skips the encoder")
+    b.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="write the index as N shard files, one in memory at a time while it is built, searched "
+                        "memory-mapped (default: 1, or more when the index would not fit in memory)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --dask / --shards build from the sources it staged beside --out "
+                        "(also: stage this build so that it can be resumed)")
+    _add_dask_arg(b, "encode the sources")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_backbone_args(b, default=defaults.BACKBONE)
@@ -174,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_dask_arg(s, "segment the volumes (one task per volume)")
     _add_lesion_args(s)
     _add_backbone_args(s, default=None)
 
@@ -206,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     e.add_argument("--overwrite", action="store_true", help="replace existing results (results.csv/.md/.json and plots) in --out")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _add_dask_arg(e, "encode the test units and search the bank")
     _add_backbone_args(e, default=None)
 
     k = sub.add_parser("benchmark", help="per-stage times and peak memory on a 240x240x155 volume", epilog=EXAMPLES["benchmark"],
@@ -249,12 +267,13 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from ..backbones import load_backbone
     from ..bank import bank_output
+    from ..bank.staging import StagingArea, staging_dir
     from ..pipeline.embedding_cache import EmbeddingCache
-    from ..core.errors import InputError
+    from ..core.errors import Cancelled, InputError
     from ..core.atomic_outputs import check_output_folder
+    from ..jobs.bank_builds import build_bank_job
     from ..jobs.preflight import check_device, check_precision
-    from ..method.preprocess import PREPROCESS_PRESETS
-    from ..jobs.bank_builds import build_bank_from_files, check_bank_out
+    from ..jobs.bank_builds import check_bank_out
 
     check_output_folder(a.out)  # a file, under a file, not writable: refused before any work
     if a.out.exists() and not a.overwrite:
@@ -264,34 +283,100 @@ def cmd_build_bank(a: argparse.Namespace) -> int:
         raise InputError(f"{a.out}: exists and is not a memory bank folder; refusing to replace it.")
     if a.coreset is not None and not 0.0 < a.coreset <= 1.0:
         raise InputError(f"--coreset must be a fraction in (0, 1], got {a.coreset:g}")
+    if a.shards is not None and a.shards < 1:
+        raise InputError(f"--shards must be at least 1, got {a.shards}")
     device = check_device(a.device)
     check_precision(a.precision, device)
-    dataset = _dataset_input(a)
-    _print_memory_estimate(a, dataset)
+    src = _bank_inputs(a, _dataset_input(a))
+    session = _dask_session(a)  # a wrong address stops here, before anything is written
+    staging = staging_dir(a.out)
+    staged = False
     t0 = time.perf_counter()
-    with bank_output(a.out, overwrite=a.overwrite) as claim:  # held from here to the save: one run per bank name
-        bb = load_backbone(a.backbone, a.checkpoint, device, precision=a.precision, encoding=a.encoding)
-        progress = ConsoleProgress()
-        cache = EmbeddingCache() if a.cache else None
-        if dataset is not None:
-            from ..pipeline.embedding_cache import cached_encoder
-            from ..jobs.dataset_runs import build_bank_from_dataset
+    try:
+        shards = _plan_build_memory(a, src, session)
+        staged = session is not None or shards > 1 or a.resume
+        with bank_output(a.out, overwrite=a.overwrite) as claim:  # held from here to the save: one run per bank name
+            progress = ConsoleProgress()
+            cache = EmbeddingCache() if a.cache else None
 
-            bank = build_bank_from_dataset(dataset, bb, modality=a.modality, margin=a.margin, subjects=a.subjects,
-                                           exclude=a.exclude_subjects, roi=a.roi, preprocess=a.preprocess, axis=a.axis,
-                                           layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                           progress=progress, embed=cached_encoder(bb, cache) if cache is not None else None)
-        else:
-            bank = build_bank_from_files(a.normal, bb, preprocessing=PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], axis=a.axis,
-                                         layout=a.layout, index_type=a.index, batch_size=a.batch_size, coreset_ratio=a.coreset,
-                                         progress=progress, cache=cache)
-        path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
+            def log(line: str) -> None:
+                print(line, file=sys.stderr)
+
+            if session is not None:
+                from ..scale import build_bank_on_dask, register_backbone
+                from ..scale.cluster import backbone_spec
+
+                info = register_backbone(session, backbone_spec(a.backbone, a.checkpoint, device, precision=a.precision,
+                                                                encoding=a.encoding))
+                bank = build_bank_on_dask(src, session, info, staging=staging, layout=a.layout, index_type=a.index,
+                                          batch_size=a.batch_size, coreset_ratio=a.coreset, shards=shards, resume=a.resume,
+                                          cache_root=str(cache.root) if cache is not None else None, progress=progress, log=log)
+            else:
+                bb = load_backbone(a.backbone, a.checkpoint, device, precision=a.precision, encoding=a.encoding)
+                bank = build_bank_job(src, bb, layout=a.layout, index_type=a.index, batch_size=a.batch_size,
+                                      coreset_ratio=a.coreset, shards=shards, staging=staging, resume=a.resume,
+                                      progress=progress, cache=cache, log=log)
+            if src.dataset is not None:
+                bank.manifest["dataset"] = src.dataset
+            path = bank.save(a.out, overwrite=a.overwrite, claim=claim)
+        if staged:
+            StagingArea(staging).remove()
+    except BaseException as exc:  # interrupted, killed or failed: say how to resume
+        n = len(StagingArea(staging).staged()) if staged else 0
+        if n and (isinstance(exc, (Cancelled, KeyboardInterrupt)) or not isinstance(exc, InputError)):
+            print(f"mias-sam build-bank: {n} of {len(src.groups)} sources are staged in {staging}; run the same command "
+                  "with --resume to continue from them (or delete that folder).", file=sys.stderr)
+        raise
+    finally:
+        if session is not None:
+            session.close()
     summary = {"bank": str(path), "summary": bank.summary(), "seconds": round(time.perf_counter() - t0, 1)}
+    if session is not None:
+        summary["dask"] = session.spec.text
     if a.json:
         _out(summary)
     else:
         print(f"wrote {path}\n  {bank.summary()}\n  {summary['seconds']} s")
     return 0
+
+
+def _dask_session(a: argparse.Namespace):
+    """``--dask``'s cluster, connected (and described on stderr), or None without ``--dask``:
+    only then is Dask's scheduler imported."""
+    if not getattr(a, "dask", None):
+        return None
+    from ..core.errors import InputError
+
+    try:
+        from ..scale import connect
+    except ImportError as exc:
+        raise InputError(f"--dask needs Dask's distributed scheduler ({exc}); install it with "
+                         "pip install 'napari-mias-sam[dask]'.") from None
+    session = connect(a.dask)
+    print(session.describe(), file=sys.stderr)
+    return session
+
+
+def _bank_inputs(a: argparse.Namespace, dataset: Path | None):
+    """build-bank's sources (a labelled dataset's lesion-free slices, or files), checked."""
+    from ..method.preprocess import PREPROCESS_PRESETS
+
+    if dataset is not None:
+        from ..jobs.bank_builds import bank_inputs_from_dataset
+
+        src = bank_inputs_from_dataset(dataset, modality=a.modality, margin=a.margin, subjects=a.subjects,
+                                       exclude=a.exclude_subjects, roi=a.roi, preprocess=a.preprocess, axis=a.axis,
+                                       encoding=a.encoding)
+        ds = src.dataset
+        from ..data.datasets import KINDS
+
+        kind = KINDS[ds["layout"]].title if ds["layout"] in KINDS else ds["layout"]
+        print(f"dataset: {kind}, {len(ds['subjects'])} subjects, modality {ds['modality']}, lesion-free slices more than "
+              f"{a.margin} slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
+        return src
+    from ..jobs.bank_builds import bank_inputs_from_files
+
+    return bank_inputs_from_files(a.normal, PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], axis=a.axis, encoding=a.encoding)
 
 
 def _gb(n: float) -> str:
@@ -317,33 +402,54 @@ def _dataset_input(a: argparse.Namespace) -> Path | None:
     return datasets[0]
 
 
-def _print_memory_estimate(a: argparse.Namespace, dataset: Path | None = None) -> None:
-    """Before a build: how much memory the bank will take (stderr), and a warning if it will not fit."""
+def _plan_build_memory(a: argparse.Namespace, src, session) -> int:
+    """Before a build: the index's size and the memory of every process (stderr); the shard count
+    (``--shards``, or enough shards for the index when it would not fit); a plan that does not fit
+    is refused with what to change."""
     from ..bank import estimate_bank_memory
     from ..core.machine import ram_bytes
+    from ..jobs.memory_plan import plan_build_memory
     from ..method.patches import GRID
-    from ..method.preprocess import PREPROCESS_PRESETS
-    from ..pipeline.frames import normal_groups
 
-    if dataset is not None:
-        from ..jobs.dataset_runs import dataset_groups, prepare_dataset
-
-        cases, kind, mod = prepare_dataset(dataset, modality=a.modality, subjects=a.subjects, exclude=a.exclude_subjects, roi=a.roi,
-                                           margin=a.margin, axis=a.axis)
-        groups = dataset_groups(cases, mod, PREPROCESS_PRESETS[a.preprocess or kind.preprocess], axis=a.axis, margin=a.margin, roi=a.roi)
-        print(f"dataset: {kind.title}, {len(cases)} subjects, modality {mod}, lesion-free slices more than {a.margin} "
-              f"slices from any label" + (f", masked to the {a.roi}" if a.roi else ""), file=sys.stderr)
-    else:
-        groups, _ = normal_groups(list(a.normal), PREPROCESS_PRESETS[a.preprocess or defaults.PREPROCESS], a.axis)
-    n_slices = sum(g.n for g in groups)
-    est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
+    n_slices = sum(g.n for g in src.groups)
     total, avail = ram_bytes()
+    est = estimate_bank_memory(n_slices * GRID * GRID, a.layout, a.index, coreset_ratio=a.coreset)
+    shards = a.shards or 1
+    if a.shards is None and avail and est["build_peak_bytes"] > avail / 2:
+        shards = max(2, math.ceil(est["index_bytes"] / (avail / 4)))  # one shard in a quarter of the memory
     print(f"memory estimate: up to {n_slices:,} slices -> {est['patches']:,} patches x {est['feature_dim']}-d, "
           f"index {a.index}: {_gb(est['index_bytes'])} (build peak {_gb(est['build_peak_bytes'])}"
-          + (f"; this machine has {_gb(avail)} available of {_gb(total)})" if avail else ")"), file=sys.stderr)
-    if avail and est["build_peak_bytes"] > avail:
-        print(f"WARNING: the bank would not fit in the available memory ({_gb(avail)}): use --index flat-sq8 or ivf-fp16, "
-              "--layout mean256, or --coreset 0.1 (see docs/performance.md)", file=sys.stderr)
+          + (f"; this machine has {_gb(avail)} available of {_gb(total)})" if avail else ")")
+          + (f"; {shards} shards" + (" (chosen: the index would take over half the available memory)" if a.shards is None else "")
+             if shards > 1 else ""), file=sys.stderr)
+    workers = len(session.workers) if session is not None else 0
+    plan = plan_build_memory(n_slices=n_slices, source_paths=[g.path for g in src.groups], source_slices=[g.n for g in src.groups],
+                             backbone=a.backbone, batch_size=a.batch_size, layout=a.layout, index_type=a.index,
+                             coreset_ratio=a.coreset, shards=shards, workers=workers,
+                             local_workers=session.local_workers if session is not None else 0, available=avail)
+    for line in plan.lines():
+        print(line, file=sys.stderr)
+    plan.check(avail, session.worker_memory_limits() if session is not None else None)
+    return shards
+
+
+def _plan_run(what: str, bank, *, n_slices: int, voxels: int, backbone: str, batch_size: int, k: int, session,
+              volumes_kept: int = 1, decode_passes: int = 0) -> None:
+    """Before ``segment`` / ``evaluate`` work: the memory of this process and of each Dask worker
+    (printed on stderr with ``--dask``), refused with what to change when it does not fit
+    (:mod:`~napari_mias_sam.jobs.memory_plan`)."""
+    from ..core.machine import ram_bytes
+    from ..jobs.memory_plan import plan_run_memory
+
+    plan = plan_run_memory(what, bank=bank, n_slices=n_slices, backbone=backbone, batch_size=batch_size, k=k,
+                           volume_voxels=voxels, volumes_kept=volumes_kept, decode_passes=decode_passes,
+                           workers=len(session.workers) if session is not None else 0,
+                           local_workers=session.local_workers if session is not None else None,
+                           search_on_workers=session is not None)
+    if session is not None:  # printed with --dask only; a refusal is one line either way
+        for line in plan.lines():
+            print(line, file=sys.stderr)
+    plan.check(ram_bytes()[1], session.worker_memory_limits() if session is not None else None)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -410,18 +516,15 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from ..bank import load_bank
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
+    from ..bank import check_compatible
     from ..jobs.dataset_runs import segment_inputs
-    from ..data.datasets import lesion_description, lesion_mask
-    from ..evaluation.scoring import gt_metrics
-    from ..data.checks import about
     from ..data.volumes import nifti_stem
     from ..core.atomic_outputs import check_output_folder
     from ..jobs.png_runs import png_inputs
     from ..jobs.run import RunInput, check_machine, prepare_run, run
     from ..pipeline.settings import SegmentSettings
-    from ..jobs.outputs import segment_outputs, write_outputs
-    from ..jobs.lesion_runs import lesion_line, lesion_report, lesion_rule, lesions_for
-    from ..evaluation.lesionwise import LESIONWISE_SUMMARY_KEYS
+    from ..jobs.outputs import output_paths, segment_job, segment_outputs
+    from ..jobs.lesion_runs import lesion_rule
 
     pngs = png_inputs(a.volume)
     if pngs is not None:
@@ -446,51 +549,78 @@ def cmd_segment(a: argparse.Namespace) -> int:
     # likewise every input (read once, masked to the bank's ROI, checked): a bad later file must not stop the batch half-way
     prepared = prepare_run(bank, [RunInput(str(j.image), j.load, case=j.case) for j in jobs], settings,
                            backbone=a.backbone, device=device, axis=a.axis)
+    rule_args = (a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml)
+    session = _dask_session(a)  # a wrong address stops here, before anything is written
+    try:
+        _plan_run("segment", bank, n_slices=max(i.n_slices for i in prepared.inputs), backbone=prepared.backbone,
+                  voxels=max(_voxels(j.image) for j in jobs), batch_size=a.batch_size, k=settings.k or defaults.K,
+                  session=session)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
     reports, failed = [], []
+
+    def report(n: int, rep: dict) -> None:
+        line = rep.pop("lesion_line")
+        reports.append((n, rep))
+        if not a.json:
+            paths = rep["outputs"]
+            print(f"  wrote {paths['mask']}, " + ", ".join(Path(paths[k]).name for k in ("anomaly", "points", "lesions", "lesions_table"))
+                  + f" ({rep['seconds']} s)")
+            print(f"  {line}")
+            if "metrics" in rep:
+                m = rep["metrics"]
+                print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
+                      f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}  "
+                      f"(lesion = {rep['lesion_labels']['rule']}, {rep['lesion_labels']['source']})")
+
+    def fail(n: int, exc: BaseException) -> None:
+        if len(jobs) == 1:
+            raise exc
+        claims[n].release()  # nothing of this volume is kept
+        failed.append({"volume": str(jobs[n].image), "error": str(exc) or type(exc).__name__})
+        print(f"  failed: {failed[-1]['error']}", file=sys.stderr)
+
     with contextlib.ExitStack() as stack:
+        if session is not None:
+            stack.callback(session.close)
         claims = [stack.enter_context(o) for o in outsets]  # every output set claimed before the work
-        setup = prepared.start(_load_run_backbone(a, prepared))
         cache = None if a.no_cache else EmbeddingCache()
-        progress = ConsoleProgress()
-        for n, (job, inp) in enumerate(zip(jobs, prepared.inputs)):
+        if session is not None:
+            from ..scale import register_backbone, segment_on_dask
+            from ..scale.cluster import backbone_spec
+
+            info = register_backbone(session, backbone_spec(prepared.backbone, a.checkpoint, prepared.device,
+                                                            precision=prepared.precision, encoding=prepared.encoding))
+            check_compatible(bank, info["describe"])
             t0 = time.perf_counter()
-            vpath = job.image
-            if not a.json:
-                print(f"[{n + 1}/{len(jobs)}] {vpath}" + (f" (ground truth {job.gt.name})" if job.gt is not None else ""),
-                      file=sys.stderr)
-            try:
-                with about(vpath):
-                    res, gt = run(prepared, setup, inp, cache=cache, batch_size=a.batch_size, progress=progress)
-                    rule = lesion_rule(a.lesion_connectivity, a.min_lesion_voxels, a.min_lesion_ml, res.volume.affine)
-                    lesions, lw = lesions_for(res, rule, None if gt is None else lesion_mask(gt.data, job.lesion))
-                    paths = write_outputs(res, a.out, overwrite=a.overwrite, claim=claims[n], lesions=lesions)
-            except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
-                if len(jobs) == 1:
-                    raise
-                claims[n].release()  # nothing of this volume is kept
-                failed.append({"volume": str(vpath), "error": str(exc) or type(exc).__name__})
-                print(f"  failed: {failed[-1]['error']}", file=sys.stderr)
-                continue
-            rep = {"volume": str(vpath), "outputs": {k: str(v) for k, v in paths.items()},
-                   "settings": res.metadata()["settings"], "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
-                   "seconds": round(time.perf_counter() - t0, 2), "lesions": lesion_report(lesions, lw)}
-            if gt is not None:
-                rep["ground_truth"] = str(job.gt)
-                rep["lesion_labels"] = lesion_description(job.lesion, gt.data, source=job.lesion_source)
-                if job.roi:
-                    rep["roi"] = f"{job.roi} (masked with the ground truth's labels, as the bank was built)"
-                rep["metrics"] = gt_metrics(res, lesion_mask(gt.data, job.lesion))
-                rep["metrics"]["lesionwise"] = {k: lw[k] for k in LESIONWISE_SUMMARY_KEYS}
-            reports.append(rep)
-            if not a.json:
-                print(f"  wrote {paths['mask']}, {paths['anomaly'].name}, {paths['points'].name}, {paths['lesions'].name}, "
-                      f"{paths['lesions_table'].name} ({rep['seconds']} s)")
-                print(f"  {lesion_line(lesions, lw)}")
-                if gt is not None:
-                    m = rep["metrics"]
-                    print(f"  slice Dice {_fmt(m['slice_dice'])}  volume Dice {_fmt(m['volume_dice'])}  "
-                          f"CoG inside lesion {m['cog_inside_lesion']['hits']}/{m['cog_inside_lesion']['lesion_slices']}  "
-                          f"(lesion = {rep['lesion_labels']['rule']}, {rep['lesion_labels']['source']})")
+            progress = ConsoleProgress(enabled=not a.json)
+            for done, (n, rep) in enumerate(segment_on_dask(session, jobs, claims, [output_paths(a.out, st) for st in stems],
+                                                            a.bank, settings, rule_args, axis=a.axis, batch_size=a.batch_size,
+                                                            cache_root=str(cache.root) if cache is not None else None)):
+                progress(f"segment volumes on {len(session.workers)} Dask workers", done + 1, len(jobs))
+                if isinstance(rep, BaseException):
+                    fail(n, rep)
+                else:
+                    report(n, {**rep, "seconds": round(time.perf_counter() - t0, 2)})
+        else:
+            setup = prepared.start(_load_run_backbone(a, prepared))
+            progress = ConsoleProgress()
+            for n, (job, inp) in enumerate(zip(jobs, prepared.inputs)):
+                t0 = time.perf_counter()
+                if not a.json:
+                    print(f"[{n + 1}/{len(jobs)}] {job.image}" + (f" (ground truth {job.gt.name})" if job.gt is not None else ""),
+                          file=sys.stderr)
+                try:
+                    rep = segment_job(job, lambda inp=inp: run(prepared, setup, inp, cache=cache, batch_size=a.batch_size,
+                                                               progress=progress),
+                                      rule_args, claim=claims[n], out=a.out, overwrite=a.overwrite)
+                except (MiasSamError, ValueError, ArithmeticError, MemoryError) as exc:
+                    fail(n, exc)
+                    continue
+                report(n, {**rep, "seconds": round(time.perf_counter() - t0, 2)})
+    reports = [r for _, r in sorted(reports, key=lambda x: x[0])]  # in input order, however they finished
     if a.json:
         _out(reports[0] if len(reports) == 1 and not failed else {"results": reports, "failed": failed})
     if failed:
@@ -498,6 +628,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise MiasSamError(f"{len(failed)} of {len(jobs)} volumes failed, with no outputs: "
                            + "; ".join(f["error"] for f in failed) + f". Finished, with complete outputs: {done}.")
     return 0
+
+
+def _voxels(path) -> int:
+    """A NIfTI file's voxel count, from its header (0 when unreadable: its own check says why)."""
+    import nibabel as nib
+
+    try:
+        return int(math.prod(nib.load(str(path)).shape[:3]))
+    except Exception:
+        return 0
 
 
 def _load_run_backbone(a: argparse.Namespace, prepared):
@@ -519,6 +659,8 @@ def _segment_pngs(a: argparse.Namespace, pngs: list[Path]) -> int:
     from ..pipeline.settings import SegmentSettings
     from ..jobs.outputs import check_outputs
 
+    if a.dask:
+        raise InputError("--dask runs volumes one task each; PNG slices of one call are segmented together: drop --dask.")
     if a.gt:
         raise InputError("--gt takes NIfTI label volumes; to score PNG slices against their masks use "
                          "mias-sam evaluate --bmad DATASET (BMAD layout).")
@@ -615,7 +757,7 @@ def _csv_list(text: str, cast, what: str) -> tuple:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .progress import ConsoleProgress
     from ..backbones import load_backbone
-    from ..bank import load_bank
+    from ..bank import check_compatible, load_bank
     from ..evaluation.bmad import read_bmad_test
     from ..pipeline.embedding_cache import EmbeddingCache
     from ..core.errors import InputError
@@ -667,12 +809,35 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         units = units_from_volumes(a.images, a.gts, banks[0], lesion=lesion_for(None, a.lesion_labels))
     for b in banks:
         check_knn_memory(max(abl.ks), max(len(u.frames) for u in units), b.ntotal, what="--ks")
-    with outs:
-        bb = load_backbone(a.backbone or banks[0].backbone["name"], a.checkpoint, device, precision=a.precision,
-                           encoding=encoding_of(banks[0].backbone))
+    session = _dask_session(a)  # a wrong address stops here, before anything is written
+    with contextlib.ExitStack() as stack:
+        if session is not None:
+            stack.callback(session.close)
+        passes = len(banks) * (1 + sum(len(x) - 1 for x in (abl.prompts, abl.gammas, abl.ks, abl.normalisations)))
+        for b in banks:
+            _plan_run("evaluate", b, n_slices=sum(len(u.frames) for u in units), backbone=a.backbone or b.backbone["name"],
+                      voxels=max(len(u.frames) for u in units) * 256 * 256, batch_size=a.batch_size, k=max(abl.ks),
+                      session=session, decode_passes=passes)
+        stack.enter_context(outs)
+        name = a.backbone or banks[0].backbone["name"]
+        bb = load_backbone(name, a.checkpoint, device, precision=a.precision, encoding=encoding_of(banks[0].backbone))
         progress = ConsoleProgress()
-        res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl,
-                       cache=None if a.no_cache else EmbeddingCache(), batch_size=a.batch_size, progress=progress)
+        cache = None if a.no_cache else EmbeddingCache()
+        hooks = {}
+        if session is not None:
+            from ..scale import evaluate_hooks, register_backbone
+            from ..scale.cluster import backbone_spec
+
+            info = register_backbone(session, backbone_spec(name, a.checkpoint, device, precision=a.precision,
+                                                            encoding=encoding_of(banks[0].backbone)))
+            for b in banks:
+                check_compatible(b, info["describe"])
+            encode_fn, search_fn, cleanup = evaluate_hooks(session, a.out, cache_root=str(cache.root) if cache is not None else None,
+                                                           progress=progress)
+            stack.callback(cleanup)
+            hooks = {"encode": encode_fn, "search_units": search_fn}
+        res = evaluate(units, banks, bb, base=SegmentSettings(prompt=a.prompt), ablations=abl, cache=cache,
+                       batch_size=a.batch_size, progress=progress, **hooks)
         if test_set is not None:
             res["data"]["dataset"] = test_set
         elif not a.bmad:
@@ -680,6 +845,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
             res["data"]["lesion_labels"] = lesion_description(lesion_for(None, a.lesion_labels),
                                                               source=f"--lesion-labels {a.lesion_labels}" if a.lesion_labels else "default")
+        if session is not None:
+            res["dask"] = session.spec.text
         res["outputs"] = write_report(res, a.out, overwrite=a.overwrite, claim=outs)
     if a.json:
         _out(res)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -131,6 +132,9 @@ class EvalContext:
     scores: dict = field(default_factory=dict)  # (bank, k) -> list of (N, 32, 32); (bank, "dist") -> distances
     maps: dict = field(default_factory=dict)  # (bank, k, norm) -> list of (N, 256, 256)
     passes: dict = field(default_factory=dict)  # (bank, k, norm, prompt, gamma) -> _Pass
+    #: ``(bank, units, k)`` -> per unit (N, 1024, k) distances, searched elsewhere (Dask workers);
+    #: None: here, with :func:`neighbour_distances`
+    search_units: Callable | None = None
 
 
 def encode_units(units: list[TestUnit], backbone, cache: EmbeddingCache | None, progress: ProgressFn | None, batch_size: int) -> None:
@@ -149,7 +153,9 @@ def _neighbour_distances(ctx: EvalContext, b: int) -> list[np.ndarray]:
     if (b, "dist") not in ctx.scores:
         bank = ctx.banks[b]
         out = []
-        for u in ctx.units:
+        if ctx.search_units is not None:
+            out = ctx.search_units(bank, ctx.units, ctx.k_max)
+        for u in ctx.units[len(out):]:
             out.append(neighbour_distances(u.embeddings, bank, k=ctx.k_max))
             if ctx.progress:
                 ctx.progress(f"nearest-neighbour search ({_bank_name(bank)})", len(out), len(ctx.units))
@@ -323,8 +329,14 @@ def evaluate(
     cache: EmbeddingCache | None = None,
     batch_size: int = defaults.BATCH_SIZE,
     progress: ProgressFn | None = None,
+    encode: Callable | None = None,
+    search_units: Callable | None = None,
 ) -> dict:
-    """Run the default setting and the ablations; return rows and detection metrics."""
+    """Run the default setting and the ablations; return rows and detection metrics.
+
+    ``encode(units, backbone, cache, progress, batch_size)`` replaces :func:`encode_units` and
+    ``search_units(bank, units, k)`` the nearest-neighbour search (both: Dask workers,
+    ``napari_mias_sam.scale.runs.evaluate_hooks``); the results are the same."""
     if not units:
         raise InputError("nothing to evaluate: no test slices")
     if not banks:
@@ -338,9 +350,9 @@ def evaluate(
     base = resolve_defaults(base, backbone.name, volume=all(u.is_volume for u in units), regions_ok=regions_supported(banks[0], base.k))
     abl = ablations or Ablations()
     t0 = time.perf_counter()
-    encode_units(units, backbone, cache, progress, batch_size)
+    (encode or encode_units)(units, backbone, cache, progress, batch_size)
     t_enc = time.perf_counter() - t0
-    ctx = EvalContext(units, banks, backbone, base, progress, k_max=max((base.k, *abl.ks)))
+    ctx = EvalContext(units, banks, backbone, base, progress, k_max=max((base.k, *abl.ks)), search_units=search_units)
     rows: list[dict] = []
 
     def add(group: str, value, b: int, k: int, norm: str, prompt: str, gamma: float, mask: int, per_slice: list | None = None) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..core import defaults
-from ..bank import MemoryBank, SliceGroup, build_bank
+from ..bank import MemoryBank, SliceGroup
 from ..data.datasets import (
     Case,
     DatasetKind,
@@ -39,10 +39,8 @@ from ..data.datasets import (
 from ..core.errors import InputError
 from ..data.sequences import case_sequence_files, parse_sequences
 from ..data.volumes import Volume, load_labels, load_volume
-from ..method.preprocess import resolve_axis, PREPROCESS_PRESETS, Preprocessing
-from ..core.records import to_dict
+from ..method.preprocess import resolve_axis, Preprocessing
 from ..pipeline.frames import volume_frames
-from ..method.reference_encoding import encoding_of
 
 __all__ = [
     "CaseData",
@@ -51,7 +49,6 @@ __all__ = [
     "apply_roi",
     "dataset_groups",
     "prepare_dataset",
-    "build_bank_from_dataset",
     "bank_subjects",
     "check_disjoint",
     "lesion_for",
@@ -200,59 +197,6 @@ def _check_margin_leaves_slices(cases: list[Case], margin: int, axis: int | str)
         raise InputError(f"--margin {margin} leaves no slice: of the {total} slices of {len(cases)} case{'s' if len(cases) > 1 else ''}, "
                          f"{lesion} hold lesion labels and the other {total - lesion} lie within {margin} slices of one; "
                          "use a smaller --margin (default 2), or add cases without lesions.")
-
-
-def build_bank_from_dataset(
-    root: str | os.PathLike,
-    backbone,
-    *,
-    modality: str | None = None,
-    margin: int = defaults.DATASET_MARGIN,
-    subjects: str | os.PathLike | None = None,
-    exclude: str | os.PathLike | None = None,
-    roi: str | None = None,
-    preprocess: str | None = None,
-    axis: int | str = defaults.SLICE_AXIS,
-    layout: str = defaults.PATCH_LAYOUT,
-    index_type: str = defaults.INDEX_TYPE,
-    batch_size: int = defaults.BATCH_SIZE,
-    coreset_ratio: float | None = None,
-    progress=None,
-    cancelled=None,
-    embed=None,
-) -> MemoryBank:
-    """A memory bank from the lesion-free slices of a labelled dataset (BraTS, LiTS).
-
-    ``preprocess``: a :data:`~napari_mias_sam.method.preprocess.PREPROCESS_PRESETS` name (default: the
-    layout's, ``mri`` for BraTS, ``ct-abdomen`` for LiTS). The manifest's ``dataset`` entry
-    records the layout, root, modality, margin, ROI and subjects."""
-    cases, kind, mod = prepare_dataset(root, modality=modality, subjects=subjects, exclude=exclude, roi=roi,
-                                       margin=margin, axis=axis)
-    preset = preprocess or kind.preprocess
-    if preset not in PREPROCESS_PRESETS:
-        raise InputError(f"unknown preprocessing {preset!r}; choose one of {', '.join(sorted(PREPROCESS_PRESETS))}")
-    prep = PREPROCESS_PRESETS[preset]
-    groups = dataset_groups(cases, mod, prep, axis=axis, margin=margin, roi=roi, encoding=encoding_of(backbone))
-    axis_name = axis if isinstance(axis, str) and not axis.isdigit() else str(resolve_axis(axis))
-    bank = build_bank(groups, backbone, layout=layout, preprocessing=to_dict(prep), slice_axis=axis_name,
-                      index_type=index_type, batch_size=batch_size, coreset_ratio=coreset_ratio,
-                      progress=progress, cancelled=cancelled, embed=embed)
-    seqs = parse_sequences(mod)
-    bank.manifest["dataset"] = {
-        "layout": kind.name,
-        "root": str(Path(root).resolve()),
-        "modality": seqs[0],
-        **({"sequences": list(seqs)} if len(seqs) > 1 else {}),
-        "margin": int(margin),
-        "normal_labels": list(kind.normal),
-        "roi": roi,
-        "roi_labels": list(kind.rois[roi]) if roi else None,
-        "preprocess": preset,
-        "subjects": [c.subject for c in cases],
-        "subjects_file": str(subjects) if subjects else None,
-        "exclude_subjects_file": str(exclude) if exclude else None,
-    }
-    return bank
 
 
 def bank_subjects(bank: MemoryBank) -> set[str]:

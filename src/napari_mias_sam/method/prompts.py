@@ -34,17 +34,30 @@ __all__ = [
 class Prompt:
     """A prompt in model-frame pixel coordinates (x = column, y = row, 0..255).
 
-    ``kind`` is ``"point"`` (``point`` = (x, y), positive), ``"box"`` (``box`` = x0, y0, x1, y1)
-    or ``"boxes"`` (``boxes`` = (n, 4); each box is decoded and the masks are united).
+    ``kind`` is ``"point"`` (``point`` = (x, y), positive), ``"box"`` (``box`` = x0, y0, x1, y1),
+    ``"boxes"`` (``boxes`` = (n, 4); each box is decoded and the masks are united) or ``"points"``
+    (``points`` = (n, 2): one point per region piece, as the regions prompt records them; each is
+    decoded on its own).
     """
 
     kind: str
     point: tuple[float, float] | None = None
     box: tuple[float, float, float, float] | None = None
     boxes: tuple[tuple[float, float, float, float], ...] | None = None
+    points: tuple[tuple[float, float], ...] | None = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in {"kind": self.kind, "point": self.point, "box": self.box, "boxes": self.boxes}.items() if v is not None}
+        return {k: v for k, v in {"kind": self.kind, "point": self.point, "box": self.box, "boxes": self.boxes,
+                                  "points": self.points}.items() if v is not None}
+
+    def centres(self) -> list[tuple[float, float]]:
+        """Each point, or each box's centre (x, y), in order."""
+        if self.kind == "point":
+            return [self.point]  # type: ignore[list-item]
+        if self.kind == "points":
+            return list(self.points or ())
+        boxes = [self.box] if self.kind == "box" else list(self.boxes or ())
+        return [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]  # type: ignore[index]
 
 
 def cog_weights(amap: np.ndarray, gamma: float) -> np.ndarray | None:

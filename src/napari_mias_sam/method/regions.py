@@ -2,26 +2,27 @@
 
 A calibrated map is 0 on typical normal tissue and 1 at the 99th percentile of held-out normal
 slices' peaks (:class:`~napari_mias_sam.method.anomaly.Calibration`). The bank also records every
-held-out normal slice's peak, so two levels need no test data and no user setting:
+held-out normal slice's peak and its highest local maxima, so two levels need no test data and no
+user setting:
 
-- ``seed``: a high quantile of held-out normal slices' peaks (the 97th percentile: about one
-  normal slice in 30 reaches it). A region exists only where the map goes above it.
-- ``extent``: a lower quantile of the same peaks (the 95th percentile): where a region ends.
+- ``seed``: the level that about one normal slice in 30 reaches (``SEED_QUANTILE`` 97). A region
+  exists only where the map goes above it.
+- ``extent``: a lower level (``EXTENT_QUANTILE`` 95): where a region ends.
 
-Both quantiles were chosen on the development split (docs/results.md, every variant tried). A
-bank whose calibration holds fewer than :data:`MIN_NORMAL_PEAKS` held-out slices cannot tell its
-97th percentile from its maximum; volumes segmented with it default to the per-slice prompt.
+How the levels are estimated depends on the bank's size (``method="auto"``): with at least
+:data:`MIN_NORMAL_PEAKS` held-out slices, the percentiles of their peaks (one per slice; the rule
+chosen on the development split); with fewer, whose 97th percentile is simply their maximum, a
+peaks-over-threshold fit (:func:`tail_level`) on every high local maximum of every held-out map,
+with the extent at :data:`TAIL_EXTENT_QUANTILE` 85 (the best tail variant on the development split).
+Such a bank can run the regions prompt on request; the volumes' *default* stays the per-slice
+prompt below :data:`MIN_NORMAL_PEAKS` (:func:`regions_supported`): with one or two subjects the
+tail-fit levels missed most lesions in the checks of docs/results.md.
 
 Regions are hysteresis components: connected components of ``map > extent`` that contain a
 seed pixel. In 3D (the default for volumes) a component found on one slice carries to its
 neighbours for as long as the map stays above ``extent``, so a lesion is one object and slices
-where the map is back at normal levels get no region at all.
-
-Each region piece on a slice is one box prompt: the bounding box of its core (the pixels above
-``seed``) widened by how far the map spreads a hot spot (:data:`CORE_PAD`: the 5x5 patch's
-half-width plus the smoothing sigma), or the piece's own box where the core does not reach this
-slice. The decoder's masks are clipped to the piece they were prompted from, and the pieces'
-masks are united (the regions prompt uses the decoder's first mask, ``defaults.REGIONS_MASK``).
+where the map is back at normal levels get no region at all. Each 2D piece of a region is one
+prompt, made inside the piece from the gamma-weighted map (:mod:`.region_prompts`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ from ..core import defaults
 from .anomaly import calibration_entry
 from .patches import GRID, PATCH
 from .preprocess import FRAME
-from .prompts import Prompt
 
-__all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "SliceRegion", "slice_regions",
-           "region_piece", "region_cores", "regions_prompt", "decode_regions", "SEED_QUANTILE", "EXTENT_QUANTILE", "CORE_PAD",
-           "MIN_NORMAL_PEAKS", "normal_peak_count", "regions_supported"]
+__all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "region_cores", "local_peaks",
+           "tail_level", "SEED_QUANTILE", "EXTENT_QUANTILE", "TAIL_EXTENT_QUANTILE", "CORE_PAD", "MIN_NORMAL_PEAKS",
+           "normal_peak_count", "regions_supported"]
 
 #: Where a region starts: this percentile of held-out normal slices' calibrated peaks.
 SEED_QUANTILE = 97.0
@@ -52,40 +52,110 @@ EXTENT_QUANTILE = 95.0
 #: (``defaults.SIGMA``, 4 frame pixels): 12 frame pixels.
 CORE_PAD = (PATCH // 2) * FRAME / (2 * GRID) + defaults.SIGMA
 #: The fewest held-out normal peaks whose 97th percentile is not simply their maximum (1 / 3 %):
-#: with fewer, the volumes' default falls back to the backbone's per-slice prompt.
+#: with fewer, the levels come from the tail fit of the held-out maps' local maxima, and volumes'
+#: default is the per-slice prompt (:func:`regions_supported`).
 MIN_NORMAL_PEAKS = math.ceil(100.0 / (100.0 - SEED_QUANTILE))
+#: The extent level's quantile with the tail fit (chosen on the development split: 95 left the
+#: regions too tight there, 85 matched the percentile rule).
+TAIL_EXTENT_QUANTILE = 85.0
 
-Box = tuple[float, float, float, float]
+#: Local maxima of each held-out normal map that the bank's calibration keeps (the highest ones).
+LOCAL_PEAKS_PER_SLICE = 16
+#: A local maximum is the highest value within this window (frame px): two patch strides (2 x 8 px)
+#: plus one, so one hot patch gives one maximum, not a ripple of them.
+PEAK_WINDOW = 17
+#: Exceedances per held-out slice that the tail fit of :func:`tail_level` uses.
+TAIL_PER_SLICE = 2.0
+
+
+def local_peaks(maps: np.ndarray, *, top: int = LOCAL_PEAKS_PER_SLICE, window: int = PEAK_WINDOW) -> list[list[float]]:
+    """The ``top`` highest local maxima (values) of each (H, W) map of ``maps``, highest first.
+
+    A local maximum is a pixel equal to the maximum of its ``window`` x ``window`` neighbourhood
+    and above the map's median (flat background is not a maximum)."""
+    out = []
+    for m in np.asarray(maps, dtype=np.float32):
+        mx = ndimage.maximum_filter(m, size=window, mode="nearest")
+        vals = m[(m == mx) & (m > np.median(m))]
+        out.append([float(v) for v in np.sort(vals)[::-1][:top]])
+    return out
+
+
+def tail_level(peaks: list[list[float]], rate: float, *, per_slice: float = TAIL_PER_SLICE) -> float:
+    """The level that normal slices' local maxima exceed ``rate`` times per slice on average,
+    from a peaks-over-threshold fit: the highest ``per_slice`` x S maxima of the S held-out
+    slices (``peaks``: each slice's local maxima) above the next one, ``u``, fitted with an
+    exponential tail (mean excess ``beta``), so that the rate above ``t`` is
+    ``(n_u / S) exp(-(t - u) / beta)``. Exceedances are Poisson, so a slice reaches the level
+    with probability ``1 - exp(-rate)``. Uses every local maximum near the top, not one peak per
+    slice, and extrapolates beyond the largest one when S is small."""
+    n_slices = len(peaks)
+    values = np.sort(np.concatenate([np.asarray(p, np.float64) for p in peaks] or [np.empty(0)]))[::-1]
+    if n_slices == 0 or values.size < 2:
+        raise ValueError("too few held-out normal maxima for a tail fit")
+    n_u = int(min(values.size - 1, max(2, round(per_slice * n_slices))))
+    u = float(values[n_u])
+    beta = float(np.mean(values[:n_u] - u))
+    lam_u = n_u / n_slices
+    if beta <= 0 or rate >= lam_u:
+        return float(np.quantile(values, 1.0 - min(rate, 1.0) * n_slices / values.size))
+    return u + beta * math.log(lam_u / rate)
 
 
 @dataclass(frozen=True)
 class NormalLevels:
-    """Calibrated map levels taken from held-out normal slices' peaks (see the module docstring)."""
+    """Calibrated map levels taken from held-out normal maps (see the module docstring); ``method``
+    says how: ``"tail"`` (:func:`tail_level` on their local maxima) or ``"quantile"`` (percentiles
+    of one peak per held-out slice, the previous rule)."""
 
     seed: float
     extent: float
     extent_quantile: float
+    method: str = "quantile"
 
     def as_dict(self) -> dict:
-        return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile}
+        return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile, "method": self.method}
 
 
-def normal_levels(calibration_entry: dict, *, extent_quantile: float = EXTENT_QUANTILE,
-                  seed_quantile: float = SEED_QUANTILE) -> NormalLevels:
-    """Levels from one ``bank.manifest['calibration']['per_k'][k]`` entry.
+def _rate(quantile: float) -> float:
+    """Poisson rate of exceedances per slice at which a share ``1 - quantile / 100`` of slices
+    reaches a level."""
+    return -math.log(min(max(quantile / 100.0, 1e-9), 1.0 - 1e-9))
 
-    ``seed`` = the ``seed_quantile`` percentile over held-out normal slices of their calibrated
-    peak; ``extent`` = the ``extent_quantile`` percentile of the same peaks (never above ``seed``).
+
+def normal_levels(calibration_entry: dict, *, extent_quantile: float | None = None,
+                  seed_quantile: float = SEED_QUANTILE, method: str = "auto") -> NormalLevels:
+    """Levels from one ``bank.manifest['calibration']['per_k'][k]`` entry, in calibrated units.
+
+    ``seed``: the level that a share ``1 - seed_quantile / 100`` of normal slices reaches;
+    ``extent`` the same for ``extent_quantile`` (never above ``seed``). ``method``:
+    ``"quantile"``: the percentiles of the held-out slices' peaks, one per slice (extent default
+    :data:`EXTENT_QUANTILE`); ``"tail"``: :func:`tail_level` on every high local maximum of every
+    held-out map (one peak per slice for banks made before they were recorded), which holds with a
+    few held-out slices (extent default :data:`TAIL_EXTENT_QUANTILE`); ``"auto"``: quantile with
+    at least :data:`MIN_NORMAL_PEAKS` held-out slices, tail with fewer.
     """
     peaks = np.asarray(calibration_entry.get("slice_max_map") or [], dtype=np.float64)
     if peaks.size == 0:
         raise ValueError("the bank holds no held-out normal slice peaks (calibration); regions need them. "
                          "Rebuild the bank with normal slices from at least one source.")
+    if method == "auto":
+        method = "quantile" if peaks.size >= MIN_NORMAL_PEAKS else "tail"
+    if extent_quantile is None:
+        extent_quantile = TAIL_EXTENT_QUANTILE if method == "tail" else EXTENT_QUANTILE
     low, high = float(calibration_entry["low"]), float(calibration_entry["high"])
-    cal = np.clip((peaks - low) / max(high - low, 1e-12), 0.0, None)
-    seed = float(np.percentile(cal, seed_quantile))
-    extent = min(float(np.percentile(cal, extent_quantile)), seed)
-    return NormalLevels(seed=seed, extent=extent, extent_quantile=float(extent_quantile))
+    span = max(high - low, 1e-12)
+    if method == "tail":
+        local = calibration_entry.get("local_peaks") or [[float(v)] for v in peaks]
+        seed = max(0.0, (tail_level(local, _rate(seed_quantile)) - low) / span)
+        extent = max(0.0, (tail_level(local, _rate(extent_quantile)) - low) / span)
+    elif method == "quantile":
+        cal = np.clip((peaks - low) / span, 0.0, None)
+        seed = float(np.percentile(cal, seed_quantile))
+        extent = float(np.percentile(cal, extent_quantile))
+    else:
+        raise ValueError(f"unknown level method {method!r}: 'auto', 'tail' or 'quantile'")
+    return NormalLevels(seed=float(seed), extent=float(min(extent, seed)), extent_quantile=float(extent_quantile), method=method)
 
 
 def anomalous_regions(maps: np.ndarray, levels: NormalLevels, *, foreground: np.ndarray | None = None,
@@ -128,64 +198,6 @@ def anomalous_regions(maps: np.ndarray, levels: NormalLevels, *, foreground: np.
     return lut[out]
 
 
-@dataclass(frozen=True)
-class SliceRegion:
-    """One region's part on one slice: its label, its box prompt (x0, y0, x1, y1), the piece's
-    own bounding box ``extent_box``, its peak and area (frame pixels)."""
-
-    label: int
-    box: Box
-    peak: float
-    area: int
-    extent_box: Box
-
-
-def _padded(box: Box, pad: float, shape: tuple[int, int]) -> Box:
-    h, w = shape
-    return (max(0.0, box[0] - pad), max(0.0, box[1] - pad), min(w - 1.0, box[2] + pad), min(h - 1.0, box[3] + pad))
-
-
-def _box_of(sl: tuple[slice, slice]) -> Box:
-    """A ``find_objects`` slice as an inclusive (x0, y0, x1, y1) box."""
-    r, c = sl
-    return (float(c.start), float(r.start), float(c.stop - 1), float(r.stop - 1))
-
-
-def region_cores(maps: np.ndarray, labels: np.ndarray, levels: NormalLevels) -> np.ndarray:
-    """(N, H, W) bool: the regions' pixels where calibrated ``maps`` exceed the seed level."""
-    return (np.asarray(labels) > 0) & (np.asarray(maps) > levels.seed)
-
-
-def slice_regions(labels_2d: np.ndarray, map_2d: np.ndarray, *, core: np.ndarray | None = None,
-                  pad: float = CORE_PAD) -> list[SliceRegion]:
-    """The regions present on one slice (each 2D piece of a label is one prompt), largest peak first.
-
-    ``core``: the slice's :func:`region_cores`; a piece's box prompt is the bounding box of its
-    core pixels widened by ``pad``. Without ``core``, or where the piece holds no core pixel, the
-    piece's own bounding box is the prompt.
-    """
-    out: list[SliceRegion] = []
-    shape = labels_2d.shape
-    for lab in np.unique(labels_2d):
-        if lab == 0:
-            continue
-        pieces, _ = ndimage.label(labels_2d == lab)
-        for i, sl in enumerate(ndimage.find_objects(pieces), start=1):
-            if sl is None:
-                continue
-            piece = pieces[sl] == i  # within the piece's own bounding box
-            extent_box = _box_of(sl)
-            inner = piece & core[sl] if core is not None else None
-            box = extent_box
-            if inner is not None and inner.any():
-                x0, y0 = sl[1].start, sl[0].start
-                ib = _box_of(ndimage.find_objects(inner.astype(np.int8))[0])
-                box = _padded((ib[0] + x0, ib[1] + y0, ib[2] + x0, ib[3] + y0), pad, shape)
-            out.append(SliceRegion(int(lab), box, float(map_2d[sl][piece].max()), int(piece.sum()), extent_box))
-    out.sort(key=lambda r: -r.peak)
-    return out
-
-
 def bank_levels(bank, k: int = defaults.K, **kwargs) -> NormalLevels:
     """:func:`normal_levels` from a bank's calibration entry for ``k`` (:func:`~.anomaly.calibration_entry`)."""
     entry = calibration_entry(bank.manifest.get("calibration"), k)
@@ -202,47 +214,13 @@ def normal_peak_count(bank, k: int = defaults.K) -> int:
 
 
 def regions_supported(bank, k: int = defaults.K) -> bool:
-    """Whether the bank's calibration holds enough normal peaks (:data:`MIN_NORMAL_PEAKS`) for the
-    regions prompt to be the volumes' default."""
+    """Whether the bank's calibration holds enough held-out normal peaks (:data:`MIN_NORMAL_PEAKS`)
+    for the regions prompt to be the volumes' *default*. With fewer, ``--prompt regions`` still
+    works (tail-fit levels, :func:`normal_levels`), but on the small-bank checks (docs/results.md,
+    issue 20) those levels missed most lesions, so the default stays the per-slice prompt."""
     return normal_peak_count(bank, k) >= MIN_NORMAL_PEAKS
 
 
-def region_piece(labels_2d: np.ndarray, region: SliceRegion) -> np.ndarray:
-    """The region's pixels inside its own bounding box on this slice (bool, frame)."""
-    piece = np.zeros(labels_2d.shape, bool)
-    x0, y0, x1, y1 = (int(round(v)) for v in region.extent_box)
-    piece[y0:y1 + 1, x0:x1 + 1] = labels_2d[y0:y1 + 1, x0:x1 + 1] == region.label
-    return piece
-
-
-def regions_prompt(regions: list[SliceRegion]) -> Prompt | None:
-    """The slice's prompt as recorded in results: one box, several boxes, or none."""
-    if not regions:
-        return None
-    if len(regions) == 1:
-        return Prompt("box", box=regions[0].box)
-    return Prompt("boxes", boxes=tuple(r.box for r in regions))
-
-
-def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarray, *,
-                   core: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Prompt | None]:
-    """Decode one slice with one box per region piece (:func:`slice_regions`) and unite the masks.
-
-    Returns (logits (3, 256, 256) float16, predicted IoUs (3,), the prompt). Slot ``i`` of the
-    logits is the union, over regions, of decoder mask ``i + 1`` clipped to the piece it was
-    prompted from (outside the piece its logits are capped at -1, so it is never foreground).
-    IoUs: the best region's per slot.
-    """
-    regions = slice_regions(labels_2d, map_2d, core=core)
-    shape = (3, *labels_2d.shape)
-    if not regions:
-        return np.zeros(shape, np.float16), np.full(3, np.nan, np.float32), None
-    logits = np.full(shape, -np.inf, np.float32)
-    ious = np.full(3, -np.inf, np.float32)
-    emb = embedding.float() if hasattr(embedding, "float") else embedding
-    for reg in regions:
-        out = backbone.decode(emb, Prompt("box", box=reg.box))
-        lg = np.asarray(out.logits, np.float32)
-        ious = np.maximum(ious, np.asarray(out.iou, np.float32))
-        logits = np.maximum(logits, np.where(region_piece(labels_2d, reg)[None], lg, np.minimum(lg, -1.0)))
-    return logits.astype(np.float16), ious, regions_prompt(regions)
+def region_cores(maps: np.ndarray, labels: np.ndarray, levels: NormalLevels) -> np.ndarray:
+    """(N, H, W) bool: the regions' pixels where calibrated ``maps`` exceed the seed level."""
+    return (np.asarray(labels) > 0) & (np.asarray(maps) > levels.seed)

@@ -5,7 +5,7 @@ Progress is reported through a callback ``progress(stage, done, total)`` and can
 ``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
 is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
 
-Size: one module on purpose (about 690 lines): the one path a volume takes, stage by stage, and the
+Size: one module on purpose (about 730 lines): the one path a volume takes, stage by stage, and the
 result it returns, so that a reader follows a run without changing files.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from ..core import defaults
 from ..method.anomaly import calibration_entry, image_scores, maps_from_scores, mean_of_k_nearest, normalise_maps
-from ..method.prompts import Prompt, make_prompt
+from ..method.prompts import Prompt, make_prompt, point_prompts_work
 from ..bank import MemoryBank, check_compatible
 from ..bank.store import preprocessing_from_bank
 from .embedding_cache import EmbeddingCache, frames_key, neighbours_key
@@ -29,15 +29,8 @@ from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
 from ..method.reference_encoding import embedding_dtype, encoding_of
-from ..method.regions import (
-    NormalLevels,
-    anomalous_regions,
-    bank_levels,
-    decode_regions,
-    region_cores,
-    regions_supported,
-    slice_regions,
-)
+from ..method.regions import NormalLevels, anomalous_regions, bank_levels, region_cores, regions_supported
+from ..method.region_prompts import REGION_OUTCOME, RegionDecode, decode_regions, region_prompts
 from .settings import SegmentSettings, resolve_defaults
 from ..core.records import to_dict
 from .frames import volume_frames
@@ -230,6 +223,7 @@ class SegmentationResult:
     regions: np.ndarray | None = None  # (N, 256, 256) int32 anomalous-region labels (0 = none)
     region_cores: np.ndarray | None = None  # (N, 256, 256) bool: region pixels above the seed level
     region_levels: NormalLevels | None = None  # the bank-calibrated levels that found them
+    region_decodes: list[RegionDecode | None] | None = None  # per slice (regions prompt): prompts, masks kept
 
     def __post_init__(self) -> None:
         self.settings = self.settings.with_default_mask()
@@ -264,8 +258,8 @@ class SegmentationResult:
 
     def cog_voxel(self, s: int) -> tuple[float, float, float] | None:
         """The prompt's centre (point, or box centre) of slice ``s`` as voxel indices (i, j, k).
-        With several boxes (one per region), the first one's: the most anomalous region's (a mean
-        of the centres would sit between two lesions, on neither)."""
+        With one prompt per region piece, the first one's: the most anomalous piece's (a mean of
+        the centres would sit between two lesions, on neither)."""
         return self.prompt_voxel(s, self.prompts[s])
 
     def prompt_voxel(self, s: int, prompt: Prompt | None) -> tuple[float, float, float] | None:
@@ -275,18 +269,25 @@ class SegmentationResult:
 
     def prompt_centres(self, s: int) -> list[tuple[float, float, float]]:
         """Voxel indices (i, j, k) of each prompt of slice ``s``: the point, or each box's centre
-        (several for the regions prompt: one per region, most anomalous first)."""
+        (several for the regions prompt: one per region piece, most anomalous first; each is that
+        piece's gamma-weighted centre of gravity, exactly where its prompt was sent)."""
         return self._centres(s, self.prompts[s])
 
     def _centres(self, s: int, p: Prompt | None) -> list[tuple[float, float, float]]:
         if p is None:
             return []
-        if p.kind == "point":
-            xy = [p.point]
-        else:
-            boxes = [p.box] if p.kind == "box" else list(p.boxes or ())
-            xy = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]  # type: ignore[index]
-        return [self._frame_to_voxel(s, x, y) for x, y in xy]  # type: ignore[misc]
+        return [self._frame_to_voxel(s, x, y) for x, y in p.centres()]
+
+    def mask_rule(self, s: int, mask_index: int | None = None) -> tuple[list[str], list[float]]:
+        """Per prompt of slice ``s`` (regions prompt): which mask it kept with ``mask_index`` (the
+        settings' by default) -- ``"1"``-``"3"`` or ``"region"`` (no decoder mask agreed with the
+        map) -- and its agreement with the region's core. Empty for other prompts."""
+        d = self.region_decodes[s] if self.region_decodes is not None else None
+        if d is None or self.prompts[s] is None or self.settings.prompt != "regions":
+            return [], []
+        slot = (mask_index or self.settings.mask_index) - 1
+        used = ["region" if int(o) == REGION_OUTCOME else str(int(o)) for o in d.outcomes[slot]]
+        return used, [float(a) for a in d.agreement[slot]]
 
     def _frame_to_voxel(self, s: int, x: float, y: float) -> tuple[float, float, float]:
         r, c = self.encoded.frame.to_slice(y, x)
@@ -303,6 +304,7 @@ class SegmentationResult:
         for s in range(self.n_slices):
             ijk = self.cog_voxel(s)
             p = self.prompts[s]
+            used, agreement = self.mask_rule(s)
             rows.append(
                 {
                     "slice": s,
@@ -313,6 +315,9 @@ class SegmentationResult:
                     "predicted_iou": "" if p is None else round(float(self.ious[s, m]), 4),
                     "anomalous": int(bool(self.decision[s])) if p is not None else 0,
                     "prompt": "none" if p is None else p.kind,
+                    "prompts": len(self._centres(s, p)),
+                    "mask_used": ";".join(used) if used else ("" if p is None else str(self.settings.mask_index)),
+                    "agreement": ";".join(f"{a:.3f}" for a in agreement),
                 }
             )
         return rows
@@ -324,6 +329,10 @@ class SegmentationResult:
         s = decoded.s
         self.prompts[s], self.logits[s], self.ious[s] = decoded.prompt, decoded.logits, decoded.ious
         self.settings = decoded.settings
+        if self.region_decodes is not None or decoded.detail is not None:
+            if self.region_decodes is None:
+                self.region_decodes = [None] * self.n_slices
+            self.region_decodes[s] = decoded.detail
 
     def metadata(self) -> dict:
         """Every setting that made this result (stored in layer metadata and JSON output)."""
@@ -364,6 +373,7 @@ def decode_all(
     *,
     regions: np.ndarray | None = None,
     cores: np.ndarray | None = None,
+    details: list | None = None,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
@@ -371,9 +381,12 @@ def decode_all(
     """Prompt and decode every slice with anatomy; empty slices get no prompt and no mask.
 
     With ``settings.prompt == "regions"``, ``regions`` (the labels of
-    :func:`~napari_mias_sam.method.regions.anomalous_regions`) gives each slice one box per region
-    piece, around its ``cores`` (:func:`~napari_mias_sam.method.regions.decode_regions`); slices without
-    a region get nothing.
+    :func:`~napari_mias_sam.method.regions.anomalous_regions`) gives each slice one prompt per region
+    piece, made from the gamma-weighted map inside it (a point where the backbone takes points, a
+    box otherwise; :func:`~napari_mias_sam.method.region_prompts.decode_regions`, whose mask rule
+    checks each mask against the piece's ``cores``); slices without a region get nothing.
+    ``details``: a list that receives each slice's
+    :class:`~napari_mias_sam.method.region_prompts.RegionDecode` (None for slices without one).
 
     ``batch_size`` slices are decoded together where the backbone offers ``decode_batch`` (one
     point or one box per slice, no map as mask input). ``None``: 1 (slice by slice, the exact
@@ -399,11 +412,16 @@ def decode_all(
     if settings.prompt == "regions":
         if regions is None:
             raise ValueError("the regions prompt needs the volume's anomalous-region labels")
+        kind = region_prompt_kind(backbone)
         for s in range(n):
             _check(cancelled)
+            d = None
             if encoded.foreground[s] and regions[s].any():
-                logits[s], ious[s], prompts[s] = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s],
-                                                                core=None if cores is None else cores[s])
+                d = decode_regions(backbone, encoded.embeddings[s], regions[s], maps[s], gamma=settings.gamma, kind=kind,
+                                   core=None if cores is None else cores[s])
+                logits[s], ious[s], prompts[s] = d.logits, d.ious, d.prompt
+            if details is not None:
+                details.append(d)
             if progress:
                 progress("prompt and decode", s + 1, n)
         return prompts, logits, ious
@@ -437,6 +455,7 @@ class SliceDecode:
     logits: np.ndarray
     ious: np.ndarray
     settings: SegmentSettings
+    detail: RegionDecode | None = None  # the regions prompt's pieces, prompts and masks kept
 
 
 def redecode_slice(
@@ -446,39 +465,55 @@ def redecode_slice(
     *,
     settings: SegmentSettings | None = None,
     point: tuple[float, float] | None = None,
+    piece: int | None = None,
 ) -> SliceDecode:
     """Slice ``s`` of ``result`` prompted and decoded again after a settings change or a moved CoG
     point, from its cached embedding and map; ``result`` is left as it is.
 
     ``settings``: the new settings (default: the result's; an unset mask is the prompt's default).
     ``point`` is an (x, y) frame position chosen by the user (it replaces the computed prompt;
-    with a box prompt type the box is re-centred on it with the same size). A slice without
-    anatomy keeps what it has (no prompt).
+    with a box prompt type the box is re-centred on it with the same size). With the regions
+    prompt it replaces the prompt of region piece ``piece`` (0: the most anomalous); the other
+    pieces keep theirs. A slice without anatomy keeps what it has (no prompt).
     """
     st = result.settings if settings is None else settings.with_default_mask(result.settings.prompt)
     if not result.encoded.foreground[s]:
         return SliceDecode(s, result.prompts[s], result.logits[s].copy(), result.ious[s].copy(), st)
-    if st.prompt == "regions" and point is None:
-        cores = result.region_cores
-        logits, ious, prompt = decode_regions(backbone, result.encoded.embeddings[s], region_labels(result)[s], result.maps[s],
-                                              core=None if cores is None else cores[s])
-        return SliceDecode(s, prompt, logits, ious, st)
-    if st.prompt == "regions":  # a moved point: the box of the region it stood for (the most anomalous), re-centred
-        regs = slice_regions(region_labels(result)[s], result.maps[s],
-                             core=None if result.region_cores is None else result.region_cores[s])
-        prompt = Prompt("box", box=regs[0].box) if regs else make_prompt(result.maps[s], "cog-box", gamma=st.gamma)
-    else:
-        prompt = _slice_prompt(result.maps[s], st)
+    emb = result.encoded.embeddings[s]
+    if st.prompt == "regions":
+        labels, kind = region_labels(result)[s], region_prompt_kind(backbone)
+        moved = None
+        if point is not None:
+            regs = region_prompts(labels, result.maps[s], gamma=st.gamma, kind=kind)
+            if not regs:  # a point placed on a slice without a region: the user's own prompt
+                prompt = _moved(make_prompt(result.maps[s], "cog-" + kind, gamma=st.gamma), point)
+                return SliceDecode(s, prompt, *decode_one(backbone, emb, prompt), st)
+            j = min(max(int(piece or 0), 0), len(regs) - 1)
+            moved = {j: _moved(regs[j].prompt, point)}
+        core = None if result.region_cores is None else result.region_cores[s]
+        d = decode_regions(backbone, emb, labels, result.maps[s], gamma=st.gamma, kind=kind, core=core, moved=moved)
+        return SliceDecode(s, d.prompt, d.logits, d.ious, st, d)
+    prompt = _slice_prompt(result.maps[s], st)
     if point is not None:
-        if prompt is not None and prompt.kind == "box":
-            x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
-            hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
-            prompt = Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
-        else:
-            prompt = Prompt("point", point=(float(point[0]), float(point[1])))
+        prompt = _moved(prompt, point)
     use_map = bool(st.extras.get("map_as_mask_input", False))
-    logits, ious = decode_one(backbone, result.encoded.embeddings[s], prompt, result.maps[s], use_map_as_mask=use_map)
+    logits, ious = decode_one(backbone, emb, prompt, result.maps[s], use_map_as_mask=use_map)
     return SliceDecode(s, prompt, logits, ious, st)
+
+
+def region_prompt_kind(backbone) -> str:
+    """How the regions prompt asks this backbone: ``"point"`` (the paper's CoG point) where its
+    decoder was trained with points (SAM), ``"box"`` where it was not (LiteMedSAM)."""
+    return "point" if point_prompts_work(getattr(backbone, "name", "sam")) else "box"
+
+
+def _moved(prompt: Prompt | None, point: tuple[float, float]) -> Prompt:
+    """``prompt`` moved to a user's ``point``: a box re-centred on it with the same size, else the point."""
+    if prompt is not None and prompt.kind == "box":
+        x0, y0, x1, y1 = prompt.box  # type: ignore[misc]
+        hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
+        return Prompt("box", box=(point[0] - hw, point[1] - hh, point[0] + hw, point[1] + hh))
+    return Prompt("point", point=(float(point[0]), float(point[1])))
 
 
 @dataclass(frozen=True)
@@ -546,7 +581,7 @@ def segment_volume(
 
     ``slice_set=True``: the slices are a set of 2D images (BMAD PNGs), not one 3D volume: unset
     settings resolve to the paper's per-slice prompt instead of 3D regions (as they do with a bank
-    of too few held-out normal slices, :func:`~napari_mias_sam.method.regions.regions_supported`).
+    without a usable calibration, :func:`~napari_mias_sam.method.regions.regions_supported`).
 
     ``reuse``: an earlier result. When it was made from the same slices (same content, axis and
     backbone) its embeddings are used, and when the bank, k and sigma are also the same its patch
@@ -592,7 +627,9 @@ def _segment(setup: RunSetup, volume: Volume, *, axis, cache, encoded, reuse, ba
         threshold = slice_decision_threshold(bank, settings.k)
         decision &= img > threshold
     t2 = time.perf_counter()
-    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, progress=progress,
+    details: list = []
+    prompts, logits, ious = decode_all(encoded, maps, backbone, settings, regions=regions, cores=cores, details=details,
+                                       progress=progress,
                                        cancelled=cancelled)
     t["prompt_and_decode_s"] = time.perf_counter() - t2
     return SegmentationResult(
@@ -600,6 +637,7 @@ def _segment(setup: RunSetup, volume: Volume, *, axis, cache, encoded, reuse, ba
         preprocessing=to_dict(prep), scores=scores, raw_maps=raw, maps=maps, image_scores=img,
         decision=decision, decision_threshold=threshold, prompts=prompts, logits=logits, ious=ious, timings=t,
         maps_reused=reused, regions=regions, region_cores=cores, region_levels=levels,
+        region_decodes=details or None,
     )
 
 

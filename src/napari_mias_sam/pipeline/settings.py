@@ -74,7 +74,7 @@ class SegmentSettings:
 def resolve_defaults(settings: SegmentSettings, backbone_name: str, *, volume: bool = True,
                      regions_ok: bool = True) -> SegmentSettings:
     """``settings`` with a concrete prompt and mask: an unset prompt becomes :data:`VOLUME_PROMPT`
-    for a volume whose bank supports it (``regions_ok``: enough held-out normal peaks, see
+    for a volume whose bank supports it (``regions_ok``: a calibration with held-out normal peaks, see
     :func:`~napari_mias_sam.method.regions.regions_supported`), else the backbone's per-slice prompt; an
     unset mask becomes that prompt's default."""
     if settings.prompt is None:

@@ -2,7 +2,7 @@
 BraTS / LiTS folder (modality, margin, subject lists, LiTS's liver ROI), in the background with
 progress and cancel; the lesion labels a ground-truth layer is scored with; CT display windows.
 
-Thin: the work is :func:`napari_mias_sam.jobs.dataset_runs.build_bank_from_dataset`, the same call
+Thin: the work is :func:`napari_mias_sam.jobs.bank_builds.build_bank_from_dataset`, the same call
 as ``mias-sam build-bank ROOT --modality ... --margin ...``.
 """
 
@@ -93,7 +93,7 @@ class DatasetMixin:
         except MiasSamError as exc:
             self.report_error(str(exc))
             return None
-        from ..jobs.dataset_runs import build_bank_from_dataset
+        from ..jobs.bank_builds import build_bank_from_dataset
 
         mod = None if self.ds_modality.value == "auto" else str(self.ds_modality.value)
         subjects, exclude = path_or_none(self.ds_subjects.value), path_or_none(self.ds_exclude.value)

@@ -130,7 +130,8 @@ class LiveController:
             for gt in self._styled:
                 self._watch_gt(gt)
         self._lesion = None
-        self._point_rows: dict = {}  # slice -> row of the CoG points layer
+        self._point_rows: dict = {}  # slice -> rows of the CoG points layer (one per prompt)
+        self._points_dirty = False  # a slice's number of prompts changed while not shown: rebuild at the pass's end
         self._points_owned = None  # the points array this controller set (written in place)
         self._box_drawn: dict = {}  # slice -> (corner arrays, kind) of the boxes drawn
         self._box_dirty: set = set()  # slices whose boxes changed and are not drawn yet
@@ -371,6 +372,9 @@ class LiveController:
         text = f"slice {s}: {kind}"
         if not ses.result.decision[s]:
             return text + ", mask dropped by the slice decision"
+        rule = ses.mask_rule_text(s)
+        if rule:
+            text += f"; kept {rule}"
         ious = ses.ious(s)
         if not self.w.iou_tracks_quality():
             return text + " (IoU not shown: this backbone's IoU head does not track mask quality)"
@@ -431,11 +435,13 @@ class LiveController:
         if changed:
             mask.data[idx] = upd.mask
             self._count_slice(s, upd.mask)
-        rebuild_points = self._set_point(s, upd.point)
+        rebuild_points = self._set_point(s, upd.points)
         if self._boxes_changed(upd):
             self._box_dirty.add(s)
         shown = s == self.current_slice()
         everything = self.viewer.dims.ndisplay == 3  # a 3D view shows every slice
+        if rebuild_points and not shown:
+            self._points_dirty = True
         now = time.perf_counter()
         if shown or (everything and now - self._last_refresh > 0.25):
             self._last_refresh = now
@@ -471,8 +477,9 @@ class LiveController:
             self.session.sync()
         if self.viewer.dims.ndisplay == 3:
             self.layers["mask"].refresh()
-        if set(self._point_rows) != {s for s in range(self.session.n_slices) if self.session.point(s) is not None}:
-            self._rebuild_points()  # slices gained or lost their prompt
+        if self._points_dirty or set(self._point_rows) != {s for s in range(self.session.n_slices) if self.session.point(s) is not None}:
+            self._points_dirty = False
+            self._rebuild_points()  # slices gained or lost a prompt
         if self._box_dirty:
             self._rebuild_boxes()
         self._refresh_metadata()
@@ -507,35 +514,46 @@ class LiveController:
 
     # -- points ---------------------------------------------------------------------------------
     def _index_points(self, owned: bool = False) -> None:
-        """Slice -> row of the CoG points; ``owned``: this controller just set the layer's array."""
+        """Slice -> rows of its CoG points (one per prompt); ``owned``: this controller just set the
+        layer's array."""
         pts = self.layers.get("points")
         self._points_owned = pts.data if (owned and pts is not None) else None
         slices = pts.features["slice"].to_numpy() if (pts is not None and len(pts.data)) else []
-        self._point_rows = {int(s): i for i, s in enumerate(slices)}
+        rows: dict[int, list[int]] = {}
+        for i, s in enumerate(slices):
+            rows.setdefault(int(s), []).append(i)
+        self._point_rows = rows
 
-    def _set_point(self, s: int, p) -> bool:
-        """Slice ``s``'s CoG point moves to ``p`` (in place). True when the points need a rebuild
-        instead (the slice gained or lost its prompt)."""
+    def _set_point(self, s: int, points) -> bool:
+        """Slice ``s``'s CoG points (one per prompt) move to ``points`` (in place). True when the
+        points need a rebuild instead (their number changed: a region piece appeared or went)."""
         pts = self.layers.get("points")
         if pts is None or pts not in self.viewer.layers:
             return False
-        row = self._point_rows.get(int(s))
-        if row is None or p is None:
-            return (row is None) != (p is None)
+        rows = self._point_rows.get(int(s), [])
+        points = list(points or [])
+        if len(rows) != len(points):
+            return True
+        if not rows:
+            return False
         self._updating_points = True
         try:
             if pts.data is not self._points_owned:  # an array someone else set (and may hold): not written in place
                 pts.data = np.array(pts.data, dtype=float)
                 self._points_owned = pts.data
-            pts.data[row] = p
+            for row, p in zip(rows, points):
+                pts.data[row] = p
             if self._snapshot is not None and len(self._snapshot) == len(pts.data):
-                self._snapshot[row] = p
+                for row, p in zip(rows, points):
+                    self._snapshot[row] = p
             else:
                 self._snapshot = pts.data.copy()
-            moved, status = s in self.session.overrides, self.session.status(s)
-            if bool(pts.features["moved"].iloc[row]) != moved or pts.features["status"].iloc[row] != status:
-                pts.features.loc[row, "moved"] = moved
-                pts.features.loc[row, "status"] = status
+            ses, status = self.session, self.session.status(s)
+            moved = [s in ses.overrides and ses.moved_piece.get(s, 0) == j for j in range(len(rows))]
+            if (any(pts.features["status"].iloc[r] != status for r in rows)
+                    or [bool(pts.features["moved"].iloc[r]) for r in rows] != moved):
+                pts.features.loc[rows, "status"] = status
+                pts.features.loc[rows, "moved"] = moved
                 pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
@@ -570,8 +588,9 @@ class LiveController:
         if moved.size == 0:
             return
         slices = pts.features["slice"].to_numpy()
+        pieces = pts.features["piece"].to_numpy() if "piece" in pts.features else np.zeros(len(slices), int)
         for i in moved:
-            self.session.move_point(int(slices[i]), data[i])
+            self.session.move_point(int(slices[i]), data[i], piece=int(pieces[i]))
         self._snapshot = data.copy()
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once

@@ -22,14 +22,14 @@ settings after the newest change. Decodes go through a
 
 :func:`ranked_slices` is a pure function on arrays; the comparison with a ground truth
 (:func:`compare_with_gt`, :func:`error_overlay`, the per-slice counts the viewer keeps) is in
-:mod:`napari_mias_sam.viewer.models.compare`. Size: about 470 lines: one session's state and every
+:mod:`napari_mias_sam.viewer.models.compare`. Size: about 500 lines: one session's state and every
 action on it.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -38,7 +38,8 @@ from ...data.qa_table import ACCEPTED, CORRECTED, PENDING, REJECTED, STATUSES
 from .compare import FN, FP, compare_with_gt, error_overlay  # noqa: F401 (the comparison helpers' public home was here)
 from .layers import to_display
 from ...pipeline.decode_cache import CachedDecoder, embedding_digest
-from ...pipeline.segment import SegmentationResult, redecode_slice
+from ...pipeline.segment import SegmentationResult, redecode_slice, region_labels, region_prompt_kind
+from ...method.region_prompts import region_prompts, regions_prompt
 from ...method.preprocess import from_frame
 from ...method.prompts import make_prompt
 from ...pipeline.settings import SegmentSettings
@@ -82,8 +83,9 @@ def classify_change(old: SegmentSettings, new: SegmentSettings) -> str:
 
 @dataclass
 class SliceUpdate:
-    """One slice brought up to date: its mask (display order), prompt centre, IoUs, box prompt
-    corners (display order) and their kind (the prompt type, or ``moved``)."""
+    """One slice brought up to date: its mask (display order), prompt centre (the first piece's),
+    every prompt's centre (one per region piece with the regions prompt), IoUs, box prompt corners
+    (display order) and their kind (the prompt type, or ``moved``)."""
 
     s: int
     mask: np.ndarray
@@ -91,6 +93,7 @@ class SliceUpdate:
     ious: np.ndarray
     boxes: list[np.ndarray] | None = None
     box_kind: str = ""
+    points: list = field(default_factory=list)
 
 
 class LiveSession:
@@ -114,6 +117,7 @@ class LiveSession:
         self.axes = tuple(int(a) for a in display_axes)
         self.settings = result.settings
         self.overrides: dict[int, tuple[float, float]] = {}  # slice -> (x, y) in the model frame
+        self.moved_piece: dict[int, int] = {}  # slice -> which region piece's prompt the moved point replaced
         self.lock = threading.RLock()
         self.generation = 0
         self.stale: set[int] = set()  # slices whose logits do not match the settings yet
@@ -184,27 +188,42 @@ class LiveSession:
         return self._slice_to_display(m.astype(np.uint8))
 
     def point(self, s: int) -> tuple[float, float, float] | None:
-        """Display-order position of slice ``s``'s prompt centre (None without a prompt)."""
+        """Display-order position of slice ``s``'s prompt centre (None without a prompt); with one
+        prompt per region piece, the most anomalous piece's."""
         ijk = self.result.cog_voxel(s)
         return None if ijk is None else self.file_to_display(ijk)
 
+    def slice_points(self, s: int) -> list[tuple[float, float, float]]:
+        """Display-order positions of every prompt of slice ``s`` (one per region piece with the
+        regions prompt, each exactly the point sent or the centre of the box sent)."""
+        return [self.file_to_display(ijk) for ijk in self.result.prompt_centres(s)]
+
     def points(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """All prompt centres (M, 3) in display order and their features (slice, score, IoU, moved,
-        review status)."""
+        """All prompt centres (M, 3) in display order and their features (slice, region piece,
+        score, IoU, mask kept, moved, review status): one row per prompt sent."""
         m = self.settings.mask_index - 1
-        rows, feats = [], {"slice": [], "image_score": [], "predicted_iou": [], "moved": [], "status": []}
+        rows, feats = [], {"slice": [], "piece": [], "image_score": [], "predicted_iou": [], "mask_used": [], "moved": [],
+                           "status": []}
         for s in range(self.n_slices):
-            p = self.point(s)
-            if p is None:
-                continue
-            rows.append(p)
-            feats["slice"].append(s)
-            feats["image_score"].append(float(self.result.image_scores[s]))
-            feats["predicted_iou"].append(float(self.result.ious[s, m]))
-            feats["moved"].append(s in self.overrides)
-            feats["status"].append(self.status(s))
+            used, _ = self.result.mask_rule(s, self.settings.mask_index)
+            for j, p in enumerate(self.slice_points(s)):
+                rows.append(p)
+                feats["slice"].append(s)
+                feats["piece"].append(j)
+                feats["image_score"].append(float(self.result.image_scores[s]))
+                feats["predicted_iou"].append(float(self.result.ious[s, m]))
+                feats["mask_used"].append(used[j] if j < len(used) else str(self.settings.mask_index))
+                feats["moved"].append(s in self.overrides and self.moved_piece.get(s, 0) == j)
+                feats["status"].append(self.status(s))
         coords = np.asarray(rows, dtype=float).reshape(-1, 3)
         return coords, {k: np.asarray(v) for k, v in feats.items()}
+
+    def mask_rule_text(self, s: int) -> str:
+        """Which mask each prompt of slice ``s`` kept and its agreement with the map's region
+        (regions prompt), e.g. ``"mask 1 (agreement 0.74); region (no mask agreed)"``; '' otherwise."""
+        used, agreement = self.result.mask_rule(s, self.settings.mask_index)
+        return "; ".join("region (no mask agreed with the map)" if u == "region" else f"mask {u} (agreement {a:.2f})"
+                         for u, a in zip(used, agreement))
 
     def box_corners(self, s: int) -> list[np.ndarray]:
         """The box prompt(s) of slice ``s`` as (4, 3) display-order corner arrays (none for a
@@ -284,9 +303,9 @@ class LiveSession:
             self.new_generation()
         return kind
 
-    def move_point(self, s: int, display_coords) -> tuple[float, float]:
-        """Make a display-order position the prompt of slice ``s`` (stale until re-decoded);
-        returns it as model-frame (x, y)."""
+    def move_point(self, s: int, display_coords, piece: int = 0) -> tuple[float, float]:
+        """Make a display-order position the prompt of slice ``s`` (of its region piece ``piece``
+        with the regions prompt; stale until re-decoded); returns it as model-frame (x, y)."""
         f = self.display_to_file(display_coords)
         rest = [a for a in range(3) if a != self.result.axis]
         fr = self.result.encoded.frame
@@ -294,6 +313,7 @@ class LiveSession:
         hi = fr.size - 1.0
         xy = (float(np.clip(x, 0.0, hi)), float(np.clip(y, 0.0, hi)))
         self.overrides[int(s)] = xy
+        self.moved_piece[int(s)] = int(piece)
         self.statuses[int(s)] = CORRECTED
         self.mark_stale([int(s)])
         return xy
@@ -302,6 +322,7 @@ class LiveSession:
         """Forget user-moved points; returns the slices that became stale."""
         slices = sorted(self.overrides)
         self.overrides = {}
+        self.moved_piece = {}
         for s in slices:  # a corrected slice is pending again
             if self.statuses.get(s) == CORRECTED:
                 self.statuses.pop(s)
@@ -333,6 +354,7 @@ class LiveSession:
             self.statuses.pop(s, None)
             stale = [s] if (s in self.overrides or was == REJECTED) else []
             self.overrides.pop(s, None)
+            self.moved_piece.pop(s, None)
         else:
             raise ValueError(f"unknown review action {action!r}: accept, reject or reset")
         self.mark_stale(stale)
@@ -367,9 +389,13 @@ class LiveSession:
             if plain and (not with_mask or self.status(s) != REJECTED):
                 return r.cog_voxel(s), (r.slice_mask(s, self.settings.mask_index) if with_mask else None)
             st = self.settings
-            if not with_mask and s not in self._method and st.prompt != "regions":  # the centre needs no decoder
-                return r.prompt_voxel(s, make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma,
-                                                     threshold=st.threshold)), None
+            if not with_mask and s not in self._method:  # the centre needs no decoder
+                if st.prompt == "regions":
+                    p = regions_prompt(region_prompts(region_labels(r)[s], r.maps[s], gamma=st.gamma,
+                                                      kind=region_prompt_kind(self.backbone)))
+                else:
+                    p = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
+                return r.prompt_voxel(s, p), None
             if s not in self._method:  # decoded aside: the result keeps the review's prompt and mask
                 with self._decoding(s):
                     d = redecode_slice(r, self.decoder, s, settings=st)
@@ -392,7 +418,8 @@ class LiveSession:
                 return False
             mark = self._marks.get(s, 0)
             with self._decoding(s):
-                self.result.apply(redecode_slice(self.result, self.decoder, s, settings=self.settings, point=self.overrides.get(s)))
+                self.result.apply(redecode_slice(self.result, self.decoder, s, settings=self.settings,
+                                                 point=self.overrides.get(s), piece=self.moved_piece.get(s)))
             if self.status(s) == REJECTED:  # "no anomaly here": the prompt stays, the mask is cleared
                 self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
@@ -420,7 +447,7 @@ class LiveSession:
         with self.lock:
             mask = self.slice_mask_display(s)
             return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy(),
-                               boxes=self.box_corners(s), box_kind=self.box_kind(s))
+                               boxes=self.box_corners(s), box_kind=self.box_kind(s), points=self.slice_points(s))
 
     def refresh_iter(self, order: list[int], generation: int, cancelled=None) -> Iterator[SliceUpdate]:
         """Bring slices in ``order`` up to date: decode the stale ones, yield every slice's update.
