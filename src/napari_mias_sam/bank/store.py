@@ -5,6 +5,9 @@ for a sharded bank (format version 2) ``index-00000-of-0000N.faiss`` ... (consec
 searched memory-mapped: :mod:`napari_mias_sam.bank.shards`), and ``manifest.json`` (what made it: backbone and weights hash, preprocessing, slice axis, patch
 layout, counts, and the normal-score calibration). Saves are atomic; loading checks the files
 against the manifest, and :func:`check_compatible` refuses a bank made with another backbone.
+
+Size: about 480 lines: one class owns a bank's files, its manifest and every way it is searched
+(CPU, bounded exact, GPU, torch, remote shards), so that each search path sees the same state.
 """
 
 from __future__ import annotations
