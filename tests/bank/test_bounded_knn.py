@@ -66,7 +66,7 @@ def _calibration_inputs(bank):
     """The held-out slices a build calibrated on (rows of the bank) and the sources' ranges."""
     ranges = bank.source_ranges()
     sizes = [int(s["n_slices"]) for s in bank.manifest["sources"]]
-    shares = bank_build._calibration_shares(sizes, 48)
+    shares = bank_build.calibration_shares(sizes, 48)
     feats, per = [], GRID * GRID
     for gi, ((lo, _), n) in enumerate(zip(ranges, sizes)):
         picks = sorted(set(np.linspace(0, n - 1, min(shares[gi], n)).round().astype(int).tolist()))
