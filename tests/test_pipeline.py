@@ -69,9 +69,15 @@ def test_segment_volume_with_an_empty_slice(world):
     cal = world["bank"].calibration(1)
     expected = np.clip((res.raw_maps[:3] - cal.low) / (cal.high - cal.low), 0, None)
     np.testing.assert_allclose(res.maps[:3], expected, rtol=1e-5, atol=1e-6)
-    # the patch scores are the squared distances of the slice's patches to the bank
+    # the patch scores are the squared distances of the slice's patches to the bank, computed in
+    # float64 here (the volume's 4,096 queries take the bounded exact search, which rounds less than
+    # faiss's float32 |q|^2 + |x|^2 - 2 q.x: 2e-4 off here, where squared norms reach ~180)
     feats = patch_features(res.encoded.embeddings[:1].float(), "mean256")
-    np.testing.assert_allclose(res.scores[:1], world["bank"].patch_scores(feats, 1), rtol=1e-4, atol=1e-4)
+    x = world["bank"].index.reconstruct_n(0, world["bank"].ntotal).astype(np.float64)
+    q = feats.reshape(-1, feats.shape[-1]).numpy().astype(np.float64)
+    exact = np.maximum(((q**2).sum(1)[:, None] + (x**2).sum(1)[None] - 2 * q @ x.T).min(1), 0)
+    np.testing.assert_allclose(res.scores[:1].ravel(), exact, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(world["bank"].patch_scores(feats, 1).ravel(), exact, rtol=1e-3, atol=1e-3)
 
 
 def test_points_rows_map_the_prompt_back_to_voxels(world):
@@ -386,3 +392,31 @@ def test_two_lesions_on_one_slice_get_two_boxes_and_normal_slices_nothing():
     m3 = logits[1, 2] > 0  # the fake's mask = a square around its point, inside its region
     assert m3[60, 60] and m3[180, 190] and not m3[128, 128]
     np.testing.assert_allclose(ious[1], [0.5, 0.6, 0.7])
+
+
+def test_reopened_volume_reads_its_neighbour_distances_from_the_cache(world, tmp_path, monkeypatch):
+    """A volume opened again with the same bank and k (a new session: no earlier result to reuse)
+    waits on neither the encoder nor the search: the distances come from the cache, and the
+    result is the same. Another k or another bank searches."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    bank = world["bank"]
+    searches = []
+    search = bank.search
+    monkeypatch.setattr(bank, "search", lambda *a, **k: (searches.append(1), search(*a, **k))[1])
+    bb = CountingBackbone(FakeBackbone())
+    first = segment_volume(load_volume(world["case"]), bank, bb, cache=cache)
+    n_search, n_encode = len(searches), bb.encode_calls
+    assert n_search > 0 and n_encode > 0 and any(p.name.startswith("knn-") for p in (tmp_path / "cache").iterdir())
+    again = segment_volume(load_volume(world["case"]), bank, bb, cache=cache)
+    assert len(searches) == n_search and bb.encode_calls == n_encode and again.encoded.from_cache
+    np.testing.assert_array_equal(again.scores, first.scores)
+    np.testing.assert_array_equal(again.mask_volume(), first.mask_volume())
+    segment_volume(load_volume(world["case"]), bank, bb, SegmentSettings(k=2), cache=cache)
+    assert len(searches) > n_search  # another k: another search
+    n_search = len(searches)
+    other = build_bank_from_files(world["normals"], FakeBackbone(), preprocessing=PREPROCESS_PRESETS["mri"], layout="mean256")
+    searched = []
+    osearch = other.search
+    monkeypatch.setattr(other, "search", lambda *a, **k: (searched.append(1), osearch(*a, **k))[1])
+    segment_volume(load_volume(world["case"]), other, bb, cache=cache)
+    assert searched  # another bank (built anew: another manifest) never reads these distances

@@ -98,6 +98,22 @@ def test_onnx_export_is_verified_cached_and_reused(cache, monkeypatch):
 
 
 @needs_onnx
+def test_onnx_batch_on_parallel_sessions_equals_one_session(cache):
+    """A batch runs on one single-thread session per worker, slices side by side: the same
+    embeddings, in the same order, as one session with every thread, slice after slice."""
+    enc = TinyEncoder()
+    fn, _ = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+    par = fe.OnnxCpuEncoder(fn.path, threads=2, workers=2)
+    one = fe.OnnxCpuEncoder(fn.path, threads=2, workers=1)
+    x = torch.rand(5, 3, 32, 32)  # odd: one worker gets a slice more
+    got, ref = par(x), one(x)
+    assert par._parallel is not None and len(par._parallel) == 2 and one._parallel is None
+    assert got.shape == ref.shape == (5, 4, 32, 32)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(par(x[:1]).numpy(), one(x[:1]).numpy())  # a single slice: the main session
+
+
+@needs_onnx
 def test_damaged_cache_is_dropped_and_rebuilt(cache):
     enc = TinyEncoder()
     path = fe.onnx_cache_path("tiny", "abc", 32)

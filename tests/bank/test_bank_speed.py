@@ -207,13 +207,13 @@ def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
     bb = FakeBackbone()
     frames = frames_from_seed(12, seed=6)
     seen = []
-    real = bank_build.search_excluding
+    real = bank_build.BoundedSearcher.search
 
-    def spy(index, q, k, exclude):
+    def spy(self, q, k, *, exclude=None):
         seen.append(exclude)
-        return real(index, q, k, exclude)
+        return real(self, q, k, exclude=exclude)
 
-    monkeypatch.setattr(bank_build, "search_excluding", spy)
+    monkeypatch.setattr(bank_build.BoundedSearcher, "search", spy)
     bank = build_bank([group("only", frames)], bb, layout="mean256", preprocessing=PREP, calibration_slices=3, coreset_ratio=0.25)
     assert bank.manifest["calibration"]["method"] == "leave-neighbouring-slices-out"
     assert seen and all(0 <= lo < hi <= bank.ntotal and hi - lo < bank.ntotal for lo, hi in seen)

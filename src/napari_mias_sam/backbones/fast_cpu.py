@@ -116,20 +116,52 @@ def _session(path: str | os.PathLike, threads: int | None):
 
 
 class OnnxCpuEncoder:
-    """An ONNX Runtime session of the exported encoder (batch size 1; batches are looped: a
-    batch of 4 measured no faster per slice than single slices on 2 cores)."""
+    """ONNX Runtime sessions of the exported encoder (batch size 1: a batch of 4 in one call
+    measured no faster per slice than single slices on 2 cores).
+
+    A single slice runs on one session with every thread (the shortest wait for it). A batch runs
+    on ``workers`` sessions of one thread each, one slice per session at a time, side by side (ONNX
+    Runtime releases the GIL): each core then runs a whole encoder without waiting for the other at
+    the ~800 operator boundaries of TinyViT, which an intra-op thread pool does (see
+    docs/performance.md for the measured gain). The outputs are bit-identical whatever the
+    threads (checked: one and two threads give equal embeddings).
+    """
 
     kind = "onnx"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, workers: int | None = None) -> None:
         self.path = Path(path)
-        self.session = _session(self.path, threads)
+        self.threads = int(threads or torch.get_num_threads())
+        self.session = _session(self.path, self.threads)
         self.input_name = self.session.get_inputs()[0].name
+        self.workers = max(1, int(self.threads if workers is None else workers))
+        self._parallel: list | None = None  # one-thread sessions for batches, made on the first batch
+        self._pool = None
+
+    def _batch_sessions(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _lock:
+            if self._parallel is None:
+                self._parallel = [_session(self.path, max(1, self.threads // self.workers)) for _ in range(self.workers)]
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mias-sam-encoder")
+        return self._parallel, self._pool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        outs = [self.session.run(None, {self.input_name: arr[i : i + 1]})[0] for i in range(len(arr))]
-        return torch.from_numpy(np.concatenate(outs))
+        if len(arr) < 2 or self.workers < 2:
+            outs = [self.session.run(None, {self.input_name: arr[i : i + 1]})[0] for i in range(len(arr))]
+            return torch.from_numpy(np.concatenate(outs))
+        sessions, pool = self._batch_sessions()
+        out = np.empty((len(arr),) + tuple(self.session.get_outputs()[0].shape[1:]), dtype=np.float32)
+
+        def run(w: int) -> None:
+            for i in range(w, len(arr), len(sessions)):
+                out[i] = sessions[w].run(None, {self.input_name: arr[i : i + 1]})[0][0]
+
+        for f in [pool.submit(run, w) for w in range(min(len(sessions), len(arr)))]:
+            f.result()
+        return torch.from_numpy(out)
 
 
 class _BoxDecoderModule(torch.nn.Module):

@@ -5,6 +5,9 @@ for a sharded bank (format version 2) ``index-00000-of-0000N.faiss`` ... (consec
 searched memory-mapped: :mod:`napari_mias_sam.bank.shards`), and ``manifest.json`` (what made it: backbone and weights hash, preprocessing, slice axis, patch
 layout, counts, and the normal-score calibration). Saves are atomic; loading checks the files
 against the manifest, and :func:`check_compatible` refuses a bank made with another backbone.
+
+Size: about 480 lines: one class owns a bank's files, its manifest and every way it is searched
+(CPU, bounded exact, GPU, torch, remote shards), so that each search path sees the same state.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -103,6 +107,12 @@ def estimate_bank_memory(n_patches: int, layout: str = defaults.PATCH_LAYOUT, in
     }
 
 
+#: Flat banks from this many patches, searched for at least this many multiply-adds (queries x
+#: patches x dimension), are searched with PCA lower bounds (bounded_knn; same neighbours).
+BOUNDED_MIN_BANK = 4096
+BOUNDED_MIN_WORK = 1 << 33
+
+
 class MemoryBank:
     """Patch features of normal slices behind a faiss index, and the manifest that describes them."""
 
@@ -112,6 +122,8 @@ class MemoryBank:
         self.path = path
         self._gpu_index: faiss.Index | None = None
         self._torch: TorchSearcher | None = None
+        self._bounded = None  # BoundedSearcher, built on the first large CPU search of a flat bank
+        self._lock = threading.Lock()
         self._remote = None  # a searcher elsewhere (Dask workers holding the shards): napari_mias_sam.scale
         if self.nprobe is not None:
             self._set_nprobe(index, self.nprobe)
@@ -233,9 +245,34 @@ class MemoryBank:
             return self._remote.search(x, k)
         if on_torch:
             return self._torch.search(x, k)
+        if params is None and self._gpu_index is None and self._bounded_pays(len(x), k):
+            return self._bounded_searcher().search(x, k)
         index = self._gpu_index or self.index
         dist, _ = index.search(x, k, params=params) if params is not None else index.search(x, k)
         return np.maximum(dist, 0.0)
+
+    def _bounded_pays(self, n_queries: int, k: int) -> bool:
+        """An exact (flat, float32) bank searched for many queries on the CPU: worth the PCA bounds
+        of :class:`~napari_mias_sam.bank.bounded_knn.BoundedSearcher` (same neighbours)."""
+        return (type(self.index) in (faiss.IndexFlatL2, faiss.IndexFlat) and self.ntotal >= BOUNDED_MIN_BANK
+                and k <= 64 and n_queries * self.ntotal * self.dim >= BOUNDED_MIN_WORK)
+
+    def _bounded_searcher(self):
+        from .bounded_knn import BoundedSearcher
+
+        with self._lock:
+            if self._bounded is None:
+                self._bounded = BoundedSearcher(self.index, boundaries=[int(v) for r in self.source_ranges() for v in r])
+            return self._bounded
+
+    def source_ranges(self) -> list[tuple[int, int]]:
+        """Bank ids ``(start, stop)`` of each source's patches, in order (from the manifest)."""
+        out, start = [], 0
+        for src in self.manifest.get("sources", []):
+            n = int(src.get("patches", 0))
+            out.append((start, start + n))
+            start += n
+        return out
 
     def patch_scores(self, features: torch.Tensor | np.ndarray, k: int = defaults.K) -> np.ndarray:
         """(N, 1024, D) patch features -> (N, 32, 32) scores: mean squared L2 to the k nearest."""

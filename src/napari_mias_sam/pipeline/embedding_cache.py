@@ -28,8 +28,8 @@ from ..core.machine import human_bytes
 from ..core.paths import cache_dir
 from ..method.reference_encoding import embedding_dtype, encoding_of
 
-__all__ = ["EmbeddingCache", "frames_key", "cached_encoder", "DEFAULT_MAX_BYTES", "cache_limit", "set_cache_limit",
-           "parse_cache_limit", "CacheSettingsWarning", "TOOL_FILES"]
+__all__ = ["EmbeddingCache", "frames_key", "neighbours_key", "cached_encoder", "DEFAULT_MAX_BYTES", "cache_limit",
+           "set_cache_limit", "parse_cache_limit", "CacheSettingsWarning", "TOOL_FILES"]
 
 #: Default size cap of the embedding cache: 4 GiB. One slice's embedding (256 x 64 x 64, fp16) is
 #: 2 MiB, so this holds about 2,000 slices: 13 BraTS volumes of 155 slices.
@@ -132,9 +132,19 @@ def frames_key(frames: torch.Tensor, backbone_info: dict, *, precision: str = "f
     return h.hexdigest()
 
 
+def neighbours_key(embeddings_key: str, bank_fingerprint: str, k: int) -> str:
+    """Key of a volume's nearest-neighbour distances: its embeddings (their :func:`frames_key`),
+    the bank's content and k. Starts with ``knn-`` (the embeddings' keys are bare digests)."""
+    h = hashlib.sha256(f"{embeddings_key}|{bank_fingerprint}|k={int(k)}".encode())
+    return "knn-" + h.hexdigest()
+
+
 class EmbeddingCache:
     """Embeddings stored as ``.npy`` files (plain arrays, never pickles) in a folder: float16, or
-    float32 for the ``reference`` encoding (which keeps them exact)."""
+    float32 for the ``reference`` encoding (which keeps them exact). The same folder (and size
+    cap) keeps each volume's nearest-neighbour distances against a bank (:meth:`get_array`,
+    :meth:`put_array` with :func:`neighbours_key`), so a volume opened again with the same bank
+    waits on neither the encoder nor the search."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> None:
         self.root = Path(root) if root is not None else cache_dir() / "embeddings"
@@ -162,6 +172,22 @@ class EmbeddingCache:
         except OSError:
             pass
         return torch.from_numpy(arr)
+
+    def get_array(self, key: str) -> np.ndarray | None:
+        """A stored array as it was put (``None`` when absent or damaged)."""
+        t = self.get(key)
+        return None if t is None else t.numpy()
+
+    def put_array(self, key: str, array: np.ndarray) -> Path:
+        """Store a numpy array as it is (dtype kept)."""
+        from ..data.volumes import atomic_path
+
+        p = self.path(key)
+        with atomic_path(p) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        self.evict(keep=p)
+        return p
 
     def put(self, key: str, embeddings: torch.Tensor, *, dtype: torch.dtype = torch.float16) -> Path:
         from ..data.volumes import atomic_path

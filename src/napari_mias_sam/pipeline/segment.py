@@ -5,7 +5,7 @@ Progress is reported through a callback ``progress(stage, done, total)`` and can
 ``cancelled() -> bool``; nothing here knows about Qt. Per-slice re-decoding (:func:`redecode_slice`)
 is what the viewer calls when gamma, the mask, the prompt type or a CoG point changes.
 
-Size: one module on purpose (about 700 lines): the one path a volume takes, stage by stage, and the
+Size: one module on purpose (about 730 lines): the one path a volume takes, stage by stage, and the
 result it returns, so that a reader follows a run without changing files.
 """
 
@@ -22,7 +22,7 @@ from ..method.anomaly import calibration_entry, image_scores, maps_from_scores, 
 from ..method.prompts import Prompt, make_prompt, point_prompts_work
 from ..bank import MemoryBank, check_compatible
 from ..bank.store import preprocessing_from_bank
-from .embedding_cache import EmbeddingCache, frames_key
+from .embedding_cache import EmbeddingCache, frames_key, neighbours_key
 from ..core.errors import Cancelled, InputError, MiasSamError
 from ..core.progress import CancelFn, ProgressFn
 from ..data.volumes import Volume
@@ -155,9 +155,22 @@ def score_volume(
     batch_size: int = defaults.KNN_BATCH_SLICES,
     progress: ProgressFn | None = None,
     cancelled: CancelFn | None = None,
+    cache: EmbeddingCache | None = None,
+    embeddings_key: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256)."""
-    d = neighbour_distances(embeddings, bank, k=k, batch_size=batch_size, progress=progress, cancelled=cancelled)
+    """Patch scores (N, 32, 32) and raw (unnormalised) anomaly maps (N, 256, 256).
+
+    With ``cache`` and ``embeddings_key`` (the embeddings' :func:`frames_key`), the
+    nearest-neighbour distances are read from the cache when this bank and k searched these
+    embeddings before, else searched and stored there."""
+    key = neighbours_key(embeddings_key, bank_fingerprint(bank), k) if (cache is not None and embeddings_key) else None
+    d = cache.get_array(key) if key is not None else None
+    if d is None or d.shape[:2] != (len(embeddings), GRID * GRID):
+        d = neighbour_distances(embeddings, bank, k=k, batch_size=batch_size, progress=progress, cancelled=cancelled)
+        if key is not None:
+            cache.put_array(key, d)
+    elif progress:
+        progress("nearest-neighbour search (cached)", len(embeddings), len(embeddings))
     scores = mean_of_k_nearest(d, k, axis=2).reshape(len(d), GRID, GRID).astype(np.float32)
     return scores, maps_from_scores(scores, sigma=sigma)
 
@@ -597,7 +610,8 @@ def _segment(setup: RunSetup, volume: Volume, *, axis, cache, encoded, reuse, ba
     if reused:
         scores, raw = reuse.scores, reuse.raw_maps
     else:
-        scores, raw = score_volume(encoded.embeddings, bank, k=settings.k, sigma=settings.sigma, progress=progress, cancelled=cancelled)
+        scores, raw = score_volume(encoded.embeddings, bank, k=settings.k, sigma=settings.sigma, progress=progress,
+                                   cancelled=cancelled, cache=cache, embeddings_key=encoded.key)
     t["knn_and_map_s"] = time.perf_counter() - t1
     fg = encoded.foreground
     calibration = bank.calibration(settings.k) if settings.normalisation == "calibrated" else None
@@ -685,6 +699,20 @@ def slice_decision_threshold(bank: MemoryBank, k: int = defaults.K, quantile: fl
     if not scores:
         raise ValueError("the bank holds no calibration slice scores; the slice decision needs them")
     return float(np.percentile(scores, quantile))
+
+
+def bank_fingerprint(bank: MemoryBank) -> str:
+    """SHA-256 of what identifies a bank's content wherever it is kept (saved or not, moved or
+    copied): its manifest (sources, counts, creation time to the second, calibration statistics)
+    and its size."""
+    import hashlib
+    import json
+
+    manifest = {k: v for k, v in bank.manifest.items() if k != "index"}
+    manifest["index"] = {k: v for k, v in bank.manifest.get("index", {}).items() if k not in ("file", "ntotal")}
+    h = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode())
+    h.update(f"|{bank.ntotal}x{bank.dim}".encode())
+    return h.hexdigest()
 
 
 def _bank_info(bank: MemoryBank) -> dict:

@@ -232,10 +232,11 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self._prompt_tooltips()
         self._mask_tooltip()
 
-        # Sliders and drags emit many values: apply live changes after a short pause.
+        # Live changes apply at once; the 0 ms timer gathers the events of one control change (and a
+        # prompt change that also sets the mask) into one pass.
         self._settings_timer = QTimer(self)
         self._settings_timer.setSingleShot(True)
-        self._settings_timer.setInterval(120)
+        self._settings_timer.setInterval(0)  # coalesces one burst of events; a newer value supersedes a running pass
         self._settings_timer.timeout.connect(self._apply_live_settings)
 
         self.backbone_choice.changed.connect(self._on_backbone_changed)
@@ -506,10 +507,17 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
         batch, cache = int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
+        decoder = self.live.session.decoder if self.live is not None else None  # remembers the decodes of earlier runs
 
         def job(progress, cancelled):
+            from dataclasses import replace
+
+            from ..pipeline.decode_cache import CachedDecoder
+
             bb = self.get_backbone(key, progress)
-            res, _ = run(prepared, setup or prepared.start(bb), prepared.inputs[0], cache=cache, reuse=previous,
+            dec = decoder if (decoder is not None and decoder.backbone is bb) else CachedDecoder(bb)
+            run_setup = replace(setup or prepared.start(bb), backbone=dec)  # decodes remembered for the live updates
+            res, _ = run(prepared, run_setup, prepared.inputs[0], cache=cache, reuse=previous,
                          batch_size=batch, progress=progress, cancelled=cancelled)
             if cancelled():
                 raise Cancelled("cancelled by the user")
@@ -518,7 +526,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
             import pandas  # noqa: F401
             import scipy.linalg  # noqa: F401
 
-            return bb, key, res
+            return dec, key, res
 
         self.status.value = f"running on '{layer.name}'..."
         return self.start_job(job, partial(self._run_done, layer, axes))
@@ -550,22 +558,27 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         here or from a script) as the output layers, and start live QA on it. ``moved_points``
         (slice -> model-frame (x, y)), e.g. from the previous run, are re-applied and re-decoded, and
         the review ``statuses`` (slice -> status) carried (rejected slices stay cleared)."""
+        from ..pipeline.decode_cache import CachedDecoder
         from .models.live import LiveSession
         from .models.layers import volume_from_layer
 
         if axes is None:
             axes = volume_from_layer(layer.data, layer.metadata, None, name=layer.name, dtype=None)[1]
+        decoder = backbone if isinstance(backbone, CachedDecoder) else None  # a run's: it holds the run's decodes
+        backbone = decoder.backbone if decoder is not None else backbone
         self.backbone = backbone
         previous = self.live
+        if decoder is None and previous is not None:
+            decoder = previous.session.decoder
         if previous is not None:
             previous.close()
         for w, v in ((self.gamma, result.settings.gamma), (self.mask, result.settings.mask_index),
                      (self.prompt, result.settings.prompt)):
             with w.changed.blocked():
                 w.value = v
-        reuse = previous.layers if (previous is not None and previous.source == layer) else None
-        session = LiveSession(result, backbone, axes, overrides=moved_points, statuses=statuses)
-        self.live = LiveController(self, session, layer, reuse=reuse)
+        same = previous is not None and previous.source == layer
+        session = LiveSession(result, backbone, axes, overrides=moved_points, statuses=statuses, decoder=decoder)
+        self.live = LiveController(self, session, layer, previous=previous if same else None)
         if session.stale:  # the moved points: decode those slices with them
             self.live.refresh(order=sorted(session.stale))
         else:

@@ -141,6 +141,7 @@ class LesionPanel(QWidget):
             if mask is not None and mask.data.shape == gone.shape:
                 mask.data[gone] = 0
                 mask.refresh()
+                self.host.live.update_compare(full=True)  # the Dice counts see the removed voxels
             if self.layer is not None:
                 self.layer.data = self.model.labels_display()
         self._fill()

@@ -6,7 +6,15 @@ The computations are :class:`napari_mias_sam.viewer.models.live.LiveSession` met
 :mod:`napari_mias_sam.viewer.models.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
 
-Size: about 550 lines because one controller owns every output layer of a run and keeps them in
+Where the time of a live update goes: the changed slice's decode (background thread), then on the
+GUI thread only what that slice changes: its row of the mask array, its point, its boxes (edited in
+place), its Dice counts (:class:`~napari_mias_sam.viewer.models.compare.DiceTracker`), and a
+refresh of the layers only when the slice is the one shown. The rest of the volume's slices are
+written into the layers' arrays as they arrive (napari draws them when the user gets there); the QA
+columns are recomputed once the updates pause. Settings and dragged points are applied at once
+(no debounce): a newer change supersedes a pass at its next slice.
+
+Size: about 700 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
 in :mod:`napari_mias_sam.viewer.models.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
@@ -20,20 +28,10 @@ import napari
 from qtpy.QtCore import QTimer
 
 from .widget_threads import start_generator
-from .models.live import (
-    CHANGE_MASK,
-    CHANGE_PROMPT,
-    CHANGE_RERUN,
-    FN,
-    FP,
-    LiveSession,
-    compare_with_gt,
-    error_overlay,
-    ranked_slices,
-)
+from .models.live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, LiveSession, ranked_slices
 from ..data.datasets import lesion_mask
+from .models.compare import FN, FP, DiceTracker, error_overlay, error_slice
 from ..data.qa_table import CORRECTED
-from ..evaluation.metrics import dice
 from .models.layers import GEOMETRY_KEYS, geometry_metadata
 from .widget_review import ReviewController, status_colors
 
@@ -46,6 +44,8 @@ MOVED_COLOR = "orange"  # a prompt centre the user moved (kept until "Reset move
 BOX_COLOR = "white"  # the box prompt sent to the decoder
 GT_COLOR = "cyan"  # the ground truth's outline
 ERROR_COLORS = {"FP": "yellow", "FN": "magenta"}
+QA_DELAY_MS = 300  # the QA columns are recomputed this long after the last live update
+STATE_DELAY_MS = 250  # a pass still running after this long says "updating slices..."
 
 
 def is_output_layer(layer) -> bool:
@@ -56,6 +56,13 @@ def _direct_colormap(colors: dict):
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colors})
+
+
+def _same_features(table, feats: dict) -> bool:
+    """Whether a layer's features table holds exactly ``feats`` (column name -> values)."""
+    if list(table.columns) != list(feats) or len(table) != len(next(iter(feats.values()), ())):
+        return False
+    return all(np.array_equal(table[c].to_numpy(), np.asarray(v)) for c, v in feats.items())
 
 
 def plural(n: int, word: str) -> str:
@@ -98,7 +105,8 @@ class LiveHost(Protocol):
 class LiveController:
     """Owns the output layers of one run and keeps them in step with the session."""
 
-    def __init__(self, widget: LiveHost, session: LiveSession, source, *, reuse: Optional[dict] = None) -> None:
+    def __init__(self, widget: LiveHost, session: LiveSession, source, *, reuse: Optional[dict] = None,
+                 previous: Optional["LiveController"] = None) -> None:
         self.w = widget
         self.viewer: napari.Viewer = widget.viewer
         self.session = session
@@ -113,17 +121,45 @@ class LiveController:
         self._snapshot: Optional[np.ndarray] = None
         self._last_refresh = 0.0
         self._rank_pos = -1
-        self._volume_stats: Optional[dict] = None
+        self._tracker: Optional[DiceTracker] = None  # per-slice Dice counts against the picked ground truth
+        self._tracker_key: Optional[tuple] = None  # (ground-truth layer, lesion labels) it counts against
         self._styled: list = []  # ground-truth layers already given their outline style
+        if previous is not None:  # a rerun of the same layer: its layers and ground-truth styling carry over
+            reuse = previous.layers if reuse is None else reuse
+            self._styled = [gt for gt in previous._styled if gt in self.viewer.layers]
+            for gt in self._styled:
+                self._watch_gt(gt)
         self._lesion = None
+        self._point_rows: dict = {}  # slice -> rows of the CoG points layer (one per prompt)
+        self._points_dirty = False  # a slice's number of prompts changed while not shown: rebuild at the pass's end
+        self._points_owned = None  # the points array this controller set (written in place)
+        self._box_drawn: dict = {}  # slice -> (corner arrays, kind) of the boxes drawn
+        self._box_dirty: set = set()  # slices whose boxes changed and are not drawn yet
+        # The shown slice's boxes are redrawn just after its mask (a second, short paint).
+        self._box_timer = QTimer()
+        self._box_timer.setSingleShot(True)
+        self._box_timer.setInterval(0)
+        self._box_timer.timeout.connect(self._rebuild_boxes)
+        # A drag ends with one "changed" event; a timer of 0 ms lets several points moved at once
+        # go in one pass.
         self._move_timer = QTimer()
         self._move_timer.setSingleShot(True)
-        self._move_timer.setInterval(200)
+        self._move_timer.setInterval(0)
         self._move_timer.timeout.connect(self._apply_moves)
+        # The QA columns (a pass over every slice) wait until the updates pause.
+        self._qa_timer = QTimer()
+        self._qa_timer.setSingleShot(True)
+        self._qa_timer.setInterval(QA_DELAY_MS)
+        self._qa_timer.timeout.connect(self._deferred_qa)
+        # "updating slices..." only for passes that take a while (every text change repaints the window).
+        self._state_timer = QTimer()
+        self._state_timer.setSingleShot(True)
+        self._state_timer.setInterval(STATE_DELAY_MS)
+        self._state_timer.timeout.connect(self._show_updating)
         self.review = ReviewController(widget, self)
         self._show(reuse or {})
-        self.on_slice_changed()
         self.update_compare(full=True)
+        self.on_slice_changed()
 
     # -- layers ---------------------------------------------------------------------------------
     def _transform(self) -> dict:
@@ -148,11 +184,18 @@ class LiveController:
         return {**geo, OUTPUT_KEY: info}
 
     def _put(self, role: str, reuse: dict, kind: str, data, name: str, **kwargs):
+        """The layer of ``role``: the previous run's, given the new data where it differs (a rerun
+        whose maps or masks came out the same sets nothing), else a new one."""
         old = reuse.get(role)
         if old is not None and old in self.viewer.layers and old.data.shape == np.shape(data):
-            old.data = data
+            if kind == "labels":  # same shape: written in place (setting .data recomputes the viewer's dims)
+                if not np.array_equal(old.data, data):
+                    old.data[...] = data
+                    old.refresh()
+            elif not np.array_equal(np.asarray(old.data), data):
+                old.data = data
             old.metadata = self._metadata(role)
-            if "features" in kwargs:
+            if "features" in kwargs and not _same_features(old.features, kwargs["features"]):
                 old.features = kwargs["features"]
             layer = old
         else:
@@ -172,15 +215,20 @@ class LiveController:
         # so normal tissue stays dark and adds nothing to the volume under it.
         self._put("anomaly", reuse, "image", amap, f"{name} anomaly", colormap="inferno", blending="additive",
                   opacity=0.8, contrast_limits=(0.5, max(top, 1.0)))
+        fresh = reuse.get("mask") is None or reuse.get("mask") not in self.viewer.layers
         mask = self._put("mask", reuse, "labels", ses.mask_display(), f"{name} mask", opacity=0.5)
-        mask.colormap = _direct_colormap({1: MASK_COLOR})
+        if fresh or mask is not reuse.get("mask"):
+            mask.colormap = _direct_colormap({1: MASK_COLOR})
         mask.events.paint.connect(self._on_painted)  # hand edits of the mask count in the Dice
         self._show_boxes(reuse)
         coords, feats = ses.points()
         pts = self._put("points", reuse, "points", coords, f"{name} CoG", features=feats, face_color=POINT_COLOR,
                         border_color="white", size=self._point_size())
-        pts.face_color = status_colors(feats["status"])
+        colors = status_colors(feats["status"])
+        if np.shape(pts.face_color) != colors.shape or not np.allclose(pts.face_color, colors):
+            pts.face_color = colors
         self._snapshot = pts.data.copy()
+        self._index_points()
         pts.events.data.connect(self._on_points_data)
         self.review.bind_keys(pts)
         if "errors" in reuse and reuse["errors"] in self.viewer.layers:
@@ -208,16 +256,36 @@ class LiveController:
         return max(1.0, self._point_size() / 6)
 
     def _rebuild_boxes(self) -> None:
+        """Every slice's boxes from the session. napari's Shapes layer has no public way to move one
+        shape, and adding or removing shapes costs about as much as setting them all (its dims are
+        recomputed), so the boxes are set together: once per pass, and for the slice shown just after
+        its mask is drawn."""
+        self._box_timer.stop()
         layer = self.layers.get("boxes")
+        self._box_dirty.clear()
         if layer is None or layer not in self.viewer.layers:
             return
         shapes, feats = self.session.prompt_shapes()
-        layer.data = []
-        if shapes:
-            colors = [MOVED_COLOR if k == "moved" else BOX_COLOR for k in feats["kind"]]
-            layer.add_rectangles(shapes, edge_width=self._edge_width(), edge_color=colors, face_color="transparent")
-        layer.features = feats
+        held = layer.data
+        if not (len(held) == len(shapes) and _same_features(layer.features, feats)
+                and all(np.array_equal(np.asarray(a), b) for a, b in zip(held, shapes))):
+            layer.data = []
+            if shapes:
+                colors = [MOVED_COLOR if k == "moved" else BOX_COLOR for k in feats["kind"]]
+                layer.add_rectangles(shapes, edge_width=self._edge_width(), edge_color=colors, face_color="transparent")
+            layer.features = feats
+        self._box_drawn = {}
+        for corners, s, kind in zip(shapes, feats["slice"], feats["kind"]):
+            self._box_drawn.setdefault(int(s), ([], str(kind)))[0].append(np.asarray(corners, dtype=float))
         layer.refresh()
+
+    def _boxes_changed(self, upd) -> bool:
+        """Whether slice ``upd.s``'s boxes differ from the ones drawn."""
+        drawn, kind = self._box_drawn.get(int(upd.s), ([], ""))
+        new = upd.boxes or []
+        if len(new) != len(drawn):
+            return True
+        return bool(new) and (kind != upd.box_kind or any(not np.array_equal(a, b) for a, b in zip(new, drawn)))
 
     def _order_layers(self) -> None:
         """Outputs over their source: map, mask, ground truth, FP/FN, boxes, and the CoG points on top."""
@@ -225,7 +293,7 @@ class LiveController:
                  self.layers.get("boxes"), self.layers.get("points")]
         present = [lay for lay in order if lay is not None and lay in self.viewer.layers]
         layers = self.viewer.layers
-        if list(layers[len(layers) - len(present):]) == present:
+        if [lay for lay in layers][len(layers) - len(present):] == present:  # (a slice of the LayerList builds a new evented list)
             return
         for lay in present:  # each to the top in turn: the points end on top
             layers.move(layers.index(lay), len(layers))
@@ -245,8 +313,12 @@ class LiveController:
         self.session.new_generation()
         if self._worker is not None:
             self._worker.quit()
-        for role, event, slot in (("points", "data", self._on_points_data), ("mask", "paint", self._on_painted)):
-            layer = self.layers.get(role)
+        self._qa_timer.stop()
+        self._state_timer.stop()
+        self._box_timer.stop()
+        hooks = [(self.layers.get("points"), "data", self._on_points_data), (self.layers.get("mask"), "paint", self._on_painted)]
+        hooks += [(gt, ev, self._on_gt_edited) for gt in self._styled for ev in ("paint", "data")]
+        for layer, event, slot in hooks:
             if layer is not None:
                 try:
                     getattr(layer.events, event).disconnect(slot)
@@ -331,7 +403,8 @@ class LiveController:
         # A superseded pass may have decoded a slice without showing it: the new pass shows it.
         order = list(order) + sorted(self._unshown - set(order))
         self._unshown |= set(order)
-        self.w.show_live_state("updating slices...")
+        self._qa_timer.stop()
+        self._state_timer.start()
         self._active_gen = gen
         self.updated = []
         self._worker = start_generator(self.session.refresh_iter, order, gen,
@@ -340,48 +413,96 @@ class LiveController:
 
     @property
     def busy(self) -> bool:
-        """True from a change until its background pass has updated the layers (or a debounce
-        timer still holds a change)."""
-        return self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
+        """True from a change until its background pass has updated the layers and the QA columns
+        (or a timer still holds a change)."""
+        return (self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
+                or self._qa_timer.isActive() or self._box_timer.isActive())
+
+    def _show_updating(self) -> None:
+        if self._active_gen is not None:
+            self.w.show_live_state("updating slices...")
 
     def _on_update(self, gen: int, upd) -> None:
+        """One slice's new mask, point and boxes; drawn at once when it is the slice shown."""
         if gen != self.session.generation or self.layers.get("mask") not in self.viewer.layers:
             return
+        s = int(upd.s)
         mask = self.layers["mask"]
-        self.updated.append(upd.s)
-        self._unshown.discard(upd.s)
-        mask.data[self.session.slice_index(upd.s)] = upd.mask
-        self._set_point(upd.s, upd.points)
+        self.updated.append(s)
+        self._unshown.discard(s)
+        idx = self.session.slice_index(s)
+        changed = not np.array_equal(mask.data[idx], upd.mask)
+        if changed:
+            mask.data[idx] = upd.mask
+            self._count_slice(s, upd.mask)
+        rebuild_points = self._set_point(s, upd.points)
+        if self._boxes_changed(upd):
+            self._box_dirty.add(s)
+        shown = s == self.current_slice()
+        everything = self.viewer.dims.ndisplay == 3  # a 3D view shows every slice
+        if rebuild_points and not shown:
+            self._points_dirty = True
         now = time.perf_counter()
-        if upd.s == self.current_slice() or now - self._last_refresh > 0.25:
+        if shown or (everything and now - self._last_refresh > 0.25):
             self._last_refresh = now
-            mask.refresh()
-            self.layers["points"].refresh()
-            self._rebuild_boxes()
-            if upd.s == self.current_slice():
+            if changed or everything:
+                mask.refresh()
+                if "errors" in self.layers:
+                    self.layers["errors"].refresh()
+            if rebuild_points:
+                self._rebuild_points()
+            else:
+                self.layers["points"].refresh()
+            if shown:
                 self.on_slice_changed()
+            if self._box_dirty and (s in self._box_dirty or everything):
+                self._box_timer.start()
+
+    def _count_slice(self, s: int, mask2d: np.ndarray) -> None:
+        """Slice ``s``'s mask changed: its Dice counts and its row of the FP/FN overlay."""
+        if self._tracker is None:
+            return
+        self._tracker.update(s, mask2d)
+        errs = self.layers.get("errors")
+        if errs is not None and errs in self.viewer.layers:
+            errs.data[self.session.slice_index(s)] = error_slice(mask2d, self._tracker.gt_slice(s), FP, FN)
 
     def _on_done(self, gen: int) -> None:
         if gen == self._active_gen:
             self._active_gen = None
         if gen != self.session.generation or self.layers.get("mask") not in self.viewer.layers:
             return
+        self._state_timer.stop()
         if not self.session.stale:
             self.session.sync()
-        self.layers["mask"].refresh()
-        self._rebuild_points()
-        self._rebuild_boxes()
+        if self.viewer.dims.ndisplay == 3:
+            self.layers["mask"].refresh()
+        if self._points_dirty or set(self._point_rows) != {s for s in range(self.session.n_slices) if self.session.point(s) is not None}:
+            self._points_dirty = False
+            self._rebuild_points()  # slices gained or lost a prompt
+        if self._box_dirty:
+            self._rebuild_boxes()
         self._refresh_metadata()
         self.on_slice_changed()
-        self.update_compare(full=True)
-        self.review.update_qa()
         self.review.show_info()
         self.w.show_live_state("up to date" if not self.session.stale else f"{len(self.session.stale)} slices not updated yet")
         self.w.show_counts(self.counts_text())
+        self._qa_timer.start()
+
+    def _deferred_qa(self) -> None:
+        """The QA columns, once the live updates have paused."""
+        if self._active_gen is not None:
+            return  # a pass is running: its end starts the timer again
+        self.review.update_qa()
 
     def counts_text(self) -> str:
         """How many slices kept a mask (and why the others did not)."""
-        c = self.session.mask_counts()
+        mask = self.layers.get("mask")
+        nonempty = None
+        if mask is not None and mask in self.viewer.layers:
+            m = np.moveaxis(np.asarray(mask.data), self.session.display_axis, 0)
+            nonempty = m.reshape(m.shape[0], -1).any(axis=1)
+        c = self.session.mask_counts(nonempty)
         text = f"{c['kept']} of {c['prompted']} prompted slices kept a mask"
         if c["dropped"]:
             text += f"; the slice decision dropped {c['dropped']}"
@@ -392,20 +513,41 @@ class LiveController:
         return text
 
     # -- points ---------------------------------------------------------------------------------
-    def _set_point(self, s: int, points) -> None:
-        """Move slice ``s``'s CoG points (one per prompt) to ``points``; when their number changed
-        (a region piece appeared or went), the layer is rebuilt when the pass ends."""
+    def _index_points(self, owned: bool = False) -> None:
+        """Slice -> rows of its CoG points (one per prompt); ``owned``: this controller just set the
+        layer's array."""
         pts = self.layers.get("points")
-        if pts is None or pts not in self.viewer.layers or not points:
-            return
-        rows = np.flatnonzero(pts.features["slice"].to_numpy() == s) if len(pts.data) else []
+        self._points_owned = pts.data if (owned and pts is not None) else None
+        slices = pts.features["slice"].to_numpy() if (pts is not None and len(pts.data)) else []
+        rows: dict[int, list[int]] = {}
+        for i, s in enumerate(slices):
+            rows.setdefault(int(s), []).append(i)
+        self._point_rows = rows
+
+    def _set_point(self, s: int, points) -> bool:
+        """Slice ``s``'s CoG points (one per prompt) move to ``points`` (in place). True when the
+        points need a rebuild instead (their number changed: a region piece appeared or went)."""
+        pts = self.layers.get("points")
+        if pts is None or pts not in self.viewer.layers:
+            return False
+        rows = self._point_rows.get(int(s), [])
+        points = list(points or [])
         if len(rows) != len(points):
-            return
+            return True
+        if not rows:
+            return False
         self._updating_points = True
         try:
+            if pts.data is not self._points_owned:  # an array someone else set (and may hold): not written in place
+                pts.data = np.array(pts.data, dtype=float)
+                self._points_owned = pts.data
             for row, p in zip(rows, points):
                 pts.data[row] = p
-            self._snapshot = pts.data.copy()
+            if self._snapshot is not None and len(self._snapshot) == len(pts.data):
+                for row, p in zip(rows, points):
+                    self._snapshot[row] = p
+            else:
+                self._snapshot = pts.data.copy()
             ses, status = self.session, self.session.status(s)
             moved = [s in ses.overrides and ses.moved_piece.get(s, 0) == j for j in range(len(rows))]
             if (any(pts.features["status"].iloc[r] != status for r in rows)
@@ -415,6 +557,7 @@ class LiveController:
                 pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
+        return False
 
     def _rebuild_points(self) -> None:
         pts = self.layers.get("points")
@@ -429,6 +572,7 @@ class LiveController:
             self._snapshot = pts.data.copy()
         finally:
             self._updating_points = False
+        self._index_points(owned=True)
         pts.refresh()
 
     def _on_points_data(self, event) -> None:
@@ -455,7 +599,7 @@ class LiveController:
             pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
-        self._move_timer.start()  # a drag sends many events: decode once it pauses
+        self._move_timer.start()  # decode at once (a drag sends "changed" on release only)
         self.review.show_info()
 
     def show_statuses(self) -> None:
@@ -514,15 +658,14 @@ class LiveController:
         if gt not in self._styled:
             self._style_ground_truth(gt)
         lesion = self.w.gt_lesion_labels(gt)  # which labels are the lesion (LiTS: 2, not the liver)
-        if full or self._volume_stats is None or self._lesion != lesion:
+        key = (id(gt), None if lesion is None else tuple(lesion))
+        if full or self._tracker is None or self._tracker_key != key:
             gt_mask = lesion_mask(gt.data, lesion)
             self._lesion = lesion
-            self._volume_stats = compare_with_gt(mask.data, gt_mask, axis=ax, s=s)
-            g = np.moveaxis(gt_mask, ax, 0)
-            self.w.profile.set_lesion(g.reshape(g.shape[0], -1).any(axis=1))
+            self._tracker, self._tracker_key = DiceTracker(mask.data, gt_mask, axis=ax), key
+            self.w.profile.set_lesion(self._tracker.lesion_slices())
             self._set_errors(error_overlay(mask.data, gt_mask) if self.w.show_errors.value else None)
-        ps, gs = np.take(np.asarray(mask.data) != 0, s, axis=ax), lesion_mask(np.take(np.asarray(gt.data), s, axis=ax), lesion)
-        res = dict(self._volume_stats, slice=s, lesion_labels=None if lesion is None else list(lesion), slice_dice=dice(ps, gs, empty_value=float("nan")), slice_has_lesion=bool(gs.any()))
+        res = dict(self._tracker.summary(s), lesion_labels=None if lesion is None else list(lesion))
         self.last_compare = res
         where = "lesion" if res["slice_has_lesion"] else "no lesion"
         counted = "any non-zero label" if lesion is None else "labels " + ",".join(map(str, lesion))
@@ -537,6 +680,7 @@ class LiveController:
         """Once per picked ground truth: a cyan outline (binary masks) drawn over the mask and the
         map, under the FP/FN overlay and the prompts; the CoG points stay the active layer."""
         self._styled.append(gt)
+        self._watch_gt(gt)
         if gt.contour == 0:
             gt.contour = 2
         values = np.unique(np.asarray(gt.data)[:: max(1, gt.data.shape[0] // 16)])
@@ -545,6 +689,14 @@ class LiveController:
             gt.opacity = 1.0
         self._order_layers()
         self._keep_points_active()
+
+    def _watch_gt(self, gt) -> None:
+        for ev in ("paint", "data"):  # an edited ground truth is counted again
+            getattr(gt.events, ev).connect(self._on_gt_edited)
+
+    def _on_gt_edited(self, _event=None) -> None:
+        if self._gt_layer() is not None and self._tracker_key is not None and self._tracker_key[0] == id(self._gt_layer()):
+            self.update_compare(full=True)
 
     def _keep_points_active(self) -> None:
         pts = self.layers.get("points")

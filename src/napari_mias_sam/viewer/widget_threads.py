@@ -7,6 +7,7 @@ else is a bug and goes to napari's error notification with its traceback.
 
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 from napari.qt.threading import create_worker
@@ -14,7 +15,10 @@ from qtpy.QtCore import QObject, Signal
 
 from ..core.errors import MiasSamError
 
-__all__ = ["Failed", "Job", "start_generator", "avoid_triton_llvm_crash"]
+__all__ = ["Failed", "Job", "start_generator", "avoid_triton_llvm_crash", "PROGRESS_INTERVAL_S"]
+
+#: Shortest time between two progress reports of one stage shown in the dock.
+PROGRESS_INTERVAL_S = 0.2
 
 
 class Failed:
@@ -54,6 +58,7 @@ class Job:
             self.relay.progressed.connect(on_progress)
         self._on_done = on_done
         self._on_finished = on_finished
+        self._last: tuple = ("", 0.0)  # stage and time of the last progress report shown
         self.done = False
 
         def run():
@@ -67,6 +72,12 @@ class Job:
         self.worker.finished.connect(self._finished)
 
     def _progress(self, stage: str, done: int, total: int) -> None:
+        # Each report repaints the dock (and, with a GL canvas, the whole window): at most
+        # PROGRESS_INTERVAL_S apart, except a new stage and a stage's end.
+        now = time.monotonic()
+        if stage == self._last[0] and done < total and now - self._last[1] < PROGRESS_INTERVAL_S:
+            return
+        self._last = (stage, now)
         self.relay.progressed.emit(str(stage), int(done), int(total))
 
     def _finished(self) -> None:

@@ -15,11 +15,15 @@ backbone that made it, and turns viewer actions into pipeline calls:
 
 Every method that decodes takes the session lock, and a *generation* number lets a background
 pass give up as soon as a newer change supersedes it, so slices are never decoded with stale
-settings after the newest change. Arrays handed to the viewer are in display order (see
+settings after the newest change. Decodes go through a
+:class:`~napari_mias_sam.pipeline.decode_cache.CachedDecoder`: a slice whose prompt did not move
+(or moved back) is not decoded again. Arrays handed to the viewer are in display order (see
 :mod:`napari_mias_sam.viewer.models.layers`); the result itself stays in file order.
 
-The comparison helpers (:func:`compare_with_gt`, :func:`error_overlay`, :func:`ranked_slices`)
-are pure functions on arrays. Size: about 490 lines: one session's state and every action on it.
+:func:`ranked_slices` is a pure function on arrays; the comparison with a ground truth
+(:func:`compare_with_gt`, :func:`error_overlay`, the per-slice counts the viewer keeps) is in
+:mod:`napari_mias_sam.viewer.models.compare`. Size: about 500 lines: one session's state and every
+action on it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from ...data.qa_table import ACCEPTED, CORRECTED, PENDING, REJECTED, STATUSES
-from ...evaluation.metrics import dice, slice_dice, volume_dice
+from .compare import FN, FP, compare_with_gt, error_overlay  # noqa: F401 (the comparison helpers' public home was here)
 from .layers import to_display
+from ...pipeline.decode_cache import CachedDecoder, embedding_digest
 from ...pipeline.segment import SegmentationResult, redecode_slice, region_labels, region_prompt_kind
 from ...method.region_prompts import region_prompts, regions_prompt
 from ...method.preprocess import from_frame
@@ -60,8 +65,6 @@ CHANGE_MASK = "mask"  # re-read cached logits
 CHANGE_PROMPT = "prompt"  # re-prompt and re-decode (no encoder, no kNN)
 CHANGE_RERUN = "rerun"  # needs new anomaly maps: run the pipeline again (embeddings are cached)
 
-FP = 1  # label value of false positives in the error overlay
-FN = 2  # label value of false negatives
 
 _PROMPT_FIELDS = ("gamma", "prompt", "threshold")
 _MAP_FIELDS = ("k", "sigma", "normalisation", "slice_decision")
@@ -81,12 +84,15 @@ def classify_change(old: SegmentSettings, new: SegmentSettings) -> str:
 @dataclass
 class SliceUpdate:
     """One slice brought up to date: its mask (display order), prompt centre (the first piece's),
-    every prompt's centre (one per region piece with the regions prompt) and IoUs."""
+    every prompt's centre (one per region piece with the regions prompt), IoUs, box prompt corners
+    (display order) and their kind (the prompt type, or ``moved``)."""
 
     s: int
     mask: np.ndarray
     point: tuple[float, float, float] | None
     ious: np.ndarray
+    boxes: list[np.ndarray] | None = None
+    box_kind: str = ""
     points: list = field(default_factory=list)
 
 
@@ -101,9 +107,13 @@ class LiveSession:
         *,
         overrides: dict[int, tuple[float, float]] | None = None,
         statuses: dict[int, str] | None = None,
+        decoder: CachedDecoder | None = None,
     ) -> None:
         self.result = result
         self.backbone = backbone
+        # decodes remember their results (a decoder shared with earlier sessions keeps theirs)
+        self.decoder = decoder if (decoder is not None and decoder.backbone is backbone) else CachedDecoder(backbone)
+        self._digests: dict[int, bytes] = {}  # slice -> embedding digest (hashed once)
         self.axes = tuple(int(a) for a in display_axes)
         self.settings = result.settings
         self.overrides: dict[int, tuple[float, float]] = {}  # slice -> (x, y) in the model frame
@@ -240,20 +250,24 @@ class LiveSession:
         prompt type, or ``moved`` for a box re-centred on a user-moved point)."""
         shapes, feats = [], {"slice": [], "kind": []}
         for s in range(self.n_slices):
-            kind = "moved" if s in self.overrides else str(self.settings.prompt)
+            kind = self.box_kind(s)
             for corners in self.box_corners(s):
                 shapes.append(corners)
                 feats["slice"].append(s)
                 feats["kind"].append(kind)
         return shapes, {"slice": np.asarray(feats["slice"], dtype=int), "kind": np.asarray(feats["kind"], dtype=object)}
 
-    def mask_counts(self) -> dict[str, int]:
+    def mask_counts(self, nonempty: np.ndarray | None = None) -> dict[str, int]:
         """How many slices hold anatomy, were prompted, were dropped by the slice decision, and
-        kept a non-empty mask (with the mask choice in force)."""
+        kept a non-empty mask (with the mask choice in force). ``nonempty``: which slices' shown
+        masks are non-empty, when the caller has them (else each slice's mask is computed)."""
         r = self.result
         prompted = [s for s in range(self.n_slices) if r.prompts[s] is not None]
         dropped = [s for s in prompted if not r.decision[s]]
-        kept = [s for s in prompted if r.decision[s] and bool(r.slice_mask(s, self.settings.mask_index).any())]
+        if nonempty is None:
+            kept = [s for s in prompted if r.decision[s] and bool(r.slice_mask(s, self.settings.mask_index).any())]
+        else:
+            kept = [s for s in prompted if r.decision[s] and bool(nonempty[s])]
         return {"slices": self.n_slices, "anatomy": int(np.sum(r.encoded.foreground)), "prompted": len(prompted),
                 "dropped": len(dropped), "kept": len(kept)}
 
@@ -383,7 +397,8 @@ class LiveSession:
                     p = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
                 return r.prompt_voxel(s, p), None
             if s not in self._method:  # decoded aside: the result keeps the review's prompt and mask
-                d = redecode_slice(r, self.backbone, s, settings=st)
+                with self._decoding(s):
+                    d = redecode_slice(r, self.decoder, s, settings=st)
                 self._method[s] = (r.prompt_voxel(s, d.prompt), d.logits)
             ijk, logits = self._method[s]
             if not with_mask:
@@ -402,24 +417,37 @@ class LiveSession:
             if generation is not None and generation != self.generation:
                 return False
             mark = self._marks.get(s, 0)
-            self.result.apply(redecode_slice(self.result, self.backbone, s, settings=self.settings, point=self.overrides.get(s),
-                                             piece=self.moved_piece.get(s)))
+            with self._decoding(s):
+                self.result.apply(redecode_slice(self.result, self.decoder, s, settings=self.settings,
+                                                 point=self.overrides.get(s), piece=self.moved_piece.get(s)))
             if self.status(s) == REJECTED:  # "no anomaly here": the prompt stays, the mask is cleared
                 self.result.logits[s] = 0
             if self._marks.get(s, 0) == mark:  # not made stale again while decoding
                 self.stale.discard(s)
         return True
 
+    def _decoding(self, s: int):
+        """Decodes of slice ``s`` name its embedding to the cache (hashed on first use only)."""
+        if s not in self._digests:
+            self._digests[s] = embedding_digest(self.result.encoded.embeddings[s])
+        return self.decoder.embedding_known(self._digests[s])
+
     def order_from(self, s: int) -> list[int]:
         """Every slice, nearest to ``s`` first (the current slice updates first)."""
         idx = np.arange(self.n_slices)
         return [int(i) for i in idx[np.argsort(np.abs(idx - int(s)), kind="stable")]]
 
+    def box_kind(self, s: int) -> str:
+        """What slice ``s``'s box prompts are shown as: ``moved`` (re-centred on a moved point) or
+        the prompt type."""
+        return "moved" if int(s) in self.overrides else str(self.settings.prompt)
+
     def slice_update(self, s: int) -> SliceUpdate:
         """Everything the viewer shows for slice ``s`` (computed under the lock)."""
         with self.lock:
             mask = self.slice_mask_display(s)
-            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy(), points=self.slice_points(s))
+            return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy(),
+                               boxes=self.box_corners(s), box_kind=self.box_kind(s), points=self.slice_points(s))
 
     def refresh_iter(self, order: list[int], generation: int, cancelled=None) -> Iterator[SliceUpdate]:
         """Bring slices in ``order`` up to date: decode the stale ones, yield every slice's update.
@@ -445,39 +473,6 @@ class LiveSession:
         md["stale_slices"] = sorted(self.stale)
         md["display_axes"] = list(self.axes)
         return md
-
-
-# -- comparison with a ground truth -------------------------------------------------------------
-def compare_with_gt(pred: np.ndarray, gt: np.ndarray, *, axis: int, s: int) -> dict[str, Any]:
-    """Dice of one slice, of the whole volume, and the paper's mean slice Dice (lesion slices).
-
-    ``pred`` and ``gt`` are same-shape 3D arrays (non-zero = foreground), ``axis`` the slicing
-    axis and ``s`` the slice. A slice where both are empty has no Dice (NaN).
-    """
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
-    if p.shape != g.shape:
-        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
-    ps, gs = np.take(p, s, axis=axis), np.take(g, s, axis=axis)
-    sd = slice_dice(p, g, axis=axis)
-    return {
-        "slice": int(s),
-        "slice_dice": dice(ps, gs, empty_value=float("nan")),
-        "slice_has_lesion": bool(gs.any()),
-        "volume_dice": volume_dice(p, g),
-        "mean_slice_dice": sd["mean"],
-        "lesion_slices": sd["n_slices"],
-    }
-
-
-def error_overlay(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """uint8 labels: :data:`FP` where predicted but not in the GT, :data:`FN` where missed."""
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
-    out = np.zeros(p.shape, dtype=np.uint8)
-    out[p & ~g] = FP
-    out[~p & g] = FN
-    return out
 
 
 def ranked_slices(image_scores: np.ndarray, foreground: np.ndarray | None = None) -> list[int]:
