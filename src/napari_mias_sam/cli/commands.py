@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..method.anomaly import NORMALISATIONS
     from ..method.patches import PATCH_LAYOUTS
     from ..method.preprocess import PREPROCESS_PRESETS
+    from ..pipeline.settings import VOLUME_PROMPT
 
     def sweep(values) -> str:
         return ",".join(f"{v:g}" for v in values)
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Recorded in the bank; runs with the bank use it")
 
     s = sub.add_parser("segment", help="segment anomalies in volumes", epilog=EXAMPLES["segment"], formatter_class=fmt,
-                       description="Run MIAS-SAM slice-wise on whole volumes and write NIfTI outputs.")
+                       description=f"Run MIAS-SAM on whole volumes (default prompt: {VOLUME_PROMPT or 'per slice'}) and write NIfTI outputs.")
     s.add_argument("volume", nargs="+", type=Path,
                    help="NIfTI volume(s), BraTS case folders (the bank's modality is read; the seg file is the ground truth), "
                         "or PNG slices (files or folders; one size per call)")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which of SAM's 3 masks (default: {defaults.REGIONS_MASK} with the regions prompt, "
                         f"{defaults.MASK_INDEX} (the paper's) with the others)")
     s.add_argument("--prompt", choices=PROMPT_TYPES, default=None,
-                   help="prompt type (default for volumes: regions, one box per anomalous 3D region, levels from the "
+                   help=f"prompt type (default for volumes: {VOLUME_PROMPT}, one box per anomalous 3D region, levels from the "
                         f"bank's normal calibration; for PNG slices the backbone's: {backbone_prompts}; "
                         "--prompt cog-point --mask 3 --normalisation reference is the paper's recipe)")
     s.add_argument("--k", type=int, default=defaults.K, help=f"nearest bank patches averaged per patch (default {defaults.K}, as the reference)")
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gammas", default=sweep(defaults.GAMMA_SWEEP), help=f"gamma sweep (default {sweep(defaults.GAMMA_SWEEP)})")
     e.add_argument("--ks", default=sweep(defaults.K_SWEEP), help=f"k values (default {sweep(defaults.K_SWEEP)})")
     e.add_argument("--prompts", default=",".join(PROMPT_TYPES), help=f"prompt types to compare (default {','.join(PROMPT_TYPES)})")
-    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help="default prompt (default: the backbone's per-slice prompt)")
+    e.add_argument("--prompt", choices=PROMPT_TYPES, default=None, help=f"default prompt (default for volumes: {VOLUME_PROMPT} when the bank's calibration supports it; "
+                        f"for BMAD PNG slices the backbone's: {backbone_prompts})")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     e.add_argument("--overwrite", action="store_true", help="replace existing results (results.csv/.md/.json and plots) in --out")
     e.add_argument("--json", action="store_true", help="print the results as JSON on stdout")

@@ -18,7 +18,7 @@ __all__ = ["add_parsers", "COMMANDS"]
 EXAMPLES = {
     "weights": """examples:
   mias-sam weights list                        # known checkpoints, their hashes, which are downloaded
-  mias-sam weights fetch sam-vit_b             # download into the user cache and verify its SHA-256
+  mias-sam weights fetch sam-vit_b             # download into the user cache, verify its published hash
   mias-sam weights check ~/models/sam_vit_b_01ec64.pth   # which known file is this?
 then: mias-sam build-bank normals/ --out banks/sam --backbone sam-vit_b   (uses the fetched file)""",
     "cache": """examples:
@@ -36,7 +36,7 @@ then: mias-sam build-bank normals/ --out banks/sam --backbone sam-vit_b   (uses 
 def add_parsers(sub, fmt) -> None:
     w = sub.add_parser("weights", help="known SAM / MedSAM checkpoints: list, download and verify, check a file",
                        epilog=EXAMPLES["weights"], formatter_class=fmt,
-                       description="Checkpoints with published hashes; downloads go to the user cache folder (MIAS_SAM_CACHE).")
+                       description="Checkpoints with published hashes (SHA-256; MedSAM: MD5, all its authors publish); downloads go to the user cache folder (MIAS_SAM_CACHE).")
     wsub = w.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
     wl = wsub.add_parser("list", help="known checkpoints and which are downloaded")
     wl.add_argument("--json", action="store_true")
