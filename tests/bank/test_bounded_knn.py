@@ -14,6 +14,12 @@ from napari_mias_sam.bank.knn import torch_knn
 from napari_mias_sam.method.patches import GRID
 
 
+
+@pytest.fixture(autouse=True)
+def _bounded_on(monkeypatch):
+    """The bounded search is opt-in (MIAS_SAM_BOUNDED_KNN=1): these tests pin it where it is on."""
+    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")
+
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:
     """Vectors on a few low-dimensional clusters plus noise (a spectrum like patch features')."""
     rng = np.random.default_rng(seed)
@@ -113,3 +119,13 @@ def test_bank_search_uses_the_bounds_only_where_they_pay(sample_bank):
     ref, _ = sample_bank.index.search(np.ascontiguousarray(q), 3)
     np.testing.assert_allclose(got, np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
     assert sample_bank._bounded is not None
+
+
+def test_the_bounded_search_is_opt_in(sample_bank, monkeypatch):
+    """Off by default: its distances' rounding differs from faiss's, and banks, maps and shards must
+    stay byte-identical to a one-process faiss search unless the user asks for it."""
+    q = bank_matrix(sample_bank.index)[:4096] + 0.01
+    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
+    assert not sample_bank._bounded_pays(len(q), 1)
+    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")
+    assert sample_bank._bounded_pays(len(q), 1)

@@ -20,11 +20,16 @@ differences (``torch.cdist`` without its matrix-product shortcut), closer to the
 distances, which are of order 1; about 3e-7 here, against float64). A relative margin on the bounds
 covers their own float32 rounding.
 
-Used for the leave-one-source-out calibration of a bank build (one search per held-out slice,
-its own source excluded by id range) and for the CPU search of exact (``flat``) banks.
+Used, where :func:`enabled` (``MIAS_SAM_BOUNDED_KNN=1``), for the leave-one-source-out calibration
+of a bank build (one search per held-out slice, its own source excluded by id range) and for the CPU
+search of exact (``flat``) banks. Off by default: the neighbours are the same, but the distances'
+rounding differs from faiss's (about 1e-5), so a bank or a map made with it is not byte-identical to
+one made by a sharded bank, a Dask worker or an earlier release.
 """
 
 from __future__ import annotations
+
+import os
 
 import faiss
 import numpy as np
@@ -32,7 +37,15 @@ import torch
 
 from .knn import index_vectors
 
-__all__ = ["BoundedSearcher", "PCA_DIMS", "bank_matrix"]
+__all__ = ["BoundedSearcher", "PCA_DIMS", "bank_matrix", "enabled", "ENV"]
+
+#: Environment variable that turns the bounded search on (``1``); off by default (see above).
+ENV = "MIAS_SAM_BOUNDED_KNN"
+
+
+def enabled() -> bool:
+    """Whether calibration and large CPU searches of flat banks use :class:`BoundedSearcher`."""
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 #: Principal directions used for the bounds (at most a quarter of the feature dimension).
 PCA_DIMS = 128

@@ -20,6 +20,7 @@ from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
 from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
 from .indexes import IndexSink, check_index_type
 from .bounded_knn import BoundedSearcher
+from .bounded_knn import enabled as bounded_enabled
 from .knn import TorchSearcher
 from .shards import search_excluding
 from .store import (
@@ -318,7 +319,7 @@ def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: Tor
     def search(feats: np.ndarray, lo: int, hi: int) -> np.ndarray:
         if searcher is not None:
             return searcher.search(feats, kmax, exclude=(lo, hi))
-        if type(index) in (faiss.IndexFlatL2, faiss.IndexFlat):
+        if bounded_enabled() and type(index) in (faiss.IndexFlatL2, faiss.IndexFlat):
             # Exact flat bank: the same k nearest as a full search of the bank without the held-out
             # range, from its PCA lower bounds, at a fraction of the cost.
             if not bounded:

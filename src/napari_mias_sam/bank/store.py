@@ -254,7 +254,9 @@ class MemoryBank:
     def _bounded_pays(self, n_queries: int, k: int) -> bool:
         """An exact (flat, float32) bank searched for many queries on the CPU: worth the PCA bounds
         of :class:`~napari_mias_sam.bank.bounded_knn.BoundedSearcher` (same neighbours)."""
-        return (type(self.index) in (faiss.IndexFlatL2, faiss.IndexFlat) and self.ntotal >= BOUNDED_MIN_BANK
+        from .bounded_knn import enabled
+
+        return (enabled() and type(self.index) in (faiss.IndexFlatL2, faiss.IndexFlat) and self.ntotal >= BOUNDED_MIN_BANK
                 and k <= 64 and n_queries * self.ntotal * self.dim >= BOUNDED_MIN_WORK)
 
     def _bounded_searcher(self):
