@@ -33,7 +33,7 @@ from .store import (
     MemoryBank,
     SliceGroup,
 )
-from ..core.progress import CancelFn, ProgressFn
+from ..core.progress import CancelFn, ProgressFn, counter
 
 __all__ = ["build_bank", "CALIBRATION_KS", "BuildPlan", "SourcePart", "make_plan", "encode_source", "finish_bank",
            "calibration_shares"]
@@ -220,14 +220,7 @@ def build_bank(
                      coreset_ratio=coreset_ratio, on_gpu=on_gpu)
     encode = embed or backbone.encode
     sink = IndexSink(plan.dim, index_type, plan.expected)
-    total = sum(g.n for g in groups)
-    done = 0
-
-    def advance(m: int) -> None:
-        nonlocal done
-        done += m
-        if progress:
-            progress("encode normal slices", done, total)
+    advance = counter(progress, "encode normal slices", sum(g.n for g in groups))
 
     parts = []
     for gi, g in enumerate(groups):

@@ -32,7 +32,7 @@ from .build import BuildPlan, SourcePart, encode_source, finish_bank
 from .indexes import IndexSink
 from .knn import TorchSearcher
 from .shards import ShardedIndex, ShardSink, read_shard, shard_sizes
-from ..core.progress import ProgressFn
+from ..core.progress import ProgressFn, counter
 from .store import MemoryBank, SliceGroup
 
 __all__ = ["STAGING_SUFFIX", "staging_dir", "StagingArea", "PartWriter", "source_fingerprint", "stage_source",
@@ -266,14 +266,7 @@ def build_bank_staged(
         else:
             encode = embed or backbone.encode
             device = getattr(backbone, "device", None)
-            total = sum(groups[gi].n for gi in todo)
-            done = 0
-
-            def advance(m: int) -> None:
-                nonlocal done
-                done += m
-                if progress:
-                    progress("encode normal slices", done, total)
+            advance = counter(progress, "encode normal slices", sum(groups[gi].n for gi in todo))
 
             for gi in todo:
                 stage_source(area, gi, groups[gi], plan, encode, fps[gi], device=device, advance=advance, cancelled=cancelled)
