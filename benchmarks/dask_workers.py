@@ -35,25 +35,15 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from nifti_crops import crop_slices  # noqa: E402
+
 SAMPLE = ROOT / "sample_data"
 CONFIGS = {"one process": [], "local:1": ["--dask", "local:1"], "local:2": ["--dask", "local:2"]}
 
 
 def uptime() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def cut(src: Path, dst: Path, k0: int, k1: int) -> Path:
-    """Axial voxel slices k0..k1-1 of a sample volume, where they were in the world."""
-    img = nib.load(str(src))
-    shift = np.eye(4)
-    shift[2, 3] = k0
-    aff = img.affine @ shift
-    out = nib.Nifti1Image(np.asarray(img.dataobj)[:, :, k0:k1], aff, header=img.header.copy())
-    out.set_qform(aff, code=1)
-    out.set_sform(aff, code=1)
-    nib.save(out, str(dst))
-    return dst
 
 
 def inputs(work: Path, bank_slices: int, test_slices: int) -> tuple[list[Path], list[Path], list[Path]]:
@@ -63,15 +53,15 @@ def inputs(work: Path, bank_slices: int, test_slices: int) -> tuple[list[Path], 
     for i in (1, 2, 3):
         n = nib.load(str(SAMPLE / f"normal_0{i}.nii.gz")).shape[2]
         k0 = max(0, (n - bank_slices) // 2)
-        normals.append(cut(SAMPLE / f"normal_0{i}.nii.gz", d / f"normal_0{i}.nii.gz", k0, min(n, k0 + bank_slices)))
+        normals.append(crop_slices(SAMPLE / f"normal_0{i}.nii.gz", d / f"normal_0{i}.nii.gz", k0, min(n, k0 + bank_slices)))
     cases, gts = [], []
     for c in ("case_01", "case_02"):
         seg = np.asarray(nib.load(str(SAMPLE / f"{c}_seg.nii.gz")).dataobj) > 0
         n = seg.shape[2]
         centre = int(np.argmax(seg.reshape(-1, n).sum(0)))
         k0 = int(np.clip(centre - test_slices // 2, 0, max(0, n - test_slices)))
-        cases.append(cut(SAMPLE / f"{c}.nii.gz", d / f"{c}.nii.gz", k0, min(n, k0 + test_slices)))
-        gts.append(cut(SAMPLE / f"{c}_seg.nii.gz", d / f"{c}_seg.nii.gz", k0, min(n, k0 + test_slices)))
+        cases.append(crop_slices(SAMPLE / f"{c}.nii.gz", d / f"{c}.nii.gz", k0, min(n, k0 + test_slices)))
+        gts.append(crop_slices(SAMPLE / f"{c}_seg.nii.gz", d / f"{c}_seg.nii.gz", k0, min(n, k0 + test_slices)))
     return normals, cases, gts
 
 

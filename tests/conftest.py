@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from nifti_crops import crop_slices
 
 def pytest_configure(config):
     # Import triton (torch probes for it when torchvision is imported) before any test opens an
@@ -85,20 +86,6 @@ def lite_backbone():
     return load_backbone("litemedsam", device="cpu")
 
 
-def _crop_slices(src: Path, dst: Path, k0: int, k1: int) -> Path:
-    """Keep voxel slices k0..k1-1 along axis 2; the affine moves so every voxel keeps its place."""
-    img = nib.load(str(src))
-    data = np.asarray(img.dataobj)[:, :, k0:k1]
-    shift = np.eye(4)
-    shift[2, 3] = k0
-    aff = img.affine @ shift
-    out = nib.Nifti1Image(data, aff, header=img.header.copy())
-    out.set_qform(aff, code=int(img.header["qform_code"]) or 1)
-    out.set_sform(aff, code=int(img.header["sform_code"]) or 1)
-    nib.save(out, str(dst))
-    return dst
-
-
 @pytest.fixture(scope="session")
 def sample_subset(tmp_path_factory) -> dict:
     """A small cut of the bundled sample: case_01 on 3 lesion slices with its ground truth, and
@@ -112,8 +99,8 @@ def sample_subset(tmp_path_factory) -> dict:
     centre = int(np.argmax(per_slice))
     k0 = int(np.clip(centre - 1, 0, gt.shape[2] - 3))
     files = {
-        "case": _crop_slices(SAMPLE_DIR / "case_01.nii.gz", out / "case_01.nii.gz", k0, k0 + 3),
-        "gt": _crop_slices(SAMPLE_DIR / "case_01_seg.nii.gz", out / "case_01_seg.nii.gz", k0, k0 + 3),
+        "case": crop_slices(SAMPLE_DIR / "case_01.nii.gz", out / "case_01.nii.gz", k0, k0 + 3),
+        "gt": crop_slices(SAMPLE_DIR / "case_01_seg.nii.gz", out / "case_01_seg.nii.gz", k0, k0 + 3),
     }
     normals = []
     for n in ("normal_01", "normal_02"):
@@ -122,7 +109,7 @@ def sample_subset(tmp_path_factory) -> dict:
         z_case = (nib.load(str(files["case"])).affine @ [0, 0, 1, 1])[2]
         k = int(round(np.linalg.solve(img.affine, [0, 0, z_case, 1])[2]))
         k = int(np.clip(k - 1, 0, img.shape[2] - 3))
-        normals.append(_crop_slices(SAMPLE_DIR / f"{n}.nii.gz", out / f"{n}.nii.gz", k, k + 3))
+        normals.append(crop_slices(SAMPLE_DIR / f"{n}.nii.gz", out / f"{n}.nii.gz", k, k + 3))
     files["normals"] = normals
     files["lesion_slices"] = [int(i) for i in np.flatnonzero(per_slice[k0 : k0 + 3])]
     return files

@@ -28,6 +28,7 @@ pytest.importorskip("distributed")
 
 import napari_mias_sam.backbones as backbones_mod  # noqa: E402
 from fakes import FakeBackbone  # noqa: E402
+from nifti_crops import crop_slices  # noqa: E402
 from dataset_fixtures import brats2021_root  # noqa: E402
 from napari_mias_sam.bank import load_bank  # noqa: E402
 from napari_mias_sam.bank.knn import index_vectors  # noqa: E402
@@ -41,27 +42,14 @@ SAMPLE = ROOT / "sample_data"
 SHA = "fake-weights-0001"
 
 
-def crop(src: Path, dst: Path, k0: int, k1: int) -> Path:
-    """Voxel slices k0..k1-1 (axis 2) of a sample volume, where they were in the world."""
-    img = nib.load(str(src))
-    shift = np.eye(4)
-    shift[2, 3] = k0
-    aff = img.affine @ shift
-    out = nib.Nifti1Image(np.asarray(img.dataobj)[:, :, k0:k1], aff, header=img.header.copy())
-    out.set_qform(aff, code=1)
-    out.set_sform(aff, code=1)
-    nib.save(out, str(dst))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """Small cuts of the bundled sample (the searches stay short): three normal volumes of 4
     slices, two cases of 6 slices (lesion on 5 of them) with their ground truths."""
     d = tmp_path_factory.mktemp("sample-cut")
-    return {"normals": [crop(SAMPLE / f"normal_0{i}.nii.gz", d / f"normal_0{i}.nii.gz", 5, 9) for i in (1, 2, 3)],
-            "cases": [crop(SAMPLE / f"{c}.nii.gz", d / f"{c}.nii.gz", 3, 9) for c in ("case_01", "case_02")],
-            "gts": [crop(SAMPLE / f"{c}_seg.nii.gz", d / f"{c}_seg.nii.gz", 3, 9) for c in ("case_01", "case_02")]}
+    return {"normals": [crop_slices(SAMPLE / f"normal_0{i}.nii.gz", d / f"normal_0{i}.nii.gz", 5, 9) for i in (1, 2, 3)],
+            "cases": [crop_slices(SAMPLE / f"{c}.nii.gz", d / f"{c}.nii.gz", 3, 9) for c in ("case_01", "case_02")],
+            "gts": [crop_slices(SAMPLE / f"{c}_seg.nii.gz", d / f"{c}_seg.nii.gz", 3, 9) for c in ("case_01", "case_02")]}
 
 
 def fake_spec(name="litemedsam", checkpoint=None, device="auto", *, precision="fp32", encoding="standard", delay=0.0):
