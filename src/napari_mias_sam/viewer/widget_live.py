@@ -420,7 +420,10 @@ class LiveController:
 
     def _show_updating(self) -> None:
         if self._active_gen is not None:
-            self.w.show_live_state("updating slices...")
+            try:
+                self.w.show_live_state("updating slices...")
+            except RuntimeError:  # the dock closed (its labels deleted) before this parentless timer fired
+                pass
 
     def _on_update(self, gen: int, upd) -> None:
         """One slice's new mask, point and boxes; drawn at once when it is the slice shown."""
