@@ -19,13 +19,14 @@ step (layers, points, background re-decoding, comparison, profile); the computat
 in :mod:`napari_mias_sam.viewer.models.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
 
+import threading
 import time
 from functools import partial
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import napari
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject, QTimer
 
 from .widget_threads import start_generator
 from .models.live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, LiveSession, ranked_slices
@@ -46,6 +47,7 @@ GT_COLOR = "cyan"  # the ground truth's outline
 ERROR_COLORS = {"FP": "yellow", "FN": "magenta"}
 QA_DELAY_MS = 300  # the QA columns are recomputed this long after the last live update
 STATE_DELAY_MS = 250  # a pass still running after this long says "updating slices..."
+SHOWN_WAIT_S = 0.06  # a pass waits at most this long for the shown slice to be drawn (one canvas paint) before the rest
 
 
 def is_output_layer(layer) -> bool:
@@ -135,29 +137,40 @@ class LiveController:
         self._points_owned = None  # the points array this controller set (written in place)
         self._box_drawn: dict = {}  # slice -> (corner arrays, kind) of the boxes drawn
         self._box_dirty: set = set()  # slices whose boxes changed and are not drawn yet
+        # The timers are the dock's children: they go with it (none fires into a closed dock).
+        dock = widget if isinstance(widget, QObject) else None
         # The shown slice's boxes are redrawn just after its mask (a second, short paint).
-        self._box_timer = QTimer()
+        self._box_timer = QTimer(dock)
         self._box_timer.setSingleShot(True)
         self._box_timer.setInterval(0)
         self._box_timer.timeout.connect(self._rebuild_boxes)
         # A drag ends with one "changed" event; a timer of 0 ms lets several points moved at once
         # go in one pass.
-        self._move_timer = QTimer()
+        self._move_timer = QTimer(dock)
         self._move_timer.setSingleShot(True)
         self._move_timer.setInterval(0)
         self._move_timer.timeout.connect(self._apply_moves)
         # The QA columns (a pass over every slice) wait until the updates pause.
-        self._qa_timer = QTimer()
+        self._qa_timer = QTimer(dock)
         self._qa_timer.setSingleShot(True)
         self._qa_timer.setInterval(QA_DELAY_MS)
         self._qa_timer.timeout.connect(self._deferred_qa)
         # "updating slices..." only for passes that take a while (every text change repaints the window).
-        self._state_timer = QTimer()
+        self._state_timer = QTimer(dock)
         self._state_timer.setSingleShot(True)
         self._state_timer.setInterval(STATE_DELAY_MS)
         self._state_timer.timeout.connect(self._show_updating)
+        # The shown slice's readout (Dice, IoU, review) is written just after its mask is drawn,
+        # and then the pass decodes the other slices (it waits on ``_drawn`` until then).
+        self._readout_timer = QTimer(dock)
+        self._readout_timer.setSingleShot(True)
+        self._readout_timer.setInterval(0)
+        self._readout_timer.timeout.connect(self._after_shown)
+        self._drawn = threading.Event()
+        if dock is not None:  # a dock deleted without closing (the viewer closed): stop as close() does
+            dock.destroyed.connect(self._on_dock_destroyed)
         self.review = ReviewController(widget, self)
-        self._show(reuse or {})
+        self._show(reuse or {}, previous._points_owned if previous is not None else None)
         self.update_compare(full=True)
         self.on_slice_changed()
 
@@ -206,7 +219,7 @@ class LiveController:
         self.layers[role] = layer
         return layer
 
-    def _show(self, reuse: dict) -> None:
+    def _show(self, reuse: dict, previous_points=None) -> None:
         ses, name = self.session, self.source.name
         amap = ses.anomaly_display()
         fg = amap[amap > 0]
@@ -228,7 +241,7 @@ class LiveController:
         if np.shape(pts.face_color) != colors.shape or not np.allclose(pts.face_color, colors):
             pts.face_color = colors
         self._snapshot = pts.data.copy()
-        self._index_points()
+        self._index_points(owned=pts.data is coords or (previous_points is not None and pts.data is previous_points))
         pts.events.data.connect(self._on_points_data)
         self.review.bind_keys(pts)
         if "errors" in reuse and reuse["errors"] in self.viewer.layers:
@@ -316,6 +329,8 @@ class LiveController:
         self._qa_timer.stop()
         self._state_timer.stop()
         self._box_timer.stop()
+        self._readout_timer.stop()
+        self._drawn.set()  # a pass waiting for its slice to be drawn ends
         hooks = [(self.layers.get("points"), "data", self._on_points_data), (self.layers.get("mask"), "paint", self._on_painted)]
         hooks += [(gt, ev, self._on_gt_edited) for gt in self._styled for ev in ("paint", "data")]
         for layer, event, slot in hooks:
@@ -324,6 +339,10 @@ class LiveController:
                     getattr(layer.events, event).disconnect(slot)
                 except (TypeError, ValueError, RuntimeError):
                     pass
+
+    def _on_dock_destroyed(self, _obj=None) -> None:
+        self.session.new_generation()  # background passes stop; their last signals are ignored
+        self._drawn.set()
 
     def _on_painted(self, _event=None) -> None:
         self.update_compare(full=True)
@@ -407,7 +426,11 @@ class LiveController:
         self._state_timer.start()
         self._active_gen = gen
         self.updated = []
-        self._worker = start_generator(self.session.refresh_iter, order, gen,
+        self._drawn.set()  # the superseded pass, if it waits, goes on (and stops at its next slice)
+        self._drawn = drawn = threading.Event()
+        # The shown slice first, alone on the CPU until it is drawn; then the others.
+        hold = partial(drawn.wait, SHOWN_WAIT_S) if order and order[0] == self.current_slice() else None
+        self._worker = start_generator(self.session.refresh_iter, order, gen, None, hold,
                                        on_yield=partial(self._on_update, gen), on_finished=partial(self._on_done, gen))
         return self._worker
 
@@ -416,14 +439,16 @@ class LiveController:
         """True from a change until its background pass has updated the layers and the QA columns
         (or a timer still holds a change)."""
         return (self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
-                or self._qa_timer.isActive() or self._box_timer.isActive())
+                or self._qa_timer.isActive() or self._box_timer.isActive() or self._readout_timer.isActive())
 
     def _show_updating(self) -> None:
         if self._active_gen is not None:
-            try:
-                self.w.show_live_state("updating slices...")
-            except RuntimeError:  # the dock closed (its labels deleted) before this parentless timer fired
-                pass
+            self.w.show_live_state("updating slices...")
+
+    def _after_shown(self) -> None:
+        """After the shown slice's new mask is drawn: its readout, then the rest of the pass."""
+        self._drawn.set()
+        self.on_slice_changed()
 
     def _on_update(self, gen: int, upd) -> None:
         """One slice's new mask, point and boxes; drawn at once when it is the slice shown."""
@@ -446,6 +471,10 @@ class LiveController:
         if rebuild_points and not shown:
             self._points_dirty = True
         now = time.perf_counter()
+        if shown:  # drawn first (the canvas paints before a 0 ms timer fires), then the readout and the boxes
+            self._readout_timer.start()
+        elif not self._drawn.is_set() and self.updated == [s]:
+            self._drawn.set()
         if shown or (everything and now - self._last_refresh > 0.25):
             self._last_refresh = now
             if changed or everything:
@@ -456,8 +485,6 @@ class LiveController:
                 self._rebuild_points()
             else:
                 self.layers["points"].refresh()
-            if shown:
-                self.on_slice_changed()
             if self._box_dirty and (s in self._box_dirty or everything):
                 self._box_timer.start()
 
