@@ -6,13 +6,18 @@ The computations are :class:`napari_mias_sam.viewer.models.live.LiveSession` met
 :mod:`napari_mias_sam.viewer.models.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
 
-Where the time of a live update goes: the changed slice's decode (background thread), then on the
-GUI thread only what that slice changes: its row of the mask array, its point, its boxes (edited in
-place), its Dice counts (:class:`~napari_mias_sam.viewer.models.compare.DiceTracker`), and a
-refresh of the layers only when the slice is the one shown. The rest of the volume's slices are
-written into the layers' arrays as they arrive (napari draws them when the user gets there); the QA
-columns are recomputed once the updates pause. Settings and dragged points are applied at once
-(no debounce): a newer change supersedes a pass at its next slice.
+Where the time of a live update goes: the changed slice's decode (background thread; a slice's
+region pieces decoded side by side, one per core), then on the GUI thread only what that slice
+changes: its row of the mask array, its point (the points array is written in place), its boxes,
+its Dice counts (:class:`~napari_mias_sam.viewer.models.compare.DiceTracker`), and a refresh of
+the layers only when the slice is the one shown. The pass waits (at most :data:`SHOWN_WAIT_S`)
+until the shown slice is drawn before it decodes the others, so that the canvas paint does not
+share the two cores with them; the dock's readout of that slice (Dice, IoU, review) is written
+just after the paint. The rest of the volume's slices are written into the layers' arrays as they
+arrive (napari draws them when the user gets there); the QA columns are recomputed once the
+updates pause. Gamma, the mask and dragged points are applied at once (no debounce; a prompt
+change on the next turn of the event loop): a newer change supersedes a pass at its next slice.
+Measured timings: docs/performance.md, section 7.
 
 Size: about 700 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
@@ -144,12 +149,6 @@ class LiveController:
         self._box_timer.setSingleShot(True)
         self._box_timer.setInterval(0)
         self._box_timer.timeout.connect(self._rebuild_boxes)
-        # A drag ends with one "changed" event; a timer of 0 ms lets several points moved at once
-        # go in one pass.
-        self._move_timer = QTimer(dock)
-        self._move_timer.setSingleShot(True)
-        self._move_timer.setInterval(0)
-        self._move_timer.timeout.connect(self._apply_moves)
         # The QA columns (a pass over every slice) wait until the updates pause.
         self._qa_timer = QTimer(dock)
         self._qa_timer.setSingleShot(True)
@@ -322,7 +321,6 @@ class LiveController:
 
     def close(self) -> None:
         """Stop background work and detach from the layers (they stay in the viewer)."""
-        self._move_timer.stop()
         self.session.new_generation()
         if self._worker is not None:
             self._worker.quit()
@@ -428,8 +426,10 @@ class LiveController:
         self.updated = []
         self._drawn.set()  # the superseded pass, if it waits, goes on (and stops at its next slice)
         self._drawn = drawn = threading.Event()
-        # The shown slice first, alone on the CPU until it is drawn; then the others.
-        hold = partial(drawn.wait, SHOWN_WAIT_S) if order and order[0] == self.current_slice() else None
+        # The shown slice first, alone on the CPU until it is drawn; then the others (a pass that
+        # decodes nothing, a mask change, sends every slice at once: they are drawn together).
+        decodes = bool(self.session.stale.intersection(order))
+        hold = partial(drawn.wait, SHOWN_WAIT_S) if decodes and order and order[0] == self.current_slice() else None
         self._worker = start_generator(self.session.refresh_iter, order, gen, None, hold,
                                        on_yield=partial(self._on_update, gen), on_finished=partial(self._on_done, gen))
         return self._worker
@@ -438,7 +438,7 @@ class LiveController:
     def busy(self) -> bool:
         """True from a change until its background pass has updated the layers and the QA columns
         (or a timer still holds a change)."""
-        return (self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
+        return (self._active_gen is not None or self.w.settings_pending()
                 or self._qa_timer.isActive() or self._box_timer.isActive() or self._readout_timer.isActive())
 
     def _show_updating(self) -> None:
@@ -622,6 +622,9 @@ class LiveController:
         for i in moved:
             self.session.move_point(int(slices[i]), data[i], piece=int(pieces[i]))
         self._snapshot = data.copy()
+        # A drag ends with one "changed" event (every point it moved): their slices decode at once,
+        # the moved slice first, while the points are recoloured.
+        self._apply_moves()
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once
             pts.features.loc[moved, "moved"] = True
@@ -629,7 +632,6 @@ class LiveController:
             pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
-        self._move_timer.start()  # decode at once (a drag sends "changed" on release only)
         self.review.show_info()
 
     def show_statuses(self) -> None:
