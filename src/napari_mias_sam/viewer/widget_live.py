@@ -52,6 +52,7 @@ GT_COLOR = "cyan"  # the ground truth's outline
 ERROR_COLORS = {"FP": "yellow", "FN": "magenta"}
 QA_DELAY_MS = 300  # the QA columns are recomputed this long after the last live update
 STATE_DELAY_MS = 250  # a pass still running after this long says "updating slices..."
+HEAD_START_S = 0.04  # the GUI thread waits at most this long for a pass to reach the decoder (see refresh)
 SHOWN_WAIT_S = 0.06  # a pass waits at most this long for the shown slice to be drawn (one canvas paint) before the rest
 
 
@@ -429,9 +430,22 @@ class LiveController:
         # The shown slice first, alone on the CPU until it is drawn; then the others (a pass that
         # decodes nothing, a mask change, sends every slice at once: they are drawn together).
         decodes = bool(self.session.stale.intersection(order))
-        hold = partial(drawn.wait, SHOWN_WAIT_S) if decodes and order and order[0] == self.current_slice() else None
-        self._worker = start_generator(self.session.refresh_iter, order, gen, None, hold,
+        first = decodes and bool(order) and order[0] == self.current_slice()
+        started = threading.Event()
+
+        def hold() -> None:
+            started.set()
+            drawn.wait(SHOWN_WAIT_S)
+
+        self.session.decoder.before_decode = started.set if first else None
+        self._worker = start_generator(self.session.refresh_iter, order, gen, None, hold if first else None,
                                        on_yield=partial(self._on_update, gen), on_finished=partial(self._on_done, gen))
+        if first:
+            # The shown slice's decode starts before the GUI thread goes back to the event loop: a
+            # repaint of the window (the control just moved: about 30 ms in software OpenGL,
+            # measured) holds the GIL and would keep the pass from reaching the decoder, which
+            # releases it. Waiting here lets the decode and that repaint run side by side.
+            started.wait(HEAD_START_S)
         return self._worker
 
     @property
