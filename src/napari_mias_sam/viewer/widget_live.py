@@ -167,6 +167,7 @@ class LiveController:
         self._readout_timer.setInterval(0)
         self._readout_timer.timeout.connect(self._after_shown)
         self._drawn = threading.Event()
+        self._hold = False  # the running pass waits for the shown slice to be drawn
         if dock is not None:  # a dock deleted without closing (the viewer closed): stop as close() does
             dock.destroyed.connect(self._on_dock_destroyed)
         self.review = ReviewController(widget, self)
@@ -431,6 +432,7 @@ class LiveController:
         # decodes nothing, a mask change, sends every slice at once: they are drawn together).
         decodes = bool(self.session.stale.intersection(order))
         first = decodes and bool(order) and order[0] == self.current_slice()
+        self._hold = first
         started = threading.Event()
 
         def hold() -> None:
@@ -485,7 +487,7 @@ class LiveController:
         if rebuild_points and not shown:
             self._points_dirty = True
         now = time.perf_counter()
-        if shown:  # drawn first (the canvas paints before a 0 ms timer fires), then the readout and the boxes
+        if shown and self._hold:  # drawn first (the canvas paints before a 0 ms timer fires), then the readout
             self._readout_timer.start()
         elif not self._drawn.is_set() and self.updated == [s]:
             self._drawn.set()
@@ -499,6 +501,8 @@ class LiveController:
                 self._rebuild_points()
             else:
                 self.layers["points"].refresh()
+            if shown and not self._hold:  # a pass that decodes nothing: the readout in the same paint
+                self.on_slice_changed()
             if self._box_dirty and (s in self._box_dirty or everything):
                 self._box_timer.start()
 
