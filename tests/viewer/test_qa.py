@@ -34,6 +34,9 @@ def click(qtbot, widget, text: str, kind=QPushButton) -> None:
     """Click the visible button (or check box, or section title) showing ``text``."""
     (button,) = _buttons(widget, text, kind)
     assert button.isEnabled(), f"'{text}' is disabled"
+    # A section just unfolded animates its height from 0: click once the button is laid out whole
+    # (a click on a 0-pixel-high button is outside it and does nothing).
+    qtbot.waitUntil(lambda: button.height() >= button.minimumSizeHint().height(), timeout=5000)
     # A check box or radio button toggles when its indicator (at the left) is clicked.
     pos = button.rect().center() if kind is QPushButton else QPoint(8, button.height() // 2)
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton, pos=pos)
