@@ -145,7 +145,7 @@ class Design:
     clip: bool = True
     seed_q: float = R.SEED_QUANTILE
     extent_q: float = R.EXTENT_QUANTILE
-    levels: str = "peaks"  # "peaks" (q of held-out slices' peaks), or another estimator (see levels_of)
+    levels: str = "peaks"  # "peaks" (q of held-out slices' peaks), "tail", "pixel" (q of every held-out map pixel), "auto"
 
 
 def piece_prompt(m, piece, core, lv, d: Design):
@@ -219,7 +219,7 @@ def choose(masks, piece, core, m, d: Design, lv):
 
 
 def levels_of(entry: dict, d: Design):
-    method = {"peaks": "quantile", "tail": "tail"}[d.levels]
+    method = {"peaks": "quantile", "tail": "tail", "pixel": "pixel", "auto": "auto"}[d.levels]
     return R.normal_levels(entry, extent_quantile=d.extent_q, seed_quantile=d.seed_q, method=method)
 
 
@@ -261,6 +261,19 @@ def product_predict(bb, u, m: np.ndarray, entry: dict, stats: dict) -> tuple[np.
                 stats[int(o)] = stats.get(int(o), 0) + 1
                 n += 1
     return logits[:, 0].astype(np.float32) > 0, n
+
+
+def per_slice_predict(bb, u, m: np.ndarray) -> np.ndarray:
+    """The backbone's per-slice prompt on every slice with anatomy (LiteMedSAM: ``cog-box``, mask 3),
+    the volumes' default for banks below 34 held-out slices before issue 20 item 3."""
+    from napari_mias_sam.method.prompts import default_prompt_for
+    from napari_mias_sam.pipeline.segment import EncodedVolume, decode_all
+    from napari_mias_sam.pipeline.settings import SegmentSettings
+
+    enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
+    st = SegmentSettings(prompt=default_prompt_for(bb.name)).with_default_mask()
+    _, logits, _ = decode_all(enc, m, bb, st)
+    return logits[:, st.mask_index - 1].astype(np.float32) > 0
 
 
 def _pieces(lab2d):
@@ -318,6 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--designs", type=Path, help="JSON: {name: {Design fields}}; default: a built-in grid")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--final", action="store_true", help="score only the shipped default (product code) against the baseline")
+    ap.add_argument("--per-slice", action="store_true", help="also score the backbone's per-slice prompt on every slice")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     bank = load_bank(a.bank)
@@ -355,6 +369,10 @@ def main(argv=None) -> int:
     preds["shipped default (product code: decode_all, regions)"] = outs
     extra["shipped default (product code: decode_all, regions)"] = {"outcomes": {str(k): v for k, v in sorted(stats.items())},
                                                                      "prompts_per_volume": nd / len(units)}
+    if a.per_slice:
+        name = "per-slice prompt on every slice (the small-bank default before)"
+        preds[name] = [per_slice_predict(bb, u, cal[ui]) for ui, u in enumerate(units)]
+        extra[name] = {"outcomes": {}, "prompts_per_volume": float(np.mean([u.foreground.sum() for u in units]))}
     res, _, _ = score(units, preds)
     print(f"| design | slice | d slice [95%] | volume | d volume [95%] | fp | outcomes (0 = region) |")
     for name, r in res.items():
