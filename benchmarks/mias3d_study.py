@@ -314,6 +314,12 @@ def score(units, preds: dict[str, list[np.ndarray]]):
         cv = paired_bootstrap(per_vol[name], per_vol["baseline"], groups=list(range(len(units))))
         res[name].update(ds=100 * c["difference"], ds_ci=[100 * v for v in c["ci95_groups"]],
                          dv=100 * cv["difference"], dv_ci=[100 * v for v in cv["ci95_groups"]])
+        ps = next((k for k in preds if k.startswith("per-slice")), None)
+        if ps is not None and name != ps:  # also against the per-slice prompt (the small-bank default before)
+            c = paired_bootstrap(per_slice[name], per_slice[ps], groups=subject)
+            cv = paired_bootstrap(per_vol[name], per_vol[ps], groups=list(range(len(units))))
+            res[name].update(vs_per_slice={"ds": 100 * c["difference"], "ds_ci": [100 * v for v in c["ci95_groups"]],
+                                           "dv": 100 * cv["difference"], "dv_ci": [100 * v for v in cv["ci95_groups"]]})
     return res, per_slice, subject
 
 
@@ -381,6 +387,10 @@ def main(argv=None) -> int:
             continue
         print(f"| {name} | {r['slice']:.2f} | {r['ds']:+.2f} [{r['ds_ci'][0]:+.2f}, {r['ds_ci'][1]:+.2f}] | {r['volume']:.2f} | "
               f"{r['dv']:+.2f} [{r['dv_ci'][0]:+.2f}, {r['dv_ci'][1]:+.2f}] | {r['fp']} | {extra[name]['outcomes']} |", flush=True)
+        if "vs_per_slice" in r:
+            v = r["vs_per_slice"]
+            print(f"|   vs the per-slice prompt | | {v['ds']:+.2f} [{v['ds_ci'][0]:+.2f}, {v['ds_ci'][1]:+.2f}] | | "
+                  f"{v['dv']:+.2f} [{v['dv_ci'][0]:+.2f}, {v['dv_ci'][1]:+.2f}] | | |", flush=True)
     print(f"{len(units)} volumes, {time.perf_counter() - t0:.0f} s")
     if a.json:
         for k in extra:
