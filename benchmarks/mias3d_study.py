@@ -145,7 +145,7 @@ class Design:
     clip: bool = True
     seed_q: float = R.SEED_QUANTILE
     extent_q: float = R.EXTENT_QUANTILE
-    levels: str = "peaks"  # "peaks" (q of held-out slices' peaks), or another estimator (see levels_of)
+    levels: str = "peaks"  # "peaks" (q of held-out slices' peaks), "tail", "pixel" (q of every held-out map pixel), "auto"
 
 
 def piece_prompt(m, piece, core, lv, d: Design):
@@ -219,7 +219,7 @@ def choose(masks, piece, core, m, d: Design, lv):
 
 
 def levels_of(entry: dict, d: Design):
-    method = {"peaks": "quantile", "tail": "tail"}[d.levels]
+    method = {"peaks": "quantile", "tail": "tail", "pixel": "pixel", "auto": "auto"}[d.levels]
     return R.normal_levels(entry, extent_quantile=d.extent_q, seed_quantile=d.seed_q, method=method)
 
 
@@ -263,6 +263,19 @@ def product_predict(bb, u, m: np.ndarray, entry: dict, stats: dict) -> tuple[np.
     return logits[:, 0].astype(np.float32) > 0, n
 
 
+def per_slice_predict(bb, u, m: np.ndarray) -> np.ndarray:
+    """The backbone's per-slice prompt on every slice with anatomy (LiteMedSAM: ``cog-box``, mask 3),
+    the volumes' default for banks below 34 held-out slices before issue 20 item 3."""
+    from napari_mias_sam.method.prompts import default_prompt_for
+    from napari_mias_sam.pipeline.segment import EncodedVolume, decode_all
+    from napari_mias_sam.pipeline.settings import SegmentSettings
+
+    enc = EncodedVolume(u.embeddings, u.frames, u.foreground, 0, u.frame, "")
+    st = SegmentSettings(prompt=default_prompt_for(bb.name)).with_default_mask()
+    _, logits, _ = decode_all(enc, m, bb, st)
+    return logits[:, st.mask_index - 1].astype(np.float32) > 0
+
+
 def _pieces(lab2d):
     from scipy import ndimage
 
@@ -301,6 +314,12 @@ def score(units, preds: dict[str, list[np.ndarray]]):
         cv = paired_bootstrap(per_vol[name], per_vol["baseline"], groups=list(range(len(units))))
         res[name].update(ds=100 * c["difference"], ds_ci=[100 * v for v in c["ci95_groups"]],
                          dv=100 * cv["difference"], dv_ci=[100 * v for v in cv["ci95_groups"]])
+        ps = next((k for k in preds if k.startswith("per-slice")), None)
+        if ps is not None and name != ps:  # also against the per-slice prompt (the small-bank default before)
+            c = paired_bootstrap(per_slice[name], per_slice[ps], groups=subject)
+            cv = paired_bootstrap(per_vol[name], per_vol[ps], groups=list(range(len(units))))
+            res[name].update(vs_per_slice={"ds": 100 * c["difference"], "ds_ci": [100 * v for v in c["ci95_groups"]],
+                                           "dv": 100 * cv["difference"], "dv_ci": [100 * v for v in cv["ci95_groups"]]})
     return res, per_slice, subject
 
 
@@ -318,6 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--designs", type=Path, help="JSON: {name: {Design fields}}; default: a built-in grid")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--final", action="store_true", help="score only the shipped default (product code) against the baseline")
+    ap.add_argument("--per-slice", action="store_true", help="also score the backbone's per-slice prompt on every slice")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     bank = load_bank(a.bank)
@@ -355,6 +375,10 @@ def main(argv=None) -> int:
     preds["shipped default (product code: decode_all, regions)"] = outs
     extra["shipped default (product code: decode_all, regions)"] = {"outcomes": {str(k): v for k, v in sorted(stats.items())},
                                                                      "prompts_per_volume": nd / len(units)}
+    if a.per_slice:
+        name = "per-slice prompt on every slice (the small-bank default before)"
+        preds[name] = [per_slice_predict(bb, u, cal[ui]) for ui, u in enumerate(units)]
+        extra[name] = {"outcomes": {}, "prompts_per_volume": float(np.mean([u.foreground.sum() for u in units]))}
     res, _, _ = score(units, preds)
     print(f"| design | slice | d slice [95%] | volume | d volume [95%] | fp | outcomes (0 = region) |")
     for name, r in res.items():
@@ -363,6 +387,10 @@ def main(argv=None) -> int:
             continue
         print(f"| {name} | {r['slice']:.2f} | {r['ds']:+.2f} [{r['ds_ci'][0]:+.2f}, {r['ds_ci'][1]:+.2f}] | {r['volume']:.2f} | "
               f"{r['dv']:+.2f} [{r['dv_ci'][0]:+.2f}, {r['dv_ci'][1]:+.2f}] | {r['fp']} | {extra[name]['outcomes']} |", flush=True)
+        if "vs_per_slice" in r:
+            v = r["vs_per_slice"]
+            print(f"|   vs the per-slice prompt | | {v['ds']:+.2f} [{v['ds_ci'][0]:+.2f}, {v['ds_ci'][1]:+.2f}] | | "
+                  f"{v['dv']:+.2f} [{v['dv_ci'][0]:+.2f}, {v['dv_ci'][1]:+.2f}] | | |", flush=True)
     print(f"{len(units)} volumes, {time.perf_counter() - t0:.0f} s")
     if a.json:
         for k in extra:

@@ -30,6 +30,9 @@ def test_brats_root_to_bank_to_case_dice(tmp_path, mias_cache_dir, capsys):
     assert rep["outputs"]["mask"].endswith("BraTS2021_00001_flair_mask.nii.gz")
     assert rep["lesion_labels"]["counted"] == [1, 2, 4]
     m = rep["metrics"]
+    # A bank of 17 held-out slices, fewer than the peaks' percentiles need: the regions default all
+    # the same, on the small-bank levels (before issue 20 item 3 it fell back to cog-box on every slice)
+    assert rep["settings"]["prompt"] == "regions" and rep["settings"]["mask_index"] == 1
     # The sample's lesion (bright, large) on 8 slices; a cross-subject bank of 17 slices.
     assert m["lesion_slices"] == 8 and m["cog_inside_lesion"]["hits"] >= 6, m
     assert m["slice_dice"] > 0.4, m

@@ -227,6 +227,8 @@ def settings_problems(text: str) -> list[str]:
     level_texts = {(regions, "SEED_QUANTILE"): "the {:g}th percentile of held-out normal slices' peaks",
                    (regions, "EXTENT_QUANTILE"): "above their {:g}th",
                    (regions, "MIN_NORMAL_PEAKS"): "at least {} held-out normal slices",
+                   (regions, "PIXEL_SEED_QUANTILE"): "at the {:g}th and",
+                   (regions, "PIXEL_EXTENT_QUANTILE"): "{:g}th percentiles of every pixel of its held-out normal maps",
                    (regions, "TAIL_EXTENT_QUANTILE"): "(extent at their {:g}th percentile)",
                    (region_prompts, "BOX_SIGMAS"): "a box around it of {:g} gamma-weighted standard deviations",
                    (region_prompts, "BOX_PAD"): "plus {:g} px each side",

@@ -22,13 +22,13 @@ from napari_mias_sam.cli.commands import main
 from napari_mias_sam.data.volumes import load_volume
 from napari_mias_sam.pipeline.segment import segment_volume
 from napari_mias_sam.jobs.outputs import write_outputs
-from napari_mias_sam.method.regions import normal_peak_count
+from napari_mias_sam.method.regions import MAP_QUANTILES, normal_peak_count
 
 pytestmark = pytest.mark.slow
 
 AFFINE = np.array([[-1.2, 0, 0, 30.0], [0, 1.2, 0, -40.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1.0]])
 BLOB = {"centre": (40, 24), "radius": 6, "value": 1.0, "slices": [1, 2]}
-CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt", "prompts", "mask_used", "agreement"]
+CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt", "prompts", "mask_used", "agreement", "levels"]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -97,6 +97,10 @@ def test_bank_manifest_and_calibration(e2e):
     for k, stats in cal["per_k"].items():
         assert 0 < stats["low"] < stats["high"] and np.isfinite([stats["low"], stats["high"]]).all(), k
         assert len(stats["slice_scores"]) == 4 and min(stats["slice_scores"]) > 0
+        # every pixel of the held-out maps, as percentiles (the small-bank levels): the median is ``low``
+        q = stats["map_quantiles"]
+        assert tuple(q) == MAP_QUANTILES and q["50"] == pytest.approx(stats["low"]), k
+        assert np.all(np.diff([q[p] for p in MAP_QUANTILES]) >= 0) and q["100"] == pytest.approx(max(stats["slice_max_map"])), k
     assert cal["per_k"]["1"]["high"] <= cal["per_k"]["5"]["high"]  # more neighbours, larger distances
 
 
@@ -117,9 +121,10 @@ def test_written_outputs(e2e):
     with open(paths["points"], newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and list(rows[0]) == CSV_COLUMNS
-    assert [int(r["slice"]) for r in rows] == [0, 1, 2] and all(r["prompt"] == "box" for r in rows)
-    # a bank of 4 held-out normal slices is too few for the regions prompt's levels: LiteMedSAM's per-slice default
-    assert normal_peak_count(e2e["bank"]) == 4 and res.settings.prompt == "cog-box" and res.settings.mask_index == 3
+    assert [int(r["slice"]) for r in rows] == [0, 1, 2] and {r["prompt"] for r in rows} <= {"box", "none"}
+    # a bank of 4 held-out normal slices: the regions default all the same, on the small-bank levels
+    assert normal_peak_count(e2e["bank"]) == 4 and res.settings.prompt == "regions" and res.settings.mask_index == 1
+    assert all(r["levels"].startswith("pixel") for r in rows if r["prompt"] != "none")
     assert np.isfinite(res.ious).all() and res.logits.shape == (3, 3, 256, 256)
     assert snapshot(e2e["root"] / "cases") | {
         f"normals/{k}": v for k, v in snapshot(e2e["root"] / "normals").items()} == e2e["inputs_before"]
@@ -157,7 +162,7 @@ def test_cli_segment_json_with_gt_reuses_the_cache(e2e):
     assert met["slice_dice"] == pytest.approx(np.mean(per))
     assert met["lesion_slices"] == 2 and met["cog_inside_lesion"] == {"hits": 2, "lesion_slices": 2}
     assert met["slice_dice"] > 0.5  # the blob is found and segmented
-    assert rep["settings"]["prompt"] == "cog-box" and rep["settings"]["mask_index"] == 3
+    assert rep["settings"]["prompt"] == "regions" and rep["settings"]["mask_index"] == 1  # a 4-slice bank: regions all the same
     # the CLI run read the embeddings cached by the API run: no encoder call, the same mask
     assert [c.encode_calls for c in e2e["counters"]] == [2, 0]  # build-bank: 2 volumes of 2 slices; segment: 0
     np.testing.assert_array_equal(pred, e2e["result"].mask_volume() > 0)

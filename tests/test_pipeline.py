@@ -27,7 +27,7 @@ from napari_mias_sam.pipeline.settings import SegmentSettings
 from napari_mias_sam.jobs.bank_builds import build_bank_from_files
 from napari_mias_sam.jobs.outputs import check_outputs, output_paths, write_outputs
 
-CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt", "prompts", "mask_used", "agreement"]
+CSV_COLUMNS = ["slice", "i", "j", "k", "image_score", "predicted_iou", "anomalous", "prompt", "prompts", "mask_used", "agreement", "levels"]
 AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
 
 
@@ -354,16 +354,15 @@ def test_regions_prompt_uses_bank_levels_only(world):
 
 
 def test_regions_with_a_small_bank_use_the_gamma_cog_and_gamma_moves_it(world):
-    """This small bank (2 subjects, a few held-out slices) keeps the per-slice prompt as the
-    volumes' default; asked for, the regions prompt runs with tail-fit levels, each prompt the
-    gamma-weighted CoG of its piece, and another gamma moves the points and changes the masks."""
+    """This small bank (2 subjects, a few held-out slices) gets the regions prompt by default, on
+    the small-bank levels (pixel percentiles of its held-out maps), each prompt the gamma-weighted
+    CoG of its piece, and another gamma moves the points and changes the masks."""
     from napari_mias_sam.method.regions import MIN_NORMAL_PEAKS, normal_peak_count
 
     bank = world["bank"]
-    assert normal_peak_count(bank) < MIN_NORMAL_PEAKS and bank_levels(bank).method == "tail"
-    assert segment_volume(load_volume(world["case"]), bank, FakeBackbone()).settings.prompt == "cog-point"
+    assert normal_peak_count(bank) < MIN_NORMAL_PEAKS and bank_levels(bank).method == "pixel"
     discs = dict(masks="discs", radii=(110.0, 80.0, 50.0))  # masks that follow the point and agree with the map
-    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(prompt="regions"))
+    res = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs))
     assert res.settings.prompt == "regions" and res.settings.gamma == 5.0 and res.settings.mask_index == 1
     assert res.prompts[3] is None and not res.mask_volume()[..., 3].any()  # the empty slice: nothing
     other = segment_volume(load_volume(world["case"]), bank, FakeBackbone(**discs), SegmentSettings(prompt="regions", gamma=1.0),

@@ -7,6 +7,8 @@ import pytest
 
 from napari_mias_sam.method.regions import (
     MIN_NORMAL_PEAKS,
+    PIXEL_EXTENT_QUANTILE,
+    PIXEL_SEED_QUANTILE,
     anomalous_regions,
     local_peaks,
     normal_levels,
@@ -28,6 +30,24 @@ def blob(shape, centre, radius, value):
     return np.where((rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2, value, 0.0)
 
 
+def test_small_banks_place_levels_at_pixel_percentiles_of_the_held_out_maps():
+    """Fewer than MIN_NORMAL_PEAKS held-out slices: seed and extent are percentiles of every pixel
+    of the held-out normal maps (recorded at build time), interpolated between those recorded; in
+    calibrated units, and the same whatever the number of slices."""
+    qs = {"50": 1.0, "99": 2.0, "99.5": 2.4, "99.9": 2.8, "100": 3.5}
+    entry = {**ENTRY, "map_quantiles": qs}
+    lv = normal_levels(entry)
+    assert lv.method == "pixel" and (lv.seed_quantile, lv.extent_quantile) == (PIXEL_SEED_QUANTILE, PIXEL_EXTENT_QUANTILE)
+    raw = lambda q: float(np.interp(q, [50, 99, 99.5, 99.9, 100], [1.0, 2.0, 2.4, 2.8, 3.5]))
+    assert lv.seed == pytest.approx((raw(PIXEL_SEED_QUANTILE) - 1.0) / 2.0)
+    assert lv.extent == pytest.approx((raw(PIXEL_EXTENT_QUANTILE) - 1.0) / 2.0) and lv.extent <= lv.seed
+    assert normal_levels({**entry, "slice_max_map": [2.0] * MIN_NORMAL_PEAKS}).method == "quantile"  # as shipped
+    assert normal_levels(entry, method="pixel", seed_quantile=99.5, extent_quantile=99).seed == pytest.approx(0.7)
+    assert "pixel" in lv.describe() and f"q{PIXEL_SEED_QUANTILE:g}" in lv.describe()
+    with pytest.raises(ValueError, match="no pixel percentiles"):
+        normal_levels(ENTRY, method="pixel")
+
+
 def test_levels_come_from_the_normal_peaks_only():
     lv = normal_levels(ENTRY, extent_quantile=50, seed_quantile=100, method="quantile")
     # calibrated peaks: (p - 1) / 2 -> 0.5, 0.6, 0.8, 1.0, 1.2
@@ -37,7 +57,7 @@ def test_levels_come_from_the_normal_peaks_only():
     # the 97th and 95th percentiles of the normal peaks (linear interpolation)
     q = normal_levels(ENTRY, method="quantile")
     assert q.seed == pytest.approx(1.176) and q.extent == pytest.approx(1.16) and q.method == "quantile"
-    auto = normal_levels(ENTRY)  # 5 held-out slices are too few for a 97th percentile: the tail fit
+    auto = normal_levels(ENTRY)  # 5 held-out slices, a bank made before pixel percentiles were kept: the tail fit
     assert auto.method == "tail" and auto.extent_quantile == 85.0 and auto.extent <= auto.seed
     assert normal_levels({**ENTRY, "slice_max_map": [2.0] * MIN_NORMAL_PEAKS}).method == "quantile"
     with pytest.raises(ValueError, match="no held-out normal slice peaks"):
@@ -100,18 +120,25 @@ def test_tail_levels_hold_with_one_subject_and_use_every_local_maximum():
 class _Bank:
     """What the default-prompt choice reads of a bank: its calibration's held-out normal peaks."""
 
-    def __init__(self, n_peaks: int):
-        self.manifest = {"calibration": {"per_k": {"1": {"low": 0.0, "high": 1.0, "slice_max_map": [0.5] * n_peaks}}}}
+    def __init__(self, n_peaks: int, pixels: bool = True):
+        entry = {"low": 0.0, "high": 1.0, "slice_max_map": [0.5] * n_peaks}
+        if pixels:  # banks built since issue 20 keep the pixel percentiles of their held-out maps
+            entry["map_quantiles"] = {"50": 0.0, "99": 0.4, "99.9": 0.5}
+        self.manifest = {"calibration": {"per_k": {"1": entry}}}
 
 
 @pytest.mark.parametrize("peaks, volume, prompt, mask", [
     (MIN_NORMAL_PEAKS, True, "regions", 1),  # enough normal peaks: 3D regions, decoder mask 1
-    (MIN_NORMAL_PEAKS - 1, True, "cog-box", 3),  # too few for a 97th percentile: the per-slice default
-    (1, True, "cog-box", 3),
+    (MIN_NORMAL_PEAKS - 1, True, "regions", 1),  # too few for a 97th percentile: regions all the same (pixel levels)
+    (1, True, "regions", 1),
+    (0, True, "cog-box", 3),  # no calibration at all: the per-slice default
+    ((MIN_NORMAL_PEAKS - 1, False), True, "cog-box", 3),  # a small bank built before the pixel percentiles: as before
+    ((MIN_NORMAL_PEAKS, False), True, "regions", 1),
     (500, False, "cog-box", 3),  # 2D slice sets keep the paper's per-slice prompt and mask
 ])
 def test_volume_default_prompt_and_mask(peaks, volume, prompt, mask):
-    bank = _Bank(peaks)
+    peaks, pixels = peaks if isinstance(peaks, tuple) else (peaks, True)
+    bank = _Bank(peaks, pixels)
     assert MIN_NORMAL_PEAKS == 34 and normal_peak_count(bank) == peaks
     st = resolve_defaults(SegmentSettings(), "litemedsam", volume=volume, regions_ok=regions_supported(bank))
     assert (st.prompt, st.mask_index) == (prompt, mask)

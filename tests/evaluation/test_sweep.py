@@ -83,8 +83,8 @@ def test_evaluate_rows_and_report(volumes, tmp_path):
     groups = [r["ablation"] for r in res["rows"]]
     assert groups.count("mask") == 3 and groups.count("prompt") == 2 and groups.count("gamma") == 2
     default = res["rows"][0]
-    # volumes: the regions prompt with its mask 1, unless the bank holds too few held-out normal
-    # slices for its levels (this small one: the backbone's per-slice prompt with the paper's mask 3)
+    # volumes: the regions prompt with its mask 1 whatever the bank's size (this small one: pixel levels),
+    # unless its calibration cannot place the levels (then the per-slice prompt with the paper's mask 3)
     expected = ("regions", 1) if regions_supported(bank) else (default_prompt_for(bb.name), 3)
     assert normal_peak_count(bank) < MIN_NORMAL_PEAKS and (default["prompt"], default["mask"]) == expected
     same = [r for r in res["rows"] if r["ablation"] == "mask" and r["value"] == str(expected[1])][0]

@@ -14,7 +14,7 @@ import torch
 
 from ..core import defaults
 from ..method.anomaly import maps_from_scores, mean_of_k_nearest
-from ..method.regions import local_peaks
+from ..method.regions import MAP_QUANTILES, local_peaks
 from ..core.errors import Cancelled, InputError
 from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
 from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
@@ -358,6 +358,7 @@ def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: Tor
             "high": float(np.percentile(slice_max, 99)),
             "slice_max_map": [float(v) for v in slice_max],
             "local_peaks": local_peaks(maps),
+            "map_quantiles": {q: float(v) for q, v in zip(MAP_QUANTILES, np.percentile(maps, [float(q) for q in MAP_QUANTILES]))},
             "slice_scores": [float(v) for v in scores.reshape(len(scores), -1).max(axis=1)],
             "patch_score_quantiles": {
                 q: float(np.percentile(scores, float(q))) for q in ("50", "90", "99", "99.9", "100")

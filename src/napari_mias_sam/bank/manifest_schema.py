@@ -44,6 +44,7 @@ def _schema() -> dict:
             "local_peaks": {"type": "array", "items": {"type": "array", "items": num}},
             "slice_scores": {"type": "array", "items": num},
             "patch_score_quantiles": {"type": "object", "additionalProperties": num},
+            "map_quantiles": {"type": "object", "additionalProperties": num},
         },
     }
     return {

@@ -11,12 +11,16 @@ user setting:
 
 How the levels are estimated depends on the bank's size (``method="auto"``): with at least
 :data:`MIN_NORMAL_PEAKS` held-out slices, the percentiles of their peaks (one per slice; the rule
-chosen on the development split); with fewer, whose 97th percentile is simply their maximum, a
-peaks-over-threshold fit (:func:`tail_level`) on every high local maximum of every held-out map,
-with the extent at :data:`TAIL_EXTENT_QUANTILE` 85 (the best tail variant on the development split).
-Such a bank can run the regions prompt on request; the volumes' *default* stays the per-slice
-prompt below :data:`MIN_NORMAL_PEAKS` (:func:`regions_supported`): with one or two subjects the
-tail-fit levels missed most lesions in the checks of docs/results.md.
+chosen on the development split, unchanged since issue 12); with fewer (a bank from one or two
+subjects, whose 97th percentile of peaks is simply their maximum), the seed and extent are the
+:data:`PIXEL_SEED_QUANTILE` / :data:`PIXEL_EXTENT_QUANTILE` percentiles of *every pixel* of the
+held-out normal maps (``map_quantiles``, recorded at build time): far more normal evidence than
+one peak per slice, and it does not extrapolate from a handful of slices (chosen on the
+development split with one-subject banks, docs/results.md). So the regions prompt is the volumes'
+default with a bank of any size (:func:`regions_supported`). Small banks built before the pixel
+percentiles were recorded keep the per-slice default; asked for regions, they use a
+peaks-over-threshold fit (:func:`tail_level`) on the held-out maps' local maxima (extent at
+:data:`TAIL_EXTENT_QUANTILE`).
 
 Regions are hysteresis components: connected components of ``map > extent`` that contain a
 seed pixel. In 3D (the default for volumes) a component found on one slice carries to its
@@ -40,7 +44,7 @@ from .preprocess import FRAME
 
 __all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "region_cores", "local_peaks",
            "tail_level", "SEED_QUANTILE", "EXTENT_QUANTILE", "TAIL_EXTENT_QUANTILE", "CORE_PAD", "MIN_NORMAL_PEAKS",
-           "normal_peak_count", "regions_supported"]
+           "normal_peak_count", "regions_supported", "MAP_QUANTILES", "PIXEL_SEED_QUANTILE", "PIXEL_EXTENT_QUANTILE"]
 
 #: Where a region starts: this percentile of held-out normal slices' calibrated peaks.
 SEED_QUANTILE = 97.0
@@ -52,18 +56,25 @@ EXTENT_QUANTILE = 95.0
 #: (``defaults.SIGMA``, 4 frame pixels): 12 frame pixels.
 CORE_PAD = (PATCH // 2) * FRAME / (2 * GRID) + defaults.SIGMA
 #: The fewest held-out normal peaks whose 97th percentile is not simply their maximum (1 / 3 %):
-#: with fewer, the levels come from the tail fit of the held-out maps' local maxima, and volumes'
-#: default is the per-slice prompt (:func:`regions_supported`).
+#: with fewer, the levels are pixel percentiles of the held-out maps (:data:`PIXEL_SEED_QUANTILE`).
 MIN_NORMAL_PEAKS = math.ceil(100.0 / (100.0 - SEED_QUANTILE))
 #: The extent level's quantile with the tail fit (chosen on the development split: 95 left the
 #: regions too tight there, 85 matched the percentile rule).
 TAIL_EXTENT_QUANTILE = 85.0
+
+#: Small banks (fewer than :data:`MIN_NORMAL_PEAKS` held-out slices): the seed and extent levels
+#: are these percentiles of every pixel of the held-out normal maps (``map_quantiles``).
+PIXEL_SEED_QUANTILE = 99.9
+PIXEL_EXTENT_QUANTILE = 99.0
 
 #: Local maxima of each held-out normal map that the bank's calibration keeps (the highest ones).
 LOCAL_PEAKS_PER_SLICE = 16
 #: A local maximum is the highest value within this window (frame px): two patch strides (2 x 8 px)
 #: plus one, so one hot patch gives one maximum, not a ripple of them.
 PEAK_WINDOW = 17
+#: Percentiles of every pixel of the held-out normal maps that the bank's calibration keeps
+#: (``calibration.per_k[k].map_quantiles``; keys are the percentiles as strings).
+MAP_QUANTILES = ("50", "90", "95", "98", "99", "99.5", "99.8", "99.9", "99.95", "99.99", "100")
 #: Exceedances per held-out slice that the tail fit of :func:`tail_level` uses.
 TAIL_PER_SLICE = 2.0
 
@@ -112,15 +123,33 @@ class NormalLevels:
     extent: float
     extent_quantile: float
     method: str = "quantile"
+    seed_quantile: float = SEED_QUANTILE
 
     def as_dict(self) -> dict:
-        return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile, "method": self.method}
+        return {"seed": self.seed, "extent": self.extent, "extent_quantile": self.extent_quantile, "method": self.method,
+                "seed_quantile": self.seed_quantile}
+
+    def describe(self) -> str:
+        """One line: how the levels were placed and their values (``<stem>_points.csv``, the dock)."""
+        how = {"quantile": "held-out slices' peaks", "pixel": "held-out maps' pixels", "tail": "tail fit of held-out maxima"}
+        return (f"{self.method}: q{self.seed_quantile:g}/q{self.extent_quantile:g} of {how.get(self.method, self.method)}, "
+                f"seed {self.seed:.3f}, extent {self.extent:.3f}")
 
 
 def _rate(quantile: float) -> float:
     """Poisson rate of exceedances per slice at which a share ``1 - quantile / 100`` of slices
     reaches a level."""
     return -math.log(min(max(quantile / 100.0, 1e-9), 1.0 - 1e-9))
+
+
+def _map_quantile(quantiles: dict, q: float) -> float:
+    """The recorded pixel percentile ``q`` of the held-out normal maps (linear between the
+    recorded ones)."""
+    if not quantiles:
+        raise ValueError("the bank's calibration holds no pixel percentiles of its held-out normal maps "
+                         "(banks built before they were recorded); rebuild the bank.")
+    xs = sorted((float(k), float(v)) for k, v in quantiles.items())
+    return float(np.interp(q, [x for x, _ in xs], [v for _, v in xs]))
 
 
 def normal_levels(calibration_entry: dict, *, extent_quantile: float | None = None,
@@ -132,20 +161,29 @@ def normal_levels(calibration_entry: dict, *, extent_quantile: float | None = No
     ``"quantile"``: the percentiles of the held-out slices' peaks, one per slice (extent default
     :data:`EXTENT_QUANTILE`); ``"tail"``: :func:`tail_level` on every high local maximum of every
     held-out map (one peak per slice for banks made before they were recorded), which holds with a
-    few held-out slices (extent default :data:`TAIL_EXTENT_QUANTILE`); ``"auto"``: quantile with
-    at least :data:`MIN_NORMAL_PEAKS` held-out slices, tail with fewer.
+    few held-out slices (extent default :data:`TAIL_EXTENT_QUANTILE`); ``"pixel"``: the percentiles
+    of every pixel of the held-out maps (``map_quantiles``; seed :data:`PIXEL_SEED_QUANTILE` when
+    ``seed_quantile`` is left at its default, extent :data:`PIXEL_EXTENT_QUANTILE`); ``"auto"``:
+    quantile with at least :data:`MIN_NORMAL_PEAKS` held-out slices, else pixel (tail for banks
+    made before pixel percentiles were recorded).
     """
     peaks = np.asarray(calibration_entry.get("slice_max_map") or [], dtype=np.float64)
     if peaks.size == 0:
         raise ValueError("the bank holds no held-out normal slice peaks (calibration); regions need them. "
                          "Rebuild the bank with normal slices from at least one source.")
     if method == "auto":
-        method = "quantile" if peaks.size >= MIN_NORMAL_PEAKS else "tail"
+        method = "quantile" if peaks.size >= MIN_NORMAL_PEAKS else ("pixel" if calibration_entry.get("map_quantiles") else "tail")
+    if method == "pixel" and seed_quantile == SEED_QUANTILE:
+        seed_quantile = PIXEL_SEED_QUANTILE
     if extent_quantile is None:
-        extent_quantile = TAIL_EXTENT_QUANTILE if method == "tail" else EXTENT_QUANTILE
+        extent_quantile = {"tail": TAIL_EXTENT_QUANTILE, "pixel": PIXEL_EXTENT_QUANTILE}.get(method, EXTENT_QUANTILE)
     low, high = float(calibration_entry["low"]), float(calibration_entry["high"])
     span = max(high - low, 1e-12)
-    if method == "tail":
+    if method == "pixel":
+        qs = calibration_entry.get("map_quantiles") or {}
+        seed = max(0.0, (_map_quantile(qs, seed_quantile) - low) / span)
+        extent = max(0.0, (_map_quantile(qs, extent_quantile) - low) / span)
+    elif method == "tail":
         local = calibration_entry.get("local_peaks") or [[float(v)] for v in peaks]
         seed = max(0.0, (tail_level(local, _rate(seed_quantile)) - low) / span)
         extent = max(0.0, (tail_level(local, _rate(extent_quantile)) - low) / span)
@@ -154,8 +192,9 @@ def normal_levels(calibration_entry: dict, *, extent_quantile: float | None = No
         seed = float(np.percentile(cal, seed_quantile))
         extent = float(np.percentile(cal, extent_quantile))
     else:
-        raise ValueError(f"unknown level method {method!r}: 'auto', 'tail' or 'quantile'")
-    return NormalLevels(seed=float(seed), extent=float(min(extent, seed)), extent_quantile=float(extent_quantile), method=method)
+        raise ValueError(f"unknown level method {method!r}: 'auto', 'pixel', 'tail' or 'quantile'")
+    return NormalLevels(seed=float(seed), extent=float(min(extent, seed)), extent_quantile=float(extent_quantile), method=method,
+                        seed_quantile=float(seed_quantile))
 
 
 def anomalous_regions(maps: np.ndarray, levels: NormalLevels, *, foreground: np.ndarray | None = None,
@@ -214,11 +253,15 @@ def normal_peak_count(bank, k: int = defaults.K) -> int:
 
 
 def regions_supported(bank, k: int = defaults.K) -> bool:
-    """Whether the bank's calibration holds enough held-out normal peaks (:data:`MIN_NORMAL_PEAKS`)
-    for the regions prompt to be the volumes' *default*. With fewer, ``--prompt regions`` still
-    works (tail-fit levels, :func:`normal_levels`), but on the small-bank checks (docs/results.md,
-    issue 20) those levels missed most lesions, so the default stays the per-slice prompt."""
-    return normal_peak_count(bank, k) >= MIN_NORMAL_PEAKS
+    """Whether the regions prompt is the volumes' *default* with this bank: its calibration places
+    the levels (:func:`normal_levels`) from at least :data:`MIN_NORMAL_PEAKS` held-out slices'
+    peaks, or, for a smaller bank, from the pixel percentiles of its held-out maps
+    (``map_quantiles``, recorded since issue 20). A bank without calibration, or a small one built
+    before those were recorded, gives the backbone's per-slice prompt, as it did when it was made
+    (``--prompt regions`` still runs with it, on the tail fit)."""
+    n = normal_peak_count(bank, k)
+    entry = calibration_entry(bank.manifest.get("calibration"), k) or {}
+    return n >= MIN_NORMAL_PEAKS or (n >= 1 and bool(entry.get("map_quantiles")))
 
 
 def region_cores(maps: np.ndarray, labels: np.ndarray, levels: NormalLevels) -> np.ndarray:

@@ -298,8 +298,11 @@ class SegmentationResult:
         return (ijk[0], ijk[1], ijk[2])
 
     def points_rows(self) -> list[dict]:
-        """One row per slice: slice, CoG voxel indices i, j, k, image score, predicted IoU, ..."""
+        """One row per slice: slice, CoG voxel indices i, j, k, image score, predicted IoU, ..., and
+        ``levels``: how the regions prompt's levels were placed (:meth:`NormalLevels.describe`; empty otherwise)."""
         m = self.settings.mask_index - 1
+        regions = self.settings.prompt == "regions" and self.region_levels is not None
+        levels = self.region_levels.describe() if regions else ""
         rows = []
         for s in range(self.n_slices):
             ijk = self.cog_voxel(s)
@@ -318,6 +321,7 @@ class SegmentationResult:
                     "prompts": len(self._centres(s, p)),
                     "mask_used": ";".join(used) if used else ("" if p is None else str(self.settings.mask_index)),
                     "agreement": ";".join(f"{a:.3f}" for a in agreement),
+                    "levels": levels,
                 }
             )
         return rows

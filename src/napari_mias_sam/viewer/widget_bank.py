@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 from ..core.paths import sample_data_dir
 from ..backbones import BACKBONES
 from ..core.errors import InputError, MiasSamError
-from ..method.regions import regions_supported
+from ..method.regions import bank_levels, regions_supported
 
 __all__ = ["BankHost", "BankMixin", "path_or_none"]
 
@@ -65,7 +65,7 @@ class BankMixin:
         from .widget_files import display_path
 
         where = f"\nfolder: {display_path(bank.path)}" if bank.path else "\nnot saved yet"
-        self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}"
+        self.bank_info.value = bank.summary() + where + f"\ncreated {bank.manifest.get('created')}" + _levels_line(bank)
         saved = Path(bank.path).name if bank.path else "not saved"
         self.fold_bank_section(f"{bank.ntotal:,} patches, {bank.backbone.get('name')} ({saved})")
         if self.prompt.value == "regions" and not regions_supported(bank):  # too few normal slices for its levels
@@ -151,3 +151,13 @@ class BankMixin:
         self.set_bank(self.bank)
         self.status.value = f"memory bank saved to {value}"
 
+
+def _levels_line(bank) -> str:
+    """The bank's region levels for the bank box: how they are placed (peaks of >= 34 held-out
+    slices, or a small bank's pixel percentiles), or why volumes get the per-slice prompt."""
+    if not regions_supported(bank):
+        return "\nvolumes: the per-slice prompt by default (the calibration cannot place region levels)"
+    try:
+        return f"\nregion levels: {bank_levels(bank).describe()}"
+    except ValueError as exc:
+        return f"\nregion levels: none ({exc})"

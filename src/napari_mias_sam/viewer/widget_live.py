@@ -386,6 +386,9 @@ class LiveController:
         ses = self.session
         p = ses.result.prompts[s]
         if p is None:
+            levels = ses.result.region_levels
+            if ses.settings.prompt == "regions" and levels is not None:
+                return f"slice {s}: no prompt (no region: the map stays below the bank's levels, {levels.describe()})"
             return f"slice {s}: no prompt (no anatomy or no anomaly response)"
         kind = "moved point" if s in ses.overrides else str(ses.settings.prompt)
         text = f"slice {s}: {kind}"
