@@ -136,7 +136,10 @@ def test_openvino_is_used_when_installed_checked_once_and_matches_onnx_runtime(c
     got = fn(x)
     assert fn._queue is not None  # the batch ran on the streams
     assert got.shape == ref.shape and float((got - ref).abs().max()) <= fe.TOLERANCE
-    assert float((fn(x[:1]) - ref[:1]).abs().max()) <= fe.TOLERANCE  # a single slice: the latency model
+    # a single slice (the latency model) gets the very bits it gets inside a batch (the streams), as
+    # with ONNX Runtime: banks built in other batches (shards, Dask workers) stay byte-identical
+    np.testing.assert_array_equal(fn(x[:1]).numpy(), got[:1].numpy())
+    np.testing.assert_array_equal(fn(x[2:4]).numpy(), got[2:4].numpy())
     ort = fe.OnnxCpuEncoder(path, threads=2)
     assert float((got - ort(x)).abs().max()) <= fe.TOLERANCE
     calls = []
