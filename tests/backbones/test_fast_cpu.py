@@ -263,3 +263,31 @@ def test_decode_all_batches_where_the_backbone_can(monkeypatch):
     np.testing.assert_array_equal(got[1], ref[1])
     np.testing.assert_array_equal(got[2], ref[2])
     assert got[0] == ref[0] and got[0][3] is None
+
+
+@needs_onnx
+def test_a_slices_boxes_decoded_side_by_side_equal_one_by_one(lite_backbone, mias_cache_dir):
+    """decode_many (a slice's region pieces: one single-thread ONNX session per core, side by
+    side) gives each box exactly what decode gives it, bit for bit; other prompts go one by one;
+    the decode cache keeps and returns the same arrays."""
+    from napari_mias_sam.pipeline.decode_cache import CachedDecoder
+
+    emb = lite_backbone.encode(fe._check_input(256)[:, 0])[0]
+    boxes = [Prompt("box", box=(70.0, 60.0, 150.0, 170.0)), Prompt("box", box=(20.0, 20.0, 60.0, 70.0)),
+             Prompt("box", box=(120.0, 110.0, 180.0, 200.0))]
+    one = [lite_backbone.decode(emb, p) for p in boxes]
+    many = lite_backbone.decode_many(emb, boxes)
+    if lite_backbone.decoder_runtime.startswith("ONNX") and torch.get_num_threads() > 1:
+        assert lite_backbone._fast_box._parallel is not None  # the side-by-side sessions ran
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(b.logits, a.logits)
+        np.testing.assert_array_equal(b.iou, a.iou)
+    mixed = [boxes[0], Prompt("point", point=(100.0, 90.0))]
+    for a, b in zip([lite_backbone.decode(emb, p) for p in mixed], lite_backbone.decode_many(emb, mixed)):
+        np.testing.assert_array_equal(b.logits, a.logits)
+    cached = CachedDecoder(lite_backbone)
+    first = cached.decode(emb, boxes[1])  # one remembered, two decoded together
+    got = cached.decode_many(emb, boxes)
+    assert got[1] is first and cached.hits == 1 and cached.misses == 3
+    for a, b in zip(one, got):
+        np.testing.assert_array_equal(b.logits, a.logits)

@@ -296,3 +296,43 @@ def test_profile_has_slice_numbers_gt_ticks_and_greys_dropped_slices(shown, qtbo
     assert lesion is not None and list(np.flatnonzero(lesion)) == sample_subset["lesion_slices"]
     img = widget.profile.grab().toImage()
     assert img.width() > 0  # paints without error with the axis, ticks and greys
+
+
+# -- 6. what the dock shows is what the pipeline computes ---------------------------------------------------
+def test_live_mask_equals_the_pipelines_after_a_gamma_change_and_a_drag(viewer_widget, qtbot, sample_subset, sample_bank,
+                                                                        lite_backbone):
+    """The regions prompt (several region pieces per slice, decoded together): after a gamma change,
+    the dock's mask layer equals ``segment_volume``'s with the same settings,
+    voxel for voxel; after a CoG point is dragged, the slice equals ``redecode_slice`` with that
+    point (the pipeline's function for a moved prompt) on the plain backbone."""
+    from napari_mias_sam.pipeline.segment import redecode_slice
+    from napari_mias_sam.viewer.models.layers import to_display
+
+    viewer, widget, image, gt = viewer_widget
+    volume = load_volume(sample_subset["case"])
+    settings = SegmentSettings(prompt="regions", mask_index=1)
+    widget.set_bank(sample_bank)
+    widget.show_result(segment_volume(volume, sample_bank, lite_backbone, settings, cache=EmbeddingCache()), image,
+                       lite_backbone)
+    ses, mask = widget.live.session, _layer(viewer, " mask")
+    assert max(len(ses.slice_points(s)) for s in range(ses.n_slices)) >= 2  # a slice with several pieces
+
+    widget.gamma.value = 2.0  # as the slider sets it
+    _settle(qtbot, widget)
+    assert ses.settings.gamma == 2.0
+    ref = segment_volume(volume, sample_bank, lite_backbone, settings.replace(gamma=2.0), cache=EmbeddingCache())
+    np.testing.assert_array_equal(mask.data, to_display(ref.mask_volume(1), ses.axes))
+    np.testing.assert_array_equal(ses.result.logits, ref.logits)
+
+    points = _layer(viewer, " CoG")
+    row = int(np.argmax([len(ses.slice_points(int(s))) for s in points.features["slice"]]))  # a slice with pieces
+    s, piece = int(points.features["slice"][row]), int(points.features["piece"][row])
+    data = points.data.copy()
+    data[row, [a for a in range(3) if a != ses.display_axis][0]] += 6.0
+    points.data = data  # a drag ends with this change
+    _settle(qtbot, widget)
+    assert ses.moved_piece[s] == piece
+    moved = redecode_slice(ref, lite_backbone, s, settings=ses.settings, point=ses.overrides[s], piece=piece)
+    ref.apply(moved)
+    np.testing.assert_array_equal(mask.data, to_display(ref.mask_volume(1), ses.axes))
+    assert ses.result.prompts[s] == moved.prompt and np.array_equal(ses.result.logits[s], moved.logits)

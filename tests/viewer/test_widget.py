@@ -82,6 +82,7 @@ def count_calls(monkeypatch, lite_backbone):
 
     monkeypatch.setattr(lite_backbone, "encode", encode)
     monkeypatch.setattr(lite_backbone, "decode", decode)
+    monkeypatch.setattr(lite_backbone, "decode_many", lambda emb, prompts: [decode(emb, p) for p in prompts])
     return calls
 
 

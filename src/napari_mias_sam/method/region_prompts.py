@@ -204,13 +204,16 @@ def decode_regions(backbone, embedding, labels_2d: np.ndarray, map_2d: np.ndarra
     ious = np.full(3, -np.inf, np.float32)
     outcomes = np.zeros((3, n), np.int8)
     agreement = np.zeros((3, n), np.float32)
-    emb = embedding.float() if hasattr(embedding, "float") else embedding
-    for j, reg in enumerate(regions):
+    emb = embedding.float() if hasattr(embedding, "float") else embedding  # converted once for every piece
+    for j, user in (moved or {}).items():
+        if 0 <= j < n:
+            regions[j] = replace(regions[j], centre=_centre(user), prompt=user)
+    prompts = [r.prompt for r in regions]
+    many = getattr(backbone, "decode_many", None)  # every piece's decode in one call (each equal to decode's)
+    decoded = many(emb, prompts) if (many is not None and n > 1) else [backbone.decode(emb, p) for p in prompts]
+    for j, (reg, out) in enumerate(zip(regions, decoded)):
         piece = reg.piece
         user = (moved or {}).get(j)
-        if user is not None:
-            regions[j] = replace(reg, centre=_centre(user), prompt=user)
-        out = backbone.decode(emb, regions[j].prompt)
         lg = np.asarray(out.logits, np.float32)
         ious = np.maximum(ious, np.asarray(out.iou, np.float32))
         masks = lg > 0

@@ -63,6 +63,9 @@ class CachedDecoder:
                           str(getattr(backbone, "precision", "")), str(getattr(backbone, "device", "")))
         self.hits = 0
         self.misses = 0
+        #: Called (no arguments), in the decoding thread, just before a decode that is not remembered
+        #: goes to the backbone (the viewer waits on it: see ``viewer/widget_live.py``).
+        self.before_decode = None
 
     def __getattr__(self, name: str):
         # only called for attributes this object does not have: the backbone's own
@@ -96,13 +99,42 @@ class CachedDecoder:
         if mask_input is not None or prompt is None:
             return self.backbone.decode(embedding, prompt, mask_input=mask_input)
         key = (self._identity, self._embedding_key(embedding), _prompt_key(prompt))
+        out = self._lookup(key)
+        if out is not None:
+            return out
+        self._announce()
+        return self._keep(key, self.backbone.decode(embedding, prompt))
+
+    def _announce(self) -> None:
+        hook = self.before_decode
+        if hook is not None:
+            hook()
+
+    def decode_many(self, embedding, prompts: list[Prompt]) -> list:
+        """:meth:`decode` of each prompt on one embedding; the ones not remembered are decoded
+        together (the backbone's ``decode_many`` where it has one)."""
+        emb_key = self._embedding_key(embedding)
+        keys = [(self._identity, emb_key, _prompt_key(p)) for p in prompts]
+        outs = [self._lookup(k) for k in keys]
+        todo = [i for i, o in enumerate(outs) if o is None]
+        if todo:
+            self._announce()
+            many = getattr(self.backbone, "decode_many", None)
+            new = (many(embedding, [prompts[i] for i in todo]) if many is not None and len(todo) > 1
+                   else [self.backbone.decode(embedding, prompts[i]) for i in todo])
+            for i, out in zip(todo, new):
+                outs[i] = self._keep(keys[i], out)
+        return outs
+
+    def _lookup(self, key: tuple):
         with self._lock:
             out = self._store.get(key)
             if out is not None:
                 self._store.move_to_end(key)
                 self.hits += 1
-                return out
-        out = self.backbone.decode(embedding, prompt)
+            return out
+
+    def _keep(self, key: tuple, out):
         for arr in (out.logits, out.iou):
             if isinstance(arr, np.ndarray):
                 arr.flags.writeable = False

@@ -6,26 +6,32 @@ The computations are :class:`napari_mias_sam.viewer.models.live.LiveSession` met
 :mod:`napari_mias_sam.viewer.models.live`; this module only moves their results into napari layers. :class:`LiveController` uses only what
 :class:`LiveHost` declares of the widget (a test checks it).
 
-Where the time of a live update goes: the changed slice's decode (background thread), then on the
-GUI thread only what that slice changes: its row of the mask array, its point, its boxes (edited in
-place), its Dice counts (:class:`~napari_mias_sam.viewer.models.compare.DiceTracker`), and a
-refresh of the layers only when the slice is the one shown. The rest of the volume's slices are
-written into the layers' arrays as they arrive (napari draws them when the user gets there); the QA
-columns are recomputed once the updates pause. Settings and dragged points are applied at once
-(no debounce): a newer change supersedes a pass at its next slice.
+Where the time of a live update goes: the changed slice's decode (background thread; a slice's
+region pieces decoded side by side, one per core), then on the GUI thread only what that slice
+changes: its row of the mask array, its point (the points array is written in place), its boxes,
+its Dice counts (:class:`~napari_mias_sam.viewer.models.compare.DiceTracker`), and a refresh of
+the layers only when the slice is the one shown. The pass waits (at most :data:`SHOWN_WAIT_S`)
+until the shown slice is drawn before it decodes the others, so that the canvas paint does not
+share the two cores with them; the dock's readout of that slice (Dice, IoU, review) is written
+just after the paint. The rest of the volume's slices are written into the layers' arrays as they
+arrive (napari draws them when the user gets there); the QA columns are recomputed once the
+updates pause. Gamma, the mask and dragged points are applied at once (no debounce; a prompt
+change on the next turn of the event loop): a newer change supersedes a pass at its next slice.
+Measured timings: docs/performance.md, section 7.
 
 Size: about 700 lines because one controller owns every output layer of a run and keeps them in
 step (layers, points, background re-decoding, comparison, profile); the computations themselves are
 in :mod:`napari_mias_sam.viewer.models.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
 
+import threading
 import time
 from functools import partial
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import napari
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject, QTimer
 
 from .widget_threads import start_generator
 from .models.live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, LiveSession, ranked_slices
@@ -46,6 +52,8 @@ GT_COLOR = "cyan"  # the ground truth's outline
 ERROR_COLORS = {"FP": "yellow", "FN": "magenta"}
 QA_DELAY_MS = 300  # the QA columns are recomputed this long after the last live update
 STATE_DELAY_MS = 250  # a pass still running after this long says "updating slices..."
+HEAD_START_S = 0.04  # the GUI thread waits at most this long for a pass to reach the decoder (see refresh)
+SHOWN_WAIT_S = 0.06  # a pass waits at most this long for the shown slice to be drawn (one canvas paint) before the rest
 
 
 def is_output_layer(layer) -> bool:
@@ -135,29 +143,35 @@ class LiveController:
         self._points_owned = None  # the points array this controller set (written in place)
         self._box_drawn: dict = {}  # slice -> (corner arrays, kind) of the boxes drawn
         self._box_dirty: set = set()  # slices whose boxes changed and are not drawn yet
+        # The timers are the dock's children: they go with it (none fires into a closed dock).
+        dock = widget if isinstance(widget, QObject) else None
         # The shown slice's boxes are redrawn just after its mask (a second, short paint).
-        self._box_timer = QTimer()
+        self._box_timer = QTimer(dock)
         self._box_timer.setSingleShot(True)
         self._box_timer.setInterval(0)
         self._box_timer.timeout.connect(self._rebuild_boxes)
-        # A drag ends with one "changed" event; a timer of 0 ms lets several points moved at once
-        # go in one pass.
-        self._move_timer = QTimer()
-        self._move_timer.setSingleShot(True)
-        self._move_timer.setInterval(0)
-        self._move_timer.timeout.connect(self._apply_moves)
         # The QA columns (a pass over every slice) wait until the updates pause.
-        self._qa_timer = QTimer()
+        self._qa_timer = QTimer(dock)
         self._qa_timer.setSingleShot(True)
         self._qa_timer.setInterval(QA_DELAY_MS)
         self._qa_timer.timeout.connect(self._deferred_qa)
         # "updating slices..." only for passes that take a while (every text change repaints the window).
-        self._state_timer = QTimer()
+        self._state_timer = QTimer(dock)
         self._state_timer.setSingleShot(True)
         self._state_timer.setInterval(STATE_DELAY_MS)
         self._state_timer.timeout.connect(self._show_updating)
+        # The shown slice's readout (Dice, IoU, review) is written just after its mask is drawn,
+        # and then the pass decodes the other slices (it waits on ``_drawn`` until then).
+        self._readout_timer = QTimer(dock)
+        self._readout_timer.setSingleShot(True)
+        self._readout_timer.setInterval(0)
+        self._readout_timer.timeout.connect(self._after_shown)
+        self._drawn = threading.Event()
+        self._hold = False  # the running pass waits for the shown slice to be drawn
+        if dock is not None:  # a dock deleted without closing (the viewer closed): stop as close() does
+            dock.destroyed.connect(self._on_dock_destroyed)
         self.review = ReviewController(widget, self)
-        self._show(reuse or {})
+        self._show(reuse or {}, previous._points_owned if previous is not None else None)
         self.update_compare(full=True)
         self.on_slice_changed()
 
@@ -206,7 +220,7 @@ class LiveController:
         self.layers[role] = layer
         return layer
 
-    def _show(self, reuse: dict) -> None:
+    def _show(self, reuse: dict, previous_points=None) -> None:
         ses, name = self.session, self.source.name
         amap = ses.anomaly_display()
         fg = amap[amap > 0]
@@ -228,7 +242,7 @@ class LiveController:
         if np.shape(pts.face_color) != colors.shape or not np.allclose(pts.face_color, colors):
             pts.face_color = colors
         self._snapshot = pts.data.copy()
-        self._index_points()
+        self._index_points(owned=pts.data is coords or (previous_points is not None and pts.data is previous_points))
         pts.events.data.connect(self._on_points_data)
         self.review.bind_keys(pts)
         if "errors" in reuse and reuse["errors"] in self.viewer.layers:
@@ -309,13 +323,14 @@ class LiveController:
 
     def close(self) -> None:
         """Stop background work and detach from the layers (they stay in the viewer)."""
-        self._move_timer.stop()
         self.session.new_generation()
         if self._worker is not None:
             self._worker.quit()
         self._qa_timer.stop()
         self._state_timer.stop()
         self._box_timer.stop()
+        self._readout_timer.stop()
+        self._drawn.set()  # a pass waiting for its slice to be drawn ends
         hooks = [(self.layers.get("points"), "data", self._on_points_data), (self.layers.get("mask"), "paint", self._on_painted)]
         hooks += [(gt, ev, self._on_gt_edited) for gt in self._styled for ev in ("paint", "data")]
         for layer, event, slot in hooks:
@@ -324,6 +339,10 @@ class LiveController:
                     getattr(layer.events, event).disconnect(slot)
                 except (TypeError, ValueError, RuntimeError):
                     pass
+
+    def _on_dock_destroyed(self, _obj=None) -> None:
+        self.session.new_generation()  # background passes stop; their last signals are ignored
+        self._drawn.set()
 
     def _on_painted(self, _event=None) -> None:
         self.update_compare(full=True)
@@ -407,23 +426,45 @@ class LiveController:
         self._state_timer.start()
         self._active_gen = gen
         self.updated = []
-        self._worker = start_generator(self.session.refresh_iter, order, gen,
+        self._drawn.set()  # the superseded pass, if it waits, goes on (and stops at its next slice)
+        self._drawn = drawn = threading.Event()
+        # The shown slice first, alone on the CPU until it is drawn; then the others (a pass that
+        # decodes nothing, a mask change, sends every slice at once: they are drawn together).
+        decodes = bool(self.session.stale.intersection(order))
+        first = decodes and bool(order) and order[0] == self.current_slice()
+        self._hold = first
+        started = threading.Event()
+
+        def hold() -> None:
+            started.set()
+            drawn.wait(SHOWN_WAIT_S)
+
+        self.session.decoder.before_decode = started.set if first else None
+        self._worker = start_generator(self.session.refresh_iter, order, gen, None, hold if first else None,
                                        on_yield=partial(self._on_update, gen), on_finished=partial(self._on_done, gen))
+        if first:
+            # The shown slice's decode starts before the GUI thread goes back to the event loop: a
+            # repaint of the window (the control just moved: about 30 ms in software OpenGL,
+            # measured) holds the GIL and would keep the pass from reaching the decoder, which
+            # releases it. Waiting here lets the decode and that repaint run side by side.
+            started.wait(HEAD_START_S)
         return self._worker
 
     @property
     def busy(self) -> bool:
         """True from a change until its background pass has updated the layers and the QA columns
         (or a timer still holds a change)."""
-        return (self._active_gen is not None or self._move_timer.isActive() or self.w.settings_pending()
-                or self._qa_timer.isActive() or self._box_timer.isActive())
+        return (self._active_gen is not None or self.w.settings_pending()
+                or self._qa_timer.isActive() or self._box_timer.isActive() or self._readout_timer.isActive())
 
     def _show_updating(self) -> None:
         if self._active_gen is not None:
-            try:
-                self.w.show_live_state("updating slices...")
-            except RuntimeError:  # the dock closed (its labels deleted) before this parentless timer fired
-                pass
+            self.w.show_live_state("updating slices...")
+
+    def _after_shown(self) -> None:
+        """After the shown slice's new mask is drawn: its readout, then the rest of the pass."""
+        self._drawn.set()
+        self.on_slice_changed()
 
     def _on_update(self, gen: int, upd) -> None:
         """One slice's new mask, point and boxes; drawn at once when it is the slice shown."""
@@ -446,6 +487,10 @@ class LiveController:
         if rebuild_points and not shown:
             self._points_dirty = True
         now = time.perf_counter()
+        if shown and self._hold:  # drawn first (the canvas paints before a 0 ms timer fires), then the readout
+            self._readout_timer.start()
+        elif not self._drawn.is_set() and self.updated == [s]:
+            self._drawn.set()
         if shown or (everything and now - self._last_refresh > 0.25):
             self._last_refresh = now
             if changed or everything:
@@ -456,7 +501,7 @@ class LiveController:
                 self._rebuild_points()
             else:
                 self.layers["points"].refresh()
-            if shown:
+            if shown and not self._hold:  # a pass that decodes nothing: the readout in the same paint
                 self.on_slice_changed()
             if self._box_dirty and (s in self._box_dirty or everything):
                 self._box_timer.start()
@@ -595,6 +640,9 @@ class LiveController:
         for i in moved:
             self.session.move_point(int(slices[i]), data[i], piece=int(pieces[i]))
         self._snapshot = data.copy()
+        # A drag ends with one "changed" event (every point it moved): their slices decode at once,
+        # the moved slice first, while the points are recoloured.
+        self._apply_moves()
         self._updating_points = True
         try:  # a moved point turns orange (corrected) at once
             pts.features.loc[moved, "moved"] = True
@@ -602,7 +650,6 @@ class LiveController:
             pts.face_color = status_colors(pts.features["status"].to_numpy())
         finally:
             self._updating_points = False
-        self._move_timer.start()  # decode at once (a drag sends "changed" on release only)
         self.review.show_info()
 
     def show_statuses(self) -> None:

@@ -449,15 +449,19 @@ class LiveSession:
             return SliceUpdate(s=int(s), mask=mask, point=self.point(s), ious=self.ious(s).copy(),
                                boxes=self.box_corners(s), box_kind=self.box_kind(s), points=self.slice_points(s))
 
-    def refresh_iter(self, order: list[int], generation: int, cancelled=None) -> Iterator[SliceUpdate]:
+    def refresh_iter(self, order: list[int], generation: int, cancelled=None, after_first=None) -> Iterator[SliceUpdate]:
         """Bring slices in ``order`` up to date: decode the stale ones, yield every slice's update.
-        Stops as soon as ``generation`` is superseded or ``cancelled()`` is true."""
-        for s in order:
+        Stops as soon as ``generation`` is superseded or ``cancelled()`` is true. ``after_first()``
+        is called once the first slice's update was taken (the viewer: wait until the slice shown
+        is drawn, so that its drawing does not share the CPU with the next slices' decodes)."""
+        for i, s in enumerate(order):
             if (cancelled is not None and cancelled()) or generation != self.generation:
                 return
             if s in self.stale and not self.redecode(s, generation):
                 return
             yield self.slice_update(s)
+            if i == 0 and after_first is not None:
+                after_first()
 
     def sync(self) -> None:
         """Record the settings in force on the result (call when no slice is stale)."""
