@@ -15,7 +15,11 @@ frames them), interleaved round by round so that a change of machine load hits t
 * ``ort-extended``: as ``ort-2threads`` with graph optimisation level "extended" instead of "all";
 * ``ort-int8``: dynamic int8 quantisation of the MatMul/Gemm weights (onnxruntime.quantization);
 * ``ort-fp16``: the graph converted to float16 (onnxconverter-common, when installed);
-* ``openvino-f32`` / ``openvino-bf16``: OpenVINO's CPU plugin, when ``openvino`` is installed.
+* ``openvino-streams``: OpenVINO fp32, one single-thread stream per core, slices side by side (what
+  :class:`~napari_mias_sam.backbones.openvino_cpu.OpenVinoCpuEncoder` does for a batch, the default
+  when ``openvino`` is installed);
+* ``openvino-f32`` / ``openvino-bf16``: OpenVINO's CPU plugin in latency mode (every thread on one
+  slice), fp32 and bf16, when ``openvino`` is installed.
 
 Prints, per variant, min and median seconds per slice (batches of ``--batch`` slices) and the
 largest absolute difference of its embeddings from eager fp32 PyTorch (the fast path's tolerance is
@@ -90,6 +94,10 @@ def variants(onnx_path: Path, threads: int, work: Path) -> dict:
     try:
         import openvino as ov
 
+        from napari_mias_sam.backbones.openvino_cpu import OpenVinoCpuEncoder
+
+        ovp = OpenVinoCpuEncoder(onnx_path, threads=threads)
+        out["openvino-streams"] = lambda arr: ovp(torch.from_numpy(arr)).numpy()
         core = ov.Core()
         for prec in ("f32", "bf16"):
             cm = core.compile_model(core.read_model(str(onnx_path)), "CPU", {
@@ -97,9 +105,9 @@ def variants(onnx_path: Path, threads: int, work: Path) -> dict:
             req = cm.create_infer_request()
             out[f"openvino-{prec}"] = (lambda r: lambda arr: np.concatenate([r.infer({0: arr[i : i + 1]})[0] for i in range(len(arr))]))(req)
     except ImportError:
-        out["openvino-f32"] = out["openvino-bf16"] = "openvino not installed"
+        out["openvino-streams"] = out["openvino-f32"] = out["openvino-bf16"] = "openvino not installed"
     except Exception as exc:  # noqa: BLE001
-        out["openvino-f32"] = out["openvino-bf16"] = f"not made ({type(exc).__name__}: {exc})"
+        out["openvino-streams"] = out["openvino-f32"] = out["openvino-bf16"] = f"not made ({type(exc).__name__}: {exc})"
     return out
 
 

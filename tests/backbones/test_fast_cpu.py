@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_mias_sam.backbones import fast_cpu as fe
+from napari_mias_sam.backbones.openvino_cpu import OpenVinoCpuEncoder, openvino_available, verified_marker
 from napari_mias_sam.method.prompts import Prompt
 
 needs_onnx = pytest.mark.skipif(not fe.onnx_available(), reason="onnxruntime/onnx not installed")
@@ -42,9 +43,14 @@ class TinyEncoder(torch.nn.Module):
         return self.out(torch.nn.functional.gelu(self.block(self.stem(x))))
 
 
+needs_openvino = pytest.mark.skipif(not (fe.onnx_available() and openvino_available()), reason="openvino not installed")
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """A fresh cache folder; OpenVINO off (these tests pin the ONNX Runtime path; it has its own)."""
     monkeypatch.setenv("MIAS_SAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MIAS_SAM_OPENVINO", "0")
     return tmp_path / "cache"
 
 
@@ -113,6 +119,50 @@ def test_onnx_batch_on_parallel_sessions_equals_one_session(cache):
     np.testing.assert_array_equal(par(x[:1]).numpy(), one(x[:1]).numpy())  # a single slice: the main session
 
 
+@needs_openvino
+def test_openvino_is_used_when_installed_checked_once_and_matches_onnx_runtime(cache, monkeypatch):
+    """fast="auto" with openvino installed: the exported graph on OpenVINO (fp32), embeddings within
+    the tolerance of eager PyTorch and of ONNX Runtime, one slice and a batch on streams; the check
+    against eager PyTorch runs once (a marker next to the ONNX file); "onnx" keeps ONNX Runtime."""
+    monkeypatch.delenv("MIAS_SAM_OPENVINO")
+    enc = TinyEncoder()
+    fn, what = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+    assert isinstance(fn, OpenVinoCpuEncoder) and what.startswith("OpenVINO")
+    path = fe.onnx_cache_path("tiny", "abc123", 32)
+    assert verified_marker(path).is_file() and not list(path.parent.glob(".*.part"))
+    x = torch.rand(5, 3, 32, 32)
+    with torch.inference_mode():
+        ref = enc(x)
+    got = fn(x)
+    assert fn._queue is not None  # the batch ran on the streams
+    assert got.shape == ref.shape and float((got - ref).abs().max()) <= fe.TOLERANCE
+    # a single slice (the latency model) gets the very bits it gets inside a batch (the streams), as
+    # with ONNX Runtime: banks built in other batches (shards, Dask workers) stay byte-identical
+    np.testing.assert_array_equal(fn(x[:1]).numpy(), got[:1].numpy())
+    np.testing.assert_array_equal(fn(x[2:4]).numpy(), got[2:4].numpy())
+    ort = fe.OnnxCpuEncoder(path, threads=2)
+    assert float((got - ort(x)).abs().max()) <= fe.TOLERANCE
+    calls = []
+    monkeypatch.setattr(fe, "_check_input", lambda n: calls.append(n) or pytest.fail("checked again"))
+    fn2, _ = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+    assert isinstance(fn2, OpenVinoCpuEncoder) and not calls
+    fn3, what3 = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32, mode="onnx")
+    assert isinstance(fn3, fe.OnnxCpuEncoder) and what3.startswith("ONNX Runtime")
+    monkeypatch.setenv("MIAS_SAM_OPENVINO", "0")
+    assert isinstance(fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)[0], fe.OnnxCpuEncoder)
+
+
+@needs_openvino
+def test_openvino_over_the_tolerance_falls_back_to_onnx_runtime(cache, monkeypatch):
+    monkeypatch.delenv("MIAS_SAM_OPENVINO")
+    enc = TinyEncoder()
+    fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32, mode="onnx")  # export, verified
+    monkeypatch.setattr(fe, "TOLERANCE", -1.0)  # now no difference can pass OpenVINO's check
+    fn, what = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc", input_size=32)
+    assert isinstance(fn, fe.OnnxCpuEncoder) and what.startswith("ONNX Runtime")
+    assert not verified_marker(fe.onnx_cache_path("tiny", "abc", 32)).exists()
+
+
 @needs_onnx
 def test_damaged_cache_is_dropped_and_rebuilt(cache):
     enc = TinyEncoder()
@@ -160,7 +210,7 @@ def test_litemedsam_fast_paths_match_eager(mias_cache_dir):
     got = fast.encode(frames)
     assert float((got - ref).abs().max()) <= fe.TOLERANCE
     if fe.onnx_available():
-        assert fast.encoder_runtime.startswith("ONNX Runtime")
+        assert fast.encoder_runtime.startswith("OpenVINO" if openvino_available() else "ONNX Runtime")
     for p in (Prompt("box", box=(70.0, 60.0, 150.0, 170.0)), Prompt("point", point=(100.0, 90.0)),
               Prompt("boxes", boxes=((20.0, 20.0, 60.0, 70.0), (120.0, 110.0, 180.0, 200.0)))):
         a, b = eager.decode(ref[0], p), fast.decode(ref[0], p)

@@ -1,6 +1,7 @@
-"""The exact k-NN with PCA lower bounds (bank/bounded_knn.py): the same neighbours as a full search,
-with and without an excluded range; the calibration it answers equals the full search's, on a
-real bank; a bank's CPU search uses it only where it pays."""
+"""The exact k-NN with PCA lower bounds (bank/bounded_knn.py): the same distances as a full search
+(torch_knn), bit for bit, with and without an excluded range; the calibration it answers is the full
+search's, bit for bit, on a real bank; a bank's CPU search uses it only where it pays, and only
+when asked."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from napari_mias_sam.bank import build as bank_build
-from napari_mias_sam.bank.bounded_knn import BoundedSearcher, bank_matrix
+from napari_mias_sam.bank import bounded_knn
+from napari_mias_sam.bank.bounded_knn import BoundedSearcher, bank_matrix, gemm_identity_holds
 from napari_mias_sam.bank.knn import torch_knn
 from napari_mias_sam.method.patches import GRID
 
@@ -46,14 +48,15 @@ def test_same_neighbours_as_a_full_search(exclude, k):
     q = np.concatenate([_clustered(300, 96, seed=2), x[::997] + 0.01])  # new vectors and near-copies of bank ones
     bs = BoundedSearcher(x, dims=24, candidates=8, boundaries=[3000, 4000])  # few candidates: the widening rounds run
     got = bs.search(q, k, exclude=exclude)
-    ref = _brute(q, x, k, exclude)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    # the float32 full search the calibration used before agrees to its own rounding, which is
-    # relative to the vectors' squared norms (|q|^2 + |x|^2 - 2 q.x): near-copies show it
     idx = faiss.IndexFlatL2(96)
     idx.add(x)
+    # the float32 full search the calibration ran before (and runs where the bounds are off): the
+    # same values, bit for bit
+    assert gemm_identity_holds()
+    np.testing.assert_array_equal(got.view(np.uint32), torch_knn(q, idx, k, exclude=exclude).view(np.uint32))
+    # and the true distances to float32 matrix-product rounding, relative to the squared norms
     scale = float((q**2).sum(1).max() + (x**2).sum(1).max())
-    np.testing.assert_allclose(torch_knn(q, idx, k, exclude=exclude), got, rtol=1e-5, atol=2e-6 * scale)
+    np.testing.assert_allclose(got, _brute(q, x, k, exclude), rtol=1e-5, atol=2e-6 * scale)
 
 
 def test_a_faiss_index_is_read_without_a_copy_and_fails_cleanly_when_empty():
@@ -83,33 +86,38 @@ def _calibration_inputs(bank):
 
 def test_calibration_levels_equal_the_full_searches(sample_bank, monkeypatch):
     """The bundled sample's bank (real LiteMedSAM features): the levels answered with the bounds
-    are today's, from a full search of the bank per held-out slice (torch_knn)."""
+    (the default) are bit for bit today's, from a full search of the bank per held-out slice
+    (``MIAS_SAM_BOUNDED_KNN=0``: search_excluding, torch_knn)."""
     feats, ranges, sizes, offsets = _calibration_inputs(sample_bank)
+    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
+    used = []
+    real = BoundedSearcher.search
+    monkeypatch.setattr(BoundedSearcher, "search", lambda self, *a, **kw: used.append(1) or real(self, *a, **kw))
     new = bank_build._calibrate(sample_bank.index, feats, ranges, sizes, offsets=offsets, sigma=4.0, progress=None)
-    calls = []
-
-    class FullSearch:  # what _calibrate did before: one full exact search per group of held-out slices
-        def __init__(self, index, **_kw):
-            self.index = index
-
-        def search(self, q, k, *, exclude=None):
-            calls.append(exclude)
-            return torch_knn(q, self.index, k, exclude=exclude)
-
-    monkeypatch.setattr(bank_build, "BoundedSearcher", FullSearch)
+    assert used, "the bounded search is the calibration's default"
+    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "0")
+    n_used = len(used)
     old = bank_build._calibrate(sample_bank.index, feats, ranges, sizes, offsets=offsets, sigma=4.0, progress=None)
-    assert calls and new["method"] == old["method"] == "leave-one-source-out" and new["n_slices"] == old["n_slices"] > 0
-    assert new["per_k"].keys() == old["per_k"].keys()
-    for k, lv in old["per_k"].items():
-        for name in ("low", "high"):
-            assert new["per_k"][k][name] == pytest.approx(lv[name], rel=1e-5), (k, name)
-        np.testing.assert_allclose(new["per_k"][k]["slice_max_map"], lv["slice_max_map"], rtol=1e-5)
-        np.testing.assert_allclose(new["per_k"][k]["slice_scores"], lv["slice_scores"], rtol=1e-5)
-        for q, v in lv["patch_score_quantiles"].items():
-            assert new["per_k"][k]["patch_score_quantiles"][q] == pytest.approx(v, rel=1e-5), (k, q)
+    assert len(used) == n_used, "MIAS_SAM_BOUNDED_KNN=0 searches in full"
+    assert new["method"] == old["method"] == "leave-one-source-out" and new["n_slices"] == old["n_slices"] > 0
+    assert new == old  # every level, quantile and per-slice value: the same floats
     # and the bank built by the package holds these levels
-    stored = sample_bank.manifest["calibration"]["per_k"]
-    assert stored["1"]["low"] == pytest.approx(new["per_k"]["1"]["low"], rel=1e-6)
+    assert sample_bank.manifest["calibration"]["per_k"] == new["per_k"]
+
+
+def test_calibration_searches_in_full_where_the_blas_identity_fails(sample_bank, monkeypatch):
+    feats, ranges, sizes, offsets = _calibration_inputs(sample_bank)
+    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
+    monkeypatch.setattr(bank_build, "gemm_identity_holds", lambda: False)
+    monkeypatch.setattr(BoundedSearcher, "search", lambda *a, **kw: pytest.fail("bounded search used"))
+    got = bank_build._calibrate(sample_bank.index, feats, ranges, sizes, offsets=offsets, sigma=4.0, progress=None)
+    assert got["per_k"] == sample_bank.manifest["calibration"]["per_k"]
+
+
+def test_the_blas_identity_probe_runs_once(monkeypatch):
+    monkeypatch.setattr(bounded_knn, "_IDENTITY", [])
+    assert gemm_identity_holds() is True  # MKL / OpenBLAS at this thread count
+    assert bounded_knn._IDENTITY == [True]
 
 
 def test_bank_search_uses_the_bounds_only_where_they_pay(sample_bank):
@@ -121,11 +129,15 @@ def test_bank_search_uses_the_bounds_only_where_they_pay(sample_bank):
     assert sample_bank._bounded is not None
 
 
-def test_the_bounded_search_is_opt_in(sample_bank, monkeypatch):
-    """Off by default: its distances' rounding differs from faiss's, and banks, maps and shards must
-    stay byte-identical to a one-process faiss search unless the user asks for it."""
+def test_the_bounded_search_is_opt_in_for_bank_searches(sample_bank, monkeypatch):
+    """A bank's own search stays faiss's unless asked: its distances' rounding differs from the
+    bounded search's (torch_knn's arithmetic), and maps must stay byte-identical to a one-process
+    faiss search (shards, Dask workers, earlier releases); calibration uses it by default."""
     q = bank_matrix(sample_bank.index)[:4096] + 0.01
     monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
     assert not sample_bank._bounded_pays(len(q), 1)
+    assert bounded_knn.enabled(default=True)
     monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")
     assert sample_bank._bounded_pays(len(q), 1)
+    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "0")
+    assert not bounded_knn.enabled(default=True)

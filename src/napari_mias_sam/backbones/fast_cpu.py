@@ -8,6 +8,11 @@ unfused batch norms, layout copies, one kernel per element-wise op. Two paths cl
     against the PyTorch model, cached in the user cache folder keyed by the weights' SHA-256,
     and run with ONNX Runtime (dependencies ``onnxruntime`` and ``onnx``). It measured about 2x faster than eager PyTorch on the 2-core
     test machines (see docs/performance.md) with embeddings equal within 1e-5.
+``openvino``
+    Where the optional ``openvino`` package is installed (``pip install napari-mias-sam[openvino]``),
+    ``fast="auto"`` runs the same exported graph with OpenVINO's CPU plugin in fp32
+    (:mod:`.openvino_cpu`; 0.79x of ONNX Runtime's time per slice here, same tolerance), after a
+    one-time check against the eager model; ONNX Runtime is its fallback.
 ``torch``
     The fallback when ONNX Runtime is missing or the export fails: the same folded model in
     PyTorch with channels-last memory layout.
@@ -302,8 +307,9 @@ def cpu_encoder(
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
     """The fastest available CPU encoder for ``encoder`` and a line saying which one it is.
 
-    ``mode``: ``auto`` (ONNX Runtime when installed, else the torch path), ``onnx`` (the same,
-    but the reason for a fallback is logged as a warning), ``torch``, or ``off`` (returns
+    ``mode``: ``auto`` (OpenVINO on the exported graph when ``openvino`` is installed and checks
+    out, else ONNX Runtime when installed, else the torch path), ``onnx`` (ONNX Runtime; the
+    reason for a fallback is logged as a warning), ``torch``, or ``off`` (returns
     ``(None, ...)``: use the eager model). Never raises for a missing optional dependency or a
     failed export: it falls back and says why.
     """
@@ -328,11 +334,44 @@ def cpu_encoder(
 
             try:
                 enc = _cached_session(path, export, lambda p: OnnxCpuEncoder(p, threads))
-                return enc, f"ONNX Runtime ({path.name})"
             except Exception as exc:  # export or runtime failure: the torch path still works
                 reason = _reason(exc)
+            else:
+                if mode == "auto":
+                    ov_enc, why = _openvino_encoder(encoder, path, input_size, threads)
+                    if ov_enc is not None:
+                        return ov_enc, f"OpenVINO ({path.name})"
+                    log.info("fast encoder: OpenVINO not used (%s); using ONNX Runtime", why)
+                return enc, f"ONNX Runtime ({path.name})"
         (log.warning if mode == "onnx" else log.info)("fast encoder: %s; using folded PyTorch", reason)
     return TorchCpuEncoder(encoder), "folded PyTorch, channels-last" + (f" ({reason})" if reason else "")
+
+
+def _openvino_encoder(encoder: torch.nn.Module, path: Path, input_size: int, threads: int | None):
+    """``(OpenVinoCpuEncoder, "")`` for the exported ``path`` when ``openvino`` is installed and its
+    embeddings (one slice and a batch) are within :data:`TOLERANCE` of the eager model's (checked
+    once per OpenVINO version, recorded next to the ONNX file), else ``(None, why)``."""
+    from .openvino_cpu import OpenVinoCpuEncoder, openvino_available, verified_marker
+
+    if not openvino_available():
+        return None, "openvino not installed or MIAS_SAM_OPENVINO=0"
+    try:
+        enc = OpenVinoCpuEncoder(path, threads)
+        marker = verified_marker(path)
+        if not marker.is_file():
+            x = _check_input(input_size)
+            x2 = torch.cat([x, x.flip(-1)])
+            with torch.inference_mode():
+                ref = encoder.eval()(x2)
+            diff = max(_max_diff(enc(x), ref[:1]), _max_diff(enc(x2), ref))
+            if not diff <= TOLERANCE:
+                raise RuntimeError(f"OpenVINO's embeddings differ from PyTorch by {diff:.2e} (> {TOLERANCE:g})")
+            tmp = marker.with_name(f".{marker.name}.{os.getpid()}.part")
+            tmp.write_text(f"max abs difference from eager PyTorch: {diff:.3e}\n")
+            os.replace(tmp, marker)
+        return enc, ""
+    except Exception as exc:  # noqa: BLE001 (ONNX Runtime is the fallback)
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def cpu_box_decoder(

@@ -10,21 +10,24 @@ inequality). The bound costs ``m`` of the ``d`` multiply-adds of a distance (the
 of 1,024 directions hold 95 % of its variance, measured on the bundled sample bank), and it is
 tight: for each query, only the bank vectors whose bound is below its k-th smallest *exact*
 distance can be among its k nearest, typically a dozen of 43,008 (same measurement). So
-:class:`BoundedSearcher` computes the bounds for the whole bank, the exact distances of the
-``candidates`` smallest bounds (which gives an upper bound on the k-th distance), then the exact
-distance of every other vector whose bound is under it. Every vector closer than the k-th exact
-distance found is examined, so the result is the exact k nearest, as a full search finds them;
-only the rounding of each distance differs: the distances found are computed from the float32
-differences (``torch.cdist`` without its matrix-product shortcut), closer to the true values than a float32 matrix product's ``|q|^2 + |x|^2 - 2 q.x``
-(faiss, :func:`~napari_mias_sam.bank.knn.torch_knn`: errors of about 1e-5 on the sample bank's
-distances, which are of order 1; about 3e-7 here, against float64). A relative margin on the bounds
-covers their own float32 rounding.
+:class:`BoundedSearcher` computes the bounds for the whole bank, scores the ``candidates`` smallest
+bounds of each query exactly (which gives an upper bound on its k-th distance), then every other
+vector whose bound is under it (widening the candidates four-fold per round).
 
-Used, where :func:`enabled` (``MIAS_SAM_BOUNDED_KNN=1``), for the leave-one-source-out calibration
-of a bank build (one search per held-out slice, its own source excluded by id range) and for the CPU
-search of exact (``flat``) banks. Off by default: the neighbours are the same, but the distances'
-rounding differs from faiss's (about 1e-5), so a bank or a map made with it is not byte-identical to
-one made by a sharded bank, a Dask worker or an earlier release.
+The scores are the very float32 values a full search computes
+(:func:`~napari_mias_sam.bank.knn.torch_knn`: ``||x||^2 - 2 q.x + ||q||^2`` by ``torch.addmm``),
+bit for bit: they come from the same BLAS matrix product, on blocks of 64 queries x the union of
+their candidates (at least 64 bank vectors), shapes for which the BLAS kernel gives every element
+the bits of the full product (:func:`gemm_identity_holds` checks this once per process; where it
+fails, callers search in full). The threshold allows for that product's rounding (at most about
+``d 2^-24 |q| |x|``) and the bounds' own float32 rounding (:data:`MARGIN`), so every vector that
+the full search's rounding could put among the k nearest is scored: the result equals the full
+search's, bitwise (tests/bank/test_bounded_knn.py, on the sample bank and with shards).
+
+Used by default for the leave-one-source-out calibration of a bank build (one search per held-out
+slice, its own source excluded by id range; ``MIAS_SAM_BOUNDED_KNN=0`` turns it off). For the CPU
+search of exact (``flat``) banks only with ``MIAS_SAM_BOUNDED_KNN=1``: a bank's search is faiss's
+(``index.search``), whose distances round differently from torch_knn's (about 1e-5).
 """
 
 from __future__ import annotations
@@ -37,20 +40,31 @@ import torch
 
 from .knn import index_vectors
 
-__all__ = ["BoundedSearcher", "PCA_DIMS", "bank_matrix", "enabled", "ENV"]
+__all__ = ["BoundedSearcher", "PCA_DIMS", "bank_matrix", "enabled", "ENV", "gemm_identity_holds", "gemm_rescore_exact"]
 
-#: Environment variable that turns the bounded search on (``1``); off by default (see above).
+#: Environment variable: ``0`` turns the bounded search off for calibration (on by default there:
+#: its distances are torch_knn's, bit for bit); ``1`` also turns it on for large CPU searches of
+#: flat banks (off by default: faiss's own search rounds its distances differently, ~1e-5).
 ENV = "MIAS_SAM_BOUNDED_KNN"
+#: Banks smaller than this are searched in full (the bounds would not pay; and the re-scoring
+#: products need at least GEMM_COLS bank vectors).
+MIN_BANK = 1024
 
 
-def enabled() -> bool:
-    """Whether calibration and large CPU searches of flat banks use :class:`BoundedSearcher`."""
-    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def enabled(default: bool = False) -> bool:
+    """Whether :class:`BoundedSearcher` is used: ``MIAS_SAM_BOUNDED_KNN`` set to 1/0, else ``default``
+    (True for calibration, False for a bank's own searches)."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    return default
 
 #: Principal directions used for the bounds (at most a quarter of the feature dimension).
 PCA_DIMS = 128
 #: Bank vectors sampled (evenly) to estimate the principal directions.
-PCA_SAMPLE = 16384
+PCA_SAMPLE = 4096
 #: Bank vectors per bound index segment (an excluded range skips whole segments).
 SEGMENT = 16384
 #: Candidate vector elements gathered at once for the exact distances (8 MiB: in cache).
@@ -91,10 +105,12 @@ class BoundedSearcher:
         with torch.inference_mode():
             self.xn = (self.x * self.x).sum(1)  # squared norms, for the exact distances
             step = max(1, self.n // PCA_SAMPLE)
-            sample = self.x[::step].double()
-            self.mean32 = sample.mean(0).float()
-            cov = torch.cov(sample.T) if len(sample) > 1 else torch.zeros((self.d, self.d), dtype=torch.float64)
-            _, vecs = torch.linalg.eigh(cov)
+            sample = self.x[::step]
+            self.mean32 = sample.double().mean(0).float()
+            c = sample - self.mean32
+            # the basis only sets how tight the bounds are (any orthonormal one gives valid bounds)
+            cov = (c.T @ c) / max(1, len(c) - 1)
+            _, vecs = torch.linalg.eigh(cov.float())
             self.basis = vecs[:, -self.m:].flip(1).float().contiguous()  # (d, m), largest variance first
             y = np.empty((self.n, self.m + 1), dtype=np.float32)
             for s in range(0, self.n, 65536):
@@ -135,22 +151,11 @@ class BoundedSearcher:
             d, i = np.take_along_axis(d, part, 1), np.take_along_axis(i, part, 1)
         return d, i
 
-    def _exact(self, q: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
-        """Squared distances of each query to its bank ids (nq, c), from the differences (not the
-        dot product: no cancellation), in blocks that stay in cache; inf where the id is -1."""
-        out = torch.empty(ids.shape, dtype=torch.float32)
-        t = torch.from_numpy(np.maximum(ids, 0))
-        step = max(1, EXACT_BLOCK // max(1, ids.shape[1] * self.d))
-        for r in range(0, len(ids), step):
-            xs = torch.index_select(self.x, 0, t[r : r + step].reshape(-1)).view(-1, ids.shape[1], self.d)
-            d = torch.cdist(q[r : r + step, None, :], xs, compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
-            out[r : r + step] = d.square_()
-        return out.masked_fill_(torch.from_numpy(ids < 0), float("inf"))
-
     @torch.inference_mode()
     def search(self, queries, k: int, *, exclude: tuple[int, int] | None = None) -> np.ndarray:
-        """Squared L2 distances (M, k) of ``queries`` to their k nearest vectors, sorted, exactly
-        as a full search gives them (bank ids ``exclude=(lo, hi)`` left out)."""
+        """Squared L2 distances (M, k) of ``queries`` to their k nearest vectors, sorted, bank ids
+        ``exclude=(lo, hi)`` left out: bit for bit what :func:`~napari_mias_sam.bank.knn.torch_knn`
+        (a full float32 matrix-product search) returns, where :func:`gemm_identity_holds`."""
         q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32))
         lo, hi = exclude if exclude else (0, 0)
         lo, hi = max(0, int(lo)), min(self.n, int(hi))
@@ -159,21 +164,82 @@ class BoundedSearcher:
         if k < 1:
             raise ValueError("no bank vectors left to search")
         qn = (q * q).sum(1)
+        # a vector whose matrix-product distance is at most the k-th found has a true distance, so a
+        # bound, at most that plus the product's rounding (slack) plus the bounds' own (MARGIN)
+        slack = self._slack(qn)
         qy = np.ascontiguousarray(self._project(q).numpy())
-        kk = min(max(self.candidates, k), n_ok)
-        bd, ids = self._bound_knn(qy, kk, lo, hi)
-        best = self._exact(q, ids).topk(k, dim=1, largest=False).values
-        todo = np.arange(len(q))
-        while True:
-            kth = best[todo, -1]
-            thr = (kth + MARGIN * (kth.abs() + qn[todo] + 1.0)).numpy()
-            # a query is done when its kk-th smallest bound is above the threshold (every vector
-            # that could be closer was examined) or every vector was examined
-            more = (np.nanmax(np.where(np.isfinite(bd), bd, -np.inf), axis=1) <= thr) & (kk < n_ok)
-            todo = todo[more]
-            if not len(todo):
-                break
-            kk = min(kk * 4, n_ok)
+        best = torch.empty((len(q), k), dtype=torch.float32)
+        todo, kk = np.arange(len(q)), min(max(self.candidates, k), n_ok)
+        while len(todo):
             bd, ids = self._bound_knn(qy[todo], kk, lo, hi)
-            best[todo] = self._exact(q[todo], ids).topk(k, dim=1, largest=False).values
+            kth = gemm_rescore_exact(q, qn, self.x, self.xn, todo, ids, k, avoid=(lo, hi))
+            best[todo] = kth
+            last = kth[:, -1]
+            thr = (last + slack[todo] + MARGIN * (last.abs() + qn[todo] + 1.0)).numpy()
+            # a query is done when its kk-th smallest bound is above the threshold (every vector
+            # that could be among its k nearest was scored) or every vector was scored
+            more = (np.nanmax(np.where(np.isfinite(bd), bd, -np.inf), axis=1) <= thr) & (kk < n_ok)
+            todo, kk = todo[more], min(kk * 4, n_ok)
         return best.clamp_min_(0).numpy()
+
+    def _slack(self, qn: torch.Tensor) -> torch.Tensor:
+        """Per query, a bound on |float32 matrix-product distance - true distance| for any bank vector:
+        the dot product's error (at most g |q| |x| for d terms, g ~ d 2^-24) twice, and the norms'
+        and sums' roundings."""
+        u = 2.0**-24
+        g = self.d * u / (1 - self.d * u)
+        xmax = float(self.xn.max()) if self.n else 0.0
+        return 2 * g * (qn * xmax).sqrt() + (g + 4 * u) * (qn + xmax)
+
+
+def gemm_rescore_exact(q: torch.Tensor, qn: torch.Tensor, x: torch.Tensor, xn: torch.Tensor, rows: np.ndarray,
+                       ids: np.ndarray, k: int, *, avoid: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """For queries ``q[rows]``, the k smallest of ``||x||^2 - 2 q.x + ||q||^2`` (sorted) over bank ids
+    that include each one's ``ids`` (a row per query; -1 unused), computed as
+    :func:`~napari_mias_sam.bank.knn.torch_knn` computes them: ``torch.addmm`` on blocks of
+    :data:`GEMM_ROWS` queries and at least :data:`GEMM_COLS` bank vectors, shapes whose BLAS kernel
+    gives each element the same bits as the full search's (:func:`gemm_identity_holds`). A block's
+    columns are the union of its queries' ids (each value one the full search also computes),
+    padded with the first bank ids; ids in ``avoid`` (the excluded range) count as infinitely far."""
+    out = torch.empty((len(rows), k), dtype=torch.float32)
+    first = np.arange(min(len(x), GEMM_COLS))
+    for r0 in range(0, len(rows), GEMM_ROWS):
+        blk = ids[r0 : r0 + GEMM_ROWS]
+        cols = np.unique(blk[blk >= 0])
+        if len(cols) < GEMM_COLS:
+            cols = np.union1d(cols, first)
+        these = rows[r0 : r0 + GEMM_ROWS]
+        full = np.concatenate([these, np.full(GEMM_ROWS - len(these), these[0])])
+        ti, tc = torch.from_numpy(full), torch.from_numpy(cols)
+        d = torch.addmm(xn[tc][None], torch.index_select(q, 0, ti), torch.index_select(x, 0, tc).T, beta=1.0, alpha=-2.0)
+        d.add_(qn[ti][:, None])
+        if avoid[0] < avoid[1]:
+            d[:, torch.from_numpy((cols >= avoid[0]) & (cols < avoid[1]))] = float("inf")
+        out[r0 : r0 + len(these)] = d[: len(these)].topk(k, dim=1, largest=False).values
+    return out
+
+
+#: Query rows and (at least) bank columns per re-scoring product: BLAS gives small shapes other kernels.
+GEMM_ROWS = 64
+GEMM_COLS = 64
+_IDENTITY: list[bool] = []
+
+
+def gemm_identity_holds() -> bool:
+    """Whether this process's BLAS gives the elements of a :data:`GEMM_ROWS` x :data:`GEMM_COLS`+
+    product the same bits as those of a large one (checked once, on random data, at the thread
+    count in use). False means :func:`gemm_rescore_exact` cannot promise torch_knn's bits."""
+    if not _IDENTITY:
+        with torch.inference_mode():
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(1024, 1024, generator=g)
+            x = torch.randn(8192, 1024, generator=g)
+            xn, qn = (x * x).sum(1), (q * q).sum(1)
+            ref = torch.addmm(xn[None], q, x.T, beta=1.0, alpha=-2.0).add_(qn[:, None])
+            ok = True
+            for r0, cols in ((0, torch.arange(GEMM_COLS)), (300, torch.arange(5, 8192, 97)), (960, torch.arange(1000, 3100))):
+                qi = torch.arange(r0, r0 + GEMM_ROWS)
+                d = torch.addmm(xn[cols][None], q[qi], x[cols].T, beta=1.0, alpha=-2.0).add_(qn[qi][:, None])
+                ok &= bool(torch.equal(d, ref[qi][:, cols]))
+        _IDENTITY.append(ok)
+    return _IDENTITY[0]

@@ -19,7 +19,7 @@ from ..core.errors import Cancelled, InputError
 from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
 from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
 from .indexes import IndexSink, check_index_type
-from .bounded_knn import BoundedSearcher
+from .bounded_knn import MIN_BANK, BoundedSearcher, gemm_identity_holds
 from .bounded_knn import enabled as bounded_enabled
 from .knn import TorchSearcher
 from .shards import search_excluding
@@ -312,9 +312,11 @@ def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: Tor
     def search(feats: np.ndarray, lo: int, hi: int) -> np.ndarray:
         if searcher is not None:
             return searcher.search(feats, kmax, exclude=(lo, hi))
-        if bounded_enabled() and type(index) in (faiss.IndexFlatL2, faiss.IndexFlat):
-            # Exact flat bank: the same k nearest as a full search of the bank without the held-out
-            # range, from its PCA lower bounds, at a fraction of the cost.
+        if (type(index) in (faiss.IndexFlatL2, faiss.IndexFlat) and index.ntotal >= MIN_BANK
+                and bounded_enabled(default=True) and gemm_identity_holds()):
+            # Exact flat bank: the k nearest of a full search of the bank without the held-out range
+            # (torch_knn), with its very distances (bit for bit), from the bank's PCA lower bounds
+            # at a fraction of the cost.
             if not bounded:
                 bounded.append(BoundedSearcher(index, boundaries=[b for r in ranges for b in r]))
             return bounded[0].search(feats, kmax, exclude=(lo, hi))
