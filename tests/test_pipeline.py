@@ -418,3 +418,28 @@ def test_reopened_volume_reads_its_neighbour_distances_from_the_cache(world, tmp
     monkeypatch.setattr(other, "search", lambda *a, **k: (searched.append(1), osearch(*a, **k))[1])
     segment_volume(load_volume(world["case"]), other, bb, cache=cache)
     assert searched  # another bank (built anew: another manifest) never reads these distances
+
+
+def test_a_small_bank_without_pixel_percentiles_warns_that_volumes_get_the_per_slice_prompt(sample_bank, lite_backbone):
+    """A small bank built before the pixel percentiles were recorded cannot place region levels: the
+    volumes' default falls back to the per-slice prompt, and the run says so and how to fix it."""
+    import copy
+    import warnings
+
+    from napari_mias_sam.bank import MemoryBank
+    from napari_mias_sam.pipeline.segment import setup_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bank as built today: the regions default, no warning
+        assert setup_run(sample_bank, lite_backbone).settings.prompt == "regions"
+    manifest = copy.deepcopy(sample_bank.manifest)
+    for entry in manifest["calibration"]["per_k"].values():
+        entry.pop("map_quantiles")
+    old = MemoryBank(sample_bank.index, manifest)
+    with pytest.warns(UserWarning, match="rebuild the bank with `mias-sam build-bank`"):
+        setup = setup_run(old, lite_backbone)
+    assert setup.settings.prompt == "cog-box"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt the user chose, or a slice set: nothing to say
+        assert setup_run(old, lite_backbone, SegmentSettings(prompt="cog-box")).settings.prompt == "cog-box"
+        assert setup_run(old, lite_backbone, slice_set=True).settings.prompt == "cog-box"

@@ -12,6 +12,7 @@ result it returns, so that a reader follows a run without changing files.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 import numpy as np
@@ -29,9 +30,9 @@ from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
 from ..method.reference_encoding import embedding_dtype, encoding_of
-from ..method.regions import NormalLevels, anomalous_regions, bank_levels, region_cores, regions_supported
+from ..method.regions import MIN_NORMAL_PEAKS, NormalLevels, anomalous_regions, bank_levels, region_cores, regions_supported
 from ..method.region_prompts import REGION_OUTCOME, RegionDecode, decode_regions, region_prompts
-from .settings import SegmentSettings, resolve_defaults
+from .settings import VOLUME_PROMPT, SegmentSettings, resolve_defaults
 from ..core.records import to_dict
 from .frames import volume_frames
 
@@ -555,7 +556,13 @@ def setup_run(bank: MemoryBank, backbone, settings: SegmentSettings | None = Non
     :func:`segment_volume`), read the bank's preprocessing, and move the bank's search to the
     backbone's GPU when it has one. Done once per run, whatever the number of volumes."""
     settings = settings or SegmentSettings()
-    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_supported(bank, settings.k))
+    regions_ok = regions_supported(bank, settings.k)
+    if settings.prompt is None and not slice_set and not regions_ok and VOLUME_PROMPT == "regions":
+        warnings.warn(f"{bank.path or 'the memory bank'}: its calibration cannot place region levels (fewer than "
+                      f"{MIN_NORMAL_PEAKS} held-out normal slices, and no pixel percentiles: a bank built before they "
+                      "were recorded), so volumes get the per-slice prompt, which puts a mask on every slice; rebuild "
+                      "the bank with `mias-sam build-bank` for the regions default.", stacklevel=2)
+    settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_ok)
     info = backbone.describe()
     check_compatible(bank, info)
     dev = getattr(backbone, "device", None)
