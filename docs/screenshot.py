@@ -179,13 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     before = widget.dice_info.value.splitlines()[0]
     points = live.layers["points"]
     rows = np.flatnonzero(points.features["slice"].to_numpy() == s)
-    if len(rows) == 1:
-        lesion = np.argwhere(np.take(np.asarray(gt.data) != 0, s, axis=ax))
-        target = points.data[rows[0]].copy()
+    lesion = np.argwhere(np.take(np.asarray(gt.data) != 0, s, axis=ax))
+    if len(rows) and len(lesion):
+        # One point per region piece: drag the one nearest the lesion onto the lesion's centre.
         inplane = [d for d in range(3) if d != ax]
-        target[inplane] = lesion.mean(axis=0)
+        centre = lesion.mean(axis=0)
+        row = rows[int(np.argmin([np.linalg.norm(points.data[r][inplane] - centre) for r in rows]))]
+        target = points.data[row].copy()
+        target[inplane] = centre
         data = points.data.copy()
-        data[rows[0]] = target
+        data[row] = target
         points.data = data
         _wait(app, lambda: not live.busy)
         print(f"moved point on slice {s}: {before} -> {widget.dice_info.value.splitlines()[0]}")
