@@ -80,7 +80,11 @@ def _box_centres(boxes) -> np.ndarray:
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qa_result(sample_subset, sample_bank, lite_backbone):
-    return segment_volume(load_volume(sample_subset["case"]), sample_bank, lite_backbone, SegmentSettings(),
+    """The per-slice prompt (one box and one CoG point per prompted slice), which these QA tests are
+    about. With this 6-slice bank the volumes' default is the regions prompt (a small bank's pixel
+    levels), whose several pieces per slice are pinned by
+    test_live_mask_equals_the_pipelines_after_a_gamma_change_and_a_drag and tests/viewer/test_widget.py."""
+    return segment_volume(load_volume(sample_subset["case"]), sample_bank, lite_backbone, SegmentSettings(prompt="cog-box"),
                           cache=EmbeddingCache())
 
 

@@ -132,6 +132,7 @@ def test_review_by_keys_save_rerun_and_reopen(shown, qtbot, tmp_path, make_napar
     np.testing.assert_allclose(pts2.data, _layer(viewer, " CoG").data, atol=0.02)
     np.testing.assert_allclose(pts2.data_to_world(pts2.data[0]), _layer(viewer, " CoG").data_to_world(_layer(viewer, " CoG").data[0]), atol=0.02)
     w2 = _docked(v2, img2, sample_bank, lite_backbone)
+    w2.prompt.value = "cog-box"  # the prompt the review was made with (this small bank's default is regions)
     _run(qtbot, w2)
     ses3 = w2.live.session
     assert [ses3.status(s) for s in range(3)] == ["accepted", "rejected", "corrected"]

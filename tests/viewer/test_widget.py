@@ -26,7 +26,8 @@ pytestmark = [
 
 @pytest.fixture(scope="session")
 def sample_result(sample_subset, sample_bank, lite_backbone):
-    """The pipeline's result on the cut sample case (default settings: cog-box, gamma 5, mask 3)."""
+    """The pipeline's result on the cut sample case (default settings: with this 6-slice bank, the
+    regions prompt on a small bank's pixel levels, gamma 5, mask 1)."""
     return segment_volume(load_volume(sample_subset["case"]), sample_bank, lite_backbone, SegmentSettings(),
                           cache=EmbeddingCache())
 
@@ -123,16 +124,20 @@ def test_run_end_to_end_with_litemedsam(setup, qtbot, sample_subset, tmp_path, c
     assert anomaly.data.shape == mask.data.shape == image.data.shape
     result = widget.live.session.result
     assert not result.encoded.from_cache
-    # One red point per prompted slice, on its slice.
+    # The volumes' default with this small bank (6 held-out slices: its pixel levels) is the regions
+    # prompt: one red point per region piece (the prompt sent), on its slice; each prompted slice has one.
+    ses = widget.live.session
     n_prompted = sum(p is not None for p in result.prompts)
-    assert len(points.data) == n_prompted == 3
-    np.testing.assert_allclose(points.face_color, np.tile([1.0, 0.0, 0.0, 1.0], (n_prompted, 1)))
-    ax = widget.live.session.display_axis
+    assert n_prompted == 3 and len(points.data) >= n_prompted
+    assert sorted(set(points.features["slice"].astype(int))) == [s for s, p in enumerate(result.prompts) if p is not None]
+    assert len(points.data) == sum(len(ses.slice_points(s)) for s in range(ses.n_slices))
+    np.testing.assert_allclose(points.face_color, np.tile([1.0, 0.0, 0.0, 1.0], (len(points.data), 1)))
+    ax = ses.display_axis
     np.testing.assert_array_equal(points.data[:, ax], points.features["slice"].to_numpy())
     # Metadata records every setting and the provenance, plus the source geometry.
     for layer in (anomaly, points, mask):
         md = layer.metadata["mias_sam"]
-        assert md["settings"] == {**md["settings"], "gamma": 5.0, "mask_index": 3, "prompt": "cog-box", "k": 1,
+        assert md["settings"] == {**md["settings"], "gamma": 5.0, "mask_index": 1, "prompt": "regions", "k": 1,
                                   "normalisation": "calibrated"}
         assert md["backbone"]["name"] == "litemedsam" and md["bank"]["patches"] == widget.bank.ntotal
         assert md["preprocessing"]["mode"] == "mri"
