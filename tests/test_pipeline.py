@@ -439,6 +439,11 @@ def test_a_small_bank_without_pixel_percentiles_warns_that_volumes_get_the_per_s
     with pytest.warns(UserWarning, match="rebuild the bank with `mias-sam build-bank`"):
         setup = setup_run(old, lite_backbone)
     assert setup.settings.prompt == "cog-box"
+    empty = copy.deepcopy(manifest)
+    for entry in empty["calibration"]["per_k"].values():
+        entry["slice_max_map"] = []  # no held-out normal slice at all: a different reason, the same advice
+    with pytest.warns(UserWarning, match="holds no held-out normal slices.*rebuild the bank"):
+        assert setup_run(MemoryBank(sample_bank.index, empty), lite_backbone).settings.prompt == "cog-box"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a prompt the user chose, or a slice set: nothing to say
         assert setup_run(old, lite_backbone, SegmentSettings(prompt="cog-box")).settings.prompt == "cog-box"

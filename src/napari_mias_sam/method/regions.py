@@ -44,7 +44,7 @@ from .preprocess import FRAME
 
 __all__ = ["NormalLevels", "normal_levels", "bank_levels", "anomalous_regions", "region_cores", "local_peaks",
            "tail_level", "SEED_QUANTILE", "EXTENT_QUANTILE", "TAIL_EXTENT_QUANTILE", "CORE_PAD", "MIN_NORMAL_PEAKS",
-           "normal_peak_count", "regions_supported", "MAP_QUANTILES", "PIXEL_SEED_QUANTILE", "PIXEL_EXTENT_QUANTILE"]
+           "normal_peak_count", "regions_supported", "no_regions_reason", "MAP_QUANTILES", "PIXEL_SEED_QUANTILE", "PIXEL_EXTENT_QUANTILE"]
 
 #: Where a region starts: this percentile of held-out normal slices' calibrated peaks.
 SEED_QUANTILE = 97.0
@@ -250,6 +250,17 @@ def normal_peak_count(bank, k: int = defaults.K) -> int:
     """How many held-out normal slices' peaks the bank's calibration entry for ``k`` holds."""
     entry = calibration_entry(bank.manifest.get("calibration"), k) or {}
     return len(entry.get("slice_max_map") or [])
+
+
+def no_regions_reason(bank, k: int = defaults.K) -> str:
+    """Why the regions prompt is not the volumes' default with ``bank`` (see :func:`regions_supported`)
+    and what to do: one sentence for the command line's warning and the dock's bank box."""
+    if normal_peak_count(bank, k) == 0:
+        return ("its calibration holds no held-out normal slices, so volumes get the per-slice prompt, which puts "
+                "a mask on every slice; rebuild the bank from normal slices of at least one source for the regions default")
+    return (f"its calibration cannot place region levels (fewer than {MIN_NORMAL_PEAKS} held-out normal slices, and "
+            "no pixel percentiles: a bank built before they were recorded), so volumes get the per-slice prompt, which "
+            "puts a mask on every slice; rebuild the bank with `mias-sam build-bank` for the regions default")
 
 
 def regions_supported(bank, k: int = defaults.K) -> bool:

@@ -30,7 +30,7 @@ from ..data.volumes import Volume
 from ..method.patches import GRID, patch_features
 from ..method.preprocess import Frame, from_frame, resolve_axis, Preprocessing
 from ..method.reference_encoding import embedding_dtype, encoding_of
-from ..method.regions import MIN_NORMAL_PEAKS, NormalLevels, anomalous_regions, bank_levels, region_cores, regions_supported
+from ..method.regions import NormalLevels, anomalous_regions, bank_levels, no_regions_reason, region_cores, regions_supported
 from ..method.region_prompts import REGION_OUTCOME, RegionDecode, decode_regions, region_prompts
 from .settings import VOLUME_PROMPT, SegmentSettings, resolve_defaults
 from ..core.records import to_dict
@@ -558,10 +558,7 @@ def setup_run(bank: MemoryBank, backbone, settings: SegmentSettings | None = Non
     settings = settings or SegmentSettings()
     regions_ok = regions_supported(bank, settings.k)
     if settings.prompt is None and not slice_set and not regions_ok and VOLUME_PROMPT == "regions":
-        warnings.warn(f"{bank.path or 'the memory bank'}: its calibration cannot place region levels (fewer than "
-                      f"{MIN_NORMAL_PEAKS} held-out normal slices, and no pixel percentiles: a bank built before they "
-                      "were recorded), so volumes get the per-slice prompt, which puts a mask on every slice; rebuild "
-                      "the bank with `mias-sam build-bank` for the regions default.", stacklevel=2)
+        warnings.warn(f"{bank.path or 'the memory bank'}: {no_regions_reason(bank, settings.k)}.", stacklevel=2)
     settings = resolve_defaults(settings, backbone.name, volume=not slice_set, regions_ok=regions_ok)
     info = backbone.describe()
     check_compatible(bank, info)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 from ..core.paths import sample_data_dir
 from ..backbones import BACKBONES
 from ..core.errors import InputError, MiasSamError
-from ..method.regions import bank_levels, regions_supported
+from ..method.regions import bank_levels, no_regions_reason, regions_supported
 
 __all__ = ["BankHost", "BankMixin", "path_or_none"]
 
@@ -156,7 +156,7 @@ def _levels_line(bank) -> str:
     """The bank's region levels for the bank box: how they are placed (peaks of >= 34 held-out
     slices, or a small bank's pixel percentiles), or why volumes get the per-slice prompt."""
     if not regions_supported(bank):
-        return "\nvolumes: the per-slice prompt by default (the calibration cannot place region levels)"
+        return f"\nvolumes: {no_regions_reason(bank)}"
     try:
         return f"\nregion levels: {bank_levels(bank).describe()}"
     except ValueError as exc:
