@@ -51,9 +51,10 @@ def test_same_neighbours_as_a_full_search(exclude, k):
     idx = faiss.IndexFlatL2(96)
     idx.add(x)
     # the float32 full search the calibration ran before (and runs where the bounds are off): the
-    # same values, bit for bit
-    assert gemm_identity_holds()
-    np.testing.assert_array_equal(got.view(np.uint32), torch_knn(q, idx, k, exclude=exclude).view(np.uint32))
+    # same values, bit for bit, on a machine whose BLAS passes the probe (elsewhere the calibration
+    # never uses the bounds: test_calibration_searches_in_full_where_the_blas_identity_fails)
+    if gemm_identity_holds():
+        np.testing.assert_array_equal(got.view(np.uint32), torch_knn(q, idx, k, exclude=exclude).view(np.uint32))
     # and the true distances to float32 matrix-product rounding, relative to the squared norms
     scale = float((q**2).sum(1).max() + (x**2).sum(1).max())
     np.testing.assert_allclose(got, _brute(q, x, k, exclude), rtol=1e-5, atol=2e-6 * scale)
@@ -116,8 +117,10 @@ def test_calibration_searches_in_full_where_the_blas_identity_fails(sample_bank,
 
 def test_the_blas_identity_probe_runs_once(monkeypatch):
     monkeypatch.setattr(bounded_knn, "_IDENTITY", [])
-    assert gemm_identity_holds() is True  # MKL / OpenBLAS at this thread count
-    assert bounded_knn._IDENTITY == [True]
+    held = gemm_identity_holds()  # True with this CI machine's BLAS; False on the H200 machine's 16-core CPU
+    assert isinstance(held, bool) and bounded_knn._IDENTITY == [held]
+    monkeypatch.setattr(bounded_knn.torch, "addmm", lambda *a, **k: pytest.fail("probed twice"))
+    assert gemm_identity_holds() is held
 
 
 def test_bank_search_uses_the_bounds_only_where_they_pay(sample_bank):
