@@ -24,7 +24,11 @@ presses Run, picks the ground truth, goes to the slice with the largest lesion, 
   after waiting until the dock is idle and the shown slice was decoded ahead at the next gammas
   (as a user who paused), gamma moved by one slider step (0.5) to a value not used before, with
   the volume's default prompt and with ``cog-box``; the script also counts the changes whose
-  shown slice decoded nothing (served from the decoder's cache).
+  shown slice decoded nothing (served from the decoder's cache);
+* **mask change right after a gamma jump, while the prefetch runs**: gamma jumped to a value not
+  used before, and as soon as that pass is done (the prefetch of the new gamma's neighbours under
+  way), the mask changed (every change stops the prefetch); and the same with the prefetch off
+  (the control: what a mask change costs right after a gamma pass anyway).
 
 The figures above the last are **cold**: they run with the prefetch off (``MIAS_SAM_PREFETCH=0``),
 and gamma jumps to values not used before, so the decoder cannot remember them.
@@ -329,6 +333,30 @@ class Bench:
         finally:
             del ses.redecode
 
+    def mask_changes_during_prefetch(self, s: int, jumps: list[float]) -> None:
+        """A mask change made while the prefetch decodes (gamma jumped to a value the default prompt
+        has not used, the pass done, the prefetch of the new gamma's neighbours under way): what a
+        user waits when acting at once."""
+        w = self.w
+        on = w.live.prefetch
+        key = (f"mask change right after a gamma jump ({w.prompt.value}), "
+               + ("while the prefetch runs" if on else "prefetch off (control)"))
+        masks = [2, int(w.mask.value)]
+        jumps = iter(jumps * 4)
+        for i in range(self.repeats):
+            self.idle()
+            w.gamma.value = next(jumps)
+            pump(self.app, lambda: not w.live.busy, timeout=120, what="gamma jump")
+            t = time.perf_counter()
+            pump(self.app, lambda: w.live.prefetching or time.perf_counter() - t > 0.5)
+            running = w.live._prefetch_thread is not None and w.live._prefetch_thread.is_alive()
+            self.change(key, lambda m=masks[i % 2]: setattr(w.mask, "value", m), s)
+            if on:
+                self.served.setdefault(key + " [prefetch was decoding]", []).append(running)
+        w.mask.value = masks[-1]
+        settle(self.app, 0.3)
+        pump(self.app, lambda: not w.live.busy)
+
     def live_updates(self, s: int, *, drag: bool) -> None:
         w = self.w
         live = w.live
@@ -371,6 +399,14 @@ class Bench:
         self.set_prefetch(True)
         for prompt in dict.fromkeys([default_prompt, "cog-box"]):
             self.prefetched_gamma_steps(s, prompt)
+        if str(w.prompt.value) != default_prompt:
+            w.prompt.value = default_prompt
+            settle(self.app, 0.3)
+            pump(self.app, lambda: not w.live.busy)
+        # gammas not timed cold with this prompt (2, 3, 4, 6, 7, ...) nor prefetched around them
+        self.mask_changes_during_prefetch(s, [1.0, 3.5, 6.5, 9.5, 11.5])
+        self.set_prefetch(False)
+        self.mask_changes_during_prefetch(s, [0.5, 2.5, 5.5, 8.5, 10.5])
         if str(w.prompt.value) != default_prompt:
             w.prompt.value = default_prompt
             settle(self.app, 0.3)
@@ -463,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in results.items():
         print(f"  {k:{width}s}  {stats(v)}")
     for k, v in served.items():
-        print(f"  {k}: the shown slice came from the decoder's cache in {sum(v)} of {len(v)} changes")
+        if k.endswith("[prefetch was decoding]"):
+            print(f"  {k[:-len(' [prefetch was decoding]')]}: a prefetch thread was running at {sum(v)} of {len(v)} changes")
+        else:
+            print(f"  {k}: the shown slice came from the decoder's cache in {sum(v)} of {len(v)} changes")
     viewer.close()
     return 0
 
