@@ -15,7 +15,9 @@ during a decode, so nothing on the GUI thread waits on it), and a
 :class:`~napari_mias_sam.backbones.base.DecodeStop` ends the decode in flight (ONNX Runtime's
 terminate flag: a few milliseconds). The viewer starts it only when no pass runs and stops it at
 the start of every change (``viewer/widget_live.py``), so a change never waits on it nor shares
-the cores with it. :func:`gamma_neighbours`: which gammas, nearest first.
+the cores with it. Point prompts (``cog-point`` with LiteMedSAM, every prompt of the SAM
+backbones) have no single-thread ONNX path: the backbone's own ``decode`` runs them, and a stop
+takes effect after the decode in flight. :func:`gamma_neighbours`: which gammas, nearest first.
 """
 
 from __future__ import annotations
