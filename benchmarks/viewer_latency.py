@@ -19,7 +19,19 @@ presses Run, picks the ground truth, goes to the slice with the largest lesion, 
   (whose prompt gamma moves);
 * **dragged point**: the current slice's CoG point dragged with the mouse (press, moves, release
   through napari's mouse bindings of the Points layer), from the release until the canvas has
-  drawn that slice's new mask.
+  drawn that slice's new mask;
+* **gamma change by one slider step (prefetched)**: with the viewer's prefetch on (its default),
+  after waiting until the dock is idle and the shown slice was decoded ahead at the next gammas
+  (as a user who paused), gamma moved by one slider step (0.5) to a value not used before, with
+  the volume's default prompt and with ``cog-box``; the script also counts the changes whose
+  shown slice decoded nothing (served from the decoder's cache);
+* **mask change right after a gamma jump, while the prefetch runs**: gamma jumped to a value not
+  used before, and as soon as that pass is done (the prefetch of the new gamma's neighbours under
+  way), the mask changed (every change stops the prefetch); and the same with the prefetch off
+  (the control: what a mask change costs right after a gamma pass anyway).
+
+The figures above the last are **cold**: they run with the prefetch off (``MIAS_SAM_PREFETCH=0``),
+and gamma jumps to values not used before, so the decoder cannot remember them.
 
 "Drawn" is the end of the first canvas paint after the widget applied the update (vispy's draw
 event, measured after the scene has rendered). With ``--tall N`` the same live updates are timed
@@ -158,6 +170,7 @@ class Bench:
         self.frames = Frames(viewer)
         self.log = UpdateLog()
         self.results: dict[str, list[float]] = {}
+        self.served: dict[str, list[bool]] = {}  # prefetched changes: the shown slice decoded nothing
 
     def add(self, key: str, value: float) -> None:
         self.results.setdefault(key, []).append(value)
@@ -269,11 +282,86 @@ class Bench:
             raise SystemExit("the drag did not move the CoG point (no override recorded)")
         settle(self.app, 0.2)
 
+    def set_prefetch(self, on: bool) -> None:
+        """The viewer's prefetch on or off (this controller and the ones later runs make)."""
+        os.environ["MIAS_SAM_PREFETCH"] = "1" if on else "0"
+        live = self.w.live
+        live.prefetch = on
+        if not on:
+            live.stop_prefetch()
+        else:
+            live.on_slice_changed()  # as the dock does after a pass: the prefetch starts when idle
+        pump(self.app, lambda: not live.prefetching, timeout=120, what="the prefetch")
+
+    def idle(self) -> None:
+        """Until the dock is idle: no pass, no change waiting, no prefetch under way."""
+        live = self.w.live
+        pump(self.app, lambda: not live.busy and not live.prefetching, timeout=120, what="the prefetch")
+        settle(self.app, 0.1)
+
+    def prefetched_gamma_steps(self, s: int, prompt: str) -> None:
+        """Gamma moved by one slider step after the prefetch finished, ``repeats`` times (each to a
+        value not used before: upwards, or downwards near the slider's top)."""
+        from napari_mias_sam.core import defaults
+
+        w = self.w
+        if str(w.prompt.value) != prompt:
+            w.prompt.value = prompt
+            settle(self.app, 0.3)
+            pump(self.app, lambda: not w.live.busy)
+        key = f"gamma change by one slider step, prefetched ({prompt})"
+        direction = 1.0 if float(w.gamma.value) + self.repeats * defaults.GAMMA_STEP <= defaults.GAMMA_RANGE[1] else -1.0
+        ses = w.live.session
+        redecode = ses.redecode
+        decoded: dict[int, int] = {}
+
+        def counted(t, generation=None):
+            before = ses.decoder.misses
+            try:
+                return redecode(t, generation)
+            finally:
+                decoded[int(t)] = ses.decoder.misses - before
+
+        ses.redecode = counted
+        try:
+            for _ in range(self.repeats):
+                self.idle()
+                decoded.clear()
+                target = float(w.gamma.value) + direction * defaults.GAMMA_STEP
+                self.change(key, lambda v=target: setattr(w.gamma, "value", v), s)
+                self.served.setdefault(key, []).append(decoded.get(s, -1) == 0)
+        finally:
+            del ses.redecode
+
+    def mask_changes_during_prefetch(self, s: int, jumps: list[float]) -> None:
+        """A mask change made while the prefetch decodes (gamma jumped to a value the default prompt
+        has not used, the pass done, the prefetch of the new gamma's neighbours under way): what a
+        user waits when acting at once."""
+        w = self.w
+        on = w.live.prefetch
+        key = (f"mask change right after a gamma jump ({w.prompt.value}), "
+               + ("while the prefetch runs" if on else "prefetch off (control)"))
+        masks = [2, int(w.mask.value)]
+        jumps = iter(jumps * 4)
+        for i in range(self.repeats):
+            self.idle()
+            w.gamma.value = next(jumps)
+            pump(self.app, lambda: not w.live.busy, timeout=120, what="gamma jump")
+            settle(self.app, 0.1)  # the same in both cases: the pass's last repaints done (the prefetch started)
+            running = w.live._prefetch_thread is not None and w.live._prefetch_thread.is_alive()
+            self.change(key, lambda m=masks[i % 2]: setattr(w.mask, "value", m), s)
+            if on:
+                self.served.setdefault(key + " [prefetch was decoding]", []).append(running)
+        w.mask.value = masks[-1]
+        settle(self.app, 0.3)
+        pump(self.app, lambda: not w.live.busy)
+
     def live_updates(self, s: int, *, drag: bool) -> None:
         w = self.w
         live = w.live
         live.jump_to(s)
         settle(self.app, 0.5)
+        self.set_prefetch(False)  # the cold figures
         default_prompt = str(w.prompt.value)
         fresh = iter([2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0] * 4)
 
@@ -307,6 +395,21 @@ class Bench:
             w.reset_points_btn.native.click()
             settle(self.app, 0.3)
             pump(self.app, lambda: not w.live.busy)
+        self.set_prefetch(True)
+        for prompt in dict.fromkeys([default_prompt, "cog-box"]):
+            self.prefetched_gamma_steps(s, prompt)
+        if str(w.prompt.value) != default_prompt:
+            w.prompt.value = default_prompt
+            settle(self.app, 0.3)
+            pump(self.app, lambda: not w.live.busy)
+        # gammas not timed cold with this prompt (2, 3, 4, 6, 7, ...) nor prefetched around them
+        self.mask_changes_during_prefetch(s, [1.0, 3.5, 6.5, 9.5, 11.5])
+        self.set_prefetch(False)
+        self.mask_changes_during_prefetch(s, [0.5, 2.5, 5.5, 8.5, 10.5])
+        if str(w.prompt.value) != default_prompt:
+            w.prompt.value = default_prompt
+            settle(self.app, 0.3)
+            pump(self.app, lambda: not w.live.busy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_mias_sam.core.paths import cache_dir
     from napari_mias_sam.jobs.demo import sample_files
 
+    os.environ["MIAS_SAM_PREFETCH"] = "0"  # cold until the prefetched figures (the runs would prefetch gammas timed cold)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load0 = os.getloadavg()
     files = sample_files()
@@ -371,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.live_updates(s, drag=True)
     n16 = widget.live.session.n_slices
     results = {f"[{image.name}, {n16} slices] {k}": v for k, v in bench.results.items()}
+    served = {f"[{image.name}, {n16} slices] {k}": v for k, v in bench.served.items()}
 
     if a.tall:
-        bench.results = {}
+        bench.results, bench.served = {}, {}
         vol, seg = tall_volume(files, a.tall, cache_dir() / "benchmark-volumes")
         image, gt = bench.open_case(vol, seg)
         first = bench.run(image, f"first run ({a.tall} slices)")
@@ -384,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         s = bench.lesion_slice(gt)
         bench.live_updates(s, drag=False)
         results.update({f"[{image.name}, {a.tall} slices] {k}": v for k, v in bench.results.items()})
+        served.update({f"[{image.name}, {a.tall} slices] {k}": v for k, v in bench.served.items()})
 
     print(f"\nviewer latency, measured {started} on {platform.node()} ({platform.machine()}, "
           f"{os.cpu_count()} CPUs, {platform.python_version()}, napari {napari.__version__}); "
@@ -391,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"  {k:{width}s}  {stats(v)}")
+    for k, v in served.items():
+        if k.endswith("[prefetch was decoding]"):
+            print(f"  {k[:-len(' [prefetch was decoding]')]}: a prefetch thread was running at {sum(v)} of {len(v)} changes")
+        else:
+            print(f"  {k}: the shown slice came from the decoder's cache in {sum(v)} of {len(v)} changes")
     viewer.close()
     return 0
 

@@ -81,6 +81,13 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
     return r
 
 
+@pytest.fixture(autouse=True)
+def no_prefetch(monkeypatch):
+    """The viewer's idle prefetch (the shown slice decoded ahead at the next gamma values) is off
+    unless a test turns it on: tests count decodes and time passes (tests/viewer/test_prefetch.py)."""
+    monkeypatch.setenv("MIAS_SAM_PREFETCH", "0")
+
+
 @pytest.fixture(scope="session")
 def tilted_affine() -> np.ndarray:
     """Voxel -> RAS mm: anisotropic (0.9, 1.1, 3.5 mm), x flipped, rotated 20 deg in-plane and

@@ -58,3 +58,21 @@ def test_another_backbone_never_reads_the_entries_and_the_store_is_bounded():
         dec_a.decode(e.float(), Prompt("box", box=(1.0, 2.0, 30.0 + i, 40.0)))
     assert len(dec_a) == 3  # the least recently used went
     assert CachedDecoder(dec_a).backbone is a  # wrapping a cached decoder wraps its backbone
+
+
+def test_prefetch_fills_an_entry_without_announcing_it():
+    """A decode ahead of need (the viewer's prefetch): remembered, counted as a miss, no hit, no
+    before_decode call (no pass waits on it); a second prefetch of the same prompt decodes nothing,
+    and the later decode is a hit on the very arrays."""
+    bb = FakeBackbone()
+    dec = CachedDecoder(bb)
+    announced = []
+    dec.before_decode = lambda: announced.append(1)
+    e = _emb(4)
+    box = Prompt("box", box=(5.0, 6.0, 70.0, 80.0))
+    assert dec.prefetch(e.float(), box) and dec.misses == 1 and dec.hits == 0 and not announced
+    assert not dec.prefetch(e.float(), box) and bb.decode_calls == 1 and dec.hits == 0
+    out = dec.decode(e.float(), box)
+    assert bb.decode_calls == 1 and dec.hits == 1 and not announced
+    np.testing.assert_array_equal(out.logits, bb.decode(e.float(), box).logits)
+    assert not dec.prefetch(e.float(), None)

@@ -291,3 +291,8 @@ def test_a_slices_boxes_decoded_side_by_side_equal_one_by_one(lite_backbone, mia
     assert got[1] is first and cached.hits == 1 and cached.misses == 3
     for a, b in zip(one, got):
         np.testing.assert_array_equal(b.logits, a.logits)
+    # the viewer's prefetch: one box on one single-thread session, again decode's bit for bit
+    for p, a in zip(mixed, [lite_backbone.decode(emb, p) for p in mixed]):
+        b = lite_backbone.decode_one_thread(emb, p)
+        np.testing.assert_array_equal(b.logits, a.logits)
+        np.testing.assert_array_equal(b.iou, a.iou)

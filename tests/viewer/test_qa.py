@@ -343,3 +343,47 @@ def test_live_mask_equals_the_pipelines_after_a_gamma_change_and_a_drag(viewer_w
     ref.apply(moved)
     np.testing.assert_array_equal(mask.data, to_display(ref.mask_volume(1), ses.axes))
     assert ses.result.prompts[s] == moved.prompt and np.array_equal(ses.result.logits[s], moved.logits)
+
+
+def test_a_gamma_step_after_a_run_reads_the_prefetched_decodes(viewer_widget, qtbot, sample_subset, sample_bank,
+                                                               lite_backbone, monkeypatch):
+    """The prefetch on (the default; the tests turn it off): once the dock is idle after a run, the
+    shown slice was decoded ahead at the next gamma values, so one slider step decodes nothing for
+    that slice, and the dock's mask still equals ``segment_volume``'s at the new gamma."""
+    from napari_mias_sam.viewer.models.layers import to_display
+
+    monkeypatch.setenv("MIAS_SAM_PREFETCH", "1")
+    viewer, widget, image, gt = viewer_widget
+    volume = load_volume(sample_subset["case"])
+    settings = SegmentSettings(prompt="regions", mask_index=1)
+    widget.set_bank(sample_bank)
+    widget.show_result(segment_volume(volume, sample_bank, lite_backbone, settings, cache=EmbeddingCache()), image,
+                       lite_backbone)
+    live = widget.live
+    ses = live.session
+    assert live.prefetch
+    s = int(np.argmax([len(ses.slice_points(t)) for t in range(ses.n_slices)]))  # the slice with the most pieces
+    live.jump_to(s)
+    wait_until(qtbot, lambda: live.current_slice() == s and not live.busy and not live.prefetching)
+    misses = {}
+    redecode = ses.redecode
+
+    def counted(t, generation=None):
+        before = ses.decoder.misses
+        out = redecode(t, generation)
+        misses[int(t)] = ses.decoder.misses - before
+        return out
+
+    monkeypatch.setattr(ses, "redecode", counted)
+    before = ses.result.prompts[s]
+    widget.gamma.value = ses.settings.gamma + 0.5  # one slider step
+    _settle(qtbot, widget)
+    assert ses.settings.gamma == settings.gamma + 0.5
+    assert ses.result.prompts[s] != before  # gamma moved the slice's prompts...
+    assert misses[s] == 0 and len(misses) == ses.n_slices  # ...and they came from the cache; the others decoded
+    ref = segment_volume(volume, sample_bank, lite_backbone, settings.replace(gamma=settings.gamma + 0.5),
+                         cache=EmbeddingCache())
+    np.testing.assert_array_equal(_layer(viewer, " mask").data, to_display(ref.mask_volume(1), ses.axes))
+    np.testing.assert_array_equal(ses.result.logits, ref.logits)
+    # idle again: the new gamma's neighbours are prefetched in turn (one step down is the old gamma)
+    wait_until(qtbot, lambda: not live.busy and not live.prefetching)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -13,7 +14,42 @@ import torch
 
 from ..method.prompts import Prompt
 
-__all__ = ["Backbone", "Decoded", "sha256_file", "pick_device"]
+__all__ = ["Backbone", "Decoded", "DecodeStop", "DecodeStopped", "sha256_file", "pick_device"]
+
+
+class DecodeStopped(Exception):
+    """A decode ended early by its :class:`DecodeStop` (nothing was computed)."""
+
+
+class DecodeStop:
+    """Ends a decode in flight from another thread: :meth:`stop` calls what the decode registered
+    with :meth:`attach` (ONNX Runtime's terminate flag: the run ends within an operator) and every
+    later decode given this object raises :class:`DecodeStopped` at once. The viewer's prefetch
+    uses it so that a user's change never waits on a speculative decode."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: list = []
+        self.stopped = False
+
+    def attach(self, hook) -> bool:
+        """Call ``hook()`` on :meth:`stop`; False (and no call) when already stopped."""
+        with self._lock:
+            if not self.stopped:
+                self._hooks.append(hook)
+            return not self.stopped
+
+    def detach(self, hook) -> None:
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
 
 
 @dataclass

@@ -38,6 +38,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .base import DecodeStop, DecodeStopped
+
 __all__ = [
     "TOLERANCE",
     "FAST_MODES",
@@ -217,12 +219,7 @@ class OnnxBoxDecoder:
         workers = min(self.threads, len(boxes))
         if workers < 2:
             return [self(embedding, b) for b in boxes]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with _lock:
-            if self._parallel is None or len(self._parallel) < self.threads:
-                self._parallel = [_session(self.path, 1) for _ in range(self.threads)]
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mias-sam-decoder")
+        self._one_thread_sessions()
         emb = np.ascontiguousarray(embedding.detach().cpu().numpy(), dtype=np.float32)  # converted once for every box
         out: list = [None] * len(boxes)
 
@@ -234,6 +231,42 @@ class OnnxBoxDecoder:
         for f in [self._pool.submit(run, w) for w in range(workers)]:
             f.result()
         return out
+
+    def _one_thread_sessions(self) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _lock:
+            if self._parallel is None or len(self._parallel) < max(self.threads, 1):
+                self._parallel = [_session(self.path, 1) for _ in range(max(self.threads, 1))]
+                self._pool = ThreadPoolExecutor(max(self.threads, 1), thread_name_prefix="mias-sam-decoder")
+        return self._parallel
+
+    def run_one_thread(self, embedding: torch.Tensor, box: torch.Tensor, stop: DecodeStop | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__`'s output, bit for bit, computed on one core (a single-thread session, in
+        the calling thread): a decode that leaves the other core to the GUI (the viewer's prefetch).
+        ``stop``: its :meth:`~.base.DecodeStop.stop` ends the run at once (:class:`~.base.DecodeStopped`)."""
+        import onnxruntime as ort
+
+        session = self._one_thread_sessions()[0]
+        feed = self._feed(embedding, box)
+        options = ort.RunOptions()
+
+        def terminate() -> None:
+            options.terminate = True
+
+        if stop is not None and not stop.attach(terminate):
+            raise DecodeStopped("stopped before the decode")
+        try:
+            masks, iou = session.run(None, feed, options)
+        except Exception:
+            if stop is not None and stop.stopped:
+                raise DecodeStopped("stopped during the decode") from None
+            raise
+        finally:
+            if stop is not None:
+                stop.detach(terminate)
+        return torch.from_numpy(masks), torch.from_numpy(iou)
 
 
 def onnx_cache_path(name: str, weights_sha256: str, input_size: int, part: str = "encoder") -> Path:

@@ -177,6 +177,19 @@ class SamLikeBackbone:
         outs = fast.run_many(emb, [self._prompt_tensors(p)[1] for p in prompts])
         return [self._decoded(low_res, iou) for low_res, iou in outs]
 
+    @torch.inference_mode()
+    def decode_one_thread(self, embedding: torch.Tensor, prompt: Prompt, stop=None) -> Decoded:
+        """:meth:`decode`'s output, bit for bit, on one core where the CPU's ONNX decoder takes the
+        prompt (one box: a single-thread session, which ``stop``, a
+        :class:`~.base.DecodeStop`, can end at once); anything else is :meth:`decode` itself."""
+        fast = self._fast_box_decoder() if (prompt is not None and prompt.kind == "box") else None
+        if fast is None or not hasattr(fast, "run_one_thread"):
+            return self.decode(embedding, prompt)
+        emb = embedding.to(self.device, dtype=torch.float32)
+        if emb.ndim == 3:
+            emb = emb[None]
+        return self._decoded(*fast.run_one_thread(emb, self._prompt_tensors(prompt)[1], stop=stop))
+
     def _frame_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """The decoder's low-resolution mask logits in the 256 x 256 frame."""
         if low_res.shape[-1] != FRAME:

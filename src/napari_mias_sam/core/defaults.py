@@ -16,6 +16,10 @@ is one of its table's choices.
 
 __all__ = [
     "GAMMA",
+    "GAMMA_RANGE",
+    "GAMMA_STEP",
+    "PREFETCH",
+    "PREFETCH_STEPS",
     "MASK_INDEX",
     "REGIONS_MASK",
     "K",
@@ -38,6 +42,13 @@ __all__ = [
 
 #: Centre-of-gravity exponent (Eq. 2 of the paper).
 GAMMA = 5.0
+#: The viewer's gamma slider: its range and step.
+GAMMA_RANGE: tuple[float, float] = (0.5, 20.0)
+GAMMA_STEP = 0.5
+#: The viewer decodes the shown slice ahead at the gamma values this many slider steps either side
+#: of the current one, once it is idle (``MIAS_SAM_PREFETCH=0`` in the environment turns it off).
+PREFETCH = True
+PREFETCH_STEPS = 2
 #: Which of SAM's three masks, 1-based as in the paper (3 = the finest).
 MASK_INDEX = 3
 #: The mask used with the regions prompt (the volumes' default): the decoder's first (coarsest),

@@ -13,6 +13,7 @@ the last decoder outputs in a least-recently-used store bounded in bytes, keyed 
 
 A hit returns the very arrays the decoder returned for that input (read-only), so results are
 bit-identical with and without the cache. Prompts with a mask input are never cached.
+:meth:`CachedDecoder.prefetch` fills an entry ahead of need (the viewer's speculative decodes).
 """
 
 from __future__ import annotations
@@ -125,6 +126,25 @@ class CachedDecoder:
             for i, out in zip(todo, new):
                 outs[i] = self._keep(keys[i], out)
         return outs
+
+    def prefetch(self, embedding, prompt: Prompt | None, stop=None) -> bool:
+        """Decode ``prompt`` on ``embedding`` ahead of need and remember it, unless remembered
+        already (no hit is counted then); returns whether it decoded. On one core where the
+        backbone can (its ``decode_one_thread``, equal to ``decode``'s output bit for bit; ``stop``,
+        a :class:`~napari_mias_sam.backbones.base.DecodeStop`, can end that decode at once, and then
+        :class:`~napari_mias_sam.backbones.base.DecodeStopped` is raised and nothing is kept), and
+        without :attr:`before_decode`: no pass is waiting on this decode (the viewer's prefetch of
+        the shown slice at the next gamma values, ``viewer/models/prefetch.py``)."""
+        if prompt is None:
+            return False
+        key = (self._identity, self._embedding_key(embedding), _prompt_key(prompt))
+        with self._lock:
+            if key in self._store:
+                return False
+        one = getattr(self.backbone, "decode_one_thread", None)
+        out = one(embedding, prompt, stop=stop) if one is not None else self.backbone.decode(embedding, prompt)
+        self._keep(key, out)
+        return True
 
     def _lookup(self, key: tuple):
         with self._lock:

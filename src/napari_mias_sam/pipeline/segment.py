@@ -47,6 +47,7 @@ __all__ = [
     "decode_all",
     "SliceDecode",
     "redecode_slice",
+    "decoder_prompts",
     "RunSetup",
     "setup_run",
     "segment_volume",
@@ -504,6 +505,33 @@ def redecode_slice(
     use_map = bool(st.extras.get("map_as_mask_input", False))
     logits, ious = decode_one(backbone, emb, prompt, result.maps[s], use_map_as_mask=use_map)
     return SliceDecode(s, prompt, logits, ious, st)
+
+
+def decoder_prompts(result: SegmentationResult, backbone, s: int, *, settings: SegmentSettings | None = None,
+                    point: tuple[float, float] | None = None, piece: int | None = None) -> list[Prompt]:
+    """The prompts :func:`redecode_slice` sends to the decoder for the same arguments (one per
+    region piece with the regions prompt), computed by the same functions, without decoding (the
+    viewer's prefetch). Empty for a slice without anatomy or a prompt, or with the map as a mask
+    input (decodes that are never remembered)."""
+    st = result.settings if settings is None else settings.with_default_mask(result.settings.prompt)
+    if not result.encoded.foreground[s]:
+        return []
+    if st.prompt == "regions":
+        kind = region_prompt_kind(backbone)
+        regs = region_prompts(region_labels(result)[s], result.maps[s], gamma=st.gamma, kind=kind)
+        if point is not None and not regs:
+            return [_moved(make_prompt(result.maps[s], "cog-" + kind, gamma=st.gamma), point)]
+        prompts = [r.prompt for r in regs]
+        if point is not None:
+            j = min(max(int(piece or 0), 0), len(regs) - 1)
+            prompts[j] = _moved(regs[j].prompt, point)
+        return prompts
+    if st.extras.get("map_as_mask_input", False):
+        return []
+    prompt = _slice_prompt(result.maps[s], st)
+    if point is not None:
+        prompt = _moved(prompt, point)
+    return [] if prompt is None else [prompt]
 
 
 def region_prompt_kind(backbone) -> str:

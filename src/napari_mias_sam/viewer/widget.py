@@ -153,7 +153,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         self.image = ComboBox(choices=self._image_choices, label="image layer")
         self.prompt = ComboBox(choices=PROMPT_TYPES, value=VOLUME_PROMPT or default_prompt_for(defaults.BACKBONE), label="prompt")
         self.prompt_note = Label(value="")
-        self.gamma = FloatSlider(value=defaults.GAMMA, min=0.5, max=20.0, step=0.5, label="gamma",
+        self.gamma = FloatSlider(value=defaults.GAMMA, min=defaults.GAMMA_RANGE[0], max=defaults.GAMMA_RANGE[1],
+                                 step=defaults.GAMMA_STEP, label="gamma",
                                  tooltip="centre-of-gravity exponent: higher pulls the prompt to the strongest anomaly")
         self.mask = RadioButtons(choices=[1, 2, 3], value=default_mask_for(self.prompt.value), orientation="horizontal", label="mask",
                                  tooltip="SAM's three masks, coarse (1) to fine (3); the paper uses 3")
@@ -513,6 +514,8 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
         batch, cache = int(self.batch_size.value), (EmbeddingCache() if self.use_cache else None)
         previous = self.live.session.result if (self.live is not None and self.live.source is layer) else None
         decoder = self.live.session.decoder if self.live is not None else None  # remembers the decodes of earlier runs
+        if self.live is not None:
+            self.live.stop_prefetch()  # the run has both cores
 
         def job(progress, cancelled):
             from dataclasses import replace

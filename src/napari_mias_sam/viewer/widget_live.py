@@ -17,6 +17,8 @@ just after the paint. The rest of the volume's slices are written into the layer
 arrive (napari draws them when the user gets there); the QA columns are recomputed once the
 updates pause. Gamma, the mask and dragged points are applied at once (no debounce; a prompt
 change on the next turn of the event loop): a newer change supersedes a pass at its next slice.
+Once idle, the shown slice is decoded ahead at the next gamma values on one core
+(:mod:`napari_mias_sam.viewer.models.prefetch`); every change stops that at once.
 Measured timings: docs/performance.md, section 7.
 
 Size: about 700 lines because one controller owns every output layer of a run and keeps them in
@@ -24,6 +26,7 @@ step (layers, points, background re-decoding, comparison, profile); the computat
 in :mod:`napari_mias_sam.viewer.models.live`, the review of the prompts in :mod:`napari_mias_sam.viewer.widget_review`.
 """
 
+import logging
 import threading
 import time
 from functools import partial
@@ -35,6 +38,8 @@ from qtpy.QtCore import QObject, QTimer
 
 from .widget_threads import start_generator
 from .models.live import CHANGE_MASK, CHANGE_PROMPT, CHANGE_RERUN, LiveSession, ranked_slices
+from .models.prefetch import gamma_neighbours, prefetch_enabled, prefetch_gammas
+from ..backbones.base import DecodeStop
 from ..data.datasets import lesion_mask
 from .models.compare import FN, FP, DiceTracker, error_overlay, error_slice
 from ..data.qa_table import CORRECTED
@@ -54,6 +59,7 @@ QA_DELAY_MS = 300  # the QA columns are recomputed this long after the last live
 STATE_DELAY_MS = 250  # a pass still running after this long says "updating slices..."
 HEAD_START_S = 0.04  # the GUI thread waits at most this long for a pass to reach the decoder (see refresh)
 SHOWN_WAIT_S = 0.06  # a pass waits at most this long for the shown slice to be drawn (one canvas paint) before the rest
+PREFETCH_DELAY_MS = 100  # the shown slice is decoded ahead at the next gammas this long after the viewer went idle
 
 
 def is_output_layer(layer) -> bool:
@@ -168,6 +174,15 @@ class LiveController:
         self._readout_timer.timeout.connect(self._after_shown)
         self._drawn = threading.Event()
         self._hold = False  # the running pass waits for the shown slice to be drawn
+        # Idle: the shown slice is decoded ahead at the gamma values next to the current one.
+        self.prefetch = prefetch_enabled()  # MIAS_SAM_PREFETCH=0 turns it off
+        self._prefetch_thread: Optional[threading.Thread] = None
+        self._prefetch_stop: Optional[DecodeStop] = None  # the running prefetch's: stopped by any change
+        self._prefetch_key: Optional[tuple] = None
+        self._prefetch_timer = QTimer(dock)
+        self._prefetch_timer.setSingleShot(True)
+        self._prefetch_timer.setInterval(PREFETCH_DELAY_MS)
+        self._prefetch_timer.timeout.connect(self._start_prefetch)
         if dock is not None:  # a dock deleted without closing (the viewer closed): stop as close() does
             dock.destroyed.connect(self._on_dock_destroyed)
         self.review = ReviewController(widget, self)
@@ -326,6 +341,7 @@ class LiveController:
         self.session.new_generation()
         if self._worker is not None:
             self._worker.quit()
+        self.stop_prefetch()
         self._qa_timer.stop()
         self._state_timer.stop()
         self._box_timer.stop()
@@ -342,6 +358,8 @@ class LiveController:
 
     def _on_dock_destroyed(self, _obj=None) -> None:
         self.session.new_generation()  # background passes stop; their last signals are ignored
+        if self._prefetch_stop is not None:
+            self._prefetch_stop.stop()
         self._drawn.set()
 
     def _on_painted(self, _event=None) -> None:
@@ -379,6 +397,48 @@ class LiveController:
         self.w.iou_info.value = self.slice_readout(s)
         self.update_compare(full=False)
         self.review.show_info()
+        if self.prefetch and self._active_gen is None:
+            self._prefetch_timer.start()  # (again: scrolling through slices prefetches the one it stops at)
+
+    # -- prefetch: the shown slice at the next gamma values ----------------------------------------
+    @property
+    def prefetching(self) -> bool:
+        """True while the shown slice is being decoded ahead (or about to be)."""
+        return self._prefetch_timer.isActive() or (self._prefetch_thread is not None and self._prefetch_thread.is_alive())
+
+    def stop_prefetch(self) -> None:
+        """The running prefetch stops, its decode in flight included (every change calls this)."""
+        self._prefetch_timer.stop()
+        if self._prefetch_stop is not None:
+            self._prefetch_stop.stop()  # the decode in flight ends within a few milliseconds
+
+    def _start_prefetch(self) -> None:
+        """Decode the shown slice ahead at the gamma values one and two slider steps either side
+        (:func:`~napari_mias_sam.viewer.models.prefetch.prefetch_gammas`, one core, in a thread of
+        its own), when no pass runs and no change waits: a step of the slider then finds its decodes
+        in the decoder's cache. Every change stops it at once (:meth:`stop_prefetch`)."""
+        ses = self.session
+        if (not self.prefetch or self._active_gen is not None or self.w.settings_pending() or ses.stale
+                or self.layers.get("mask") not in self.viewer.layers):
+            return
+        s = self.current_slice()
+        key = (s, ses.generation, ses.settings, len(ses.overrides), ses.overrides.get(s), ses.moved_piece.get(s))
+        if key == self._prefetch_key and self.prefetching:
+            return  # already under way
+        if self._prefetch_stop is not None:
+            self._prefetch_stop.stop()
+        stop = self._prefetch_stop = DecodeStop()
+        self._prefetch_key = key
+        gammas = gamma_neighbours(ses.settings.gamma)
+
+        def run() -> None:
+            try:
+                prefetch_gammas(ses, s, gammas, key[1], stop=stop)
+            except Exception:  # it only saves time: the real change decodes what it needs
+                logging.getLogger(__name__).debug("prefetch of slice %d failed", s, exc_info=True)
+
+        self._prefetch_thread = threading.Thread(target=run, name="mias-sam-prefetch", daemon=True)
+        self._prefetch_thread.start()
 
     def slice_readout(self, s: int) -> str:
         """One line on slice ``s``: its prompt (moved or not, dropped by the slice decision) and,
@@ -420,6 +480,7 @@ class LiveController:
         gen = self.session.new_generation()
         if self._worker is not None:
             self._worker.quit()
+        self.stop_prefetch()
         if order is None:
             order = self.session.order_from(self.current_slice())
         # A superseded pass may have decoded a slice without showing it: the new pass shows it.

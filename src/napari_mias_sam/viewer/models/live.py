@@ -397,7 +397,7 @@ class LiveSession:
                     p = make_prompt(r.maps[s], st.prompt or "cog-point", gamma=st.gamma, threshold=st.threshold)
                 return r.prompt_voxel(s, p), None
             if s not in self._method:  # decoded aside: the result keeps the review's prompt and mask
-                with self._decoding(s):
+                with self.decoding(s):
                     d = redecode_slice(r, self.decoder, s, settings=st)
                 self._method[s] = (r.prompt_voxel(s, d.prompt), d.logits)
             ijk, logits = self._method[s]
@@ -417,7 +417,7 @@ class LiveSession:
             if generation is not None and generation != self.generation:
                 return False
             mark = self._marks.get(s, 0)
-            with self._decoding(s):
+            with self.decoding(s):
                 self.result.apply(redecode_slice(self.result, self.decoder, s, settings=self.settings,
                                                  point=self.overrides.get(s), piece=self.moved_piece.get(s)))
             if self.status(s) == REJECTED:  # "no anomaly here": the prompt stays, the mask is cleared
@@ -426,7 +426,7 @@ class LiveSession:
                 self.stale.discard(s)
         return True
 
-    def _decoding(self, s: int):
+    def decoding(self, s: int):
         """Decodes of slice ``s`` name its embedding to the cache (hashed on first use only)."""
         if s not in self._digests:
             self._digests[s] = embedding_digest(self.result.encoded.embeddings[s])
