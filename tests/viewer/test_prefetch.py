@@ -18,7 +18,7 @@ from napari_mias_sam.pipeline.embedding_cache import EmbeddingCache
 from napari_mias_sam.pipeline.segment import segment_volume
 from napari_mias_sam.pipeline.settings import SegmentSettings
 from napari_mias_sam.viewer.models.live import LiveSession
-from napari_mias_sam.viewer.models.prefetch import gamma_neighbours, prefetch_enabled, prefetch_gammas
+from napari_mias_sam.viewer.models.prefetch import gamma_neighbours, on_gamma_grid, prefetch_enabled, prefetch_gammas
 
 pytestmark = pytest.mark.usefixtures("mias_cache_dir")
 
@@ -45,6 +45,13 @@ def _same_slice(a, b, s: int) -> None:
     np.testing.assert_array_equal(a.ious[s], b.ious[s])
     for m in (1, 2, 3):
         np.testing.assert_array_equal(a.slice_mask(s, m), b.slice_mask(s, m))
+
+
+def test_slider_values_next_to_the_grid_are_put_on_it():
+    assert on_gamma_grid(4.500017) == 4.5 and on_gamma_grid(4.49991) == 4.5 and on_gamma_grid(5.0) == 5.0
+    assert on_gamma_grid(4.37) == 4.5 and on_gamma_grid(4.2) == 4.0
+    assert on_gamma_grid(3.3, keep=3.3) == 3.3  # the shown result's own gamma, off the grid, is kept
+    assert on_gamma_grid(3.6, keep=3.3) == 3.5
 
 
 def test_gamma_neighbours_nearest_first_within_the_slider(monkeypatch):

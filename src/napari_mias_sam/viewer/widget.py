@@ -37,6 +37,7 @@ from .widget_dataset import DatasetMixin
 from .widget_files import FilesMixin
 from .widget_lesions import LesionPanel
 from .widget_live import LiveController, is_output_layer, plural
+from .models.prefetch import on_gamma_grid
 from .widget_messages import MessageBar
 from .widget_profile import ProfilePlot
 from .widget_threads import Failed, Job, avoid_triton_llvm_crash
@@ -287,7 +288,7 @@ class MiasSamWidget(BankMixin, DatasetMixin, FilesMixin, QWidget):
 
     def current_settings(self) -> SegmentSettings:
         return SegmentSettings(
-            gamma=float(self.gamma.value), mask_index=int(self.mask.value), prompt=str(self.prompt.value),
+            gamma=on_gamma_grid(float(self.gamma.value), keep=self.live.session.settings.gamma if self.live is not None else None), mask_index=int(self.mask.value), prompt=str(self.prompt.value),
             k=int(self.k.value), normalisation=str(self.normalisation.value), slice_decision=bool(self.slice_decision.value),
         )
 

@@ -29,7 +29,7 @@ from ...backbones.base import DecodeStop, DecodeStopped
 from ...core import defaults
 from ...pipeline.segment import decoder_prompts
 
-__all__ = ["PREFETCH_ENV", "prefetch_enabled", "gamma_neighbours", "prefetch_gammas"]
+__all__ = ["PREFETCH_ENV", "prefetch_enabled", "gamma_neighbours", "on_gamma_grid", "prefetch_gammas"]
 
 #: Environment variable: ``0`` turns the prefetch off (the benchmark's cold figures, the tests).
 PREFETCH_ENV = "MIAS_SAM_PREFETCH"
@@ -41,6 +41,18 @@ def prefetch_enabled() -> bool:
     if not value:
         return bool(defaults.PREFETCH)
     return value not in ("0", "off", "false", "no")
+
+
+def on_gamma_grid(gamma: float, keep: float | None = None, step: float = defaults.GAMMA_STEP) -> float:
+    """``gamma`` as the dock's slider means it: the nearest value of the slider's grid (its step,
+    0.5). magicgui's FloatSlider keeps 10^6 positions per unit, so a drag of its handle lands on
+    values such as 4.500017 or 4.37, which the prefetch (made on the grid) would never match.
+    ``keep``: a value that stays as it is (the shown result's own gamma, which a ``--gamma 3.3`` run
+    reopened in the dock may have off the grid)."""
+    g = float(gamma)
+    if keep is not None and g == float(keep):
+        return g
+    return float(round(g / float(step)) * float(step))
 
 
 def gamma_neighbours(gamma: float, steps: int = defaults.PREFETCH_STEPS, step: float = defaults.GAMMA_STEP,
