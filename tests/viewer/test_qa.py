@@ -306,6 +306,18 @@ def test_profile_has_slice_numbers_gt_ticks_and_greys_dropped_slices(shown, qtbo
 
 
 # -- 6. what the dock shows is what the pipeline computes ---------------------------------------------------
+def _show_regions_result(viewer_widget, sample_subset, sample_bank, lite_backbone):
+    """The dock showing ``segment_volume``'s regions result (mask 1) of the sample case:
+    (viewer, widget, volume, settings)."""
+    viewer, widget, image, _gt = viewer_widget
+    volume = load_volume(sample_subset["case"])
+    settings = SegmentSettings(prompt="regions", mask_index=1)
+    widget.set_bank(sample_bank)
+    widget.show_result(segment_volume(volume, sample_bank, lite_backbone, settings, cache=EmbeddingCache()), image,
+                       lite_backbone)
+    return viewer, widget, volume, settings
+
+
 def test_live_mask_equals_the_pipelines_after_a_gamma_change_and_a_drag(viewer_widget, qtbot, sample_subset, sample_bank,
                                                                         lite_backbone):
     """The regions prompt (several region pieces per slice, decoded together): after a gamma change,
@@ -315,12 +327,7 @@ def test_live_mask_equals_the_pipelines_after_a_gamma_change_and_a_drag(viewer_w
     from napari_mias_sam.pipeline.segment import redecode_slice
     from napari_mias_sam.viewer.models.layers import to_display
 
-    viewer, widget, image, gt = viewer_widget
-    volume = load_volume(sample_subset["case"])
-    settings = SegmentSettings(prompt="regions", mask_index=1)
-    widget.set_bank(sample_bank)
-    widget.show_result(segment_volume(volume, sample_bank, lite_backbone, settings, cache=EmbeddingCache()), image,
-                       lite_backbone)
+    viewer, widget, volume, settings = _show_regions_result(viewer_widget, sample_subset, sample_bank, lite_backbone)
     ses, mask = widget.live.session, _layer(viewer, " mask")
     assert max(len(ses.slice_points(s)) for s in range(ses.n_slices)) >= 2  # a slice with several pieces
 
@@ -353,12 +360,7 @@ def test_a_gamma_step_after_a_run_reads_the_prefetched_decodes(viewer_widget, qt
     from napari_mias_sam.viewer.models.layers import to_display
 
     monkeypatch.setenv("MIAS_SAM_PREFETCH", "1")
-    viewer, widget, image, gt = viewer_widget
-    volume = load_volume(sample_subset["case"])
-    settings = SegmentSettings(prompt="regions", mask_index=1)
-    widget.set_bank(sample_bank)
-    widget.show_result(segment_volume(volume, sample_bank, lite_backbone, settings, cache=EmbeddingCache()), image,
-                       lite_backbone)
+    viewer, widget, volume, settings = _show_regions_result(viewer_widget, sample_subset, sample_bank, lite_backbone)
     live = widget.live
     ses = live.session
     assert live.prefetch

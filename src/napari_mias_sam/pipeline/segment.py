@@ -492,16 +492,13 @@ def redecode_slice(
         if point is not None:
             regs = region_prompts(labels, result.maps[s], gamma=st.gamma, kind=kind)
             if not regs:  # a point placed on a slice without a region: the user's own prompt
-                prompt = _moved(make_prompt(result.maps[s], "cog-" + kind, gamma=st.gamma), point)
+                prompt = _point_without_region(result.maps[s], st, kind, point)
                 return SliceDecode(s, prompt, *decode_one(backbone, emb, prompt), st)
-            j = min(max(int(piece or 0), 0), len(regs) - 1)
-            moved = {j: _moved(regs[j].prompt, point)}
+            moved = dict([_moved_piece(regs, point, piece)])
         core = None if result.region_cores is None else result.region_cores[s]
         d = decode_regions(backbone, emb, labels, result.maps[s], gamma=st.gamma, kind=kind, core=core, moved=moved)
         return SliceDecode(s, d.prompt, d.logits, d.ious, st, d)
-    prompt = _slice_prompt(result.maps[s], st)
-    if point is not None:
-        prompt = _moved(prompt, point)
+    prompt = _plain_prompt(result.maps[s], st, point)
     use_map = bool(st.extras.get("map_as_mask_input", False))
     logits, ious = decode_one(backbone, emb, prompt, result.maps[s], use_map_as_mask=use_map)
     return SliceDecode(s, prompt, logits, ious, st)
@@ -520,18 +517,33 @@ def decoder_prompts(result: SegmentationResult, backbone, s: int, *, settings: S
         kind = region_prompt_kind(backbone)
         regs = region_prompts(region_labels(result)[s], result.maps[s], gamma=st.gamma, kind=kind)
         if point is not None and not regs:
-            return [_moved(make_prompt(result.maps[s], "cog-" + kind, gamma=st.gamma), point)]
+            return [_point_without_region(result.maps[s], st, kind, point)]
         prompts = [r.prompt for r in regs]
         if point is not None:
-            j = min(max(int(piece or 0), 0), len(regs) - 1)
-            prompts[j] = _moved(regs[j].prompt, point)
+            j, prompts[j] = _moved_piece(regs, point, piece)
         return prompts
     if st.extras.get("map_as_mask_input", False):
         return []
-    prompt = _slice_prompt(result.maps[s], st)
-    if point is not None:
-        prompt = _moved(prompt, point)
+    prompt = _plain_prompt(result.maps[s], st, point)
     return [] if prompt is None else [prompt]
+
+
+def _plain_prompt(amap: np.ndarray, st: SegmentSettings, point: tuple[float, float] | None) -> Prompt | None:
+    """A per-slice prompt type's prompt, re-centred on the user's ``point`` when there is one."""
+    prompt = _slice_prompt(amap, st)
+    return prompt if point is None else _moved(prompt, point)
+
+
+def _point_without_region(amap: np.ndarray, st: SegmentSettings, kind: str, point: tuple[float, float]) -> Prompt:
+    """The regions prompt's user point on a slice without a region: its own CoG prompt, moved there."""
+    return _moved(make_prompt(amap, "cog-" + kind, gamma=st.gamma), point)
+
+
+def _moved_piece(regs: list, point: tuple[float, float], piece: int | None) -> tuple[int, Prompt]:
+    """Which region piece a user's ``point`` replaces (``piece``, clamped; 0: the most anomalous)
+    and that piece's prompt moved there."""
+    j = min(max(int(piece or 0), 0), len(regs) - 1)
+    return j, _moved(regs[j].prompt, point)
 
 
 def region_prompt_kind(backbone) -> str:
