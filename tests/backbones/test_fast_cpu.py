@@ -104,6 +104,28 @@ def test_onnx_export_is_verified_cached_and_reused(cache, monkeypatch):
 
 
 @needs_onnx
+def test_the_checks_share_one_eager_forward_per_image(cache, monkeypatch):
+    """The encoder's export, OpenVINO's check and the box decoder's export compare with the eager
+    embedding of the same check image: it is computed once per encoder (1.4-1.5 s each on 2 cores
+    for LiteMedSAM), and equals a fresh eager forward."""
+    enc = TinyEncoder()
+    calls = []
+    # (the export traces a folded copy, hooks included: not an eager forward of this encoder)
+    enc.register_forward_hook(lambda m, i, o: None if torch.jit.is_tracing() else calls.append(tuple(i[0].shape)))
+    fn, _ = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+    assert isinstance(fn, fe.OnnxCpuEncoder) and len(calls) == 1  # the export's reference
+    ref = fe.eager_reference(enc, 32)  # what the box decoder's export reads: no second forward
+    assert len(calls) == 1
+    with torch.inference_mode():
+        np.testing.assert_array_equal(ref.numpy(), enc(fe._check_input(32)).numpy())
+    monkeypatch.delenv("MIAS_SAM_OPENVINO")
+    if openvino_available():  # its check adds the mirrored image's forward only
+        fn, _ = fe.cpu_encoder(enc, name="tiny", weights_sha256="abc123", input_size=32)
+        assert isinstance(fn, OpenVinoCpuEncoder) and len(calls) == 3  # (2 + the equality check above)
+    assert fe.eager_reference(TinyEncoder(), 32) is not ref  # another encoder: its own
+
+
+@needs_onnx
 def test_onnx_batch_on_parallel_sessions_equals_one_session(cache):
     """A batch runs on one single-thread session per worker, slices side by side: the same
     embeddings, in the same order, as one session with every thread, slice after slice."""

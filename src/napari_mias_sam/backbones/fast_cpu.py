@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -89,13 +90,18 @@ def fold_conv_bn(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def onnx_available() -> bool:
-    """True when both ONNX Runtime and the ``onnx`` package (needed by the exporter) import."""
+    """True when ONNX Runtime imports and the ``onnx`` package (needed by the exporter only) is
+    installed. ``onnx`` is not imported here: its import costs about 0.9 s on 2 cores (measured),
+    which a cached export never needs; a broken ``onnx`` makes the export fail, and the caller
+    falls back as for any failed export."""
+    import importlib.util
+
     try:
-        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
+
+        return importlib.util.find_spec("onnx") is not None
     except Exception:
         return False
-    return True
 
 
 class TorchCpuEncoder:
@@ -288,6 +294,27 @@ def _check_input(input_size: int) -> torch.Tensor:
     return img.expand(1, 3, -1, -1).contiguous()
 
 
+#: Eager outputs of an encoder for the check input (and its mirror image), kept while the encoder
+#: lives: the encoder's export, OpenVINO's check and the box decoder's export all compare with
+#: them, and each eager forward costs 1.4-1.5 s on 2 cores (docs/performance.md, section 7).
+_references: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_reference_lock = threading.Lock()
+
+
+def eager_reference(encoder: torch.nn.Module, input_size: int, *, mirrored: bool = False) -> torch.Tensor:
+    """The eager fp32 embedding (1, C, h, w) of :func:`_check_input` (``mirrored``: of its left-right
+    mirror image), computed once per encoder object: the one-time checks of the exported models
+    share it instead of each running the encoder again."""
+    with _reference_lock:  # (not _lock: the exports run under it)
+        refs = _references.setdefault(encoder, {})
+        key = (int(input_size), bool(mirrored))
+        if key not in refs:
+            x = _check_input(input_size)
+            with torch.inference_mode():
+                refs[key] = encoder.eval()(x.flip(-1) if mirrored else x).detach().clone()
+        return refs[key]
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -359,8 +386,7 @@ def cpu_encoder(
 
             def export() -> None:
                 x = _check_input(input_size)
-                with torch.inference_mode():
-                    ref = encoder.eval()(x)
+                ref = eager_reference(encoder, input_size)
                 log.info("exporting the %s encoder to ONNX once (cached at %s)", name, path)
                 _export_verified(fold_conv_bn(encoder), (x,), (["image"], ["embedding"]), path,
                                  lambda p: _max_diff(OnnxCpuEncoder(p)(x), ref))
@@ -394,8 +420,7 @@ def _openvino_encoder(encoder: torch.nn.Module, path: Path, input_size: int, thr
         if not marker.is_file():
             x = _check_input(input_size)
             x2 = torch.cat([x, x.flip(-1)])
-            with torch.inference_mode():
-                ref = encoder.eval()(x2)
+            ref = torch.cat([eager_reference(encoder, input_size), eager_reference(encoder, input_size, mirrored=True)])
             diff = max(_max_diff(enc(x), ref[:1]), _max_diff(enc(x2), ref))
             if not diff <= TOLERANCE:
                 raise RuntimeError(f"OpenVINO's embeddings differ from PyTorch by {diff:.2e} (> {TOLERANCE:g})")
@@ -433,8 +458,8 @@ def cpu_box_decoder(
     module = _BoxDecoderModule(model, dense_pe).eval()
 
     def export() -> None:
+        emb = eager_reference(model.image_encoder, input_size)  # shared with the encoder's export
         with torch.inference_mode():
-            emb = model.image_encoder.eval()(_check_input(input_size))
             s = input_size / 256
             box = torch.tensor([[70.0, 60.0, 150.0, 170.0]]) * s
             ref = module(emb, box)
