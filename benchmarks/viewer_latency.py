@@ -23,8 +23,9 @@ presses Run, picks the ground truth, goes to the slice with the largest lesion, 
 * **gamma change by one slider step (prefetched)**: with the viewer's prefetch on (its default),
   after waiting until the dock is idle and the shown slice was decoded ahead at the next gammas
   (as a user who paused), gamma moved by one slider step (0.5) to a value not used before, with
-  the volume's default prompt and with ``cog-box``; the script also counts the changes whose
-  shown slice decoded nothing (served from the decoder's cache);
+  the volume's default prompt and with ``cog-box``; and gamma **jumped by 4 steps** (2.0) at once
+  the same way (within the prefetch's +-3.0); the script also counts the changes whose shown slice
+  decoded nothing (served from the decoder's cache);
 * **mask change right after a gamma jump, while the prefetch runs**: gamma jumped to a value not
   used before, and as soon as that pass is done (the prefetch of the new gamma's neighbours under
   way), the mask changed (every change stops the prefetch); and the same with the prefetch off
@@ -299,9 +300,9 @@ class Bench:
         pump(self.app, lambda: not live.busy and not live.prefetching, timeout=120, what="the prefetch")
         settle(self.app, 0.1)
 
-    def prefetched_gamma_steps(self, s: int, prompt: str) -> None:
-        """Gamma moved by one slider step after the prefetch finished, ``repeats`` times (each to a
-        value not used before: upwards, or downwards near the slider's top)."""
+    def prefetched_gamma_steps(self, s: int, prompt: str, steps: int = 1) -> None:
+        """Gamma moved by ``steps`` slider steps at once after the prefetch finished, ``repeats``
+        times (each to a value not used before: upwards, or downwards near the slider's top)."""
         from napari_mias_sam.core import defaults
 
         w = self.w
@@ -309,8 +310,9 @@ class Bench:
             w.prompt.value = prompt
             settle(self.app, 0.3)
             pump(self.app, lambda: not w.live.busy)
-        key = f"gamma change by one slider step, prefetched ({prompt})"
-        direction = 1.0 if float(w.gamma.value) + self.repeats * defaults.GAMMA_STEP <= defaults.GAMMA_RANGE[1] else -1.0
+        key = (f"gamma change by one slider step, prefetched ({prompt})" if steps == 1
+               else f"gamma jump of {steps} slider steps, prefetched ({prompt})")
+        direction = 1.0 if float(w.gamma.value) + self.repeats * steps * defaults.GAMMA_STEP <= defaults.GAMMA_RANGE[1] else -1.0
         ses = w.live.session
         redecode = ses.redecode
         decoded: dict[int, int] = {}
@@ -327,7 +329,7 @@ class Bench:
             for _ in range(self.repeats):
                 self.idle()
                 decoded.clear()
-                target = float(w.gamma.value) + direction * defaults.GAMMA_STEP
+                target = float(w.gamma.value) + direction * steps * defaults.GAMMA_STEP
                 self.change(key, lambda v=target: setattr(w.gamma, "value", v), s)
                 self.served.setdefault(key, []).append(decoded.get(s, -1) == 0)
         finally:
@@ -398,6 +400,9 @@ class Bench:
         self.set_prefetch(True)
         for prompt in dict.fromkeys([default_prompt, "cog-box"]):
             self.prefetched_gamma_steps(s, prompt)
+        self.prefetched_gamma_steps(s, "cog-box", steps=4)  # a jump: 2.0 at once (within the prefetch's +-3.0)
+        if default_prompt != "cog-box":
+            self.prefetched_gamma_steps(s, default_prompt, steps=4)
         if str(w.prompt.value) != default_prompt:
             w.prompt.value = default_prompt
             settle(self.app, 0.3)

@@ -55,10 +55,13 @@ def test_slider_values_next_to_the_grid_are_put_on_it():
 
 
 def test_gamma_neighbours_nearest_first_within_the_slider(monkeypatch):
-    assert gamma_neighbours(5.0) == [5.5, 4.5, 6.0, 4.0]
-    assert gamma_neighbours(0.5) == [1.0, 1.5]
-    assert gamma_neighbours(20.0) == [19.5, 19.0]
+    assert gamma_neighbours(5.0, steps=2) == [5.5, 4.5, 6.0, 4.0]
+    assert gamma_neighbours(0.5, steps=2) == [1.0, 1.5]
+    assert gamma_neighbours(20.0, steps=2) == [19.5, 19.0]
     assert gamma_neighbours(5.0, steps=1) == [5.5, 4.5]
+    # the viewer's default: six steps either side (+-3.0), nearest first, within the slider
+    assert gamma_neighbours(5.0) == [5.5, 4.5, 6.0, 4.0, 6.5, 3.5, 7.0, 3.0, 7.5, 2.5, 8.0, 2.0]
+    assert gamma_neighbours(1.0) == [1.5, 0.5, 2.0, 2.5, 3.0, 3.5, 4.0]
     monkeypatch.setenv("MIAS_SAM_PREFETCH", "0")
     assert not prefetch_enabled()
     monkeypatch.setenv("MIAS_SAM_PREFETCH", "1")
@@ -73,9 +76,9 @@ def test_a_prefetched_gamma_step_decodes_nothing_and_equals_a_direct_decode(resu
     g = ses.settings.gamma
     announced = []
     ses.decoder.before_decode = lambda: announced.append(1)  # what the live controller waits on
-    n = prefetch_gammas(ses, s, gamma_neighbours(g), ses.generation)
+    n = prefetch_gammas(ses, s, gamma_neighbours(g, steps=2), ses.generation)
     assert n >= 1 and not announced  # prefetch decodes never announce a pass's decode
-    assert prefetch_gammas(ses, s, gamma_neighbours(g), ses.generation) == 0  # all remembered: nothing again
+    assert prefetch_gammas(ses, s, gamma_neighbours(g, steps=2), ses.generation) == 0  # all remembered: nothing again
     for gamma in (g + 0.5, g - 1.0):  # one step up, two steps down
         misses = ses.decoder.misses
         _gamma_change(ses, s, gamma)

@@ -46,9 +46,11 @@ GAMMA = 5.0
 GAMMA_RANGE: tuple[float, float] = (0.5, 20.0)
 GAMMA_STEP = 0.5
 #: The viewer decodes the shown slice ahead at the gamma values this many slider steps either side
-#: of the current one, once it is idle (``MIAS_SAM_PREFETCH=0`` in the environment turns it off).
+#: of the current one (nearest first: +-3.0 in all), once it is idle (``MIAS_SAM_PREFETCH=0`` in the
+#: environment turns it off): a step, a jump or a drag of the slider within that range then finds
+#: the shown slice decoded. Any change stops it.
 PREFETCH = True
-PREFETCH_STEPS = 2
+PREFETCH_STEPS = 6
 #: Which of SAM's three masks, 1-based as in the paper (3 = the finest).
 MASK_INDEX = 3
 #: The mask used with the regions prompt (the volumes' default): the decoder's first (coarsest),

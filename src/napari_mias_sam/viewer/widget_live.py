@@ -413,8 +413,8 @@ class LiveController:
             self._prefetch_stop.stop()  # the decode in flight ends within a few milliseconds
 
     def _start_prefetch(self) -> None:
-        """Decode the shown slice ahead at the gamma values one and two slider steps either side
-        (:func:`~napari_mias_sam.viewer.models.prefetch.prefetch_gammas`, one core, in a thread of
+        """Decode the shown slice ahead at the gamma values up to ``defaults.PREFETCH_STEPS`` slider
+        steps either side, nearest first (:func:`~napari_mias_sam.viewer.models.prefetch.prefetch_gammas`, one core, in a thread of
         its own), when no pass runs and no change waits: a step of the slider then finds its decodes
         in the decoder's cache. Every change stops it at once (:meth:`stop_prefetch`)."""
         ses = self.session
