@@ -202,7 +202,7 @@ def test_coreset_build_ratio_calibration_and_manifest(tmp_path):
 
 
 def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
-    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")  # the bounded search is opt-in; pinned here where it is on
+    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN", raising=False)  # the bounded search is on by default
     # and used whatever this machine's BLAS gives: on the H200 machine's 16-core CPU this test failed
     # with no bounded search at all, as it does here with the probe false (docs/performance.md, section 5)
     monkeypatch.setattr(bank_build, "gemm_identity_holds", lambda: True)

@@ -1,7 +1,7 @@
 """The exact k-NN with PCA lower bounds (bank/bounded_knn.py): the same distances as a full search
 (torch_knn), bit for bit, with and without an excluded range; the calibration it answers is the full
-search's, bit for bit, on a real bank; a bank's CPU search uses it only where it pays, and only
-when asked."""
+search's, bit for bit, on a real bank; a flat bank's CPU search uses it by default, in one index,
+per shard and merged, with the same bits; MIAS_SAM_BOUNDED_KNN=0 gives faiss's search everywhere."""
 
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ import faiss
 import numpy as np
 import pytest
 
-from napari_mias_sam.bank import build as bank_build
 from napari_mias_sam.bank import bounded_knn
+from napari_mias_sam.bank import build as bank_build
 from napari_mias_sam.bank.bounded_knn import BoundedSearcher, bank_matrix, gemm_identity_holds
 from napari_mias_sam.bank.knn import torch_knn
 from napari_mias_sam.method.patches import GRID
 
 
-
 @pytest.fixture(autouse=True)
-def _bounded_on(monkeypatch):
-    """The bounded search is opt-in (MIAS_SAM_BOUNDED_KNN=1): these tests pin it where it is on."""
-    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")
+def _bounded_default(monkeypatch):
+    """The bounded search is on by default (MIAS_SAM_BOUNDED_KNN unset): these tests run it so."""
+    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN", raising=False)
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:
     """Vectors on a few low-dimensional clusters plus noise (a spectrum like patch features')."""
@@ -90,7 +89,6 @@ def test_calibration_levels_equal_the_full_searches(sample_bank, monkeypatch):
     (the default) are bit for bit today's, from a full search of the bank per held-out slice
     (``MIAS_SAM_BOUNDED_KNN=0``: search_excluding, torch_knn)."""
     feats, ranges, sizes, offsets = _calibration_inputs(sample_bank)
-    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
     used = []
     real = BoundedSearcher.search
     monkeypatch.setattr(BoundedSearcher, "search", lambda self, *a, **kw: used.append(1) or real(self, *a, **kw))
@@ -108,7 +106,6 @@ def test_calibration_levels_equal_the_full_searches(sample_bank, monkeypatch):
 
 def test_calibration_searches_in_full_where_the_blas_identity_fails(sample_bank, monkeypatch):
     feats, ranges, sizes, offsets = _calibration_inputs(sample_bank)
-    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
     monkeypatch.setattr(bank_build, "gemm_identity_holds", lambda: False)
     monkeypatch.setattr(BoundedSearcher, "search", lambda *a, **kw: pytest.fail("bounded search used"))
     got = bank_build._calibrate(sample_bank.index, feats, ranges, sizes, offsets=offsets, sigma=4.0, progress=None)
@@ -123,24 +120,104 @@ def test_the_blas_identity_probe_runs_once(monkeypatch):
     assert gemm_identity_holds() is held
 
 
-def test_bank_search_uses_the_bounds_only_where_they_pay(sample_bank):
-    q = bank_matrix(sample_bank.index)[:4096] + 0.01
-    assert sample_bank._bounded_pays(len(q), 1) and not sample_bank._bounded_pays(8, 1)
-    got = sample_bank.search(q, 3)
-    ref, _ = sample_bank.index.search(np.ascontiguousarray(q), 3)
-    np.testing.assert_allclose(got, np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
-    assert sample_bank._bounded is not None
+def _flat(x: np.ndarray) -> faiss.IndexFlatL2:
+    idx = faiss.IndexFlatL2(x.shape[1])
+    idx.add(x)
+    return idx
 
 
-def test_the_bounded_search_is_opt_in_for_bank_searches(sample_bank, monkeypatch):
-    """A bank's own search stays faiss's unless asked: its distances' rounding differs from the
-    bounded search's (torch_knn's arithmetic), and maps must stay byte-identical to a one-process
-    faiss search (shards, Dask workers, earlier releases); calibration uses it by default."""
-    q = bank_matrix(sample_bank.index)[:4096] + 0.01
-    monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN")
-    assert not sample_bank._bounded_pays(len(q), 1)
-    assert bounded_knn.enabled(default=True)
-    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")
-    assert sample_bank._bounded_pays(len(q), 1)
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def test_bank_search_is_the_bounded_search_by_default(sample_bank, monkeypatch):
+    """A flat bank's CPU search (a slice's 1,024 patches, a batch) returns the bounded search's
+    distances, torch_knn's bit for bit where the BLAS probe holds; a few queries get the bits they
+    get inside a larger batch (the products are padded to the probed shapes, where torch_knn's
+    few-row products use other kernels); the searcher is built once per index and kept."""
+    x = bank_matrix(sample_bank.index)
+    built = []
+    real_init = BoundedSearcher.__init__
+    monkeypatch.setattr(BoundedSearcher, "__init__", lambda self, *a, **kw: built.append(1) or real_init(self, *a, **kw))
+    monkeypatch.setattr(bounded_knn, "_SEARCHERS", bounded_knn.weakref.WeakKeyDictionary())
+    batch = np.concatenate([x[5000:5003] - 0.02, np.random.default_rng(0).normal(size=(70, x.shape[1])).astype(np.float32)])
+    for q in (x[:1024] + 0.01, batch):
+        got = sample_bank.search(q, 3)
+        if gemm_identity_holds():
+            assert bounded_knn.torch_arithmetic(sample_bank.index)
+            np.testing.assert_array_equal(_bits(got), _bits(torch_knn(q, sample_bank.index, 3)))
+        ref, _ = sample_bank.index.search(np.ascontiguousarray(q), 3)
+        np.testing.assert_allclose(got, np.maximum(ref, 0), rtol=1e-4, atol=1e-4)
+    if gemm_identity_holds():
+        np.testing.assert_array_equal(_bits(sample_bank.search(batch[:3], 3)), _bits(sample_bank.search(batch, 3)[:3]))
+    assert len(built) == (1 if gemm_identity_holds() else 0)
+
+
+def test_sharded_and_per_shard_searches_equal_the_one_index_search(monkeypatch):
+    """A flat bank cut into shards (aligned, and at odd places, one shard of 5 vectors) answers with
+    the one index's distances, bit for bit: ShardedIndex.search_nearest (a sharded bank's search), and
+    shard_search per shard (a Dask worker's task) merged as the driver merges them."""
+    from napari_mias_sam.bank.shards import ShardedIndex, merge_nearest, shard_search, shard_sizes
+
+    if not gemm_identity_holds():
+        pytest.skip("this BLAS fails the probe: every path is faiss's (test_bounded_knn_off_is_faiss_everywhere)")
+    x = _clustered(6_000, 96, seed=3)
+    q = np.concatenate([_clustered(200, 96, seed=4), x[::613] + 0.01, x[:1]])
+    one = _flat(x)
+    ref, ids = shard_search(one, q, 5)
+    assert ids is None
+    np.testing.assert_array_equal(_bits(ref), _bits(torch_knn(q, one, 5)))
+    np.testing.assert_array_equal(_bits(shard_search(one, q[:1], 5)[0]), _bits(ref[:1]))  # one query: the same bits
+    for cuts in (np.cumsum([0, *shard_sizes(len(x), 3)]), [0, 5, 1029, 4000, 6000]):
+        shards = [_flat(x[a:b]) for a, b in zip(cuts, cuts[1:])]
+        got, _ = ShardedIndex(shards).search_nearest(q, 5)
+        np.testing.assert_array_equal(_bits(got), _bits(ref))
+        parts = [shard_search(s, q, 5) for s in shards]
+        np.testing.assert_array_equal(_bits(merge_nearest(parts, 5)[0]), _bits(ref))
+
+
+def test_bounded_knn_off_is_faiss_everywhere(monkeypatch):
+    """MIAS_SAM_BOUNDED_KNN=0 (or a BLAS failing the probe): every CPU search is faiss's own, in one
+    index, per shard and merged (still the same bits: aligned shards)."""
+    from napari_mias_sam.bank.shards import ShardedIndex, merge_nearest, shard_search, shard_sizes
+
+    x = _clustered(5_000, 64, seed=5)
+    q = _clustered(100, 64, seed=6)
+    one = _flat(x)
+    want_d, want_i = one.search(q, 4)
+    cuts = np.cumsum([0, *shard_sizes(len(x), 3)])
+    shards = [_flat(x[a:b]) for a, b in zip(cuts, cuts[1:])]
+    monkeypatch.setattr(BoundedSearcher, "search", lambda *a, **kw: pytest.fail("bounded search used"))
+    for how in ("env", "probe"):
+        with monkeypatch.context() as mp:
+            if how == "env":
+                mp.setenv("MIAS_SAM_BOUNDED_KNN", "0")
+            else:
+                mp.setattr(bounded_knn, "gemm_identity_holds", lambda: False)
+            assert not bounded_knn.torch_arithmetic(one)
+            d, i = shard_search(one, q, 4)
+            np.testing.assert_array_equal(_bits(d), _bits(want_d))
+            np.testing.assert_array_equal(i, want_i)
+            d, i = ShardedIndex(shards).search_nearest(q, 4)
+            np.testing.assert_array_equal(_bits(d), _bits(want_d))
+            np.testing.assert_array_equal(i, want_i)
+            parts = [shard_search(s, q, 4) for s in shards]
+            parts = [(d_, i_ + a) for (d_, i_), a in zip(parts, cuts)]
+            np.testing.assert_array_equal(_bits(merge_nearest(parts, 4)[0]), _bits(want_d))
+    # bounded=False (the Dask driver's choice passed to its workers) overrides the environment
+    d, i = shard_search(one, q, 4, bounded=False)
+    np.testing.assert_array_equal(_bits(d), _bits(want_d))
+
+
+def test_the_bounded_search_is_the_default_for_bank_searches(sample_bank, monkeypatch):
+    """On by default for a flat bank's CPU searches and for calibration; MIAS_SAM_BOUNDED_KNN=0
+    turns both off; other index types (SQ8, IVF) are always faiss's."""
+    assert bounded_knn.enabled() and bounded_knn.enabled(default=True)
+    assert bounded_knn.torch_arithmetic(sample_bank.index) == gemm_identity_holds()
     monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "0")
-    assert not bounded_knn.enabled(default=True)
+    assert not bounded_knn.enabled() and not bounded_knn.torch_arithmetic(sample_bank.index)
+    monkeypatch.setenv("MIAS_SAM_BOUNDED_KNN", "1")
+    assert bounded_knn.torch_arithmetic(sample_bank.index) == gemm_identity_holds()
+    sq8 = faiss.IndexScalarQuantizer(8, faiss.ScalarQuantizer.QT_8bit)
+    ip = faiss.IndexFlatIP(8)
+    assert not bounded_knn.exact_flat(sq8) and not bounded_knn.exact_flat(ip) and bounded_knn.exact_flat(faiss.IndexFlatL2(8))

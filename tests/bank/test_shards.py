@@ -17,7 +17,7 @@ from core_fixtures import frames_from_seed
 from napari_mias_sam.bank import SliceGroup, build_bank, load_bank
 from napari_mias_sam.bank.build import make_plan
 from napari_mias_sam.bank.knn import index_vectors
-from napari_mias_sam.bank.shards import SHARD_ALIGN, ShardedIndex, ShardSink, search_excluding, shard_sizes
+from napari_mias_sam.bank.shards import SHARD_ALIGN, ShardedIndex, ShardSink, search_excluding, shard_search, shard_sizes
 from napari_mias_sam.bank.staging import StagingArea, build_bank_staged, staging_dir
 from napari_mias_sam.core.errors import Cancelled, InputError
 
@@ -86,6 +86,14 @@ def test_sharded_index_gives_one_index_neighbours(index_type, tmp_path):
     d2, i2 = sharded.search(q, 4)
     np.testing.assert_array_equal(i2, i1)  # the same neighbours
     np.testing.assert_array_equal(d2, d1)  # and bit-identical distances (aligned shard boundaries)
+    # as a bank searches (a flat index: the bounded search, no ids, where the BLAS probe holds)
+    d1, i1 = shard_search(single, q, 4)
+    d2, i2 = sharded.search_nearest(q, 4)
+    if i1 is None:
+        assert index_type == "flat" and i2 is None
+    else:
+        np.testing.assert_array_equal(i2, i1)
+    np.testing.assert_array_equal(d2, d1)
     for exclude in ((0, 10), (SHARD_ALIGN * 2 - 50, SHARD_ALIGN * 4 + 3), (n - 100, n)):
         np.testing.assert_array_equal(search_excluding(sharded, q[:64], 3, exclude), search_excluding(single, q[:64], 3, exclude))
 

@@ -17,22 +17,37 @@ vector whose bound is under it (widening the candidates four-fold per round).
 The scores are the very float32 values a full search computes
 (:func:`~napari_mias_sam.bank.knn.torch_knn`: ``||x||^2 - 2 q.x + ||q||^2`` by ``torch.addmm``),
 bit for bit: they come from the same BLAS matrix product, on blocks of 64 queries x the union of
-their candidates (at least 64 bank vectors), shapes for which the BLAS kernel gives every element
-the bits of the full product (:func:`gemm_identity_holds` checks this once per process; where it
-fails, callers search in full). The threshold allows for that product's rounding (at most about
+their candidates (at least 64 bank vectors: a smaller bank or shard repeats one, masked), shapes
+for which the BLAS kernel gives every element the bits of the full product
+(:func:`gemm_identity_holds` checks this once per process; where it fails, callers search in full
+or with faiss). The threshold allows for that product's rounding (at most about
 ``d 2^-24 |q| |x|``) and the bounds' own float32 rounding (:data:`MARGIN`), so every vector that
 the full search's rounding could put among the k nearest is scored: the result equals the full
-search's, bitwise (tests/bank/test_bounded_knn.py, on the sample bank and with shards).
+search's, bitwise (tests/bank/test_bounded_knn.py, on the sample bank and with shards), and a
+distance's bits do not depend on which shard, block or batch holds its vector or query (torch_knn's
+own products on fewer than about 8 queries or 12 bank vectors use other kernels, 1 ulp apart).
 
-Used by default for the leave-one-source-out calibration of a bank build (one search per held-out
-slice, its own source excluded by id range; ``MIAS_SAM_BOUNDED_KNN=0`` turns it off). For the CPU
-search of exact (``flat``) banks only with ``MIAS_SAM_BOUNDED_KNN=1``: a bank's search is faiss's
-(``index.search``), whose distances round differently from torch_knn's (about 1e-5).
+Used by default (``MIAS_SAM_BOUNDED_KNN=0`` turns it off everywhere) for the leave-one-source-out
+calibration of a bank build (one search per held-out slice, its own source excluded by id range)
+and for every CPU search of an exact (``flat``, float32, L2) index without exclusion
+(:func:`flat_search`): a one-process bank's, each shard of a sharded bank's
+(:func:`~napari_mias_sam.bank.shards.shard_search`, one process or a Dask worker, staged or not).
+Since every path computes each distance with the same arithmetic (torch_knn's, bit for bit), the
+k nearest of the shards, merged, are the one index's k nearest: byte-identical results. Where the
+probe fails or the search is off, every one of these paths is faiss's own search (``index.search``),
+as before, whose distances round differently from torch_knn's (about 1e-5); they still agree with
+one another. GPU searches (faiss-gpu, :class:`~napari_mias_sam.bank.knn.TorchSearcher`) are not
+affected. Memory: a searcher holds, next to the index it reads (no copy of the bank), the bounds'
+vectors (``dims + 1`` floats per bank vector: an eighth of a 1,024-d bank) and the squared norms;
+it is built on an index's first search (1-2 s for the 43,008 x 1,024 sample bank) and kept while
+the index lives (:func:`searcher_for`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 
 import faiss
 import numpy as np
@@ -40,20 +55,19 @@ import torch
 
 from .knn import index_vectors
 
-__all__ = ["BoundedSearcher", "PCA_DIMS", "bank_matrix", "enabled", "ENV", "gemm_identity_holds", "gemm_rescore_exact"]
+__all__ = ["BoundedSearcher", "PCA_DIMS", "bank_matrix", "enabled", "ENV", "gemm_identity_holds", "gemm_rescore_exact",
+           "exact_flat", "torch_arithmetic", "searcher_for", "flat_search"]
 
-#: Environment variable: ``0`` turns the bounded search off for calibration (on by default there:
-#: its distances are torch_knn's, bit for bit); ``1`` also turns it on for large CPU searches of
-#: flat banks (off by default: faiss's own search rounds its distances differently, ~1e-5).
+#: Environment variable: ``0`` turns the bounded search off (the calibration then searches in
+#: full with torch_knn, a bank's CPU searches are faiss's); on by default for both.
 ENV = "MIAS_SAM_BOUNDED_KNN"
-#: Banks smaller than this are searched in full (the bounds would not pay; and the re-scoring
-#: products need at least GEMM_COLS bank vectors).
+#: The calibration searches banks smaller than this in full (the bounds would not pay).
 MIN_BANK = 1024
 
 
-def enabled(default: bool = False) -> bool:
+def enabled(default: bool = True) -> bool:
     """Whether :class:`BoundedSearcher` is used: ``MIAS_SAM_BOUNDED_KNN`` set to 1/0, else ``default``
-    (True for calibration, False for a bank's own searches)."""
+    (on: for calibration and for a bank's CPU searches of flat indexes)."""
     v = os.environ.get(ENV, "").strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
@@ -208,6 +222,9 @@ def gemm_rescore_exact(q: torch.Tensor, qn: torch.Tensor, x: torch.Tensor, xn: t
         cols = np.unique(blk[blk >= 0])
         if len(cols) < GEMM_COLS:
             cols = np.union1d(cols, first)
+        real = len(cols)
+        if real < GEMM_COLS:  # a bank (shard) of fewer vectors: repeat one, so the kernel is the probed one
+            cols = np.concatenate([cols, np.full(GEMM_COLS - real, cols[0])])
         these = rows[r0 : r0 + GEMM_ROWS]
         full = np.concatenate([these, np.full(GEMM_ROWS - len(these), these[0])])
         ti, tc = torch.from_numpy(full), torch.from_numpy(cols)
@@ -215,6 +232,8 @@ def gemm_rescore_exact(q: torch.Tensor, qn: torch.Tensor, x: torch.Tensor, xn: t
         d.add_(qn[ti][:, None])
         if avoid[0] < avoid[1]:
             d[:, torch.from_numpy((cols >= avoid[0]) & (cols < avoid[1]))] = float("inf")
+        if real < len(cols):
+            d[:, real:] = float("inf")
         out[r0 : r0 + len(these)] = d[: len(these)].topk(k, dim=1, largest=False).values
     return out
 
@@ -243,3 +262,44 @@ def gemm_identity_holds() -> bool:
                 ok &= bool(torch.equal(d, ref[qi][:, cols]))
         _IDENTITY.append(ok)
     return _IDENTITY[0]
+
+
+def exact_flat(index) -> bool:
+    """Whether ``index`` is an exact float32 L2 index on the CPU (``IndexFlatL2``, or ``IndexFlat``
+    with the L2 metric; memory-mapped ones too): the indexes :func:`flat_search` answers."""
+    return type(index) in (faiss.IndexFlatL2, faiss.IndexFlat) and int(index.metric_type) == faiss.METRIC_L2
+
+
+def torch_arithmetic(index, use: bool | None = None) -> bool:
+    """Whether a CPU search of ``index`` without exclusion returns torch_knn's distances (the
+    bounded search) rather than faiss's: an exact flat index, the bounded search on (``use``, else
+    :func:`enabled`), and this process's BLAS passing :func:`gemm_identity_holds`. The rule reads
+    neither the query count nor the index size, so a shard and the whole bank get the same
+    arithmetic."""
+    return exact_flat(index) and (enabled() if use is None else bool(use)) and gemm_identity_holds()
+
+
+_SEARCHERS: weakref.WeakKeyDictionary[faiss.Index, BoundedSearcher] = weakref.WeakKeyDictionary()
+_SEARCHERS_LOCK = threading.Lock()
+
+
+def searcher_for(index: faiss.Index) -> BoundedSearcher:
+    """The :class:`BoundedSearcher` of a flat ``index``, built on first use and kept while the index
+    object lives (one per bank, per shard of a sharded bank, per shard a Dask worker opened). It
+    reads the index's own storage, so it must not outlive the index (the cache drops it with it)."""
+    with _SEARCHERS_LOCK:
+        s = _SEARCHERS.get(index)
+        if s is None:
+            s = _SEARCHERS[index] = BoundedSearcher(index)
+        return s
+
+
+def flat_search(index: faiss.Index, x: np.ndarray, k: int, *, use: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(D, I)`` of the k nearest vectors of ``index`` (a CPU faiss index) for each row of ``x``:
+    where :func:`torch_arithmetic` holds, the bounded search's distances (torch_knn's, bit for bit,
+    whatever the bank's size or the query count) and no ids (``None``); otherwise faiss's own
+    search, distances and ids."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if torch_arithmetic(index, use):
+        return searcher_for(index).search(x, k), None
+    return index.search(x, k)

@@ -12,6 +12,11 @@ multiples of :data:`SHARD_ALIGN` (faiss's exact search cuts the bank into blocks
 so every distance is computed in the same block as in one index: bit-identical distances); the
 leave-one-source-out calibration searches each shard exactly (torch) and keeps the k smallest.
 :func:`search_excluding` is the one search of the calibration, for one index or a sharded one.
+Exact (flat) shards searched without exclusion give the bounded search's distances
+(:func:`~napari_mias_sam.bank.bounded_knn.flat_search`: torch_knn's arithmetic, each distance the
+same bits whichever shard or block holds the vector) wherever one index's search gives them, so the
+merged k nearest are again one index's; with ``MIAS_SAM_BOUNDED_KNN=0`` or where the BLAS probe
+fails, faiss's search in every path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from .bounded_knn import flat_search
 from .indexes import IndexSink, set_nprobe
 from .knn import index_vectors, torch_knn
 
@@ -94,20 +100,24 @@ def _ivf(index) -> faiss.IndexIVF | None:
 
 
 def shard_search(index: faiss.Index, feats: np.ndarray, k: int, *, exclude: tuple[int, int] | None = None,
-                 exact: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                 exact: bool = False, bounded: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Search one index (a shard): ``(D, I)`` of the k nearest, ids local to it.
 
-    Without ``exclude``: the index's own search. With ``exclude=(lo, hi)`` (local ids left out, the
-    calibration's held-out source): an IVF index searches its visited cells with an ID selector (as
-    queries get; ids -1 where the cells held too few others), any other index is searched exactly
-    by :func:`~napari_mias_sam.bank.knn.torch_knn` (no ids). ``exact``: always the exact search."""
+    Without ``exclude``: :func:`~napari_mias_sam.bank.bounded_knn.flat_search` (an exact flat index:
+    the bounded search's distances, torch_knn's bit for bit, and no ids, unless ``bounded`` is
+    False, :data:`~napari_mias_sam.bank.bounded_knn.ENV` is 0 when ``bounded`` is None, or the
+    BLAS probe fails; any other index: its own search). With ``exclude=(lo, hi)`` (local ids left
+    out, the calibration's held-out source): an IVF index searches its visited cells with an ID
+    selector (as queries get; ids -1 where the cells held too few others), any other index is
+    searched exactly by :func:`~napari_mias_sam.bank.knn.torch_knn` (no ids). ``exact``: always
+    the exact search."""
     x = np.ascontiguousarray(feats, dtype=np.float32)
     n_ok = index.ntotal - (exclude[1] - exclude[0] if exclude else 0)
     k = min(k, n_ok)
     if k < 1:
         return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
     if exclude is None and not exact:
-        return index.search(x, k)
+        return flat_search(index, x, k, use=bounded)
     ivf = _ivf(index)
     if ivf is not None and not exact:
         params = faiss.SearchParametersIVF(sel=faiss.IDSelectorNot(faiss.IDSelectorRange(*exclude)), nprobe=int(ivf.nprobe))
@@ -167,7 +177,8 @@ class ShardedIndex:
         return np.concatenate(out) if out else np.zeros((0, self.d), np.float32)
 
     def search(self, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, I)`` of the k nearest over every shard (global ids), as one index would answer."""
+        """``(D, I)`` of the k nearest over every shard (global ids), as one index would answer
+        (faiss's own search of each shard; a bank's searches use :meth:`search_nearest`)."""
         if params is not None and getattr(params, "sel", None) is not None:
             raise ValueError("ID selectors address one index's ids; use search_excluding on a sharded index")
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -176,6 +187,17 @@ class ShardedIndex:
             kk = min(k, s.ntotal)
             d, ids = s.search(x, kk, params=params) if params is not None else s.search(x, kk)
             parts.append((d, np.where(ids >= 0, ids + self.offsets[i], -1)))
+        return merge_nearest(parts, k)
+
+    def search_nearest(self, x: np.ndarray, k: int, *, bounded: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(D, I)`` of the k nearest as a bank searches them: each shard by :func:`shard_search`
+        (flat shards: the bounded search's distances and no ids, ``I`` None, as a one-index bank
+        and the Dask workers get them; ``bounded`` as there), the k smallest merged."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        parts = []
+        for i, s in enumerate(self.shards):
+            d, ids = shard_search(s, x, min(k, s.ntotal), bounded=bounded)
+            parts.append((d, None if ids is None else np.where(ids >= 0, ids + self.offsets[i], -1)))
         return merge_nearest(parts, k)
 
     def search_excluding(self, feats: np.ndarray, k: int, exclude: tuple[int, int]) -> np.ndarray:

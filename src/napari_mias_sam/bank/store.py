@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ from ..method.preprocess import PREPROCESS_PRESETS, Preprocessing
 from .manifest_schema import index_file_inside, validate_manifest
 from .indexes import TRAIN_MAX, check_index_type, index_bytes, set_nprobe
 from .knn import TorchSearcher
-from .shards import ShardedIndex
+from .shards import ShardedIndex, shard_search
 
 __all__ = [
     "BANK_FORMAT",
@@ -107,12 +106,6 @@ def estimate_bank_memory(n_patches: int, layout: str = defaults.PATCH_LAYOUT, in
     }
 
 
-#: Flat banks from this many patches, searched for at least this many multiply-adds (queries x
-#: patches x dimension), are searched with PCA lower bounds (bounded_knn; same neighbours).
-BOUNDED_MIN_BANK = 4096
-BOUNDED_MIN_WORK = 1 << 33
-
-
 class MemoryBank:
     """Patch features of normal slices behind a faiss index, and the manifest that describes them."""
 
@@ -122,8 +115,6 @@ class MemoryBank:
         self.path = path
         self._gpu_index: faiss.Index | None = None
         self._torch: TorchSearcher | None = None
-        self._bounded = None  # BoundedSearcher, built on the first large CPU search of a flat bank
-        self._lock = threading.Lock()
         self._remote = None  # a searcher elsewhere (Dask workers holding the shards): napari_mias_sam.scale
         if self.nprobe is not None:
             self._set_nprobe(index, self.nprobe)
@@ -245,27 +236,16 @@ class MemoryBank:
             return self._remote.search(x, k)
         if on_torch:
             return self._torch.search(x, k)
-        if params is None and self._gpu_index is None and self._bounded_pays(len(x), k):
-            return self._bounded_searcher().search(x, k)
-        index = self._gpu_index or self.index
-        dist, _ = index.search(x, k, params=params) if params is not None else index.search(x, k)
+        if params is not None or self._gpu_index is not None:
+            index = self._gpu_index or self.index
+            dist, _ = index.search(x, k, params=params) if params is not None else index.search(x, k)
+        elif isinstance(self.index, ShardedIndex):
+            dist, _ = self.index.search_nearest(x, k)  # each shard as below, merged
+        else:
+            # exact flat banks: the bounded search (torch_knn's distances, bit for bit), as each shard
+            # of a sharded bank and each Dask worker's shard get; faiss's search otherwise
+            dist, _ = shard_search(self.index, x, k)
         return np.maximum(dist, 0.0)
-
-    def _bounded_pays(self, n_queries: int, k: int) -> bool:
-        """An exact (flat, float32) bank searched for many queries on the CPU: worth the PCA bounds
-        of :class:`~napari_mias_sam.bank.bounded_knn.BoundedSearcher` (same neighbours)."""
-        from .bounded_knn import enabled
-
-        return (enabled() and type(self.index) in (faiss.IndexFlatL2, faiss.IndexFlat) and self.ntotal >= BOUNDED_MIN_BANK
-                and k <= 64 and n_queries * self.ntotal * self.dim >= BOUNDED_MIN_WORK)
-
-    def _bounded_searcher(self):
-        from .bounded_knn import BoundedSearcher
-
-        with self._lock:
-            if self._bounded is None:
-                self._bounded = BoundedSearcher(self.index, boundaries=[int(v) for r in self.source_ranges() for v in r])
-            return self._bounded
 
     def source_ranges(self) -> list[tuple[int, int]]:
         """Bank ids ``(start, stop)`` of each source's patches, in order (from the manifest)."""

@@ -17,6 +17,7 @@ import numpy as np
 from distributed import Client, as_completed
 
 from ..core import defaults
+from ..bank.bounded_knn import enabled as bounded_enabled
 from ..bank.shards import local_range, merge_nearest
 from ..method.patches import GRID
 from .tasks import shard_search_task, staged_query_search_task
@@ -71,7 +72,9 @@ class DaskShardSearcher:
         as the bank's own search."""
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         if exclude is None:
-            futures = [(i, self.client.submit(shard_search_task, f, x, k, None, False, self.nprobe, pure=False, **self._worker_for(i)))
+            bounded = bounded_enabled()  # the driver's choice, whatever the workers' environment says
+            futures = [(i, self.client.submit(shard_search_task, f, x, k, None, False, self.nprobe, bounded, pure=False,
+                                              **self._worker_for(i)))
                        for i, f in enumerate(self.files)]
             return np.maximum(self._gather(futures, k)[0], 0.0)
         return self.search_many([(x, exclude)], k)[0]
@@ -100,12 +103,13 @@ class DaskShardSearcher:
         k = min(k, self.ntotal)
         out = [np.zeros((n, GRID * GRID, k), np.float32) for _, n in units]
         jobs = {}
+        bounded = bounded_enabled()  # the driver's choice, whatever the workers' environment says
         for u, (path, n) in enumerate(units):
             for b0 in range(0, n, batch_slices):
                 b1 = min(n, b0 + batch_slices)
                 for i, f in enumerate(self.files):
-                    fut = self.client.submit(staged_query_search_task, f, path, b0, b1, layout, k, self.nprobe, pure=False,
-                                             **self._worker_for(i))
+                    fut = self.client.submit(staged_query_search_task, f, path, b0, b1, layout, k, self.nprobe, bounded,
+                                             pure=False, **self._worker_for(i))
                     jobs[fut] = (u, b0, b1, i)
         results: dict[tuple[int, int], dict[int, tuple]] = {}
         total = sum(-(-n // batch_slices) for _, n in units)
@@ -114,7 +118,7 @@ class DaskShardSearcher:
             u, b0, b1, i = jobs[fut]
             d, ids = fut.result()
             got = results.setdefault((u, b0), {})
-            got[i] = (d, np.where(ids >= 0, ids + self.offsets[i], -1))
+            got[i] = (d, None if ids is None else np.where(ids >= 0, ids + self.offsets[i], -1))
             if len(got) == len(self.files):
                 dist = merge_nearest([got[j] for j in range(len(self.files))], k)[0]
                 out[u][b0:b1] = np.maximum(dist, 0.0).reshape(b1 - b0, GRID * GRID, -1)

@@ -93,19 +93,26 @@ def stage_source_task(staging: str, gi: int, group, plan, fingerprint: dict, cac
     return {**out, "pid": os.getpid()}
 
 
-def shard_search_task(path: str, feats: np.ndarray, k: int, exclude, exact: bool, nprobe: int | None = None):
-    """:func:`~napari_mias_sam.bank.shards.shard_search` of one shard: ``(D, I)``, ids local."""
+def shard_search_task(path: str, feats: np.ndarray, k: int, exclude, exact: bool, nprobe: int | None = None,
+                      bounded: bool | None = None):
+    """:func:`~napari_mias_sam.bank.shards.shard_search` of one shard: ``(D, I)``, ids local (I None
+    for a flat shard's bounded search). ``bounded``: the driver's ``MIAS_SAM_BOUNDED_KNN`` choice
+    (None: this worker's). The shard's bounded searcher is kept with the shard (per worker)."""
     from ..bank.shards import shard_search
 
     task_threads()
     index = open_shard(path, nprobe)
     with search_threads():
-        return shard_search(index, feats, k, exclude=exclude, exact=exact)
+        return shard_search(index, feats, k, exclude=exclude, exact=exact, bounded=bounded)
 
 
-def staged_query_search_task(path: str, embeddings: str, b0: int, b1: int, layout: str, k: int, nprobe: int | None = None):
+def staged_query_search_task(path: str, embeddings: str, b0: int, b1: int, layout: str, k: int, nprobe: int | None = None,
+                             bounded: bool | None = None):
     """Search one shard with the patch features of slices ``b0:b1`` of a staged embeddings file
-    (the features are made here, as the pipeline makes them: nothing large crosses the scheduler)."""
+    (the features are made here, as the pipeline makes them: nothing large crosses the scheduler),
+    as :func:`~napari_mias_sam.bank.shards.shard_search` searches it (``bounded`` as in
+    :func:`shard_search_task`)."""
+    from ..bank.shards import shard_search
     from ..method.patches import patch_features
 
     task_threads()
@@ -114,7 +121,7 @@ def staged_query_search_task(path: str, embeddings: str, b0: int, b1: int, layou
     x = feats.reshape(-1, feats.shape[-1]).numpy()
     index = open_shard(path, nprobe)
     with search_threads():
-        return index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, index.ntotal))
+        return shard_search(index, x, min(k, index.ntotal), bounded=bounded)
 
 
 def encode_unit_task(frames: torch.Tensor, out: str, cache_root: str | None, batch_size: int) -> tuple[int, ...]:
