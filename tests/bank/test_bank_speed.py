@@ -14,7 +14,7 @@ import torch
 from fakes import FakeBackbone
 from core_fixtures import frames_from_seed
 from napari_mias_sam.bank import (
-    build as bank_build,
+    bounded_knn,
     store as bank_store,
     INDEX_TYPES,
     MemoryBank,
@@ -205,19 +205,19 @@ def test_coreset_single_source_calibration_uses_kept_slice_offsets(monkeypatch):
     monkeypatch.delenv("MIAS_SAM_BOUNDED_KNN", raising=False)  # the bounded search is on by default
     # and used whatever this machine's BLAS gives: on the H200 machine's 16-core CPU this test failed
     # with no bounded search at all, as it does here with the probe false (docs/performance.md, section 5)
-    monkeypatch.setattr(bank_build, "gemm_identity_holds", lambda: True)
+    monkeypatch.setattr(bounded_knn, "gemm_identity_holds", lambda: True)
     # one source: calibration leaves out the slice and its neighbours; with a coreset their bank
     # ids are found from the kept-patches-per-slice offsets, not slice * 1024
     bb = FakeBackbone()
     frames = frames_from_seed(12, seed=6)
     seen = []
-    real = bank_build.BoundedSearcher.search
+    real = bounded_knn.BoundedSearcher.search
 
     def spy(self, q, k, *, exclude=None):
         seen.append(exclude)
         return real(self, q, k, exclude=exclude)
 
-    monkeypatch.setattr(bank_build.BoundedSearcher, "search", spy)
+    monkeypatch.setattr(bounded_knn.BoundedSearcher, "search", spy)
     bank = build_bank([group("only", frames)], bb, layout="mean256", preprocessing=PREP, calibration_slices=3, coreset_ratio=0.25)
     assert bank.manifest["calibration"]["method"] == "leave-neighbouring-slices-out"
     assert seen and all(0 <= lo < hi <= bank.ntotal and hi - lo < bank.ntotal for lo, hi in seen)

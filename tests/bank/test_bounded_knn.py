@@ -106,7 +106,7 @@ def test_calibration_levels_equal_the_full_searches(sample_bank, monkeypatch):
 
 def test_calibration_searches_in_full_where_the_blas_identity_fails(sample_bank, monkeypatch):
     feats, ranges, sizes, offsets = _calibration_inputs(sample_bank)
-    monkeypatch.setattr(bank_build, "gemm_identity_holds", lambda: False)
+    monkeypatch.setattr(bounded_knn, "gemm_identity_holds", lambda: False)
     monkeypatch.setattr(BoundedSearcher, "search", lambda *a, **kw: pytest.fail("bounded search used"))
     got = bank_build._calibrate(sample_bank.index, feats, ranges, sizes, offsets=offsets, sigma=4.0, progress=None)
     assert got["per_k"] == sample_bank.manifest["calibration"]["per_k"]

@@ -283,14 +283,17 @@ _SEARCHERS: weakref.WeakKeyDictionary[faiss.Index, BoundedSearcher] = weakref.We
 _SEARCHERS_LOCK = threading.Lock()
 
 
-def searcher_for(index: faiss.Index) -> BoundedSearcher:
+def searcher_for(index: faiss.Index, boundaries=()) -> BoundedSearcher:
     """The :class:`BoundedSearcher` of a flat ``index``, built on first use and kept while the index
-    object lives (one per bank, per shard of a sharded bank, per shard a Dask worker opened). It
-    reads the index's own storage, so it must not outlive the index (the cache drops it with it)."""
+    object lives (one per bank, per shard of a sharded bank, per shard a Dask worker opened): a bank
+    built in this process is searched with the searcher its calibration built. ``boundaries`` (the
+    sources' id ranges, which the calibration excludes whole) count only when it is built; they
+    change the speed of excluding searches, never a result. It reads the index's own storage, so it
+    must not outlive the index (the cache drops it with it)."""
     with _SEARCHERS_LOCK:
         s = _SEARCHERS.get(index)
         if s is None:
-            s = _SEARCHERS[index] = BoundedSearcher(index)
+            s = _SEARCHERS[index] = BoundedSearcher(index, boundaries=boundaries)
         return s
 
 

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import faiss
 import numpy as np
 import torch
 
@@ -19,8 +18,7 @@ from ..core.errors import Cancelled, InputError
 from ..method.patches import GRID, feature_dim, patch_features, PATCH_LAYOUTS
 from .coreset import DEFAULT_PROJECT_DIM, coreset_indices
 from .indexes import IndexSink, check_index_type
-from .bounded_knn import MIN_BANK, BoundedSearcher, gemm_identity_holds
-from .bounded_knn import enabled as bounded_enabled
+from .bounded_knn import MIN_BANK, searcher_for, torch_arithmetic
 from .knn import TorchSearcher
 from .shards import search_excluding
 from .store import (
@@ -307,19 +305,15 @@ def _calibrate(index, calib_feats, ranges, sizes, *, offsets=None, searcher: Tor
             continue  # too few patches left outside the held-out range (a tiny coreset)
         jobs.append((lo, hi, feats))
 
-    bounded: list[BoundedSearcher] = []  # built on first use: exact search with PCA lower bounds (CPU)
-
     def search(feats: np.ndarray, lo: int, hi: int) -> np.ndarray:
         if searcher is not None:
             return searcher.search(feats, kmax, exclude=(lo, hi))
-        if (type(index) in (faiss.IndexFlatL2, faiss.IndexFlat) and index.ntotal >= MIN_BANK
-                and bounded_enabled(default=True) and gemm_identity_holds()):
+        if index.ntotal >= MIN_BANK and torch_arithmetic(index):
             # Exact flat bank: the k nearest of a full search of the bank without the held-out range
             # (torch_knn), with its very distances (bit for bit), from the bank's PCA lower bounds
-            # at a fraction of the cost.
-            if not bounded:
-                bounded.append(BoundedSearcher(index, boundaries=[b for r in ranges for b in r]))
-            return bounded[0].search(feats, kmax, exclude=(lo, hi))
+            # at a fraction of the cost; the searcher stays with the index for the bank's own
+            # searches (bounded_knn.searcher_for).
+            return searcher_for(index, boundaries=[b for r in ranges for b in r]).search(feats, kmax, exclude=(lo, hi))
         return search_excluding(index, feats, kmax, (lo, hi))  # IVF, compressed, or shards, in turn
 
     # Slices that leave out the same range are searched together (one pass over the bank for up
